@@ -1,0 +1,105 @@
+"""Engine configuration: frozen dataclasses for the model, the KV cache and the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from engine.errors import InvalidRequestError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which checkpoint to load and how. `model` is a directory, a .gguf file, a hub id, or
+    None for the embedded default model."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> ModelConfig:
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.max_model_len is None or self.max_model_len >= 1,
+               f"max_model_len must be >= 1, got {self.max_model_len}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The paged KV cache. The pool is sized from a memory budget unless num_blocks is given."""
+
+    block_size: int = 16
+    kv_cache_memory_gb: float = 2.0  # CPU budget for K and V of all layers
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV
+    num_blocks: int | None = None  # explicit pool size; overrides the memory budgets (tests)
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> CacheConfig:
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+               f"block_size must be a power of two up to 128, got {self.block_size}")
+        _check(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               "gpu_memory_utilization must be in (0, 1]")
+        _check(self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step, tokens per step, waiting queue length."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue_len: int | None = None  # None: unbounded waiting queue
+
+    def validate(self) -> SchedulerConfig:
+        _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _check(self.max_queue_len is None or self.max_queue_len >= 0,
+               "max_queue_len must be >= 0")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **engine_args: object) -> EngineConfig:
+        """Build from flat engine args (`block_size=16, dtype="float32", ...`), as LLM() and
+        the CLI take them. Unknown names are an error, not silently ignored."""
+        parts: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
+                                               "scheduler": {}}
+        owners = {f.name: part for part, klass in _PARTS.items() for f in fields(klass)}
+        for name, value in engine_args.items():
+            if name not in owners:
+                raise InvalidRequestError(f"unknown engine argument {name!r}", param=name)
+            parts[owners[name]][name] = value
+        config = cls(model=ModelConfig(**parts["model"]),  # type: ignore[arg-type]
+                     cache=CacheConfig(**parts["cache"]),  # type: ignore[arg-type]
+                     scheduler=SchedulerConfig(**parts["scheduler"]))  # type: ignore[arg-type]
+        return config.validate()
+
+    def validate(self) -> EngineConfig:
+        self.model.validate()
+        self.cache.validate()
+        self.scheduler.validate()
+        return self
+
+
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidRequestError(message)
