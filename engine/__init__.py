@@ -1,0 +1,58 @@
+"""pagedserve's engine: paged-KV continuous batching over our own decoder implementations.
+
+Exports resolve lazily, so `import engine.scheduler` (pure Python) never pulls in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LLM": "engine.llm",
+    "LLMEngine": "engine.llm_engine",
+    "AsyncEngine": "engine.async_engine",
+    "CacheConfig": "engine.config",
+    "EngineConfig": "engine.config",
+    "ModelConfig": "engine.config",
+    "SchedulerConfig": "engine.config",
+    "SamplingParams": "engine.sampling_params",
+    "CompletionOutput": "engine.outputs",
+    "Logprob": "engine.outputs",
+    "RequestOutput": "engine.outputs",
+    "RequestTiming": "engine.outputs",
+    "ContextLengthExceededError": "engine.errors",
+    "EngineDeadError": "engine.errors",
+    "EngineError": "engine.errors",
+    "InvalidRequestError": "engine.errors",
+    "QueueFullError": "engine.errors",
+    "RequestFailedError": "engine.errors",
+    "UnsupportedModelError": "engine.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+if TYPE_CHECKING:
+    from engine.async_engine import AsyncEngine
+    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from engine.errors import (
+        ContextLengthExceededError,
+        EngineDeadError,
+        EngineError,
+        InvalidRequestError,
+        QueueFullError,
+        RequestFailedError,
+        UnsupportedModelError,
+    )
+    from engine.llm import LLM
+    from engine.llm_engine import LLMEngine
+    from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTiming
+    from engine.sampling_params import SamplingParams

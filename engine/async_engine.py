@@ -1,0 +1,216 @@
+"""AsyncEngine: the asyncio front of the engine. One worker thread runs the engine loop; each
+request gets an output queue on the event loop, fed once per step."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, QueueFullError
+from engine.llm_engine import LLMEngine, PreparedRequest
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 1.0  # how long the idle worker sleeps between checks for new commands
+
+
+@dataclass(slots=True)
+class _Add:
+    prepared: PreparedRequest
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
+        """Loads the model (blocking: call through asyncio.to_thread from async code)."""
+        self.config = config
+        self.engine = engine or LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
+        self.generation_defaults = dict(self.engine.generation_defaults)
+        self.model_name = _model_name(config.model.model)
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # adds sent to the worker but not yet applied; each counter has a single writer thread
+        self._num_sent = 0
+        self._num_applied = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.dead_error: BaseException | None = None
+        self.last_step_time = time.monotonic()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._thread is not None and self.dead_error is None
+
+    @property
+    def is_alive(self) -> bool:
+        return self.is_ready and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return self.engine.core.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.core.scheduler.num_waiting + self._num_sent - self._num_applied
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.engine.core.kv_cache_manager.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.engine.core.kv_cache_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.engine.core.kv_cache_manager.num_total_blocks
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams,
+                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield incremental outputs until the request finishes. Invalid input raises before
+        the first output; leaving the loop early aborts the request in the engine."""
+        self._check_alive()
+        prepared = self.engine.prepare_request(request_id, prompt_token_ids, params, arrival_time)
+        self._check_queue()
+        await self.start()
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._send(_Add(prepared))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request from any thread; idempotent. Its blocks are freed within a step."""
+        self._send(_Abort(request_id))
+
+    def _check_alive(self) -> None:
+        if self.dead_error is not None or self._stopping.is_set():
+            raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
+
+    def _check_queue(self) -> None:
+        max_queue_len = self.config.scheduler.max_queue_len
+        if max_queue_len is not None and self.num_waiting >= max_queue_len:
+            raise QueueFullError(f"the waiting queue is full ({max_queue_len} requests)")
+
+    def _send(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Add):
+            self._num_sent += 1
+        self._commands.put(command)
+        self._wakeup.set()
+
+    # ---- the worker thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self.last_step_time = time.monotonic()
+                    self._wakeup.wait(IDLE_WAIT_S)
+                    self._wakeup.clear()
+                    continue
+                outputs = self.engine.step()
+                self.last_step_time = time.monotonic()
+                self._deliver(outputs)
+        except BaseException as error:  # the loop is dead: tell every waiting client now
+            logger.exception("engine loop died")
+            self.dead_error = error
+            self._fail_all(EngineDeadError(f"the engine loop died: {error!r}"))
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._num_applied += 1
+                self._add(command.prepared)
+            else:
+                self._deliver(self.engine.abort_request(command.request_id))
+
+    def _add(self, prepared: PreparedRequest) -> None:
+        try:
+            self.engine.add_prepared(prepared)
+        except Exception as error:  # queue full or duplicate id: only this request fails
+            self._deliver_to(prepared.request_id, error)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._put_outputs, outputs)
+
+    def _deliver_to(self, request_id: str, item: BaseException) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._put, request_id, item)
+
+    def _put_outputs(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            self._put(output.request_id, output)
+
+    def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        if self._loop is None:
+            return
+        def fail() -> None:
+            for stream in self._streams.values():
+                stream.put_nowait(error)
+        self._loop.call_soon_threadsafe(fail)
+
+
+def _model_name(model: str | None) -> str:
+    """The default served name: the directory, file or hub id's last part."""
+    if model is None:
+        from engine.default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return Path(model.rstrip("/")).name.removesuffix(".gguf")

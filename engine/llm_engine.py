@@ -1,0 +1,213 @@
+"""LLMEngine: the synchronous engine — loading, admission, the core loop and output processing."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from engine.config import EngineConfig
+from engine.core import EngineCore, StepStats
+from engine.errors import ContextLengthExceededError, InvalidRequestError
+from engine.loader import LoadedModel, load_model
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A validated user request split into its n sequences, ready for the scheduler."""
+
+    request_id: str
+    sequences: list[Request]
+    arrival_time: float
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.loaded = loaded or _load(config)
+        self.tokenizer = self.loaded.tokenizer
+        self.vocab_size = int(self.loaded.hf_config.vocab_size)
+        self.eos_token_ids = _eos_token_ids(self.loaded)
+        self.generation_defaults = _generation_defaults(self.loaded)
+        model_limit = _model_max_len(self.loaded, config.model.max_model_len)
+        # the core sizes the KV pool; max_model_len is then capped to what the pool can hold
+        self.core = EngineCore(config, self.loaded, model_limit)
+        self.max_model_len = self._fit_max_model_len(model_limit)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.deferred: dict[str, list[Request]] = {}  # siblings waiting for the prompt's blocks
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); max_model_len %d",
+                    self.core.kv_cache_manager.num_total_blocks, config.cache.block_size,
+                    self.pool_tokens,
+                    self.core.runner.kv_cache_bytes / 1024**3, self.max_model_len)
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.core.kv_cache_manager.num_total_blocks * self.config.cache.block_size
+
+    def _fit_max_model_len(self, model_limit: int) -> int:
+        if model_limit <= self.pool_tokens:
+            return model_limit
+        logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more tokens",
+                       model_limit, self.pool_tokens)
+        return self.pool_tokens
+
+    # ---- admission ----------------------------------------------------------------------------
+
+    def prepare_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                        params: SamplingParams,
+                        arrival_time: float | None = None) -> PreparedRequest:
+        """Validate a user request and split it into n sequences. Raises InvalidRequestError
+        (or ContextLengthExceededError) naming the problem; touches no engine state."""
+        params.validate(self.vocab_size)
+        prompt = self._check_prompt(prompt_token_ids)
+        max_tokens = self._resolve_max_tokens(len(prompt), params.max_tokens)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        sequences = [
+            Request(request_id=_sequence_id(request_id, index, params.n), prompt_token_ids=prompt,
+                    sampling_params=self._sequence_params(params, index), arrival_time=arrival,
+                    max_tokens=max_tokens)
+            for index in range(params.n)]
+        return PreparedRequest(request_id, sequences, arrival)
+
+    def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        return prompt
+
+    def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise ContextLengthExceededError(self.max_model_len, num_prompt_tokens, max_tokens)
+        return room if max_tokens is None else max_tokens
+
+    def _sequence_params(self, params: SamplingParams, index: int) -> SamplingParams:
+        # each of the n sequences gets its own seed so they differ yet stay reproducible
+        seed = None if params.seed is None else params.seed + index
+        return replace(params, n=1, seed=seed, eos_token_ids=self.eos_token_ids)
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        first, *siblings = prepared.sequences
+        if prepared.request_id in self.output_processor.user_requests:
+            raise InvalidRequestError(f"request id {prepared.request_id!r} is already in use")
+        self.core.add_request(first)
+        self.output_processor.add_request(prepared.request_id, prepared.sequences,
+                                          prepared.arrival_time)
+        if siblings and self.config.cache.enable_prefix_caching:
+            # siblings start once the first sequence's prompt is cached, so they share its blocks
+            self.deferred[first.request_id] = siblings
+        else:
+            for sibling in siblings:
+                self.core.add_request(sibling)
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                    params: SamplingParams, arrival_time: float | None = None) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt_token_ids, params, arrival_time))
+
+    # ---- finishing from outside a step ------------------------------------------------------
+
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        return self._finish_user_request(request_id, RequestStatus.FINISHED_ABORTED, None)
+
+    def fail_request(self, request_id: str, error: str) -> list[RequestOutput]:
+        return self._finish_user_request(request_id, RequestStatus.FINISHED_ERROR, error)
+
+    def _finish_user_request(self, request_id: str, status: RequestStatus,
+                             error: str | None) -> list[RequestOutput]:
+        user_request = self.output_processor.user_requests.get(request_id)
+        if user_request is None:
+            return []
+        sequences = [choice.request for choice in user_request.choices]
+        self.deferred.pop(sequences[0].request_id, None)
+        self.core.finish_requests([s.request_id for s in sequences], status)
+        for sequence in sequences:
+            if not sequence.is_finished:  # deferred siblings never reached the core
+                sequence.status = status
+        return self.output_processor.finish_sequences(sequences, status.value, error)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests() or bool(self.deferred)
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.core.step()
+        request_outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for core_output in core_outputs:
+            for sibling in self.deferred.pop(core_output.request.request_id, ()):
+                self.core.add_request(sibling)
+        return request_outputs
+
+    @property
+    def stats(self) -> StepStats:
+        return self.core.last_stats
+
+
+def _sequence_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+def _load(config: EngineConfig) -> LoadedModel:
+    model = config.model.model
+    if model is None:
+        from engine.default_model import ensure_default_model  # heavy: only when used
+
+        model = str(ensure_default_model())
+    return load_model(model, dtype=config.model.dtype, device=config.model.device,
+                      allow_pickle=config.model.allow_pickle,
+                      trust_remote_code=config.model.trust_remote_code,
+                      tokenizer=config.model.tokenizer)
+
+
+def _model_max_len(loaded: LoadedModel, requested: int | None) -> int:
+    hf_config = loaded.hf_config
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(
+        hf_config, "n_positions", None) or 2048
+    if requested is None:
+        return int(limit)
+    if requested > limit:
+        raise InvalidRequestError(
+            f"max_model_len {requested} exceeds the model's limit of {limit} positions",
+            param="max_model_len")
+    return requested
+
+
+def _eos_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    ids: list[int] = []
+    generation_config = loaded.generation_config
+    configured = generation_config.eos_token_id if generation_config is not None else None
+    if configured is None:
+        configured = loaded.hf_config.eos_token_id
+    for token_id in (configured if isinstance(configured, list) else [configured]):
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+    if loaded.tokenizer.eos_token_id is not None and loaded.tokenizer.eos_token_id not in ids:
+        ids.append(int(loaded.tokenizer.eos_token_id))
+    return tuple(ids)
+
+
+def _generation_defaults(loaded: LoadedModel) -> dict[str, float | int]:
+    """Sampling defaults the checkpoint ships in generation_config.json, when it samples."""
+    generation_config = loaded.generation_config
+    if generation_config is None or not getattr(generation_config, "do_sample", False):
+        return {}
+    defaults: dict[str, float | int] = {}
+    for name in GENERATION_DEFAULT_FIELDS:
+        value = getattr(generation_config, name, None)
+        if value is not None:
+            defaults[name] = value
+    return defaults
