@@ -1,0 +1,93 @@
+"""create_app(settings): routers, exception handlers, middleware; the lifespan runs the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from engine import AsyncEngine, EngineConfig
+from server import __version__
+from server.errors import install_exception_handlers
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.routes import all_routers
+from server.settings import Settings, resolve_api_keys
+from server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+LoadFailureHandler = Callable[[BaseException], None]
+
+
+def create_app(settings: Settings, engine: AsyncEngine | None = None,
+               on_load_failure: LoadFailureHandler | None = None) -> FastAPI:
+    """The ASGI app. Without `engine`, the lifespan loads one from `settings` in a thread while
+    the server already answers (/health is 503 until it is ready). A passed engine (tests
+    share one loaded model) is started and shut down by the lifespan all the same.
+    `on_load_failure` lets the CLI stop the server when the model cannot load."""
+    state = ServerState(settings=settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(_start_engine(state, engine, on_load_failure))
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            if state.engine is not None:
+                logger.info("shutting down the engine")
+                await state.engine.shutdown()
+
+    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible LLM server with a paged KV cache")
+    app.state.server = state
+    for router in all_routers():
+        app.include_router(router)
+    install_exception_handlers(app)
+    _add_middleware(app, settings)
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    # added innermost first: request context wraps CORS wraps auth wraps the body limit, so
+    # CORS preflights never need a key and every response carries X-Request-Id
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    api_keys = resolve_api_keys(settings)
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, api_keys=api_keys)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestContextMiddleware)
+
+
+async def _start_engine(state: ServerState, engine: AsyncEngine | None,
+                        on_load_failure: LoadFailureHandler | None) -> None:
+    settings = state.settings
+    try:
+        if engine is None:
+            logger.info("loading model %s (first use of the default model converts it once)",
+                        settings.model or "<embedded default>")
+            config = EngineConfig.from_kwargs(**settings.engine_kwargs())
+            engine = await asyncio.to_thread(AsyncEngine, config)
+        await engine.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.exception("the model failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        if on_load_failure is not None:
+            on_load_failure(exc)
+        return
+    state.served_model_name = settings.served_model_name or engine.model_name
+    state.engine = engine
+    logger.info("ready: serving %r, max_model_len %d, KV cache %d blocks",
+                state.served_model_name, engine.max_model_len, engine.num_total_blocks)

@@ -1,0 +1,131 @@
+"""`pagedserve serve [MODEL] …`: flags + YAML config + env → Settings → uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from server import __version__
+from server.middleware import RequestIdFilter
+from server.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger("server.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+# (flag, settings field, argparse options); help and defaults come from the Settings model
+_FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
+    ("--host", "host", {}),
+    ("--port", "port", {"type": int}),
+    ("--served-model-name", "served_model_name", {}),
+    ("--api-key", "api_keys", {"action": "append", "metavar": "KEY"}),
+    ("--api-key-file", "api_key_file", {"metavar": "PATH"}),
+    ("--allowed-origins", "allowed_origins", {"action": "append", "metavar": "ORIGINS"}),
+    ("--max-request-body-bytes", "max_request_body_bytes", {"type": int}),
+    ("--log-level", "log_level", {"choices": ("debug", "info", "warning", "error", "critical")}),
+    ("--dtype", "dtype", {"choices": ("auto", "float32", "bfloat16", "float16")}),
+    ("--device", "device", {"choices": ("auto", "cpu", "cuda")}),
+    ("--max-model-len", "max_model_len", {"type": int}),
+    ("--max-num-seqs", "max_num_seqs", {"type": int}),
+    ("--max-num-batched-tokens", "max_num_batched_tokens", {"type": int}),
+    ("--kv-cache-memory-gb", "kv_cache_memory_gb", {"type": float}),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", {"type": float}),
+    ("--block-size", "block_size", {"type": int}),
+    ("--num-blocks", "num_blocks", {"type": int}),
+    ("--no-prefix-caching", "enable_prefix_caching", {"action": "store_false"}),
+    ("--max-queue-len", "max_queue_len", {"type": int}),
+    ("--seed", "seed", {"type": int}),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: flags the user did not give stay out of the namespace, so they cannot mask
+    # env vars or the config file (precedence flags > env > file > defaults)
+    parser = argparse.ArgumentParser(
+        prog="pagedserve", argument_default=argparse.SUPPRESS,
+        usage="pagedserve serve [MODEL] [options]",
+        description="OpenAI-compatible LLM server with a paged KV cache. Every flag can also "
+        "be set in a YAML file (--config, keys like max_num_seqs) or as an env var "
+        "(PAGEDSERVE_MAX_NUM_SEQS); flags win over env, env over the file.",
+    )
+    parser.add_argument("--version", action="version", version=f"pagedserve {__version__}")
+    parser.add_argument("command", choices=["serve"], help="serve: start the HTTP server")
+    parser.add_argument("model", nargs="?", help=_help("model"))
+    parser.add_argument("--config", metavar="PATH",
+                        help="YAML settings file, e.g. configs/default.yaml (env: "
+                        "PAGEDSERVE_CONFIG)")
+    for flag, field_name, options in _FLAGS:
+        parser.add_argument(flag, dest=field_name, help=_help(field_name, flag),
+                            **options)  # type: ignore[arg-type]
+    return parser
+
+
+def _help(field_name: str, flag: str = "") -> str:
+    info = Settings.model_fields[field_name]
+    default = info.default
+    if flag == "--no-prefix-caching":
+        return "turn prefix caching off (default: on)"
+    if "default" in str(info.description):
+        return str(info.description)
+    shown = "none" if default is None or default == () else default
+    return f"{info.description} (default: {shown})"
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    args.pop("command")
+    config_path = args.pop("config", None)
+    try:
+        settings = load_settings(args, config_path)
+    except SettingsError as exc:
+        print(f"pagedserve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    logger.info("settings: model=%s device=%s dtype=%s max_num_seqs=%d kv_cache_memory_gb=%s "
+                "prefix_caching=%s auth=%s", settings.model or "<embedded default>",
+                settings.device, settings.dtype, settings.max_num_seqs,
+                settings.kv_cache_memory_gb, settings.enable_prefix_caching,
+                "on" if settings.api_keys or settings.api_key_file else "off")
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run uvicorn until stopped; 1 if the model failed to load, else 0."""
+    import uvicorn  # imported here so `pagedserve --help` stays fast
+
+    from server.app import create_app
+
+    failures: list[BaseException] = []
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+            await super().startup(sockets)
+            if self.started:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                logger.info("listening on http://%s:%d (/health turns 200 once the model is "
+                            "ready)", host, port)
+
+    def on_load_failure(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                   access_log=False, log_level=settings.log_level))
+    server.run()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Pure ASGI middleware: request ids and access logs, API-key auth, the request body limit.
+
+Pure ASGI rather than BaseHTTPMiddleware so streaming responses and `receive()`-based
+disconnect detection pass through untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import ApiError, internal_error
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+# request id of the HTTP request being handled, for log lines ("-" outside requests)
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# paths that need an API key when keys are configured; /health, /metrics, /version stay open
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record so formats can print it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id_var.get()
+        return True
+
+
+def scope_state(scope: Scope) -> dict[str, object]:
+    # starlette's request.state reads this dict; uvicorn gives each request its own copy
+    state: dict[str, object] = scope.setdefault("state", {})
+    return state
+
+
+class RequestContextMiddleware:
+    """Honours or generates X-Request-Id, echoes it back, records the arrival time, turns
+    unhandled exceptions into a 500 envelope and logs one access line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        state = scope_state(scope)
+        state["request_id"] = request_id
+        state["arrival_time"] = time.monotonic()
+        token = request_id_var.set(request_id)
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not status:
+                await internal_error().to_response()(scope, receive, send_with_id)
+            raise
+        finally:
+            elapsed_ms = (time.monotonic() - float(state["arrival_time"])) * 1000  # type: ignore[arg-type]
+            logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed_ms)
+            request_id_var.reset(token)
+
+
+class ApiKeyMiddleware:
+    """401 unless `Authorization: Bearer KEY` matches a configured key, compared in constant
+    time against every key so neither the match position nor a common prefix shows."""
+
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
+        self.app = app
+        self.api_keys = tuple(key.encode() for key in api_keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_protected(scope["path"]) or \
+                scope["method"] == "OPTIONS" or self.is_authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = ApiError(401, "Invalid or missing API key; send `Authorization: Bearer KEY`.",
+                         code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.to_response()(scope, receive, send)
+
+    def is_authorized(self, scope: Scope) -> bool:
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return key_matches(given.strip().encode(), self.api_keys)
+
+
+def key_matches(given: bytes, api_keys: Sequence[bytes]) -> bool:
+    matched = False
+    for key in api_keys:  # no early exit: the time taken does not say which key matched
+        matched |= hmac.compare_digest(given, key)
+    return matched
+
+
+def _is_protected(path: str) -> bool:
+    return path.startswith(_PROTECTED_PREFIXES)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.too_large().to_response()(scope, receive, send)
+            return
+        num_received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal num_received
+            message = await receive()
+            num_received += len(message.get("body", b""))
+            if num_received > self.max_bytes:
+                # FastAPI re-raises HTTPException from body reading; the handler wraps it
+                raise HTTPException(413, self.too_large().message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"Request body exceeds the limit of {self.max_bytes} bytes.",
+                        code="request_too_large")

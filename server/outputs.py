@@ -1,0 +1,113 @@
+"""Engine outputs → OpenAI response pieces: logprobs in both formats, usage, finish reasons."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from engine import CompletionOutput, Logprob, RequestFailedError, RequestOutput
+from server.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+    UsageDetails,
+)
+
+MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI-compatible servers clamp to this
+CLIENT_FINISH_REASONS = ("stop", "length")
+
+TokenLogprobs = dict[int, Logprob]
+
+
+def checked_finish_reason(output: RequestOutput, choice: CompletionOutput) -> str:
+    """The finish reason a client may see; an engine-side failure or abort raises instead."""
+    reason = choice.finish_reason
+    if reason in CLIENT_FINISH_REASONS:
+        return reason  # type: ignore[return-value]
+    raise RequestFailedError(output.error or f"the request ended with {reason!r}")
+
+
+def _clamp(logprob: float) -> float:
+    return MIN_LOGPROB if math.isnan(logprob) else max(logprob, MIN_LOGPROB)
+
+
+def _token_text(token_id: int, logprob: Logprob, tokenizer: PreTrainedTokenizerBase) -> str:
+    if logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return str(tokenizer.decode([token_id]))
+
+
+def _ranked(entry: TokenLogprobs, k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely alternatives; the sampled token is among them only if it ranks."""
+    return sorted(entry.items(), key=lambda item: item[1].rank)[:k] if k > 0 else []
+
+
+def _sampled(token_id: int, entry: TokenLogprobs) -> Logprob:
+    return entry.get(token_id) or next(iter(entry.values()))
+
+
+def chat_logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprobs], k: int,
+                  tokenizer: PreTrainedTokenizerBase) -> ChatLogprobs:
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        sampled = _sampled(token_id, entry)
+        text = _token_text(token_id, sampled, tokenizer)
+        top = [TopLogprob(token=(t := _token_text(tid, lp, tokenizer)), logprob=_clamp(lp.logprob),
+                          bytes=list(t.encode("utf-8")))
+               for tid, lp in _ranked(entry, k)]
+        content.append(ChatTokenLogprob(token=text, logprob=_clamp(sampled.logprob),
+                                        bytes=list(text.encode("utf-8")), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+@dataclass(slots=True)
+class CompletionLogprobBuilder:
+    """Legacy logprobs of one choice; keeps the running text offset across stream chunks."""
+
+    k: int
+    tokenizer: PreTrainedTokenizerBase
+    text_offset: int = 0
+
+    def build(self, token_ids: Sequence[int], entries: Sequence[TokenLogprobs]
+              ) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        for token_id, entry in zip(token_ids, entries, strict=False):
+            sampled = _sampled(token_id, entry)
+            text = _token_text(token_id, sampled, self.tokenizer)
+            top = {_token_text(tid, lp, self.tokenizer): _clamp(lp.logprob)
+                   for tid, lp in _ranked(entry, self.k)}
+            top.setdefault(text, _clamp(sampled.logprob))  # OpenAI: the sampled one is always in
+            result.tokens.append(text)
+            result.token_logprobs.append(_clamp(sampled.logprob))
+            result.top_logprobs.append(top)
+            result.text_offset.append(self.text_offset)
+            self.text_offset += len(text)
+        return result
+
+
+@dataclass(slots=True)
+class UsageCounter:
+    """Token counts of one HTTP request across its prompts and choices, from cumulative outputs."""
+
+    prompt_tokens: dict[int, int] = field(default_factory=dict)
+    cached_tokens: dict[int, int] = field(default_factory=dict)
+    completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def update(self, prompt_index: int, output: RequestOutput) -> None:
+        self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        self.cached_tokens[prompt_index] = max(output.num_cached_tokens, 0)
+        for choice in output.outputs:
+            self.completion_tokens[(prompt_index, choice.index)] = len(choice.token_ids)
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(self.completion_tokens.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details=UsageDetails(cached_tokens=sum(
+                         self.cached_tokens.values())))

@@ -1,0 +1,88 @@
+"""POST /v1/chat/completions: messages → chat template → engine → JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine import AsyncEngine, EngineError, RequestOutput
+from server.chat_template import apply_chat_template
+from server.errors import from_engine_error
+from server.outputs import UsageCounter, chat_logprobs, checked_finish_reason
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+)
+from server.routes import ERROR_RESPONSES, SSE_RESPONSE
+from server.sampling import chat_sampling_params
+from server.state import EngineDep, StateDep, arrival_time
+from server.streaming import (
+    ChatChunker,
+    OutputStream,
+    ResponseContext,
+    collect,
+    sse_events,
+    sse_response,
+    until_disconnected,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["openai"])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**ERROR_RESPONSES, 200: SSE_RESPONSE(ChatCompletionChunk)})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request,
+                                 state: StateDep, engine: EngineDep) -> Response:
+    ctx = ResponseContext(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
+                          state.model_name_for(body.model))
+    params = chat_sampling_params(body, engine.generation_defaults)
+    prompt_ids = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
+                                         body.add_generation_prompt, body.chat_template_kwargs)
+    logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s", ctx.response_id,
+                len(prompt_ids), body.n, params.max_tokens, body.stream)
+    stream = OutputStream(engine, [ctx.response_id], [prompt_ids], params,
+                          arrival_time(request))
+    try:
+        await until_disconnected(request.receive, stream.start())
+    except EngineError as exc:
+        raise from_engine_error(exc, "messages") from exc
+    top_logprobs = params.logprobs
+    if body.stream:
+        chunker = ChatChunker(ctx, top_logprobs, engine.tokenizer)
+        return sse_response(sse_events(stream, chunker, body.n, 1, body.include_usage,
+                                       "messages"), stream)
+    try:
+        [final] = await until_disconnected(request.receive, collect(stream, 1))
+    except EngineError as exc:
+        raise from_engine_error(exc, "messages") from exc
+    finally:
+        await stream.aclose()
+    return JSONResponse(_response(ctx, final, top_logprobs, engine).model_dump())
+
+
+def _response(ctx: ResponseContext, final: RequestOutput, top_logprobs: int | None,
+              engine: AsyncEngine) -> ChatCompletionResponse:
+    counter = UsageCounter()
+    counter.update(0, final)
+    choices = []
+    for choice in final.outputs:
+        logprobs = None
+        if top_logprobs is not None and choice.logprobs is not None:
+            logprobs = chat_logprobs(choice.token_ids, choice.logprobs, top_logprobs,
+                                     engine.tokenizer)
+        choices.append(ChatChoice(index=choice.index,
+                                  message=AssistantMessage(content=choice.text),
+                                  logprobs=logprobs,
+                                  finish_reason=checked_finish_reason(final, choice)))  # type: ignore[arg-type]
+    return ChatCompletionResponse(id=ctx.response_id, created=ctx.created, model=ctx.model,
+                                  choices=choices, usage=counter.usage())

@@ -1,0 +1,104 @@
+"""POST /v1/completions: the legacy API; one or several prompts, as text or token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from transformers import PreTrainedTokenizerBase
+
+from engine import EngineError, RequestOutput
+from server.errors import from_engine_error
+from server.outputs import CompletionLogprobBuilder, UsageCounter, checked_finish_reason
+from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
+from server.routes import ERROR_RESPONSES, SSE_RESPONSE
+from server.sampling import completion_sampling_params
+from server.state import EngineDep, StateDep, arrival_time
+from server.streaming import (
+    CompletionChunker,
+    OutputStream,
+    ResponseContext,
+    collect,
+    sse_events,
+    sse_response,
+    until_disconnected,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["openai"])
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={**ERROR_RESPONSES, 200: SSE_RESPONSE(CompletionChunk)})
+async def create_completion(body: CompletionRequest, request: Request, state: StateDep,
+                            engine: EngineDep) -> Response:
+    ctx = ResponseContext(f"cmpl-{uuid.uuid4().hex}", int(time.time()),
+                          state.model_name_for(body.model))
+    params = completion_sampling_params(body, engine.generation_defaults)
+    prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompts)
+    # one engine request per prompt; choice index = prompt_index * n + i, as OpenAI numbers them
+    request_ids = [ctx.response_id] if len(prompts) == 1 else [
+        f"{ctx.response_id}-{index}" for index in range(len(prompts))]
+    logger.info("%s: completion, %d prompt(s) of %s tokens, n=%d, max_tokens=%s, stream=%s",
+                ctx.response_id, len(prompts), [len(p) for p in prompts], body.n,
+                params.max_tokens, body.stream)
+    echo_texts = _echo_texts(engine.tokenizer, body, prompts) if body.echo else None
+    stream = OutputStream(engine, request_ids, prompts, params, arrival_time(request))
+    try:
+        await until_disconnected(request.receive, stream.start())
+    except EngineError as exc:
+        raise from_engine_error(exc, "prompt") from exc
+    if body.stream:
+        chunker = CompletionChunker(ctx, params.logprobs, engine.tokenizer, echo_texts)
+        return sse_response(sse_events(stream, chunker, body.n, len(prompts),
+                                       body.include_usage, "prompt"), stream)
+    try:
+        finals = await until_disconnected(request.receive, collect(stream, len(prompts)))
+    except EngineError as exc:
+        raise from_engine_error(exc, "prompt") from exc
+    finally:
+        await stream.aclose()
+    response = _response(ctx, finals, body.n, params.logprobs, echo_texts, engine.tokenizer)
+    return JSONResponse(response.model_dump())
+
+
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
+                     prompts: Sequence[str] | Sequence[list[int]]) -> list[list[int]]:
+    """Text prompts get the tokenizer's special tokens (e.g. BOS); token ids pass as given."""
+    return [list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+            for prompt in prompts]
+
+
+def _echo_texts(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest,
+                prompts: list[list[int]]) -> list[str]:
+    """Per choice, the prompt as text: the string sent, or the decoded token ids."""
+    texts = [prompt if isinstance(prompt, str) else str(tokenizer.decode(ids))
+             for prompt, ids in zip(body.prompts, prompts, strict=True)]
+    return [text for text in texts for _ in range(body.n)]
+
+
+def _response(ctx: ResponseContext, finals: list[RequestOutput], n: int, logprobs: int | None,
+              echo_texts: list[str] | None,
+              tokenizer: PreTrainedTokenizerBase) -> CompletionResponse:
+    counter = UsageCounter()
+    choices = []
+    for prompt_index, final in enumerate(finals):
+        counter.update(prompt_index, final)
+        for choice in final.outputs:
+            index = prompt_index * n + choice.index
+            choice_logprobs = None
+            if logprobs is not None and choice.logprobs is not None:
+                builder = CompletionLogprobBuilder(logprobs, tokenizer)
+                choice_logprobs = builder.build(choice.token_ids, choice.logprobs)
+            prefix = echo_texts[index] if echo_texts else ""
+            choices.append(CompletionChoice(
+                index=index, text=prefix + choice.text, logprobs=choice_logprobs,
+                finish_reason=checked_finish_reason(final, choice)))  # type: ignore[arg-type]
+    return CompletionResponse(id=ctx.response_id, created=ctx.created, model=ctx.model,
+                              choices=choices, usage=counter.usage())

@@ -1,0 +1,40 @@
+"""POST /tokenize and /detokenize, with the same tokenizer and chat template as generation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from server.chat_template import apply_chat_template
+from server.errors import ApiError
+from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.routes import ERROR_RESPONSES
+from server.state import EngineDep, StateDep
+
+router = APIRouter(tags=["tokenizer"])
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) -> TokenizeResponse:
+    state.model_name_for(body.model)
+    if body.messages is not None:
+        tokens = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
+                                         body.add_generation_prompt, body.chat_template_kwargs)
+    else:
+        tokens = await asyncio.to_thread(engine.tokenizer.encode, body.prompt or "",
+                                         add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(tokens=list(tokens), count=len(tokens),
+                            max_model_len=engine.max_model_len)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, state: StateDep,
+                     engine: EngineDep) -> DetokenizeResponse:
+    state.model_name_for(body.model)
+    bad = [token for token in body.tokens if not 0 <= token < engine.vocab_size]
+    if bad:
+        raise ApiError(400, f"token ids must be in [0, {engine.vocab_size}); got {bad[:5]}",
+                       param="tokens")
+    text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens)
+    return DetokenizeResponse(prompt=str(text))

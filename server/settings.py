@@ -1,0 +1,175 @@
+"""Server settings: the one pydantic model filled from defaults < YAML file < env < CLI flags."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "PAGEDSERVE_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# fields that hold several values: comma-separated in env vars, repeatable as flags
+LIST_FIELDS = ("api_keys", "allowed_origins")
+# names accepted in YAML files and env vars besides the field names themselves
+ALIASES = {"api_key": "api_keys", "allowed_origin": "allowed_origins"}
+# settings handed to EngineConfig.from_kwargs (everything else is the server's own)
+ENGINE_FIELDS = (
+    "dtype", "device", "max_model_len", "block_size", "kv_cache_memory_gb",
+    "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
+    "max_num_batched_tokens", "max_queue_len", "seed",
+)
+
+
+class SettingsError(ValueError):
+    """A config file, env var or flag holds a value the settings model rejects."""
+
+
+class Settings(BaseModel):
+    """Everything `pagedserve serve` can be told. Field descriptions double as --help text;
+    engine defaults mirror engine.config's (a unit test keeps them in step)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(
+        None, description="model directory, .gguf file or hub id; omitted: the embedded "
+        "default model (Qwen2.5-Coder-0.5B-Instruct)")
+    served_model_name: str | None = Field(
+        None, description="name clients pass as `model` (default: the model's directory or "
+        "file name)")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    api_keys: tuple[str, ...] = Field(
+        (), description="API key clients must send as `Authorization: Bearer KEY` "
+        "(repeatable; none: no auth)")
+    api_key_file: str | None = Field(None, description="file with one API key per line")
+    allowed_origins: tuple[str, ...] = Field(
+        (), description="CORS origins allowed to call the API (repeatable or comma-separated; "
+        "none: CORS off)")
+    max_request_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="largest accepted request body; larger: 413")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="logging level")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weight and activation dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="device to run on")
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length limit (default: the model's)")
+    block_size: int = Field(16, description="tokens per KV cache block")
+    kv_cache_memory_gb: float = Field(
+        2.0, gt=0, description="KV cache budget in GiB on CPU")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="fraction of GPU memory for weights, activations and KV")
+    num_blocks: int | None = Field(
+        None, ge=1, description="explicit KV cache size in blocks; overrides the budgets")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse KV blocks of shared prompt prefixes")
+    max_num_seqs: int = Field(64, ge=1, description="most sequences running in one step")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="most tokens processed in one step")
+    max_queue_len: int | None = Field(
+        None, ge=0, description="most requests waiting; beyond it: 429 (default: unbounded)")
+    seed: int = Field(0, description="global random seed")
+
+    def engine_kwargs(self) -> dict[str, object]:
+        """Keyword arguments for EngineConfig.from_kwargs."""
+        kwargs: dict[str, object] = {name: getattr(self, name) for name in ENGINE_FIELDS}
+        kwargs["model"] = self.model
+        return kwargs
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge the sources, later ones winning: defaults, YAML file, env vars, CLI flags.
+    `flags` holds only the flags the user gave (so an absent flag never hides the env)."""
+    environ = os.environ if environ is None else environ
+    config_path = config_path or environ.get(f"{ENV_PREFIX}CONFIG") or None
+    merged: dict[str, object] = {}
+    if config_path is not None:
+        merged.update(read_yaml(Path(config_path)))
+    merged.update(read_env(environ))
+    merged.update(_normalize_flags(dict(flags or {})))
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from exc
+
+
+def read_yaml(path: Path) -> dict[str, object]:
+    """Settings from a YAML mapping; keys in snake_case or kebab-case."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a mapping of settings")
+    values = {_field_name(str(key)): value for key, value in data.items()}
+    for name in LIST_FIELDS:
+        if isinstance(values.get(name), str):
+            values[name] = _split(str(values[name]))
+    return values
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, object]:
+    """Settings from PAGEDSERVE_* variables; an empty value counts as unset."""
+    values: dict[str, object] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == f"{ENV_PREFIX}CONFIG" or raw == "":
+            continue
+        name = _field_name(key[len(ENV_PREFIX):].lower())
+        if name not in Settings.model_fields:
+            logger.debug("ignoring env var %s: not a pagedserve setting", key)
+            continue
+        values[name] = _split(raw) if name in LIST_FIELDS else raw
+    return values
+
+
+def resolve_api_keys(settings: Settings) -> tuple[str, ...]:
+    """The configured keys plus those in api_key_file (blank lines and # comments skipped)."""
+    keys = list(settings.api_keys)
+    if settings.api_key_file:
+        try:
+            lines = Path(settings.api_key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SettingsError(f"cannot read api_key_file: {exc}") from exc
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return tuple(key for key in keys if key)
+
+
+def _field_name(key: str) -> str:
+    name = key.strip().replace("-", "_").lower()
+    return ALIASES.get(name, name)
+
+
+def _split(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _normalize_flags(flags: dict[str, object]) -> dict[str, object]:
+    # --allowed-origins a,b and --allowed-origins a --allowed-origins b mean the same; a
+    # repeatable flag replaces, not extends, what lower-precedence sources gave
+    origins = flags.get("allowed_origins")
+    if isinstance(origins, list):
+        flags["allowed_origins"] = [item for raw in origins for item in _split(str(raw))]
+    return flags
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        shown = "<hidden>" if where.startswith("api_key") else repr(error.get("input"))
+        problems.append(f"{where}: {error['msg']} (got {shown})")
+    return "invalid settings: " + "; ".join(problems)

@@ -1,0 +1,297 @@
+"""RequestOutput streams → SSE events in the OpenAI order, and the plumbing around them:
+merging one HTTP request's engine streams, aborting them when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import anyio
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.types import Receive
+
+from engine import CompletionOutput, EngineError, RequestOutput, SamplingParams
+from server.errors import ApiError, ClientDisconnectedError, from_engine_error, internal_error
+from server.outputs import (
+    CompletionLogprobBuilder,
+    UsageCounter,
+    chat_logprobs,
+    checked_finish_reason,
+)
+from server.protocol import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    CompletionChoice,
+    CompletionChunk,
+    DeltaMessage,
+    ErrorResponse,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_END = object()  # marks the end of one prompt's engine stream in the merged queue
+SSE_PING_SECONDS = 15  # keeps idle proxies from closing slow streams
+CLEANUP_TIMEOUT_S = 2.0
+
+
+class OutputStream:
+    """The engine streams of one HTTP request (one per prompt), primed then merged.
+
+    `start()` waits for every prompt's first output, so admission errors (bad params, context
+    too long, queue full) surface as exceptions before any response byte is sent. Iterating
+    yields (prompt_index, RequestOutput). `aclose()` aborts whatever has not finished.
+    """
+
+    def __init__(self, engine: AsyncEngine, request_ids: Sequence[str],
+                 prompts: Sequence[list[int]], params: SamplingParams,
+                 arrival_time: float | None) -> None:
+        self.engine = engine
+        self.request_ids = list(request_ids)
+        self._generators = [engine.generate(rid, ids, params, arrival_time)
+                            for rid, ids in zip(request_ids, prompts, strict=True)]
+        self._first: list[RequestOutput] = []
+        self._unfinished = set(range(len(self._generators)))
+        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self._pumps: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        firsts = await asyncio.gather(*(anext(gen) for gen in self._generators),
+                                      return_exceptions=True)
+        errors = [item for item in firsts if isinstance(item, BaseException)]
+        if errors:
+            await self.aclose()
+            raise errors[0]
+        self._first = [item for item in firsts if isinstance(item, RequestOutput)]
+        self._pumps = [asyncio.create_task(self._pump(index, gen))
+                       for index, gen in enumerate(self._generators)
+                       if not self._first[index].finished]
+
+    async def _pump(self, index: int, generator: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in generator:
+                await self._queue.put((index, output))
+        except Exception as exc:  # handed to the consumer, which reports it to the client
+            await self._queue.put((index, exc))
+        await self._queue.put((index, _END))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        for index, output in enumerate(self._first):
+            self._mark(index, output)
+            yield index, output
+        while self._unfinished:
+            index, item = await self._queue.get()
+            if item is _END:
+                self._unfinished.discard(index)
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                assert isinstance(item, RequestOutput)
+                self._mark(index, item)
+                yield index, item
+
+    def _mark(self, index: int, output: RequestOutput) -> None:
+        if output.finished:
+            self._unfinished.discard(index)
+
+    async def aclose(self) -> None:
+        """Abort unfinished requests now (sync, so it holds even when cancelled), then let the
+        engine generators and pump tasks wind down."""
+        if self._closed:
+            return
+        self._closed = True
+        for index in sorted(self._unfinished):
+            self.engine.abort(self.request_ids[index])
+        for pump in self._pumps:
+            pump.cancel()
+        with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            for generator in self._generators:
+                with contextlib.suppress(Exception):
+                    await generator.aclose()  # type: ignore[attr-defined]
+
+
+async def collect(stream: OutputStream, num_prompts: int) -> list[RequestOutput]:
+    """Run a non-streaming request to the end; the final (cumulative) output per prompt."""
+    finals: dict[int, RequestOutput] = {}
+    async for index, output in stream:
+        finals[index] = output
+    return [finals[index] for index in range(num_prompts)]
+
+
+async def until_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` unless the client disconnects first: then cancel it and raise
+    ClientDisconnectedError. Call only after the request body has been read."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        raise ClientDisconnectedError()
+    return work.result()
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # a stray body message: don't spin
+
+
+# ---------------------------------------------------------------- chunk formatting
+
+
+@dataclass(slots=True)
+class ResponseContext:
+    """What every chunk of one response shares."""
+
+    response_id: str
+    created: int
+    model: str
+
+
+class Chunker(Protocol):
+    def start(self, num_choices: int) -> list[str]: ...
+
+    def delta(self, index: int, choice: CompletionOutput) -> str: ...
+
+    def finish(self, index: int, reason: str) -> str: ...
+
+    def usage(self, usage: Usage) -> str: ...
+
+
+@dataclass(slots=True)
+class ChatChunker:
+    ctx: ResponseContext
+    top_logprobs: int | None  # None: no logprobs
+    tokenizer: object
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.ctx.response_id, created=self.ctx.created,
+                                    model=self.ctx.model, choices=choices, usage=usage)
+        return chunk.model_dump_json()
+
+    def start(self, num_choices: int) -> list[str]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                         content=""),
+                                             logprobs=None, finish_reason=None)])
+                for i in range(num_choices)]
+
+    def delta(self, index: int, choice: CompletionOutput) -> str:
+        logprobs = None
+        if self.top_logprobs is not None and choice.delta_logprobs:
+            logprobs = chat_logprobs(choice.delta_token_ids, choice.delta_logprobs,
+                                     self.top_logprobs, self.tokenizer)  # type: ignore[arg-type]
+        return self._chunk([ChatChunkChoice(index=index,
+                                            delta=DeltaMessage(content=choice.delta_text),
+                                            logprobs=logprobs, finish_reason=None)])
+
+    def finish(self, index: int, reason: str) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), logprobs=None,
+                                            finish_reason=reason)])  # type: ignore[arg-type]
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage=usage)
+
+
+@dataclass(slots=True)
+class CompletionChunker:
+    ctx: ResponseContext
+    logprobs: int | None
+    tokenizer: object
+    echo_texts: list[str] | None  # per choice: the prompt text to send first
+    _offsets: dict[int, CompletionLogprobBuilder] = field(default_factory=dict)
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        chunk = CompletionChunk(id=self.ctx.response_id, created=self.ctx.created,
+                                model=self.ctx.model, choices=choices, usage=usage)
+        return chunk.model_dump_json()
+
+    def start(self, num_choices: int) -> list[str]:
+        if not self.echo_texts:
+            return []
+        return [self._chunk([CompletionChoice(index=i, text=text, logprobs=None,
+                                              finish_reason=None)])
+                for i, text in enumerate(self.echo_texts)]
+
+    def delta(self, index: int, choice: CompletionOutput) -> str:
+        logprobs = None
+        if self.logprobs is not None and choice.delta_logprobs:
+            builder = self._offsets.setdefault(
+                index, CompletionLogprobBuilder(self.logprobs, self.tokenizer))  # type: ignore[arg-type]
+            logprobs = builder.build(choice.delta_token_ids, choice.delta_logprobs)
+        return self._chunk([CompletionChoice(index=index, text=choice.delta_text,
+                                             logprobs=logprobs, finish_reason=None)])
+
+    def finish(self, index: int, reason: str) -> str:
+        return self._chunk([CompletionChoice(index=index, text="", logprobs=None,
+                                             finish_reason=reason)])  # type: ignore[arg-type]
+
+    def usage(self, usage: Usage) -> str:
+        return self._chunk([], usage=usage)
+
+
+def _step_events(chunker: Chunker, n: int, prompt_index: int, output: RequestOutput,
+                 finished: set[int]) -> Iterator[str]:
+    for choice in output.outputs:
+        index = prompt_index * n + choice.index
+        if index in finished:
+            continue
+        if choice.delta_text or choice.delta_logprobs:
+            yield chunker.delta(index, choice)
+        if choice.finish_reason is not None:
+            finished.add(index)
+            yield chunker.finish(index, checked_finish_reason(output, choice))
+
+
+async def sse_events(stream: OutputStream, chunker: Chunker, n: int, num_prompts: int,
+                     include_usage: bool, prompt_param: str) -> AsyncIterator[str]:
+    """Role/echo chunks, deltas, finish chunks, the usage chunk, then [DONE]; a failure after
+    the start is one error event and then [DONE]. Closing the iterator aborts the requests."""
+    counter = UsageCounter()
+    finished: set[int] = set()
+    try:
+        for event in chunker.start(n * num_prompts):
+            yield event
+        async for prompt_index, output in stream:
+            counter.update(prompt_index, output)
+            for event in _step_events(chunker, n, prompt_index, output, finished):
+                yield event
+        if include_usage:
+            yield chunker.usage(counter.usage())
+    except EngineError as exc:
+        logger.warning("%s failed mid-stream: %s", stream.request_ids[0], exc)
+        yield error_event(from_engine_error(exc, prompt_param))
+    except Exception:
+        logger.exception("%s failed mid-stream", stream.request_ids[0])
+        yield error_event(internal_error())
+    finally:
+        await stream.aclose()
+    yield "[DONE]"
+
+
+def error_event(error: ApiError) -> str:
+    return ErrorResponse(error=error.to_detail()).model_dump_json()
+
+
+def sse_response(events: AsyncIterator[str], stream: OutputStream) -> EventSourceResponse:
+    # the background close covers a client that leaves before the first event is pulled
+    return EventSourceResponse(events, sep="\n", ping=SSE_PING_SECONDS,
+                               background=BackgroundTask(stream.aclose))
