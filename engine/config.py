@@ -48,7 +48,8 @@ class CacheConfig:
         _check(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0")
         _check(0.0 < self.gpu_memory_utilization <= 1.0,
                "gpu_memory_utilization must be in (0, 1]")
-        _check(self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1")
+        _check(self.num_blocks is None or self.num_blocks >= 2,
+               "num_blocks must be >= 2 (block 0 is reserved as the null block)")
         return self
 
 

@@ -196,6 +196,6 @@ def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.devi
     else:
         budget = config.kv_cache_memory_gb * 1024**3
     num_blocks = int(budget // bytes_per_block)
-    if num_blocks < 1:
+    if num_blocks < 2:  # block 0 is the reserved null block
         raise EngineError(f"the KV cache budget has no room for one block ({bytes_per_block} bytes)")
     return num_blocks
