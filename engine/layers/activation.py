@@ -1,0 +1,41 @@
+"""Activation functions: SwiGLU (SiluAndMul) for the Llama family, GELU variants for GPT-2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.errors import UnsupportedModelError
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up on a fused [..., 2 * intermediate_size] gate_up projection."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class GELU(nn.Module):
+    """GELU, exact or with the tanh approximation ("gelu_new", GPT-2's choice)."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate=self.approximate)
+
+
+_GELU_APPROXIMATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
+                        "gelu": "none"}
+
+
+def get_gelu(name: str) -> GELU:
+    """The GELU module for an HF `activation_function` name."""
+    if name not in _GELU_APPROXIMATIONS:
+        raise UnsupportedModelError(
+            f"activation function {name!r} is not supported; expected one of "
+            f"{sorted(_GELU_APPROXIMATIONS)}")
+    return GELU(_GELU_APPROXIMATIONS[name])

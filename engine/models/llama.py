@@ -1,0 +1,209 @@
+"""The Llama-style decoder family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import transformers
+from torch import nn
+
+from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.errors import UnsupportedModelError
+from engine.layers.activation import SiluAndMul
+from engine.layers.linear import MergedLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, apply_rotary, rope_settings
+from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
+
+logger = logging.getLogger(__name__)
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [num_tokens, 1, head_dim // 2]
+
+# checkpoint projection name -> (our fused layer, shard id)
+_FUSED_PARTS = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderOptions:
+    """What differs between family members; each class derives it from its config."""
+
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+
+
+def head_dim_of(hf_config: transformers.PretrainedConfig) -> int:
+    # Qwen3 (and some Mistrals) set head_dim explicitly, unequal to hidden_size / num_heads.
+    explicit = getattr(hf_config, "head_dim", None)
+    return int(explicit or hf_config.hidden_size // hf_config.num_attention_heads)
+
+
+def num_kv_heads_of(hf_config: transformers.PretrainedConfig) -> int:
+    return int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
+                 attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = num_kv_heads_of(hf_config)
+        self.head_dim = head_dim_of(hf_config)
+        self.scale = self.head_dim**-0.5
+        self.attn_backend = attn_backend
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(hf_config.hidden_size, {"q": q_size, "k": kv_size,
+                                                             "v": kv_size}, options.qkv_bias)
+        self.o_proj = nn.Linear(q_size, hf_config.hidden_size, bias=options.o_proj_bias)
+        self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
+
+    def forward(self, hidden_states: torch.Tensor, rope: Rope,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden_states))
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions) -> None:
+        super().__init__()
+        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, options.mlp_bias)
+        self.act = SiluAndMul()
+        self.down_proj = nn.Linear(inter, hidden, bias=options.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
+                 attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        eps = hf_config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps)
+        self.self_attn = LlamaAttention(hf_config, options, attn_backend)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps)
+        self.mlp = LlamaMLP(hf_config, options)
+
+    def forward(self, hidden_states: torch.Tensor, rope: Rope,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        attn_out = self.self_attn(self.input_layernorm(hidden_states), rope, kv_cache, metadata)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
+                 attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, options, attn_backend)
+                                    for _ in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config),
+                                          hf_config.max_position_embeddings,
+                                          rope_settings(hf_config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        rope = self.rotary_emb(positions, hidden_states.dtype)  # computed once for all layers
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden_states = layer(hidden_states, rope, kv_cache, metadata)
+        return self.norm(hidden_states)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama and its relatives; subclasses only change `decoder_options`."""
+
+    def __init__(self, hf_config: transformers.PretrainedConfig,
+                 attn_backend: AttentionBackend) -> None:
+        super().__init__(hf_config, attn_backend)
+        _check_config(hf_config)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.model = LlamaModel(hf_config, self.decoder_options(hf_config), attn_backend)
+        self.lm_head = (None if self.tie_word_embeddings else
+                        nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False))
+
+    @classmethod
+    def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return DecoderOptions(qkv_bias=bias, o_proj_bias=bias,
+                              mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+
+    @classmethod
+    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
+        return KVCacheSpec(num_layers=hf_config.num_hidden_layers,
+                           num_kv_heads=num_kv_heads_of(hf_config),
+                           head_dim=head_dim_of(hf_config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, metadata)
+
+    def output_embedding(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def map_weight_name(self, name: str) -> WeightTarget | None:
+        if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
+            return None  # recomputed buffer / the tied copy of embed_tokens
+        module_path, _, param = name.rpartition(".")
+        parent, _, proj = module_path.rpartition(".")
+        if proj in _FUSED_PARTS:
+            fused, shard_id = _FUSED_PARTS[proj]
+            return WeightTarget(f"{parent}.{fused}.{param}", shard_id)
+        return WeightTarget(name)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral is Llama's architecture without bias options."""
+
+    @classmethod
+    def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
+        return DecoderOptions()
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 always has q/k/v biases (and never an o_proj or MLP bias)."""
+
+    @classmethod
+    def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
+        return DecoderOptions(qkv_bias=True)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3 drops Qwen2's q/k/v bias (attention_bias covers all four projections) and
+    RMS-normalizes each head of q and k before RoPE."""
+
+    @classmethod
+    def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return DecoderOptions(qkv_bias=bias, o_proj_bias=bias, qk_norm=True)
+
+
+def _check_config(hf_config: transformers.PretrainedConfig) -> None:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
+    window = getattr(hf_config, "sliding_window", None)
+    if (getattr(hf_config, "use_sliding_window", True) and window is not None
+            and window < hf_config.max_position_embeddings):
+        # The attention backends attend to the full context; exact only up to `window` tokens.
+        logger.warning("sliding_window=%d is not implemented: full attention is used, so "
+                       "outputs diverge from the reference past %d tokens", window, window)

@@ -1,0 +1,165 @@
+"""The torch reference attention backend against naive float64 causal attention per sequence:
+mixed prefill + decode batches, GQA/MQA, shuffled block tables, cached prefixes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from engine.attention import TorchAttentionBackend, get_attention_backend, write_kv
+from engine.attention.base import AttentionMetadata
+
+HEAD_DIM = 8
+
+
+@dataclass(slots=True)
+class SeqData:
+    num_cached: int
+    query_len: int
+    block_ids: list[int]
+    keys: torch.Tensor  # [seq_len, num_kv_heads, head_dim] float64: prefix + new tokens
+    values: torch.Tensor
+    queries: torch.Tensor  # [query_len, num_heads, head_dim] float64
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_cached + self.query_len
+
+    def slot(self, position: int, block_size: int) -> int:
+        return self.block_ids[position // block_size] * block_size + position % block_size
+
+
+def make_sequences(shapes: Sequence[tuple[int, int]], num_heads: int, num_kv_heads: int,
+                   block_size: int, seed: int) -> tuple[list[SeqData], int]:
+    """(num_cached, query_len) per sequence -> sequences with random data and blocks drawn
+    from a shuffled pool (with spares), plus the pool size."""
+    gen = torch.Generator().manual_seed(seed)
+    needs = [-(-(cached + q_len) // block_size) for cached, q_len in shapes]
+    pool = list(range(sum(needs) + 4))
+    random.Random(seed).shuffle(pool)
+    seqs = []
+    for (cached, q_len), need in zip(shapes, needs, strict=True):
+        block_ids, pool = pool[:need], pool[need:]
+        seq_len = cached + q_len
+        seqs.append(SeqData(
+            cached, q_len, block_ids,
+            keys=torch.randn(seq_len, num_kv_heads, HEAD_DIM, generator=gen, dtype=torch.float64),
+            values=torch.randn(seq_len, num_kv_heads, HEAD_DIM, generator=gen,
+                               dtype=torch.float64),
+            queries=torch.randn(q_len, num_heads, HEAD_DIM, generator=gen, dtype=torch.float64),
+        ))
+    return seqs, sum(needs) + 4
+
+
+def naive_attention(seq: SeqData, scale: float) -> torch.Tensor:
+    """softmax(QK^T * scale) V in float64; query i at position num_cached + i sees keys
+    [0, num_cached + i]."""
+    num_heads, num_kv_heads = seq.queries.shape[1], seq.keys.shape[1]
+    group = num_heads // num_kv_heads
+    keys = seq.keys.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    values = seq.values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", seq.queries, keys) * scale
+    query_pos = torch.arange(seq.num_cached, seq.seq_len)[:, None]
+    scores = scores.masked_fill(torch.arange(seq.seq_len)[None, :] > query_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values)
+
+
+def build_metadata(seqs: Sequence[SeqData], block_size: int) -> AttentionMetadata:
+    slots = [seq.slot(p, block_size) for seq in seqs for p in range(seq.num_cached, seq.seq_len)]
+    max_blocks = max(len(seq.block_ids) for seq in seqs)
+    tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in seqs]
+    query_lens = [seq.query_len for seq in seqs]
+    seq_lens = [seq.seq_len for seq in seqs]
+    cu = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), cu_seqlens_q=cu,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32), max_seqlen_q=max(query_lens),
+        max_seqlen_k=max(seq_lens), query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+
+
+def run_backend(seqs: list[SeqData], num_blocks: int, block_size: int, scale: float,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Fill a garbage cache with each prefix's K/V, run one step of the new tokens."""
+    num_kv_heads = seqs[0].keys.shape[1]
+    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    k_cache = (torch.randn(shape) * 100).to(dtype)  # garbage, so a stray read shows
+    v_cache = (torch.randn(shape) * 100).to(dtype)
+    for seq in seqs:
+        for position in range(seq.num_cached):
+            slot = seq.slot(position, block_size)
+            k_cache.view(-1, num_kv_heads, HEAD_DIM)[slot] = seq.keys[position].to(dtype)
+            v_cache.view(-1, num_kv_heads, HEAD_DIM)[slot] = seq.values[position].to(dtype)
+    new = [slice(seq.num_cached, seq.seq_len) for seq in seqs]
+    query = torch.cat([seq.queries for seq in seqs]).to(dtype)
+    key = torch.cat([seq.keys[s] for seq, s in zip(seqs, new, strict=True)]).to(dtype)
+    value = torch.cat([seq.values[s] for seq, s in zip(seqs, new, strict=True)]).to(dtype)
+    out = get_attention_backend(torch.device("cpu")).forward(
+        query, key, value, k_cache, v_cache, build_metadata(seqs, block_size), scale)
+    return out, k_cache, v_cache
+
+
+MIXED = [(0, 7), (5, 3), (9, 1), (0, 1), (13, 1), (3, 4), (0, 16)]
+DECODE_ONLY = [(4, 1), (0, 1), (17, 1), (8, 1), (31, 1)]
+
+
+@pytest.mark.parametrize("shapes", [MIXED, DECODE_ONLY, [(0, 21)], [(11, 10)]],
+                         ids=["mixed", "decode-only", "one-prefill", "one-chunk"])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (6, 2), (4, 1)],
+                         ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_backend_matches_naive_attention(shapes: list[tuple[int, int]], num_heads: int,
+                                         num_kv_heads: int, block_size: int) -> None:
+    seqs, num_blocks = make_sequences(shapes, num_heads, num_kv_heads, block_size, seed=block_size)
+    scale = HEAD_DIM**-0.5
+    out, _, _ = run_backend(seqs, num_blocks, block_size, scale)
+    assert out.shape == (sum(q for _, q in shapes), num_heads, HEAD_DIM)
+    expected = torch.cat([naive_attention(seq, scale) for seq in seqs])
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_batches_match_naive_attention(seed: int) -> None:
+    rng = random.Random(seed)
+    shapes = [(rng.choice([0, rng.randrange(40)]), rng.choice([1, 1, rng.randrange(1, 20)]))
+              for _ in range(rng.randrange(1, 7))]
+    block_size = rng.choice([2, 8])
+    seqs, num_blocks = make_sequences(shapes, 6, 3, block_size, seed=seed)
+    out, _, _ = run_backend(seqs, num_blocks, block_size, scale=0.3)
+    expected = torch.cat([naive_attention(seq, 0.3) for seq in seqs])
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_new_kv_are_written_at_their_slots() -> None:
+    seqs, num_blocks = make_sequences(MIXED, 4, 2, block_size=4, seed=3)
+    _, k_cache, v_cache = run_backend(seqs, num_blocks, 4, scale=0.5)
+    for seq in seqs:
+        for position in range(seq.seq_len):  # prefix (pre-filled) and new tokens alike
+            block, offset = divmod(seq.slot(position, 4), 4)
+            assert torch.equal(k_cache[block, offset], seq.keys[position].float())
+            assert torch.equal(v_cache[block, offset], seq.values[position].float())
+
+
+def test_write_kv_touches_only_the_given_slots() -> None:
+    k_cache, v_cache = torch.zeros(5, 4, 2, 3), torch.zeros(5, 4, 2, 3)
+    key, value = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
+    write_kv(key, value, k_cache, v_cache, torch.tensor([17, 2, 8]))
+    assert torch.equal(k_cache[4, 1], key[0]) and torch.equal(v_cache[0, 2], value[1])
+    assert torch.equal(k_cache[2, 0], key[2])
+    assert int((k_cache != 0).any(dim=(2, 3)).sum()) == 3
+
+
+def test_bfloat16_caches_and_inputs() -> None:
+    seqs, num_blocks = make_sequences(MIXED, 6, 2, block_size=4, seed=5)
+    out, _, _ = run_backend(seqs, num_blocks, 4, scale=0.4, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    expected = torch.cat([naive_attention(seq, 0.4) for seq in seqs])
+    assert (out.double() - expected).abs().max().item() < 5e-2  # bf16 has ~3 decimal digits
+
+
+def test_cpu_gets_the_reference_backend() -> None:
+    assert isinstance(get_attention_backend(torch.device("cpu")), TorchAttentionBackend)
