@@ -38,6 +38,10 @@ class StepStats:
     num_preemptions: int = 0  # this step
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # latencies of this step's tokens, in seconds: first tokens from arrival, others from the
+    # request's previous token
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
     finished_requests: list[Request] = field(default_factory=list)
 
 
@@ -75,15 +79,16 @@ class EngineCore:
                                      block_ids)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
         self.runner.release([r.request_id for r in finished])
+        stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
+                            num_preemptions_before, finished)
         outputs = self._outputs(plan.scheduled_requests, result.sampled_token_ids,
-                                result.logprobs)
-        self.last_stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
-                                      num_preemptions_before, finished)
+                                result.logprobs, stats)
+        self.last_stats = stats
         return outputs
 
     @staticmethod
     def _outputs(requests: list[Request], sampled: dict[str, int],
-                 logprobs: dict[str, PositionLogprobs]) -> list[EngineCoreOutput]:
+                 logprobs: dict[str, PositionLogprobs], stats: StepStats) -> list[EngineCoreOutput]:
         now = time.monotonic()
         outputs = []
         for request in requests:
@@ -93,6 +98,10 @@ class EngineCore:
             timing = request.timing
             if timing.first_token is None:
                 timing.first_token = now
+                stats.time_to_first_tokens.append(now - timing.arrival)
+            else:
+                assert timing.last_token is not None
+                stats.inter_token_latencies.append(now - timing.last_token)
             timing.last_token = now
             position_logprobs = logprobs.get(request.request_id)
             outputs.append(EngineCoreOutput(

@@ -6,6 +6,7 @@ the requests they end are handed back so the engine can finish them in the core.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -148,6 +149,7 @@ class OutputProcessor:
             num_cached_tokens=max(first.num_cached_tokens, 0),
             error=user_request.error)
         if result.finished:
+            result.timing.finished = time.monotonic()
             self._forget(user_request)
         return result
 
