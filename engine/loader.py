@@ -39,6 +39,8 @@ _READ_CHUNK_BYTES = 16 << 20  # conversion granularity: bounds the transient sou
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
+    """Everything the engine needs from a checkpoint, ready on its device."""
+
     model: CausalLM
     hf_config: transformers.PretrainedConfig
     tokenizer: transformers.PreTrainedTokenizerBase

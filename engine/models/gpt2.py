@@ -97,6 +97,10 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(CausalLM):
+    """GPT-2. scale_attn_weights and scale_attn_by_inverse_layer_idx change the attention scale
+    (handled); reorder_and_upcast_attn only changes rounding in transformers' eager path, so it
+    is accepted as is; cross-attention variants are rejected."""
+
     def __init__(self, hf_config: transformers.PretrainedConfig,
                  attn_backend: AttentionBackend) -> None:
         super().__init__(hf_config, attn_backend)
