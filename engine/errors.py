@@ -1,4 +1,4 @@
-"""The engine's typed errors; server/errors.py maps each to an HTTP status and the OpenAI envelope."""
+"""The engine's typed errors; server/errors.py maps each to an HTTP status and error envelope."""
 
 from __future__ import annotations
 

@@ -140,8 +140,9 @@ def test_stop_token_ids_max_tokens_and_min_tokens(llama: LLM) -> None:
     assert stopped.token_ids == full[:first + 1]
     assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_id
     # below min_tokens the stop token cannot be sampled at all, so the output diverges there
-    late = llama.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, min_tokens=first + 2,
-                                                   stop_token_ids=[stop_id]))[0].outputs[0]
+    late_params = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=first + 2,
+                                 stop_token_ids=[stop_id])
+    late = llama.generate([prompt], late_params)[0].outputs[0]
     assert len(late.token_ids) >= first + 2
     assert stop_id not in late.token_ids[:first + 1]
     short = llama.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5))[0]

@@ -46,7 +46,7 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput) -> None:
     assert len(ids) <= config.max_num_seqs
     assert plan.total_num_scheduled_tokens <= config.max_num_batched_tokens
     for request in plan.scheduled_requests:
-        assert 0 < plan.num_scheduled_tokens[request.request_id]
+        assert plan.num_scheduled_tokens[request.request_id] > 0
         assert request.num_computed_tokens <= request.num_tokens
         if request.is_finished:
             continue  # its blocks went back to the pool when it finished
