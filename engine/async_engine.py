@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import REGISTRY, CollectorRegistry
+
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, QueueFullError
+from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from engine.llm_engine import LLMEngine, PreparedRequest
+from engine.metrics import MetricsLogger, engine_config_info
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -34,15 +37,21 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
-        """Loads the model (blocking: call through asyncio.to_thread from async code)."""
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None, *,
+                 served_model_name: str | None = None,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        """Loads the model (blocking: call through asyncio.to_thread from async code).
+        Metrics go to `registry` labelled model_name=served_model_name (default: the model's
+        directory or file name)."""
         self.config = config
         self.engine = engine or LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
         self.generation_defaults = dict(self.engine.generation_defaults)
-        self.model_name = _model_name(config.model.model)
+        self.model_name = served_model_name or _model_name(config.model.model)
+        self.metrics = MetricsLogger(self.model_name, registry=registry)
+        self.metrics.record_engine_info(engine_config_info(self.engine))
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -105,9 +114,7 @@ class AsyncEngine:
                        arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the request finishes. Invalid input raises before
         the first output; leaving the loop early aborts the request in the engine."""
-        self._check_alive()
-        prepared = self.engine.prepare_request(request_id, prompt_token_ids, params, arrival_time)
-        self._check_queue()
+        prepared = self._admit(request_id, prompt_token_ids, params, arrival_time)
         await self.start()
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
@@ -128,6 +135,25 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Finish a request from any thread; idempotent. Its blocks are freed within a step."""
         self._send(_Abort(request_id))
+
+    def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               arrival_time: float | None) -> PreparedRequest:
+        """Validate and admit a request, counting the failure when it is refused."""
+        try:
+            self._check_alive()
+            prepared = self.engine.prepare_request(request_id, prompt_token_ids, params,
+                                                   arrival_time)
+            self._check_queue()
+        except InvalidRequestError:
+            self.metrics.record_failure("validation")
+            raise
+        except QueueFullError:
+            self.metrics.record_failure("queue_full")
+            raise
+        except EngineDeadError:
+            self.metrics.record_failure("error")
+            raise
+        return prepared
 
     def _check_alive(self) -> None:
         if self.dead_error is not None or self._stopping.is_set():
@@ -152,15 +178,19 @@ class AsyncEngine:
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
                     self.last_step_time = time.monotonic()
+                    self.metrics.set_load(0, 0, self.kv_cache_usage)
                     self._wakeup.wait(IDLE_WAIT_S)
                     self._wakeup.clear()
                     continue
                 outputs = self.engine.step()
                 self.last_step_time = time.monotonic()
+                self.metrics.record_step(self.engine.stats, outputs)
                 self._deliver(outputs)
         except BaseException as error:  # the loop is dead: tell every waiting client now
             logger.exception("engine loop died")
             self.dead_error = error
+            self.metrics.record_failure(
+                "error", len(self.engine.output_processor.user_requests))
             self._fail_all(EngineDeadError(f"the engine loop died: {error!r}"))
 
     def _apply_commands(self) -> None:
@@ -173,12 +203,16 @@ class AsyncEngine:
                 self._num_applied += 1
                 self._add(command.prepared)
             else:
-                self._deliver(self.engine.abort_request(command.request_id))
+                outputs = self.engine.abort_request(command.request_id)
+                self.metrics.record_finished(outputs)
+                self._deliver(outputs)
 
     def _add(self, prepared: PreparedRequest) -> None:
         try:
             self.engine.add_prepared(prepared)
         except Exception as error:  # queue full or duplicate id: only this request fails
+            self.metrics.record_failure(
+                "validation" if isinstance(error, InvalidRequestError) else "error")
             self._deliver_to(prepared.request_id, error)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
