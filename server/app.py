@@ -74,9 +74,9 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
     settings = state.settings
     try:
         if engine is None:
-            logger.info("loading model %s (first use of the default model converts it once)",
-                        settings.model or "<embedded default>")
-            config = EngineConfig.from_kwargs(**settings.engine_kwargs())
+            logger.info("loading model %s", settings.model or "<embedded default> (converted "
+                        "once on first use, then loaded from the cache)")
+            config = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
             engine = await asyncio.to_thread(AsyncEngine, config)
         await engine.start()
     except asyncio.CancelledError:

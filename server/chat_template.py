@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -58,14 +59,15 @@ def apply_chat_template(
         raise ApiError(400, "This model's tokenizer has no chat template; use /v1/completions "
                        "with a plain prompt instead.", param="messages",
                        code="chat_template_missing")
-    extra = dict(chat_template_kwargs or {})
+    extra: dict[str, Any] = dict(chat_template_kwargs or {})
     reserved = sorted(_RESERVED_KWARGS & set(extra))
     if reserved:
         raise ApiError(400, f"chat_template_kwargs may not set {reserved}",
                        param="chat_template_kwargs")
     try:
+        conversation: list[dict[str, Any]] = render_messages(messages)
         text = tokenizer.apply_chat_template(
-            render_messages(messages), tokenize=False,
+            conversation, tokenize=False,  # type: ignore[arg-type]
             add_generation_prompt=add_generation_prompt, **extra)
     except ApiError:
         raise

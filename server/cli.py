@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -123,8 +124,24 @@ def serve(settings: Settings) -> int:
     app = create_app(settings, on_load_failure=on_load_failure)
     server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                    access_log=False, log_level=settings.log_level))
-    server.run()
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal against the
+    # handlers it found: make those end the process quietly with status 0
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Stopped):
+        logger.info("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 1 if failures else 0
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived (after uvicorn's graceful shutdown)."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped()
 
 
 if __name__ == "__main__":

@@ -101,6 +101,11 @@ def from_validation_errors(errors: Sequence[Mapping[str, object]]) -> ApiError:
         reason = ctx.get("error", "") if isinstance(ctx, Mapping) else ""
         return ApiError(400, f"Request body is not valid JSON: {reason}".rstrip(": "),
                         code="invalid_json")
+    if first.get("type") == "model_attributes_type" and first.get("loc") in (("body",),
+                                                                          ["body"]):
+        # e.g. curl -d without -H 'Content-Type: application/json'
+        return ApiError(400, "Request body must be a JSON object sent with "
+                        "Content-Type: application/json", code="invalid_json")
     problems = [_describe_error(error) for error in errors[:3]]
     param = _param_of(first.get("loc"))
     return ApiError(400, "; ".join(problems), param=param or None)

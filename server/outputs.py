@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,14 @@ def _token_text(token_id: int, logprob: Logprob, tokenizer: PreTrainedTokenizerB
     return str(tokenizer.decode([token_id]))
 
 
+def token_bytes(text: str) -> list[int]:
+    """A token's UTF-8 bytes. Tokens holding part of a character come from the engine as
+    "bytes:\\xe6\\x97" (escaped raw bytes, OpenAI's convention); those are unescaped."""
+    if text.startswith("bytes:"):
+        return list(codecs.escape_decode(text[len("bytes:"):].encode("utf-8"))[0])
+    return list(text.encode("utf-8"))
+
+
 def _ranked(entry: TokenLogprobs, k: int) -> list[tuple[int, Logprob]]:
     """The k most likely alternatives; the sampled token is among them only if it ranks."""
     return sorted(entry.items(), key=lambda item: item[1].rank)[:k] if k > 0 else []
@@ -58,10 +67,10 @@ def chat_logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprobs], k:
         sampled = _sampled(token_id, entry)
         text = _token_text(token_id, sampled, tokenizer)
         top = [TopLogprob(token=(t := _token_text(tid, lp, tokenizer)), logprob=_clamp(lp.logprob),
-                          bytes=list(t.encode("utf-8")))
+                          bytes=token_bytes(t))
                for tid, lp in _ranked(entry, k)]
         content.append(ChatTokenLogprob(token=text, logprob=_clamp(sampled.logprob),
-                                        bytes=list(text.encode("utf-8")), top_logprobs=top))
+                                        bytes=token_bytes(text), top_logprobs=top))
     return ChatLogprobs(content=content)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -139,11 +139,14 @@ class CompletionRequest(SamplingRequest):
     @property
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of prompts: strings or token-id lists."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if self.prompt and isinstance(self.prompt[0], int):
-            return [list(self.prompt)]  # type: ignore[arg-type]
-        return list(self.prompt)  # type: ignore[arg-type]
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(item, int) for item in prompt):
+            return [[int(item) for item in prompt]]  # type: ignore[arg-type]
+        if all(isinstance(item, str) for item in prompt):
+            return [str(item) for item in prompt]
+        return [list(cast(list[int], item)) for item in prompt]
 
 
 class TokenizeRequest(OpenAIBaseModel):

@@ -79,10 +79,8 @@ class Settings(BaseModel):
     seed: int = Field(0, description="global random seed")
 
     def engine_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for EngineConfig.from_kwargs."""
-        kwargs: dict[str, object] = {name: getattr(self, name) for name in ENGINE_FIELDS}
-        kwargs["model"] = self.model
-        return kwargs
+        """Engine arguments besides `model`: EngineConfig.from_kwargs(s.model, **these)."""
+        return {name: getattr(self, name) for name in ENGINE_FIELDS}
 
 
 def load_settings(

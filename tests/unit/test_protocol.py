@@ -316,3 +316,12 @@ def test_stream_chunks_parse_as_openai_types() -> None:
     parsed = [json.loads(e) for e in events]
     assert [c["choices"][0]["text"] for c in parsed] == ["p", "i", ""]
     assert all(set(c) == set(parsed[-1]) for c in parsed)
+
+
+def test_token_bytes_unescapes_partial_characters() -> None:
+    from server.outputs import token_bytes
+
+    raw = "日".encode()  # 3 bytes: e6 97 a5
+    engine_style = "bytes:" + raw[:2].decode("utf-8", errors="backslashreplace")
+    assert token_bytes(engine_style) == list(raw[:2])
+    assert token_bytes("é!") == list("é!".encode())

@@ -38,7 +38,7 @@ def test_defaults_match_engine_config() -> None:
     """The server's engine defaults are the engine's own, so `pagedserve serve` with no flags
     runs the engine exactly as EngineConfig() would."""
     settings = Settings()
-    built = EngineConfig.from_kwargs(**settings.engine_kwargs())
+    built = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
     assert built == EngineConfig()
     assert settings.host == "127.0.0.1"
     assert settings.api_keys == () and settings.allowed_origins == ()
@@ -112,8 +112,8 @@ def test_cli_flags_map_to_settings() -> None:
     assert settings.allowed_origins == ("http://x", "http://y")
     assert settings.max_queue_len == 5 and settings.dtype == "float32"
     kwargs = settings.engine_kwargs()
-    assert kwargs["model"] == "/models/x" and kwargs["num_blocks"] == 64
-    assert set(kwargs) == {"model", *ENGINE_FIELDS}
+    assert kwargs["num_blocks"] == 64 and kwargs["enable_prefix_caching"] is False
+    assert set(kwargs) == set(ENGINE_FIELDS)
 
 
 def test_every_setting_has_a_flag_with_help() -> None:
@@ -136,7 +136,7 @@ def test_bad_flag_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize("name", ["default.yaml", "gpu.yaml"])
 def test_shipped_configs_are_valid(name: str) -> None:
     settings = load_settings({}, REPO / "configs" / name, {})
-    EngineConfig.from_kwargs(**settings.engine_kwargs())  # the engine accepts them too
+    EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())  # the engine agrees
     assert settings.host == "127.0.0.1"
 
 

@@ -1,0 +1,119 @@
+"""A real uvicorn server on a free loopback port, serving a tiny random model through the real
+engine; tests talk to it with the `openai` SDK and httpx like any client would."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from engine import AsyncEngine, EngineConfig
+from server.app import create_app
+from server.settings import Settings
+from tests.tiny_models import save_tiny_model
+
+API_KEY = "sk-test-key"
+MODEL_NAME = "tiny-llama"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+STARTUP_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True)
+class RunningServer:
+    base_url: str
+    engine: AsyncEngine
+    model_dir: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def client(self) -> openai.OpenAI:
+        # no retries: a 429 or 5xx must show up in the test, not be papered over
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY, max_retries=0,
+                             timeout=120)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=API_KEY,
+                                  max_retries=0, timeout=120)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self.headers, timeout=120)
+
+    def wait_idle(self, timeout_s: float = 2.0) -> float:
+        """Seconds until no request runs or waits and every KV block is free; fails after
+        `timeout_s`."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.is_idle():
+                return time.monotonic() - start
+            time.sleep(0.01)
+        pytest.fail(f"engine not idle after {timeout_s}s: running={self.engine.num_running} "
+                    f"waiting={self.engine.num_waiting} free={self.engine.num_free_blocks}/"
+                    f"{self.engine.num_total_blocks}")
+
+    def is_idle(self) -> bool:
+        engine = self.engine
+        return (engine.num_running == 0 and engine.num_waiting == 0
+                and engine.num_free_blocks == engine.num_total_blocks)
+
+
+@contextlib.contextmanager
+def serve(model_dir: Path, **engine_args: object) -> Iterator[RunningServer]:
+    """Build the engine here (blocking load), hand it to create_app, run uvicorn in a thread on
+    an OS-chosen port, and wait for /health to say ready."""
+    config = EngineConfig.from_kwargs(model=str(model_dir), dtype="float32", device="cpu",
+                                      seed=0, **engine_args)
+    engine = AsyncEngine(config)
+    settings = Settings(model=str(model_dir), served_model_name=MODEL_NAME, api_keys=(API_KEY,),
+                        max_request_body_bytes=MAX_BODY_BYTES, log_level="warning")
+    app = create_app(settings, engine=engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None,
+                                           access_log=False, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    try:
+        base_url = _wait_until_ready(server)
+        yield RunningServer(base_url, engine, model_dir)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _wait_until_ready(server: uvicorn.Server) -> str:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}"
+    while httpx.get(f"{base_url}/health").status_code != 200:
+        assert time.monotonic() < deadline, "/health never turned 200"
+        time.sleep(0.05)
+    return base_url
+
+
+@pytest.fixture(scope="session")
+def server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
+    """The tiny llama (512-token context) behind a real server, shared by the API tests."""
+    with serve(tiny_llama_dir, num_blocks=512, max_num_seqs=32) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def long_context_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A somewhat wider tiny llama with 4096 positions: 2000-token generations fit its context,
+    and its decode steps (~10 ms on one CPU thread) are slow enough that finishing 2000 tokens
+    takes far longer than the 2 s the disconnect tests allow for aborts."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama-4k") / "llama",
+                           max_position_embeddings=4096, hidden_size=512,
+                           intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=4)

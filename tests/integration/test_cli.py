@@ -1,0 +1,89 @@
+"""`pagedserve serve` as a user runs it: a subprocess on a tiny model, startup phase lines,
+SIGTERM → exit 0; a model that cannot load → 503 from /health, then exit status 1."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+from tests.integration.test_default_model import REPO, _free_port, _wait_healthy
+
+PAGEDSERVE = str(Path(sys.executable).with_name("pagedserve"))
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([PAGEDSERVE, "serve", *args], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def test_serve_tiny_model_subprocess(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    process = _start([str(tiny_llama_dir), "--port", str(port), "--dtype", "float32",
+                      "--device", "cpu", "--num-blocks", "64", "--served-model-name", "tiny",
+                      "--api-key", "k1", "--log-level", "info"], log)
+    try:
+        _wait_healthy(process, f"http://127.0.0.1:{port}", log)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1",
+                               max_retries=0)
+        response = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            extra_body={"ignore_eos": True}, extra_headers={"X-Request-Id": "cli-req-7"})
+        assert response.usage is not None and response.usage.completion_tokens == 3
+    finally:
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=60)
+    text = log.read_text()
+    assert returncode == 0, text[-3000:]
+    for phase in ("settings:", "KV cache", f"listening on http://127.0.0.1:{port}",
+                  "ready: serving 'tiny'"):
+        assert phase in text, f"missing startup line {phase!r}:\n{text[-3000:]}"
+    assert "[cli-req-7]" in text  # the request id reaches the log lines
+
+
+def test_serve_unloadable_model_exits_1(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    process = _start([str(tmp_path / "no-such-model"), "--port", str(_free_port())], log)
+    assert process.wait(timeout=120) == 1
+    assert "failed to load" in log.read_text()
+
+
+def test_health_503_while_model_unavailable(tmp_path: Path) -> None:
+    failures: list[BaseException] = []
+    app = create_app(Settings(model=str(tmp_path / "missing")), on_load_failure=failures.append)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        deadline = time.monotonic() + 60
+        while not failures:
+            assert time.monotonic() < deadline
+            health = httpx.get(f"{base}/health")  # loading: 503, model_loading
+            assert health.status_code == 503 and health.json()["error"]["code"] in (
+                "model_loading", "load_failed")
+            time.sleep(0.05)
+        health = httpx.get(f"{base}/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "load_failed"
+        chat = httpx.post(f"{base}/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "x"}]})
+        assert chat.status_code == 503 and int(chat.headers["retry-after"]) >= 1
+        assert set(chat.json()["error"]) == {"message", "type", "param", "code"}
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert failures

@@ -1,0 +1,117 @@
+"""Acceptance 4: clients that go away (streaming or not) have their requests aborted in the
+engine, and every KV block is free again within 2 s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import MODEL_NAME, RunningServer, serve
+
+NUM_CLIENTS = 10
+MAX_TOKENS = 2000
+
+
+@pytest.fixture(scope="module")
+def long_server(long_context_llama_dir: Path) -> Iterator[RunningServer]:
+    # room for 10 x ~2000 tokens, so only an abort (not KV pressure) can end these requests
+    with serve(long_context_llama_dir, num_blocks=1600, max_num_seqs=16) as running:
+        yield running
+
+
+def _body(i: int, stream: bool) -> dict[str, object]:
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": f"story {i}"}],
+            "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True, "stream": stream}
+
+
+async def _drop_after_first_chunks(client: httpx.AsyncClient, i: int, num_chunks: int) -> int:
+    seen = 0
+    async with client.stream("POST", "/v1/chat/completions", json=_body(i, True)) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                seen += 1
+                if seen >= num_chunks:
+                    break  # leaving the block closes the connection mid-stream
+    return seen
+
+
+def test_premise_requests_would_outlive_the_deadline(long_server: RunningServer) -> None:
+    """Without aborts, the dropped requests would still be generating 2 s later: one request
+    alone decodes too slowly to finish MAX_TOKENS in time (a batch of 10 is slower still)."""
+    start = time.monotonic()
+    response = long_server.http().post("/v1/chat/completions", json={**_body(0, False),
+                                                                     "max_tokens": 50})
+    assert response.status_code == 200
+    seconds_per_token = (time.monotonic() - start) / 50
+    assert seconds_per_token * MAX_TOKENS > 2.0 * 3, seconds_per_token
+
+
+def test_streaming_clients_dropped_mid_stream(long_server: RunningServer) -> None:
+    async def run() -> float:
+        async with httpx.AsyncClient(base_url=long_server.base_url, headers=long_server.headers,
+                                     timeout=60) as client:
+            seen = await asyncio.gather(*(_drop_after_first_chunks(client, i, 3 + i % 3)
+                                          for i in range(NUM_CLIENTS)))
+            assert all(n >= 3 for n in seen)
+            return time.monotonic()  # every client is gone
+
+    dropped_at = asyncio.run(run())
+    long_server.wait_idle(timeout_s=2.0)
+    assert time.monotonic() - dropped_at < 2.0
+
+
+def test_non_streaming_client_timing_out(long_server: RunningServer) -> None:
+    with httpx.Client(base_url=long_server.base_url, headers=long_server.headers,
+                      timeout=0.5) as client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json=_body(0, False))
+    long_server.wait_idle(timeout_s=2.0)  # the premise test shows it would run for seconds
+
+
+def test_server_still_serves_after_disconnects(long_server: RunningServer) -> None:
+    response = long_server.http().post("/v1/chat/completions", json={
+        **_body(1, False), "max_tokens": 4})
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 4
+    long_server.wait_idle()
+
+
+def test_error_after_stream_start_is_one_error_event_then_done(
+        long_server: RunningServer) -> None:
+    """A request the engine ends under a streaming client (here aborted server-side, as on an
+    admin abort or shutdown) becomes one error event followed by [DONE]."""
+    with long_server.http().stream("POST", "/v1/chat/completions",
+                                   json=_body(3, True)) as response:
+        lines = response.iter_lines()
+        events: list[str] = []
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                if len(events) == 3:
+                    long_server.engine.abort(json.loads(events[0])["id"])
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert set(error) == {"error"} and set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["type"] == "server_error"
+    assert all("choices" in json.loads(event) for event in events[:-2])
+    long_server.wait_idle()
+
+
+def test_sdk_raises_on_error_event(long_server: RunningServer) -> None:
+    import openai
+
+    stream = long_server.client().chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "x"}], max_tokens=MAX_TOKENS,
+        stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    long_server.engine.abort(first.id)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    long_server.wait_idle()
