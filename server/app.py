@@ -77,7 +77,8 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
             logger.info("loading model %s", settings.model or "<embedded default> (converted "
                         "once on first use, then loaded from the cache)")
             config = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
-            engine = await asyncio.to_thread(AsyncEngine, config)
+            engine = await asyncio.to_thread(AsyncEngine, config,
+                                             served_model_name=settings.served_model_name)
         await engine.start()
     except asyncio.CancelledError:
         raise

@@ -72,7 +72,7 @@ def serve(model_dir: Path, **engine_args: object) -> Iterator[RunningServer]:
     an OS-chosen port, and wait for /health to say ready."""
     config = EngineConfig.from_kwargs(model=str(model_dir), dtype="float32", device="cpu",
                                       seed=0, **engine_args)
-    engine = AsyncEngine(config)
+    engine = AsyncEngine(config, served_model_name=MODEL_NAME)
     settings = Settings(model=str(model_dir), served_model_name=MODEL_NAME, api_keys=(API_KEY,),
                         max_request_body_bytes=MAX_BODY_BYTES, log_level="warning")
     app = create_app(settings, engine=engine)

@@ -71,8 +71,10 @@ def test_health_version_metrics_are_open(server: RunningServer) -> None:
     assert bare.get("/version").json()["version"]
     metrics = bare.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    families = list(text_string_to_metric_families(metrics.text))
-    assert families  # the default registry's process/python collectors at least
+    families = {family.name: family for family in text_string_to_metric_families(metrics.text)}
+    # the engine's families, labelled with the served name
+    assert any(name.startswith("pagedserve_") for name in families)
+    assert f'model_name="{MODEL_NAME}"' in metrics.text
     om = bare.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert om.headers["content-type"].startswith("application/openmetrics-text")
     assert om.text.rstrip().endswith("# EOF")
