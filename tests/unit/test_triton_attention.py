@@ -1,0 +1,254 @@
+"""The Triton attention kernels and the CUDA backend against the torch reference backend: K/V
+writes, varlen prefill with and without cached prefix blocks, paged decode over ragged lengths
+and shuffled block tables, split-K, padding rows, and greedy decoding end to end.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tiny shapes: the interpreter runs each
+program in numpy). With PAGEDSERVE_TEST_DEVICE=cuda the same cases run compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+DEVICE = torch.device(os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("PAGEDSERVE_TEST_DEVICE=cuda but CUDA is not available", allow_module_level=True)
+
+
+
+def _import_kernels() -> None:
+    # triton.jit picks interpreter or compiler when it decorates (Triton's own library
+    # functions included), so the variable must be set before Triton is first imported;
+    # restored after (the fixture below sets it again around each test of this module)
+    saved = os.environ.get("TRITON_INTERPRET")
+    if DEVICE.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton", reason="Triton is not installed (pip install triton; "
+                                             "wheels exist for x86-64 and aarch64 Linux)")
+        import engine.attention.triton_kernels  # noqa: F401
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_kernels()
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.attention import (  # noqa: E402
+    ATTENTION_BACKEND_ENV,
+    TorchAttentionBackend,
+    get_attention_backend,
+    write_kv,
+)
+from engine.attention import triton_kernels as kernels  # noqa: E402
+from engine.attention.base import AttentionMetadata  # noqa: E402
+from engine.attention.cuda import CudaAttentionBackend  # noqa: E402
+from engine.errors import InvalidRequestError  # noqa: E402
+
+if DEVICE.type == "cpu" and not kernels.IS_INTERPRETED:
+    pytest.skip("Triton was imported in compiled mode before this module could set "
+                "TRITON_INTERPRET=1; run this file in its own process", allow_module_level=True)
+
+TOLERANCE = 1e-3  # fp32, against the reference backend
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton also reads the variable while it runs interpreted kernels (lazy imports)
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@dataclass(slots=True)
+class Batch:
+    """One step's inputs: new tokens' Q/K/V, garbage-filled caches whose blocks also serve as
+    the cached prefixes, and the metadata the model runner would build."""
+
+    query: torch.Tensor  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor
+    metadata: AttentionMetadata
+
+
+def make_batch(shapes: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
+               block_size: int, seed: int) -> Batch:
+    """(num_cached, query_len) per sequence. Blocks come from a shuffled pool with spares, so
+    tables are not contiguous; tables get two extra padding columns; the cache is random and
+    large, so a read of a wrong slot shows up in the output."""
+    gen = torch.Generator().manual_seed(seed)
+    needs = [-(-(cached + q_len) // block_size) for cached, q_len in shapes]
+    pool = torch.randperm(sum(needs) + 3, generator=gen).tolist()
+    tables, slots = [], []
+    for (cached, q_len), need in zip(shapes, needs, strict=True):
+        table, pool = pool[:need], pool[need:]
+        tables.append(table)
+        slots += [table[p // block_size] * block_size + p % block_size
+                  for p in range(cached, cached + q_len)]
+    width = max(needs) + 2
+    num_tokens = sum(q_len for _, q_len in shapes)
+    cache_shape = (sum(needs) + 3, block_size, num_kv_heads, head_dim)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * std).to(DEVICE)
+
+    query_lens = [q_len for _, q_len in shapes]
+    seq_lens = [cached + q_len for cached, q_len in shapes]
+    metadata = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        cu_seqlens_q=torch.tensor([0, *query_lens], device=DEVICE).cumsum(0).to(torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                  dtype=torch.int32, device=DEVICE),
+        max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens),
+        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+    return Batch(randn(num_tokens, num_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim),
+                 randn(num_tokens, num_kv_heads, head_dim), randn(*cache_shape, std=3.0),
+                 randn(*cache_shape, std=3.0), metadata)
+
+
+def reference(batch: Batch, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference backend's output and caches, on copies of the batch's caches."""
+    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
+    out = TorchAttentionBackend().forward(batch.query, batch.key, batch.value, k_cache, v_cache,
+                                          batch.metadata, scale)
+    return out, k_cache, v_cache
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+HEADS = {"gqa": (4, 2, 16), "mha-odd-dim": (2, 2, 12), "mqa": (4, 1, 32)}
+PREFILL_CASES = {
+    # each sequence's first step: the fresh K/V are its whole context
+    "no-prefix": [(0, 21), (0, 5), (0, 1), (0, 9)],
+    # prefix blocks already cached, block-aligned and not, mixed with decode rows
+    "cached-prefix": [(8, 9), (5, 3), (13, 1), (0, 6), (16, 16), (3, 1)],
+}
+
+
+@pytest.mark.parametrize("heads", list(HEADS), ids=list(HEADS))
+@pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
+def test_prefill_matches_the_reference(case: str, heads: str) -> None:
+    block_size = 4 if heads == "gqa" else 8
+    seed = 10 * list(PREFILL_CASES).index(case) + list(HEADS).index(heads)  # fresh per case
+    batch = make_batch(PREFILL_CASES[case], *HEADS[heads], block_size, seed)
+    scale = HEADS[heads][2] ** -0.5
+    expected, k_expected, v_expected = reference(batch, scale)
+    kernels.reshape_and_cache(batch.key, batch.value, batch.k_cache, batch.v_cache,
+                              batch.metadata.slot_mapping)
+    assert torch.equal(batch.k_cache, k_expected) and torch.equal(batch.v_cache, v_expected)
+    meta = batch.metadata
+    out = kernels.paged_prefill_attention(batch.query, batch.k_cache, batch.v_cache,
+                                          meta.block_tables, meta.cu_seqlens_q, meta.seq_lens,
+                                          meta.max_seqlen_q, scale)
+    assert out.shape == expected.shape
+    assert max_error(out, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_matches_the_reference_over_ragged_contexts(num_splits: int) -> None:
+    # lengths 1..70 over shuffled blocks; more splits than tiles leaves some splits empty
+    shapes = [(cached, 1) for cached in (0, 4, 17, 31, 69, 8, 2)]
+    batch = make_batch(shapes, 6, 2, 16, block_size=4, seed=100 + num_splits)
+    expected, _, _ = reference(batch, scale=0.3)
+    kernels.reshape_and_cache(batch.key, batch.value, batch.k_cache, batch.v_cache,
+                              batch.metadata.slot_mapping)
+    out = kernels.paged_decode_attention(batch.query, batch.k_cache, batch.v_cache,
+                                         batch.metadata.block_tables, batch.metadata.seq_lens,
+                                         0.3, num_splits)
+    assert max_error(out, expected) < TOLERANCE
+
+
+def test_backend_step_matches_the_reference_for_mixed_and_decode_batches() -> None:
+    backend = CudaAttentionBackend()
+    for seed, shapes in enumerate([[(6, 10), (0, 1), (20, 1), (0, 13)],
+                                   [(c, 1) for c in (40, 3, 0, 77, 15)]]):
+        batch = make_batch(shapes, 8, 2, 16, block_size=8, seed=200 + seed)
+        expected, k_expected, v_expected = reference(batch, scale=0.25)
+        out = backend.forward(batch.query, batch.key, batch.value, batch.k_cache,
+                              batch.v_cache, batch.metadata, 0.25)
+        assert max_error(out, expected) < TOLERANCE
+        assert torch.equal(batch.k_cache, k_expected) and torch.equal(batch.v_cache, v_expected)
+
+
+def test_kv_write_honours_strides_and_skips_padding_slots() -> None:
+    # K and V as the model hands them over: column slices of one fused qkv output
+    gen = torch.Generator().manual_seed(7)
+    num_tokens, num_heads, num_kv_heads, head_dim = 5, 4, 2, 8
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    qkv = torch.randn(num_tokens, width, generator=gen).to(DEVICE)  # [num_tokens, width]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    key = qkv[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    value = qkv[:, q_size + kv_size:].view(num_tokens, num_kv_heads, head_dim)
+    assert not key.is_contiguous()
+    slots = torch.tensor([9, -1, 0, 22, -1], device=DEVICE)  # -1: a CUDA-graph padding row
+    k_cache = torch.randn(6, 4, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    v_cache = torch.randn(6, 4, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    is_real = slots >= 0
+    write_kv(key[is_real], value[is_real], k_expected, v_expected, slots[is_real])
+    kernels.reshape_and_cache(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_padding_rows_yield_zeros(num_splits: int) -> None:
+    # a CUDA graph pads the batch with rows of seq_len 0; they must not produce NaN
+    batch = make_batch([(9, 1), (0, 1)], 4, 2, 16, block_size=4, seed=300 + num_splits)
+    seq_lens = torch.tensor([10, 0], dtype=torch.int32, device=DEVICE)
+    expected, _, _ = reference(batch, scale=0.5)
+    kernels.reshape_and_cache(batch.key, batch.value, batch.k_cache, batch.v_cache,
+                              batch.metadata.slot_mapping)
+    out = kernels.paged_decode_attention(batch.query, batch.k_cache, batch.v_cache,
+                                         batch.metadata.block_tables, seq_lens, 0.5, num_splits)
+    assert max_error(out[0], expected[0]) < TOLERANCE
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_default_num_splits_fills_idle_sms_only() -> None:
+    assert kernels.default_num_splits(1, 2, 4096, num_sms=132) == kernels.MAX_DECODE_SPLITS
+    assert kernels.default_num_splits(1, 2, 100, num_sms=132) == 1  # one tile per split max
+    assert kernels.default_num_splits(256, 2, 4096, num_sms=132) == 1  # the batch fills SMs
+    assert kernels.default_num_splits(32, 2, 4096, num_sms=132) == 5  # 64 programs -> 320
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ATTENTION_BACKEND_ENV, raising=False)
+    cuda = torch.device("cuda")  # selection only; nothing is allocated on it
+    assert isinstance(get_attention_backend(torch.device("cpu")), TorchAttentionBackend)
+    assert isinstance(get_attention_backend(cuda), CudaAttentionBackend)
+    assert isinstance(get_attention_backend(cuda, "torch"), TorchAttentionBackend)
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "torch")
+    assert isinstance(get_attention_backend(cuda), TorchAttentionBackend)
+    assert isinstance(get_attention_backend(cuda, "triton"), CudaAttentionBackend)
+    with pytest.raises(InvalidRequestError, match="attention backend"):
+        get_attention_backend(cuda, "flash")
+
+
+def test_greedy_decoding_with_the_kernels_matches_the_reference_backend(
+        tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts = [[5, 17, 99, 3, 250, 31, 8, 77, 140], list(range(40, 60))]
+    params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=4)
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "torch")
+    expected = LLM(str(tiny_llama_dir), dtype="float32", device=DEVICE.type,
+                   num_blocks=16, block_size=4).generate(prompts, params)
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "triton")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", device=DEVICE.type, num_blocks=16,
+              block_size=4)
+    backends = {type(m.attn_backend) for m in llm.engine.loaded.model.modules()
+                if hasattr(m, "attn_backend")}
+    assert backends == {CudaAttentionBackend}
+    outputs = llm.generate(prompts, params)
+    assert ([o.outputs[0].token_ids for o in outputs]
+            == [o.outputs[0].token_ids for o in expected])
