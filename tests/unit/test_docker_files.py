@@ -126,12 +126,12 @@ def test_prometheus_config_passes_promtool() -> None:
 
 # ---- Grafana dashboard --------------------------------------------------------------------------
 
-def dashboard_expressions(dashboard: dict[str, object] | None = None) -> list[str]:
+def dashboard_expressions() -> list[str]:
     """Every PromQL expression of the dashboard's panels and template variables."""
-    dashboard = dashboard or json.loads(DASHBOARD.read_text())
-    exprs = [str(target["expr"]) for panel in dashboard["panels"]  # type: ignore[attr-defined]
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [str(target["expr"]) for panel in dashboard["panels"]
              for target in panel.get("targets", [])]
-    for variable in dashboard["templating"]["list"]:  # type: ignore[index]
+    for variable in dashboard["templating"]["list"]:
         query = variable["query"]
         exprs.append(str(query["query"] if isinstance(query, dict) else query))
     return exprs
