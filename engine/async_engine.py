@@ -178,7 +178,7 @@ class AsyncEngine:
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
                     self.last_step_time = time.monotonic()
-                    self.metrics.set_load(0, 0, self.kv_cache_usage)
+                    self.metrics.record_idle(self.kv_cache_usage)
                     self._wakeup.wait(IDLE_WAIT_S)
                     self._wakeup.clear()
                     continue

@@ -205,6 +205,12 @@ class MetricsLogger:
         families.num_waiting.labels(name).set(num_waiting)
         families.kv_cache_usage.labels(name).set(kv_cache_usage)
 
+    def record_idle(self, kv_cache_usage: float) -> None:
+        """The engine has nothing to run: gauges to idle, and the log interval restarts, so the
+        first line after a quiet spell reports busy time, not the idle time before it."""
+        self.set_load(0, 0, kv_cache_usage)
+        self._interval = _IntervalTotals(start=time.monotonic())
+
     # ---- once per request ---------------------------------------------------------------------
 
     def record_finished(self, outputs: Iterable[RequestOutput]) -> None:

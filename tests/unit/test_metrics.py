@@ -389,6 +389,19 @@ def test_periodic_engine_line_only_when_due(caplog: pytest.LogCaptureFixture) ->
     assert "tokens/s" in message and getattr(record, "prefix_cache_hit_rate", None) == 0.25
 
 
+def test_idle_restarts_the_log_interval(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = MetricsLogger(MODEL_NAME, registry=CollectorRegistry(), log_interval_s=0.2)
+    time.sleep(0.3)
+    with caplog.at_level(logging.INFO, logger="engine.metrics"):
+        metrics.record_idle(0.0)  # the quiet 0.3 s must not count as an interval
+        metrics.record_step(StepStats(num_generation_tokens=4, num_running=1))
+        assert not caplog.records
+        time.sleep(0.3)
+        metrics.record_step(StepStats(num_generation_tokens=4, num_running=1))
+    [record] = caplog.records
+    assert "running 1, waiting 0" in record.getMessage()
+
+
 def test_json_log_lines_carry_the_request_fields() -> None:
     stream = io.StringIO()
     handler = build_handler("json", stream=stream)
