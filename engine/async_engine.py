@@ -36,15 +36,25 @@ class _Abort:
     request_id: str
 
 
+@dataclass(slots=True)
+class _Fail:
+    request_id: str
+    message: str
+
+
+_Command = _Add | _Abort | _Fail
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None, *,
                  served_model_name: str | None = None,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY,
+                 strict_max_model_len: bool = False) -> None:
         """Loads the model (blocking: call through asyncio.to_thread from async code).
         Metrics go to `registry` labelled model_name=served_model_name (default: the model's
-        directory or file name)."""
+        directory or file name). strict_max_model_len: see LLMEngine."""
         self.config = config
-        self.engine = engine or LLMEngine(config)
+        self.engine = engine or LLMEngine(config, strict_max_model_len=strict_max_model_len)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.vocab_size
@@ -52,7 +62,7 @@ class AsyncEngine:
         self.model_name = served_model_name or _model_name(config.model.model)
         self.metrics = MetricsLogger(self.model_name, registry=registry)
         self.metrics.record_engine_info(engine_config_info(self.engine))
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         # adds sent to the worker but not yet applied; each counter has a single writer thread
@@ -62,6 +72,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.dead_error: BaseException | None = None
+        # the worker's heartbeat: stamped after every step and every idle wait
         self.last_step_time = time.monotonic()
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -96,6 +107,16 @@ class AsyncEngine:
         return self.engine.core.scheduler.num_waiting + self._num_sent - self._num_applied
 
     @property
+    def num_admitted(self) -> int:
+        """Requests the worker has taken in since start (each then ends exactly once)."""
+        return self._num_applied
+
+    @property
+    def seconds_since_progress(self) -> float:
+        """Seconds since the loop last finished a step or an idle wait; large means hung."""
+        return time.monotonic() - self.last_step_time
+
+    @property
     def kv_cache_usage(self) -> float:
         return self.engine.core.kv_cache_manager.usage
 
@@ -110,17 +131,22 @@ class AsyncEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, arrival_time: float | None = None,
+                       deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the request finishes. Invalid input raises before
-        the first output; leaving the loop early aborts the request in the engine."""
+        the first output; leaving the loop early aborts the request in the engine. Past
+        `deadline` (time.monotonic()) the request fails and the iterator raises TimeoutError."""
         prepared = self._admit(request_id, prompt_token_ids, params, arrival_time)
         await self.start()
+        assert self._loop is not None
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._send(_Add(prepared))
+        timer = None if deadline is None else self._loop.call_later(
+            max(deadline - time.monotonic(), 0.0), self._time_out, request_id)
         finished = False
         try:
+            self._check_alive()  # the loop may have died while this request was admitted
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -128,6 +154,8 @@ class AsyncEngine:
                 finished = item.finished
                 yield item
         finally:
+            if timer is not None:
+                timer.cancel()
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
@@ -135,6 +163,22 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Finish a request from any thread; idempotent. Its blocks are freed within a step."""
         self._send(_Abort(request_id))
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """Fail a request (call on the event loop): its iterator raises `error` at once, and
+        the engine finishes it as an error (blocks freed, counted) within a step."""
+        self._put(request_id, error)
+        self._send(_Fail(request_id, str(error) or type(error).__name__))
+
+    def fail_all(self, error: BaseException) -> int:
+        """Fail every request in flight (shutdown). Returns how many there were."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.fail(request_id, error)
+        return len(request_ids)
+
+    def _time_out(self, request_id: str) -> None:
+        self.fail(request_id, TimeoutError(f"request {request_id} passed its deadline"))
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                arrival_time: float | None) -> PreparedRequest:
@@ -164,7 +208,7 @@ class AsyncEngine:
         if max_queue_len is not None and self.num_waiting >= max_queue_len:
             raise QueueFullError(f"the waiting queue is full ({max_queue_len} requests)")
 
-    def _send(self, command: _Add | _Abort) -> None:
+    def _send(self, command: _Command) -> None:
         if isinstance(command, _Add):
             self._num_sent += 1
         self._commands.put(command)
@@ -184,8 +228,8 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 self.last_step_time = time.monotonic()
+                self._deliver(outputs)  # clients first; the metrics can wait a moment
                 self.metrics.record_step(self.engine.stats, outputs)
-                self._deliver(outputs)
         except BaseException as error:  # the loop is dead: tell every waiting client now
             logger.exception("engine loop died")
             self.dead_error = error
@@ -202,10 +246,13 @@ class AsyncEngine:
             if isinstance(command, _Add):
                 self._num_applied += 1
                 self._add(command.prepared)
-            else:
+                continue
+            if isinstance(command, _Abort):
                 outputs = self.engine.abort_request(command.request_id)
-                self.metrics.record_finished(outputs)
-                self._deliver(outputs)
+            else:
+                outputs = self.engine.fail_request(command.request_id, command.message)
+            self.metrics.record_finished(outputs)
+            self._deliver(outputs)
 
     def _add(self, prepared: PreparedRequest) -> None:
         try:
