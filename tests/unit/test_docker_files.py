@@ -190,7 +190,7 @@ def test_dashboard_queries_name_only_exported_metrics(exported_sample_names: set
         assert names <= exported_sample_names, f"{expr!r} names {names - exported_sample_names}"
         assert functions <= PROMQL_FUNCTIONS, f"{expr!r} calls {functions - PROMQL_FUNCTIONS}"
         used |= names
-    # what the issue asks the dashboard to plot
+    # what operators need on the dashboard: latency quantiles, throughput, load, cache
     for needed in ("pagedserve_time_to_first_token_seconds_bucket",
                    "pagedserve_inter_token_latency_seconds_bucket",
                    "pagedserve_prompt_tokens_total", "pagedserve_generation_tokens_total",

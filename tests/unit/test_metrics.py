@@ -32,7 +32,7 @@ MODEL_NAME = "tiny"
 VOCAB_SIZE = 512
 EARLY_ARRIVAL_S = 5.0  # one request "arrived" this long before generate() was called
 
-# every family the issue names, as the text parser names them (counters without _total)
+# every family pagedserve exports, as the text parser names them (counters without _total)
 EXPECTED_FAMILIES = {
     "pagedserve_time_to_first_token_seconds", "pagedserve_inter_token_latency_seconds",
     "pagedserve_e2e_request_latency_seconds", "pagedserve_request_queue_time_seconds",
