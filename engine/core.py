@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.kv_cache.manager import KVCacheManager
 from engine.loader import LoadedModel
-from engine.model_runner import ModelRunner, PositionLogprobs
+from engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -24,6 +25,28 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class FaultHooks:
+    """Fault injection for tests: every hook is None in production. A hook injects a fault by
+    raising; where it is called decides what the fault takes down."""
+
+    on_step: Callable[[], None] | None = None  # start of LLMEngine.step: the engine loop dies
+    # before the forward pass, with the step's batch: that batch's requests fail
+    on_execute: Callable[[list[Request]], None] | None = None
+    # per sequence output, in output processing: that one request fails
+    on_request_output: Callable[[Request], None] | None = None
+
+
+class BatchFailedError(Exception):
+    """The forward pass (or sampling) of one step raised. Its requests cannot be trusted to
+    continue, but nothing outside the batch is harmed: the engine fails just these."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"the engine step failed: {cause!r}")
+        self.request_ids = request_ids
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -55,6 +78,7 @@ class EngineCore:
             enable_prefix_caching=config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.last_stats = StepStats()
+        self.fault_hooks = FaultHooks()
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -73,10 +97,7 @@ class EngineCore:
         if plan.is_empty:
             self.last_stats = self._stats(0, 0, num_preemptions_before, [])
             return []
-        block_ids = {r.request_id: self.kv_cache_manager.get_block_ids(r.request_id)
-                     for r in plan.scheduled_requests}
-        result = self.runner.execute(plan.scheduled_requests, plan.num_scheduled_tokens,
-                                     block_ids)
+        result = self._execute(plan)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
         self.runner.release([r.request_id for r in finished])
         stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
@@ -85,6 +106,38 @@ class EngineCore:
                                 result.logprobs, stats)
         self.last_stats = stats
         return outputs
+
+    def _execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the batch; any exception becomes BatchFailedError naming the batch's requests."""
+        requests = plan.scheduled_requests
+        try:
+            if self.fault_hooks.on_execute is not None:
+                self.fault_hooks.on_execute(requests)
+            block_ids = {r.request_id: self.kv_cache_manager.get_block_ids(r.request_id)
+                         for r in requests}
+            return self.runner.execute(requests, plan.num_scheduled_tokens, block_ids)
+        except Exception as exc:
+            logger.exception("step failed for a batch of %d requests", len(requests))
+            self._forget_unwritten_blocks(requests)
+            raise BatchFailedError([r.request_id for r in requests], exc) from exc
+
+    def _forget_unwritten_blocks(self, requests: list[Request]) -> None:
+        """Drop the prefix-cache hashes of blocks only the failed batch holds. Blocks are hashed
+        when allocated, before the forward pass writes them, so after a failed pass their
+        contents may be garbage; a later request must not hit them. Blocks also held by a
+        request outside the batch were written in an earlier step and stay cached."""
+        pool = self.kv_cache_manager.pool
+        holders: dict[int, int] = {}
+        for request in requests:
+            for block_id in self.kv_cache_manager.get_block_ids(request.request_id):
+                holders[block_id] = holders.get(block_id, 0) + 1
+        for block_id, num_holders in holders.items():
+            block = pool.blocks[block_id]
+            if block.block_hash is not None and block.ref_count <= num_holders:
+                # what BlockPool._evict does; belongs in KVCacheManager (asked for)
+                if pool.cached_blocks.get(block.block_hash) is block:
+                    del pool.cached_blocks[block.block_hash]
+                block.block_hash = None
 
     @staticmethod
     def _outputs(requests: list[Request], sampled: dict[str, int],

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
-from engine.core import EngineCore, StepStats
+from engine.core import BatchFailedError, EngineCore, FaultHooks, StepStats
 from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.loader import LoadedModel, load_model
 from engine.output_processor import OutputProcessor
@@ -19,6 +19,9 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# a failed step fails its batch; this many in a row means the engine itself is broken (a lost
+# device, a corrupted state), so the exception is let through to end the loop
+MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 @dataclass(slots=True)
@@ -31,7 +34,10 @@ class PreparedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, *,
+                 strict_max_model_len: bool = False) -> None:
+        """Loads the model and sizes the KV pool. max_model_len is lowered (with a warning) to
+        what the pool holds, or, with strict_max_model_len, that is an error."""
         self.config = config
         self.loaded = loaded or _load(config)
         self.tokenizer = self.loaded.tokenizer
@@ -41,9 +47,12 @@ class LLMEngine:
         model_limit = _model_max_len(self.loaded, config.model.max_model_len)
         # the core sizes the KV pool; max_model_len is then capped to what the pool can hold
         self.core = EngineCore(config, self.loaded, model_limit)
-        self.max_model_len = self._fit_max_model_len(model_limit)
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.model_max_len = model_limit  # before fitting to the pool
+        self.max_model_len = self._fit_max_model_len(model_limit, strict_max_model_len)
+        self.fault_hooks: FaultHooks = self.core.fault_hooks  # tests only; shared with the parts
+        self.output_processor = OutputProcessor(self.tokenizer, self.fault_hooks)
         self.deferred: dict[str, list[Request]] = {}  # siblings waiting for the prompt's blocks
+        self.num_consecutive_failed_steps = 0
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); max_model_len %d",
                     self.core.kv_cache_manager.num_total_blocks, config.cache.block_size,
                     self.pool_tokens,
@@ -53,9 +62,15 @@ class LLMEngine:
     def pool_tokens(self) -> int:
         return self.core.kv_cache_manager.num_total_blocks * self.config.cache.block_size
 
-    def _fit_max_model_len(self, model_limit: int) -> int:
+    def _fit_max_model_len(self, model_limit: int, strict: bool) -> int:
         if model_limit <= self.pool_tokens:
             return model_limit
+        if strict:
+            raise InvalidRequestError(
+                f"max_model_len {model_limit} does not fit the KV cache, which holds "
+                f"{self.pool_tokens} tokens: give the cache more memory or lower max_model_len "
+                "(or drop the strict option to have it lowered automatically)",
+                param="max_model_len")
         logger.warning("max_model_len lowered from %d to %d: the KV cache holds no more tokens",
                        model_limit, self.pool_tokens)
         return self.pool_tokens
@@ -143,14 +158,35 @@ class LLMEngine:
         return self.core.has_unfinished_requests() or bool(self.deferred)
 
     def step(self) -> list[RequestOutput]:
-        core_outputs = self.core.step()
-        request_outputs, stopped = self.output_processor.process(core_outputs)
-        if stopped:
-            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        """One engine step. A failure confined to some requests (their batch's forward pass,
+        their output processing) fails those requests only; anything else propagates."""
+        if self.fault_hooks.on_step is not None:
+            self.fault_hooks.on_step()
+        try:
+            core_outputs = self.core.step()
+        except BatchFailedError as exc:
+            return self._fail_batch(exc)
+        self.num_consecutive_failed_steps = 0
+        processed = self.output_processor.process(core_outputs)
+        failed_outputs = [output for request_id, error in processed.failed.items()
+                          for output in self.fail_request(request_id, error)]
+        if processed.stopped:
+            self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
         for core_output in core_outputs:
             for sibling in self.deferred.pop(core_output.request.request_id, ()):
                 self.core.add_request(sibling)
-        return request_outputs
+        return processed.outputs + failed_outputs
+
+    def _fail_batch(self, exc: BatchFailedError) -> list[RequestOutput]:
+        self.num_consecutive_failed_steps += 1
+        if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
+            raise exc.cause
+        user_request_ids = dict.fromkeys(
+            owner[0].request_id for sequence_id in exc.request_ids
+            if (owner := self.output_processor.owner.get(sequence_id)) is not None)
+        error = f"the engine failed while computing this request: {exc.cause!r}"
+        return [output for request_id in user_request_ids
+                for output in self.fail_request(request_id, error)]
 
     @property
     def stats(self) -> StepStats:

@@ -6,17 +6,20 @@ the requests they end are handed back so the engine can finish them in the core.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from engine.core import EngineCoreOutput
+from engine.core import EngineCoreOutput, FaultHooks
 from engine.detokenizer import IncrementalDetokenizer, decode_token
 from engine.model_runner import PositionLogprobs
 from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTiming, TokenLogprobs
 from engine.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -42,9 +45,20 @@ class _UserRequest:
         return all(c.output.finished for c in self.choices)
 
 
+@dataclass(slots=True)
+class ProcessedStep:
+    """What one step's outputs did to the user requests."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)  # requests that changed
+    stopped: list[str] = field(default_factory=list)  # sequence ids a stop string finished
+    failed: dict[str, str] = field(default_factory=dict)  # user request id -> error message
+
+
 class OutputProcessor:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase,
+                 fault_hooks: FaultHooks | None = None) -> None:
         self.tokenizer = tokenizer
+        self.fault_hooks = fault_hooks or FaultHooks()
         self.user_requests: dict[str, _UserRequest] = {}
         self.owner: dict[str, tuple[_UserRequest, int]] = {}  # sequence id -> (user request, index)
 
@@ -74,21 +88,32 @@ class OutputProcessor:
 
     # ---- per step ---------------------------------------------------------------------------
 
-    def process(self, core_outputs: Iterable[EngineCoreOutput]) -> tuple[list[RequestOutput],
-                                                                         list[str]]:
-        """Apply one step's outputs. Returns the RequestOutputs of every user request that
-        changed, and the sequence ids that a stop string finished (to finish in the core)."""
-        stopped: list[str] = []
+    def process(self, core_outputs: Iterable[EngineCoreOutput]) -> ProcessedStep:
+        """Apply one step's outputs. An exception while processing one request (detokenizer,
+        hook) fails only that request: it is reported in `failed`, not emitted."""
+        step = ProcessedStep()
         touched: dict[str, _UserRequest] = {}
         for core_output in core_outputs:
-            owner = self.owner.get(core_output.request.request_id)
+            sequence = core_output.request
+            owner = self.owner.get(sequence.request_id)
             if owner is None:
                 continue
             user_request, index = owner
-            if self._apply(user_request.choices[index], core_output):
-                stopped.append(core_output.request.request_id)
+            if user_request.request_id in step.failed:
+                continue
+            try:
+                if self.fault_hooks.on_request_output is not None:
+                    self.fault_hooks.on_request_output(sequence)
+                if self._apply(user_request.choices[index], core_output):
+                    step.stopped.append(sequence.request_id)
+            except Exception as exc:
+                logger.exception("processing the output of %s failed", user_request.request_id)
+                step.failed[user_request.request_id] = f"processing the output failed: {exc!r}"
+                continue
             touched[user_request.request_id] = user_request
-        return [self._emit(u) for u in touched.values()], stopped
+        step.outputs = [self._emit(u) for u in touched.values()
+                        if u.request_id not in step.failed]
+        return step
 
     def _apply(self, choice: _Choice, core_output: EngineCoreOutput) -> bool:
         """Update one choice; True when a stop string ended it before the core did."""
@@ -124,17 +149,29 @@ class OutputProcessor:
 
     def finish_sequences(self, requests: Iterable[Request], reason: str,
                          error: str | None = None) -> list[RequestOutput]:
-        """Finish choices whose sequences ended outside a step (abort, error)."""
+        """Finish choices whose sequences ended outside a step (abort, error). An error skips
+        the detokenizer: it may be what failed."""
         touched: dict[str, _UserRequest] = {}
         for request in requests:
             owner = self.owner.get(request.request_id)
             if owner is None:
                 continue
             user_request, index = owner
-            self._apply(user_request.choices[index], EngineCoreOutput(request, [], None, reason))
+            self._finish_choice(user_request.choices[index], request, reason, flush=error is None)
             user_request.error = user_request.error or error
             touched[user_request.request_id] = user_request
         return [self._emit(u) for u in touched.values()]
+
+    def _finish_choice(self, choice: _Choice, request: Request, reason: str,
+                       flush: bool) -> None:
+        if flush:
+            try:  # held-back text (a possible stop string prefix) goes out with the finish
+                self._apply(choice, EngineCoreOutput(request, [], None, reason))
+                return
+            except Exception:
+                logger.exception("flushing the text of %s failed", request.request_id)
+        if not choice.output.finished:
+            choice.output.finish_reason = reason
 
     def _emit(self, user_request: _UserRequest) -> RequestOutput:
         outputs = []

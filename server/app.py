@@ -13,7 +13,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from engine import AsyncEngine, EngineConfig
 from server import __version__
 from server.errors import install_exception_handlers
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    DrainMiddleware,
+    RequestContextMiddleware,
+)
 from server.routes import all_routers
 from server.settings import Settings, resolve_api_keys
 from server.state import ServerState
@@ -50,13 +55,15 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None,
     for router in all_routers():
         app.include_router(router)
     install_exception_handlers(app)
-    _add_middleware(app, settings)
+    _add_middleware(app, state)
     return app
 
 
-def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    # added innermost first: request context wraps CORS wraps auth wraps the body limit, so
-    # CORS preflights never need a key and every response carries X-Request-Id
+def _add_middleware(app: FastAPI, state: ServerState) -> None:
+    # added innermost first: request context wraps draining wraps CORS wraps auth wraps the
+    # body limit, so CORS preflights never need a key, every response carries X-Request-Id,
+    # and a draining server refuses work before reading a byte of it
+    settings = state.settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     api_keys = resolve_api_keys(settings)
     if api_keys:
@@ -66,6 +73,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                            allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id"])
+    app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware)
 
 
@@ -77,8 +85,9 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
             logger.info("loading model %s", settings.model or "<embedded default> (converted "
                         "once on first use, then loaded from the cache)")
             config = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
-            engine = await asyncio.to_thread(AsyncEngine, config,
-                                             served_model_name=settings.served_model_name)
+            engine = await asyncio.to_thread(
+                AsyncEngine, config, served_model_name=settings.served_model_name,
+                strict_max_model_len=settings.strict_max_model_len)
         await engine.start()
     except asyncio.CancelledError:
         raise

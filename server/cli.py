@@ -38,6 +38,12 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--no-prefix-caching", "enable_prefix_caching", {"action": "store_false"}),
     ("--max-queue-len", "max_queue_len", {"type": int}),
     ("--seed", "seed", {"type": int}),
+    ("--strict-max-model-len", "strict_max_model_len", {"action": "store_true"}),
+    ("--allow-pickle", "allow_pickle", {"action": "store_true"}),
+    ("--trust-remote-code", "trust_remote_code", {"action": "store_true"}),
+    ("--request-timeout", "request_timeout", {"type": float, "metavar": "SECONDS"}),
+    ("--shutdown-timeout", "shutdown_timeout", {"type": float, "metavar": "SECONDS"}),
+    ("--engine-stall-timeout", "engine_stall_timeout", {"type": float, "metavar": "SECONDS"}),
 )
 
 
@@ -106,10 +112,11 @@ def serve(settings: Settings) -> int:
     import uvicorn  # imported here so `pagedserve --help` stays fast
 
     from server.app import create_app
+    from server.shutdown import GracefulServer
 
     failures: list[BaseException] = []
 
-    class Server(uvicorn.Server):
+    class Server(GracefulServer):
         async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
             await super().startup(sockets)
             if self.started:
@@ -123,9 +130,10 @@ def serve(settings: Settings) -> int:
 
     app = create_app(settings, on_load_failure=on_load_failure)
     server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                   access_log=False, log_level=settings.log_level))
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal against the
-    # handlers it found: make those end the process quietly with status 0
+                                   access_log=False, log_level=settings.log_level),
+                    app.state.server)
+    # the first signals drain (GracefulServer); a signal uvicorn itself handles is re-raised
+    # against the handlers it found once it stops: make those end the process with status 0
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         server.run()

@@ -73,6 +73,12 @@ def service_unavailable(message: str, code: str) -> ApiError:
                     headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+def request_timed_out(timeout_s: float) -> ApiError:
+    return ApiError(504, f"The request did not finish within the {timeout_s:g} s request "
+                    "timeout; its work was stopped.", code="request_timeout",
+                    error_type="timeout_error")
+
+
 def from_engine_error(exc: EngineError, prompt_param: str = "messages") -> ApiError:
     """Map an engine error to status + envelope; `prompt_param` names the prompt field."""
     if isinstance(exc, ContextLengthExceededError):

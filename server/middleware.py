@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids and access logs, API-key auth, the request body limit.
+"""Pure ASGI middleware: request ids and access logs, draining on shutdown, API-key auth, the
+request body limit.
 
 Pure ASGI rather than BaseHTTPMiddleware so streaming responses and `receive()`-based
 disconnect detection pass through untouched.
@@ -13,12 +14,16 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, internal_error
+from server.errors import ApiError, internal_error, service_unavailable
+
+if TYPE_CHECKING:
+    from server.state import ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +32,12 @@ REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# paths that need an API key when keys are configured; /health, /metrics, /version stay open
-_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# with API keys configured, every path needs one except these (deny by default, so a route
+# added later is protected without anyone remembering to list it)
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs",
+                        "/docs/oauth2-redirect", "/redoc"})
+# answered even while draining: scrapers should see the shutdown through
+_OPEN_WHILE_DRAINING = frozenset({"/metrics"})
 
 
 class RequestIdFilter(logging.Filter):
@@ -119,7 +128,31 @@ def key_matches(given: bytes, api_keys: Sequence[bytes]) -> bool:
 
 
 def _is_protected(path: str) -> bool:
-    return path.startswith(_PROTECTED_PREFIXES)
+    return path not in OPEN_PATHS
+
+
+class DrainMiddleware:
+    """Counts the HTTP requests in flight (graceful shutdown waits for them) and, once the
+    server is draining, answers new ones with 503 and `Connection: close`."""
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining and scope["path"] not in _OPEN_WHILE_DRAINING:
+            error = service_unavailable("The server is shutting down; retry on another "
+                                        "replica or after the restart.", "server_shutting_down")
+            await error.to_response({"Connection": "close"})(scope, receive, send)
+            return
+        self.state.num_in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.num_in_flight -= 1
 
 
 class BodyLimitMiddleware:

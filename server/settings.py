@@ -24,7 +24,7 @@ ALIASES = {"api_key": "api_keys", "allowed_origin": "allowed_origins"}
 ENGINE_FIELDS = (
     "dtype", "device", "max_model_len", "block_size", "kv_cache_memory_gb",
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
-    "max_num_batched_tokens", "max_queue_len", "seed",
+    "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
 )
 
 
@@ -77,6 +77,25 @@ class Settings(BaseModel):
     max_queue_len: int | None = Field(
         None, ge=0, description="most requests waiting; beyond it: 429 (default: unbounded)")
     seed: int = Field(0, description="global random seed")
+    strict_max_model_len: bool = Field(
+        False, description="fail at startup when max_model_len does not fit the KV cache, "
+        "instead of lowering it with a warning")
+    allow_pickle: bool = Field(
+        False, description="allow PyTorch pickle (.bin/.pt) weights; unpickling runs code, so "
+        "only for checkpoints you trust (default: safetensors and GGUF only)")
+    trust_remote_code: bool = Field(
+        False, description="let transformers run Python code shipped with the checkpoint "
+        "(default: never)")
+    request_timeout: float | None = Field(
+        None, gt=0, description="seconds a request may take from arrival to its last token; "
+        "past it the request fails with 504 (an error event when streaming) and its KV blocks "
+        "are freed (default: no limit)")
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM/SIGINT, seconds running requests get to finish "
+        "while new ones are refused with 503; the rest then fail")
+    engine_stall_timeout: float = Field(
+        30.0, gt=0, description="/health answers 503 once the engine loop has made no "
+        "progress for this many seconds (a hung step)")
 
     def engine_kwargs(self) -> dict[str, object]:
         """Engine arguments besides `model`: EngineConfig.from_kwargs(s.model, **these)."""

@@ -15,13 +15,16 @@ from server.settings import Settings
 
 @dataclass(slots=True)
 class ServerState:
-    """Set once by the lifespan; routes only read it. engine is None while loading."""
+    """Set once by the lifespan; routes only read it. engine is None while loading.
+    draining and num_in_flight belong to graceful shutdown (server/shutdown.py)."""
 
     settings: Settings
     engine: AsyncEngine | None = None
     served_model_name: str | None = None
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # shutting down: new requests get 503
+    num_in_flight: int = 0  # HTTP requests being answered (streams until their last byte)
 
     def model_name_for(self, requested: str | None) -> str:
         """The served name; a request naming another model gets 404. The name is only ever

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -16,7 +17,13 @@ from starlette.background import BackgroundTask
 from starlette.types import Receive
 
 from engine import CompletionOutput, EngineError, RequestOutput, SamplingParams
-from server.errors import ApiError, ClientDisconnectedError, from_engine_error, internal_error
+from server.errors import (
+    ApiError,
+    ClientDisconnectedError,
+    from_engine_error,
+    internal_error,
+    request_timed_out,
+)
 from server.outputs import (
     CompletionLogprobBuilder,
     UsageCounter,
@@ -49,15 +56,20 @@ class OutputStream:
 
     `start()` waits for every prompt's first output, so admission errors (bad params, context
     too long, queue full) surface as exceptions before any response byte is sent. Iterating
-    yields (prompt_index, RequestOutput). `aclose()` aborts whatever has not finished.
+    yields (prompt_index, RequestOutput). `aclose()` aborts whatever has not finished. With
+    `timeout_s`, requests still running that long after arrival fail with a 504 ApiError.
     """
 
     def __init__(self, engine: AsyncEngine, request_ids: Sequence[str],
                  prompts: Sequence[list[int]], params: SamplingParams,
-                 arrival_time: float | None) -> None:
+                 arrival_time: float | None, timeout_s: float | None = None) -> None:
         self.engine = engine
         self.request_ids = list(request_ids)
-        self._generators = [engine.generate(rid, ids, params, arrival_time)
+        self.timeout_s = timeout_s
+        deadline = None
+        if timeout_s is not None:
+            deadline = (time.monotonic() if arrival_time is None else arrival_time) + timeout_s
+        self._generators = [engine.generate(rid, ids, params, arrival_time, deadline)
                             for rid, ids in zip(request_ids, prompts, strict=True)]
         self._first: list[RequestOutput] = []
         self._unfinished = set(range(len(self._generators)))
@@ -71,7 +83,7 @@ class OutputStream:
         errors = [item for item in firsts if isinstance(item, BaseException)]
         if errors:
             await self.aclose()
-            raise errors[0]
+            raise self._converted(errors[0])
         self._first = [item for item in firsts if isinstance(item, RequestOutput)]
         self._pumps = [asyncio.create_task(self._pump(index, gen))
                        for index, gen in enumerate(self._generators)
@@ -94,11 +106,17 @@ class OutputStream:
             if item is _END:
                 self._unfinished.discard(index)
             elif isinstance(item, BaseException):
-                raise item
+                raise self._converted(item)
             else:
                 assert isinstance(item, RequestOutput)
                 self._mark(index, item)
                 yield index, item
+
+    def _converted(self, error: BaseException) -> BaseException:
+        """The engine's TimeoutError (a passed deadline) as the 504 the client gets."""
+        if isinstance(error, TimeoutError) and self.timeout_s is not None:
+            return request_timed_out(self.timeout_s)
+        return error
 
     def _mark(self, index: int, output: RequestOutput) -> None:
         if output.finished:
@@ -279,6 +297,9 @@ async def sse_events(stream: OutputStream, chunker: Chunker, n: int, num_prompts
     except EngineError as exc:
         logger.warning("%s failed mid-stream: %s", stream.request_ids[0], exc)
         yield error_event(from_engine_error(exc, prompt_param))
+    except ApiError as exc:  # a timeout, a shutdown
+        logger.warning("%s failed mid-stream: %s", stream.request_ids[0], exc.message)
+        yield error_event(exc)
     except Exception:
         logger.exception("%s failed mid-stream", stream.request_ids[0])
         yield error_event(internal_error())

@@ -51,7 +51,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s", ctx.response_id,
                 len(prompt_ids), body.n, params.max_tokens, body.stream)
     stream = OutputStream(engine, [ctx.response_id], [prompt_ids], params,
-                          arrival_time(request))
+                          arrival_time(request), state.settings.request_timeout)
     try:
         await until_disconnected(request.receive, stream.start())
     except EngineError as exc:

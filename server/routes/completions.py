@@ -49,7 +49,8 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
                 ctx.response_id, len(prompts), [len(p) for p in prompts], body.n,
                 params.max_tokens, body.stream)
     echo_texts = _echo_texts(engine.tokenizer, body, prompts) if body.echo else None
-    stream = OutputStream(engine, request_ids, prompts, params, arrival_time(request))
+    stream = OutputStream(engine, request_ids, prompts, params, arrival_time(request),
+                          state.settings.request_timeout)
     try:
         await until_disconnected(request.receive, stream.start())
     except EngineError as exc:
