@@ -146,7 +146,7 @@ def resolve_model_dir(model: str) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UnsupportedModelError(f"GGUF file {path} does not exist")
-        from engine.default_model import convert_gguf  # heavy (gguf reader): only when used
+        from engine.gguf import convert_gguf  # heavy (transformers GGUF path): only when used
 
         return Path(convert_gguf(path))
     if path.is_dir():

@@ -21,13 +21,12 @@ from engine.default_model import (
     DEFAULT_MODEL_PACKAGES,
     GGUF_SHA256,
     assemble_gguf,
-    convert_gguf,
     ensure_default_gguf,
     ensure_default_model,
     find_part_files,
-    read_gguf_metadata,
 )
 from engine.errors import UnsupportedModelError
+from engine.gguf import convert_gguf, read_gguf_metadata
 
 pytestmark = pytest.mark.default_model
 
