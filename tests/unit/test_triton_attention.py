@@ -41,6 +41,9 @@ def _import_kernels() -> None:
 
 _import_kernels()
 
+import numpy  # noqa: E402
+import triton  # noqa: E402
+
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.attention import (  # noqa: E402
     ATTENTION_BACKEND_ENV,
@@ -53,6 +56,12 @@ from engine.attention.base import AttentionMetadata  # noqa: E402
 from engine.attention.cuda import CudaAttentionBackend  # noqa: E402
 from engine.errors import InvalidRequestError  # noqa: E402
 
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+if DEVICE.type == "cpu" and TRITON_VERSION < (3, 7):
+    # seen with Triton 3.6 and numpy 2.4: int() of a loaded scalar, a 1-element array, raises
+    pytest.skip(f"Triton {triton.__version__}'s interpreter fails on loop bounds loaded from "
+                f"memory with numpy {numpy.__version__}; Triton 3.7 and later work "
+                "(pip install 'triton>=3.7')", allow_module_level=True)
 if DEVICE.type == "cpu" and not kernels.IS_INTERPRETED:
     pytest.skip("Triton was imported in compiled mode before this module could set "
                 "TRITON_INTERPRET=1; run this file in its own process", allow_module_level=True)
