@@ -72,8 +72,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.dead_error: BaseException | None = None
-        # the worker's heartbeat: stamped after every step and every idle wait
+        # the worker's heartbeat: stamped at every pass of its loop (each step, each idle wait)
         self.last_step_time = time.monotonic()
+        self._is_idle = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -113,8 +114,9 @@ class AsyncEngine:
 
     @property
     def seconds_since_progress(self) -> float:
-        """Seconds since the loop last finished a step or an idle wait; large means hung."""
-        return time.monotonic() - self.last_step_time
+        """Seconds the loop has spent in its current pass (a step, usually); 0 while it waits
+        idle for work. Large means hung."""
+        return 0.0 if self._is_idle else time.monotonic() - self.last_step_time
 
     @property
     def kv_cache_usage(self) -> float:
@@ -219,23 +221,27 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
+                self.last_step_time = time.monotonic()  # heartbeat: every pass of the loop
                 self._apply_commands()
                 if not self.engine.has_unfinished_requests():
-                    self.last_step_time = time.monotonic()
-                    self.metrics.record_idle(self.kv_cache_usage)
-                    self._wakeup.wait(IDLE_WAIT_S)
-                    self._wakeup.clear()
+                    self._wait_idle()
                     continue
                 outputs = self.engine.step()
-                self.last_step_time = time.monotonic()
-                self._deliver(outputs)  # clients first; the metrics can wait a moment
                 self.metrics.record_step(self.engine.stats, outputs)
+                self._deliver(outputs)
         except BaseException as error:  # the loop is dead: tell every waiting client now
             logger.exception("engine loop died")
             self.dead_error = error
             self.metrics.record_failure(
                 "error", len(self.engine.output_processor.user_requests))
             self._fail_all(EngineDeadError(f"the engine loop died: {error!r}"))
+
+    def _wait_idle(self) -> None:
+        self.metrics.set_load(0, 0, self.kv_cache_usage)
+        self._is_idle = True  # waiting for work is not a stall
+        self._wakeup.wait(IDLE_WAIT_S)
+        self._wakeup.clear()
+        self._is_idle = False
 
     def _apply_commands(self) -> None:
         while True:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,14 +67,17 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def serve(model_dir: Path, **engine_args: object) -> Iterator[RunningServer]:
+def serve(model_dir: Path, server_settings: Mapping[str, object] | None = None,
+          **engine_args: object) -> Iterator[RunningServer]:
     """Build the engine here (blocking load), hand it to create_app, run uvicorn in a thread on
-    an OS-chosen port, and wait for /health to say ready."""
+    an OS-chosen port, and wait for /health to say ready. `server_settings` overrides Settings
+    fields that are the server's own (request_timeout, engine_stall_timeout, ...)."""
     config = EngineConfig.from_kwargs(model=str(model_dir), dtype="float32", device="cpu",
                                       seed=0, **engine_args)
     engine = AsyncEngine(config, served_model_name=MODEL_NAME)
     settings = Settings(model=str(model_dir), served_model_name=MODEL_NAME, api_keys=(API_KEY,),
-                        max_request_body_bytes=MAX_BODY_BYTES, log_level="warning")
+                        max_request_body_bytes=MAX_BODY_BYTES, log_level="warning",
+                        **dict(server_settings or {}))  # type: ignore[arg-type]
     app = create_app(settings, engine=engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None,
                                            access_log=False, log_level="warning"))
