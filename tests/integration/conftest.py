@@ -4,6 +4,10 @@ engine; tests talk to it with the `openai` SDK and httpx like any client would."
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -20,6 +24,7 @@ from server.app import create_app
 from server.settings import Settings
 from tests.tiny_models import save_tiny_model
 
+REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-test-key"
 MODEL_NAME = "tiny-llama"
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -122,3 +127,62 @@ def long_context_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            max_position_embeddings=4096, hidden_size=512,
                            intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                            num_key_value_heads=4)
+
+
+@dataclass(slots=True)
+class ServerProcess:
+    """`python -m server serve …` as a child process, as an operator starts it."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def rss_bytes(self) -> int:
+        """The server process's resident set size, from /proc (Linux)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS line")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def serve_process(model_dir: Path, log: Path, *args: str) -> Iterator[ServerProcess]:
+    """Start the CLI on a free port with the test API key, wait for /health, and make sure the
+    process is gone afterwards (SIGKILL if a test left it running)."""
+    port = _free_port()
+    command = [sys.executable, "-m", "server", "serve", str(model_dir), "--dtype", "float32",
+               "--device", "cpu", "--port", str(port), "--api-key", API_KEY,
+               "--served-model-name", MODEL_NAME, *args]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    running = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_process_healthy(running)
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_process_healthy(running: ServerProcess) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            pytest.fail(f"the server exited with {running.process.returncode}:\n"
+                        f"{running.log_text()[-4000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{running.base_url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"/health not 200 after {STARTUP_TIMEOUT_S}s:\n{running.log_text()[-4000:]}")
