@@ -14,6 +14,10 @@ from server.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("server.cli")
 
+# idle keep-alive connections live longer than the 5 s after which httpx (and so the OpenAI
+# SDKs) drops them: otherwise a client can reuse a connection the server is just closing
+KEEP_ALIVE_S = 20
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 # (flag, settings field, argparse options); help and defaults come from the Settings model
@@ -130,7 +134,8 @@ def serve(settings: Settings) -> int:
 
     app = create_app(settings, on_load_failure=on_load_failure)
     server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                   access_log=False, log_level=settings.log_level),
+                                   access_log=False, log_level=settings.log_level,
+                                   timeout_keep_alive=KEEP_ALIVE_S),
                     app.state.server)
     # the first signals drain (GracefulServer); a signal uvicorn itself handles is re-raised
     # against the handlers it found once it stops: make those end the process with status 0
