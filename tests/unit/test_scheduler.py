@@ -170,11 +170,23 @@ def test_stop_token_and_min_tokens() -> None:
     assert request.status == RequestStatus.FINISHED_STOPPED and request.stop_reason == 9
 
 
+def check_queues(scheduler: Scheduler, live: set[str]) -> None:
+    """Every live request sits in exactly one of waiting and running, and nothing else does."""
+    waiting = [r.request_id for r in scheduler.waiting]
+    running = [r.request_id for r in scheduler.running]
+    assert len(waiting) + len(running) == len(set(waiting) | set(running)), "a duplicate"
+    assert set(waiting) | set(running) == live
+    assert set(scheduler.requests) == live
+    assert len(running) <= scheduler.config.max_num_seqs
+    manager = scheduler.kv_cache_manager
+    assert 0 <= manager.num_free_blocks <= manager.num_total_blocks
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     arrivals=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12), st.integers(0, 5)),
                       min_size=1, max_size=12),
-    aborts=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 30)), max_size=6),
+    aborts=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 30)), max_size=8),
     num_blocks=st.integers(12, 40),
     max_num_seqs=st.integers(1, 6),
     budget=st.integers(4, 48),
@@ -183,26 +195,37 @@ def test_stop_token_and_min_tokens() -> None:
 def test_random_workloads_lose_nothing(arrivals: list[tuple[int, int, int]],
                                        aborts: list[tuple[int, int]], num_blocks: int,
                                        max_num_seqs: int, budget: int, caching: bool) -> None:
-    """Random arrivals (prompt length, max_tokens, arrival step), aborts and limits: every
-    request ends exactly once, budgets hold every step, no block is leaked."""
+    """Random arrivals (prompt length, max_tokens, arrival step), aborts (several per step,
+    repeated, or of finished requests) and limits: every request ends exactly once, each live
+    request is in exactly one queue, budgets hold every step, no block is leaked."""
     scheduler = make_scheduler(num_blocks, max_num_seqs, budget, caching)
     # the engine caps max_model_len to the pool, so any one request fits the pool alone
     pool_tokens = scheduler.kv_cache_manager.num_total_blocks * BLOCK_SIZE
     requests = [make_request(str(i), n, min(m, pool_tokens - n), first_token=i % 3)
                 for i, (n, m, _) in enumerate(arrivals)]
-    abort_at = {step: str(index) for index, step in aborts if index < len(requests)}
+    abort_at: dict[int, list[str]] = {}
+    for index, step in aborts:
+        if index < len(requests):
+            abort_at.setdefault(step, []).append(str(index))
     finished: list[Request] = []
+    live: set[str] = set()
     for step in range(3000):
         for request, (_, _, arrival_step) in zip(requests, arrivals, strict=True):
             if arrival_step == step:
                 scheduler.add_request(request)
-        if step in abort_at:
-            finished += scheduler.finish_requests([abort_at[step]], RequestStatus.FINISHED_ABORTED)
+                live.add(request.request_id)
+        aborted = scheduler.finish_requests(abort_at.get(step, []),
+                                            RequestStatus.FINISHED_ABORTED)
+        finished += aborted
+        live -= {r.request_id for r in aborted}
+        check_queues(scheduler, live)
         if step > 5 and not scheduler.has_unfinished_requests():
             break
         plan, done = fake_step(scheduler)
         check_plan(scheduler, plan)
         finished += done
+        live -= {r.request_id for r in done}
+        check_queues(scheduler, live)
     finished_ids = [r.request_id for r in finished]
     assert sorted(finished_ids) == sorted(r.request_id for r in requests)
     for request in requests:
