@@ -23,6 +23,7 @@ from server.protocol import ErrorDetail, ErrorResponse
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1  # advertised on 429 (queue full) and 503 (still loading)
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 _CODES_BY_STATUS = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
                     413: "request_too_large", 429: "rate_limit_exceeded"}
@@ -157,7 +158,18 @@ async def _handle_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _handle_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    _count_rejected_generation(request)
     return from_validation_errors(list(exc.errors())).to_response()
+
+
+def _count_rejected_generation(request: Request) -> None:
+    """request_failure_total{reason="validation"} covers requests the protocol models reject
+    too, not only those the engine refuses."""
+    if request.url.path not in GENERATION_PATHS:
+        return
+    engine = getattr(getattr(request.app.state, "server", None), "engine", None)
+    if engine is not None:
+        engine.metrics.record_validation_failure()
 
 
 async def _handle_http(request: Request, exc: Exception) -> JSONResponse:

@@ -163,3 +163,21 @@ def test_queue_full_is_429_with_retry_after(full_queue_server: RunningServer) ->
         full_queue_server.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
                                                            max_tokens=2)
     full_queue_server.wait_idle()
+
+
+def _validation_failures() -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("pagedserve_request_failure_total",
+                                      {"model_name": MODEL_NAME, "reason": "validation"})
+    return value or 0.0
+
+
+def test_rejected_generation_requests_are_counted(server: RunningServer) -> None:
+    http = server.http()
+    before = _validation_failures()
+    assert http.post(CHAT, json=chat(temperature=-1)).status_code == 400  # protocol model
+    assert http.post(CHAT, json=chat(max_tokens=1_000_000)).status_code == 400  # engine
+    assert http.post(COMPLETIONS, json={"prompt": []}).status_code == 400
+    assert http.post("/tokenize", json={}).status_code == 400  # not a generation request
+    assert _validation_failures() - before == 3
