@@ -184,6 +184,28 @@ def test_failed_batch_fails_its_requests_and_spares_the_prefix_cache(
     fault_server.wait_idle()
 
 
+def test_tokenizer_fault_fails_only_that_request(fault_server: RunningServer,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tokenizer that raises on one prompt (before the engine sees it): a 500 envelope for
+    that request, the others served."""
+    tokenizer = fault_server.engine.tokenizer
+    real_encode = tokenizer.encode
+
+    def encode(text: str, *args: object, **kwargs: object) -> list[int]:
+        if "POISON" in text:
+            raise RuntimeError("injected tokenizer fault")
+        return real_encode(text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    bodies = [{**_completion([0]), "prompt": f"hello {i}", "stream": i % 2 == 0}
+              for i in range(5)] + [{**_completion([0]), "prompt": "POISON"}]
+    replies = _run_clients(fault_server, bodies)
+    for reply in replies[:5]:
+        assert reply.status == 200 and (reply.body is not None or reply.events[-1] == "[DONE]")
+    _assert_envelope(replies[5], 500, "internal_error")
+    fault_server.wait_idle()
+
+
 # ---------------------------------------------------------------- the engine loop itself
 
 
