@@ -1,0 +1,402 @@
+"""Serving load generator: streams requests at any OpenAI-compatible server and reports
+latency percentiles, throughput and the server's memory.
+
+    python bench/serve.py --url http://127.0.0.1:8000 [--concurrency 16 | --request-rate 4]
+        [--num-requests 64] [--prompt-tokens 230] [--output-tokens 128] [--endpoint chat]
+        [--pid PID] [--seed 0] [--json OUT]
+
+Prompts are seeded synthetic text built with the model's tokenizer so that each request's
+prompt (after the chat template, for chat) has about --prompt-tokens tokens; every prompt is
+different, so no prefix cache can skip the prefill. Each request asks for exactly
+--output-tokens tokens (`ignore_eos` and `min_tokens`, the vLLM extensions pagedserve also
+takes), greedy, streamed with usage. Reported: TTFT (request sent -> first content), ITL (gaps
+between content chunks), TPOT ((e2e - TTFT) / (tokens - 1)), e2e latency, each as mean, p50,
+p90, p99; output and total tokens/s over the wall time of the run; and the peak RSS of --pid
+and its child processes (sampled every 50 ms), when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger("bench.serve")
+
+# words the synthetic prompts are drawn from: code-ish English, one or two tokens each
+_WORD_TEXT = (
+    "the function returns a list of values from each row in the table when the index is valid "
+    "and otherwise raises an error that names the missing key so callers can retry with another "
+    "request using cached data stored on disk server client thread queue buffer string integer "
+    "parse format write read open close file path loop batch token model layer cache block "
+    "memory speed test check value result output input config option default number count sort "
+    "merge split join filter map reduce class method object field type python rust java sql "
+    "query database network socket timeout retry limit window frame packet header body stream "
+    "event handler callback")
+_WORDS = tuple(_WORD_TEXT.split())
+
+
+@dataclass(slots=True)
+class LoadConfig:
+    """One load run: what to send and how fast."""
+
+    url: str
+    model: str | None = None
+    endpoint: str = "chat"  # "chat" or "completions"
+    num_requests: int = 64
+    concurrency: int | None = 16  # closed loop: this many requests in flight
+    request_rate: float | None = None  # open loop: Poisson arrivals per second
+    prompt_tokens: int = 230
+    output_tokens: int = 128
+    seed: int = 0
+    api_key: str | None = None
+    pid: int | None = None
+    timeout_s: float = 1800.0
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """One request's timeline, in seconds from its send."""
+
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    chunk_gaps: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+# ---- prompts ------------------------------------------------------------------------------
+
+
+def load_tokenizer(source: str | None):  # noqa: ANN201 - transformers type, imported lazily
+    import transformers
+
+    if source is None:
+        from engine.default_model import ensure_default_model
+
+        source = str(ensure_default_model())
+    return transformers.AutoTokenizer.from_pretrained(source)
+
+
+def synthetic_prompts(tokenizer, num: int, num_tokens: int, seed: int,  # noqa: ANN001
+                      chat: bool) -> list[str]:
+    """`num` different texts of about `num_tokens` tokens each (template included for chat);
+    the same seed gives the same texts."""
+    overhead = _template_overhead(tokenizer) if chat else 0
+    target = max(1, num_tokens - overhead)
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(num):
+        words = [f"Request {index}:"] + [rng.choice(_WORDS) for _ in range(target + 8)]
+        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[:target]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def _template_overhead(tokenizer) -> int:  # noqa: ANN001
+    """Tokens the chat template adds around one user message."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return 0
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "x"}],
+                                        add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)
+    return len(ids) - 1
+
+
+# ---- one request ---------------------------------------------------------------------------
+
+
+def request_body(config: LoadConfig, prompt: str) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": config.model, "max_tokens": config.output_tokens, "temperature": 0.0,
+        "stream": True, "stream_options": {"include_usage": True},
+        "ignore_eos": True, "min_tokens": config.output_tokens}
+    if config.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def _content_of(chunk: dict[str, object]) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    choice = choices[0]  # type: ignore[index]
+    delta = choice.get("delta") or {}
+    return delta.get("content") or choice.get("text") or ""
+
+
+async def send_request(client: httpx.AsyncClient, config: LoadConfig,
+                       prompt: str) -> RequestResult:
+    path = "/v1/chat/completions" if config.endpoint == "chat" else "/v1/completions"
+    result = RequestResult(ok=False)
+    start = time.perf_counter()
+    last: float | None = None
+    num_chunks = 0
+    try:
+        async with client.stream("POST", path, json=request_body(config, prompt)) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])
+                    return result
+                usage = chunk.get("usage")
+                if usage:
+                    result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    result.output_tokens = usage.get("completion_tokens", 0)
+                if not _content_of(chunk):
+                    continue
+                now = time.perf_counter()
+                num_chunks += 1
+                if last is None:
+                    result.ttft = now - start
+                else:
+                    result.chunk_gaps.append(now - last)
+                last = now
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.e2e = time.perf_counter() - start
+    result.output_tokens = result.output_tokens or num_chunks
+    result.ok = last is not None
+    return result
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Peak resident memory of a process and its descendants, sampled from /proc."""
+
+    def __init__(self, pid: int | None, interval_s: float = 0.05) -> None:
+        self.pid, self.interval_s, self.peak_bytes = pid, interval_s, 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> int:
+        if self.pid is None:
+            return 0
+        total = sum(_rss_bytes(pid) for pid in _process_tree(self.pid))
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        if self.pid is not None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.sample()
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and every descendant, from the ppid field of /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+async def resolve_model(client: httpx.AsyncClient) -> str:
+    """The first model the server lists: what to put in `model`."""
+    response = await client.get("/v1/models")
+    response.raise_for_status()
+    return str(response.json()["data"][0]["id"])
+
+
+async def run_load(config: LoadConfig, prompts: Sequence[str]) -> dict[str, object]:
+    """Send every prompt with the configured concurrency or arrival rate; summarise."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=config.url, headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(config.timeout_s)) as client:
+        if config.model is None:
+            config.model = await resolve_model(client)
+        sampler = RssSampler(config.pid)
+        sampler.start()
+        start = time.perf_counter()
+        results = await _dispatch(client, config, prompts)
+        duration = time.perf_counter() - start
+        await sampler.stop()
+    return summarize(config, results, duration, sampler.peak_bytes)
+
+
+async def _dispatch(client: httpx.AsyncClient, config: LoadConfig,
+                    prompts: Sequence[str]) -> list[RequestResult]:
+    if config.request_rate is not None:  # open loop: Poisson arrivals, no cap in flight
+        rng = random.Random(config.seed + 1)
+        tasks = []
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(send_request(client, config, prompt)))
+            await asyncio.sleep(rng.expovariate(config.request_rate))
+        return list(await asyncio.gather(*tasks))
+    semaphore = asyncio.Semaphore(config.concurrency or len(prompts))
+
+    async def bounded(prompt: str) -> RequestResult:
+        async with semaphore:
+            return await send_request(client, config, prompt)
+
+    return list(await asyncio.gather(*(bounded(p) for p in prompts)))
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"mean": statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+def summarize(config: LoadConfig, results: Sequence[RequestResult], duration: float,
+              peak_rss_bytes: int) -> dict[str, object]:
+    done = [r for r in results if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    prompt_tokens = sum(r.prompt_tokens for r in done)
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    errors = [r.error for r in results if not r.ok]
+    return {
+        "config": {k: v for k, v in asdict(config).items() if k not in ("api_key",)},
+        "num_ok": len(done), "num_failed": len(errors), "errors": errors[:5],
+        "duration_s": duration,
+        "mean_prompt_tokens": prompt_tokens / len(done) if done else 0.0,
+        "mean_output_tokens": output_tokens / len(done) if done else 0.0,
+        "output_tok_s": output_tokens / duration,
+        "total_tok_s": (output_tokens + prompt_tokens) / duration,
+        "request_s": len(done) / duration,
+        "ttft_s": _percentiles([r.ttft for r in done]),
+        "itl_s": _percentiles([gap for r in done for gap in r.chunk_gaps]),
+        "tpot_s": _percentiles(tpot),
+        "e2e_s": _percentiles([r.e2e for r in done]),
+        "peak_rss_gb": peak_rss_bytes / 1e9 if config.pid is not None else None,
+    }
+
+
+def format_summary(summary: dict[str, object]) -> str:
+    ms = {name: summary[name] for name in ("ttft_s", "itl_s", "tpot_s", "e2e_s")}
+    lines = [f"ok {summary['num_ok']}, failed {summary['num_failed']} in "
+             f"{summary['duration_s']:.1f} s; prompt {summary['mean_prompt_tokens']:.0f} tok, "
+             f"output {summary['mean_output_tokens']:.0f} tok per request",
+             f"output {summary['output_tok_s']:.1f} tok/s, total {summary['total_tok_s']:.1f} "
+             f"tok/s, {summary['request_s']:.2f} req/s"]
+    for name, stats in ms.items():
+        values = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stats.items())  # type: ignore[union-attr]
+        lines.append(f"{name[:-2]:5s} ms: {values}")
+    if summary["peak_rss_gb"] is not None:
+        lines.append(f"peak RSS {summary['peak_rss_gb']:.2f} GB")
+    if summary["errors"]:
+        lines.append(f"errors: {summary['errors']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser.add_argument("--model", default=None, help="model name (default: the first listed)")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--num-requests", type=int, default=64)
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=None,
+                      help="requests in flight at once (default 16)")
+    load.add_argument("--request-rate", type=float, default=None,
+                      help="Poisson arrivals per second instead of a fixed concurrency")
+    parser.add_argument("--prompt-tokens", type=int, default=230)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory for the prompts (default: the default model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--pid", type=int, default=None,
+                        help="server process whose RSS (with its children) to sample")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="requests sent one by one before the timed run")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> LoadConfig:
+    concurrency = None if args.request_rate is not None else (args.concurrency or 16)
+    return LoadConfig(url=args.url, model=args.model, endpoint=args.endpoint,
+                      num_requests=args.num_requests, concurrency=concurrency,
+                      request_rate=args.request_rate, prompt_tokens=args.prompt_tokens,
+                      output_tokens=args.output_tokens, seed=args.seed, api_key=args.api_key,
+                      pid=args.pid)
+
+
+async def warm_up(config: LoadConfig, tokenizer, num: int) -> None:  # noqa: ANN001
+    """A few short requests first, so that one-time costs stay out of the figures."""
+    if num <= 0:
+        return
+    short = LoadConfig(**{**asdict(config), "num_requests": num, "concurrency": 1,
+                          "request_rate": None, "output_tokens": 8, "pid": None,
+                          "seed": config.seed + 10_000})
+    prompts = synthetic_prompts(tokenizer, num, config.prompt_tokens, short.seed,
+                                config.endpoint == "chat")
+    await run_load(short, prompts)
+    config.model = short.model
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    config = config_from_args(args)
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = synthetic_prompts(tokenizer, config.num_requests, config.prompt_tokens,
+                                config.seed, config.endpoint == "chat")
+    asyncio.run(warm_up(config, tokenizer, args.warmup))
+    summary = asyncio.run(run_load(config, prompts))
+    print(format_summary(summary))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
