@@ -19,6 +19,7 @@ from torch import nn
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionBackend
 from engine.errors import InvalidRequestError, UnsupportedModelError
+from engine.layers.linear import can_prepack
 from engine.models import CausalLM, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,12 @@ def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pick
     module.load_weights(weights)
     module.eval()
     num_params = sum(param.numel() for param in module.parameters())
-    logger.info("weights loaded in %.2f s: %d params (%.2f GB)", time.perf_counter() - started,
-                num_params, num_params * torch_dtype.itemsize / 1e9)
+    prepacked = can_prepack(torch_dtype, torch_device)
+    if prepacked:
+        module.prepack_weights()  # after counting: prepacking empties the dense weights
+    logger.info("weights loaded in %.2f s: %d params (%.2f GB)%s", time.perf_counter() - started,
+                num_params, num_params * torch_dtype.itemsize / 1e9,
+                ", matmul weights prepacked for oneDNN" if prepacked else "")
     return LoadedModel(
         model=module, hf_config=hf_config,
         tokenizer=_load_tokenizer(tokenizer or str(model_dir), trust_remote_code),

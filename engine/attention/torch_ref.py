@@ -1,7 +1,9 @@
-"""The reference attention backend: paged K/V writes and SDPA over gathered blocks, in plain
-torch. Correct everywhere, reasonably fast on CPU; the CUDA backends are checked against it."""
+"""The reference attention backend: paged K/V writes, then attention over gathered context in
+plain torch. Correct everywhere and the CPU fast path; the CUDA backends are checked against it."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +27,69 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor,
                    max_seq_len: int) -> torch.Tensor:
     """The first max_seq_len cached tokens of each sequence, in order:
     [num_seqs, max_seq_len, num_kv_heads, head_dim] from block_tables [num_seqs, >= blocks]."""
-    block_size = cache.shape[1]
+    num_seqs, block_size = block_tables.shape[0], cache.shape[1]
     num_blocks = -(-max_seq_len // block_size)
-    table = block_tables[:, :num_blocks].long()  # [num_seqs, num_blocks]
-    blocks = cache[table]  # [num_seqs, num_blocks, block_size, num_kv_heads, head_dim]
-    return blocks.flatten(1, 2)[:, :max_seq_len]
+    # whole blocks as rows: one index_select copies contiguous rows, ~5x faster on CPU than
+    # advanced indexing into the 4-d cache
+    rows = cache.view(cache.shape[0], -1)  # [num_blocks, block_size * num_kv_heads * head_dim]
+    blocks = rows.index_select(0, block_tables[:, :num_blocks].reshape(-1))
+    context = blocks.view(num_seqs, num_blocks * block_size, *cache.shape[2:])
+    return context[:, :max_seq_len]
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    """What the decode rows of one step need, built once and shared by every layer: which
+    rows attend as decode rows, where their context sits in the cache, and the padding."""
+
+    metadata: AttentionMetadata  # the step it was built for (compared by identity)
+    block_size: int
+    num_kv_heads: int
+    rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
+    cache_rows: torch.Tensor  # [num_decode * num_kv_heads * max_len] rows of cache.view(-1, dim)
+    padding: torch.Tensor | None  # [num_decode, 1, 1, max_len] float: -inf past each seq_len
+    max_len: int
+
+
+def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_size: int,
+                      num_kv_heads: int) -> DecodePlan:
+    """Cache rows for the contexts of the sequences `seq_ids`, ordered [seq, kv_head, position]
+    so one index_select yields K (or V) as [num_decode, num_kv_heads, max_len, head_dim]."""
+    device = metadata.block_tables.device
+    seq_lens = [metadata.seq_lens_cpu[i] for i in seq_ids]
+    max_len = max(seq_lens)
+    is_all = len(seq_ids) == metadata.num_seqs
+    ids = None if is_all else torch.tensor(seq_ids, device=device)
+    tables = metadata.block_tables if ids is None else metadata.block_tables[ids]
+    positions = torch.arange(max_len, device=device)
+    slots = (tables[:, positions // block_size].long() * block_size
+             + positions % block_size)  # [num_decode, max_len]; padding reads block 0
+    heads = torch.arange(num_kv_heads, device=device)
+    cache_rows = (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
+    padding = None
+    if min(seq_lens) != max_len:
+        lens = torch.tensor(seq_lens, device=device)
+        padding = torch.zeros(len(seq_ids), 1, 1, max_len, device=device)
+        padding.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :],
+                             float("-inf"))
+    rows = None
+    if not is_all:
+        starts = [0]
+        for query_len in metadata.query_lens_cpu:
+            starts.append(starts[-1] + query_len)
+        rows = torch.tensor([starts[i] for i in seq_ids], device=device)
+    return DecodePlan(metadata, block_size, num_kv_heads, rows, cache_rows, padding, max_len)
 
 
 class TorchAttentionBackend:
     """Writes the new K/V into the paged cache, then attends causally over each sequence's
-    whole context. Decode rows (one query token) of all sequences share one batched SDPA call
-    with a padding mask; sequences with several query tokens get one SDPA call each."""
+    whole context. Decode rows (one query token) of all sequences are batched together over a
+    context gathered once per layer; sequences with several query tokens (prefill chunks) get
+    one SDPA call each. One instance serves every layer: the decode plan of the current step
+    is cached and reused until a new step's metadata arrives."""
+
+    def __init__(self) -> None:
+        self._plan: DecodePlan | None = None
 
     def forward(
         self,
@@ -48,53 +102,71 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+        plan = self._decode_plan(metadata, k_cache)
         if metadata.is_decode_only:
-            return _decode_attention(query, k_cache, v_cache, metadata.block_tables,
-                                     metadata.seq_lens, metadata.max_seqlen_k, scale)
-        return _mixed_attention(query, key, value, k_cache, v_cache, metadata, scale)
+            assert plan is not None
+            return decode_attention(query, k_cache, v_cache, plan, scale)
+        out = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
+        if plan is not None:  # some sequences decode: their rows of a mixed batch
+            assert plan.rows is not None
+            out[plan.rows] = decode_attention(query[plan.rows], k_cache, v_cache, plan, scale)
+        _prefill_chunks(query, key, value, k_cache, v_cache, metadata, scale, out)
+        return out
+
+    def _decode_plan(self, metadata: AttentionMetadata,
+                     k_cache: torch.Tensor) -> DecodePlan | None:
+        """The step's plan (None: no decode rows), built by the first layer to ask."""
+        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        plan = self._plan
+        if (plan is not None and plan.metadata is metadata and plan.block_size == block_size
+                and plan.num_kv_heads == num_kv_heads):
+            return plan
+        seq_ids = [i for i, query_len in enumerate(metadata.query_lens_cpu) if query_len == 1]
+        if not seq_ids:
+            self._plan = None
+            return None
+        self._plan = build_decode_plan(metadata, seq_ids, block_size, num_kv_heads)
+        return self._plan
 
 
-def _decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                      scale: float) -> torch.Tensor:
+def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     plan: DecodePlan, scale: float) -> torch.Tensor:
     """One query token per sequence (query [num_seqs, num_heads, head_dim]) attending to its
-    whole context, which ends at that token, so only padding needs masking."""
-    keys = gather_context(k_cache, block_tables, max_seq_len).transpose(1, 2)
-    values = gather_context(v_cache, block_tables, max_seq_len).transpose(1, 2)
-    positions = torch.arange(max_seq_len, device=query.device)
-    is_valid = positions[None, :] < seq_lens[:, None].to(query.device)  # [num_seqs, max_len]
-    out = F.scaled_dot_product_attention(
-        query.unsqueeze(2), keys, values, attn_mask=is_valid[:, None, None, :], scale=scale,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    )  # [num_seqs, num_heads, 1, head_dim]
-    return out.squeeze(2)
+    whole context, which ends at that token, so only padding needs masking.
+
+    Two batched matmuls around a float32 softmax, the query heads of each KV head folded into
+    one matrix (GQA without repeating K/V), over K/V gathered straight into [num_seqs,
+    num_kv_heads, max_len, head_dim]. On CPU this is 5-10x faster than SDPA with a padding
+    mask. Numerics follow transformers' eager attention: scores in the model dtype, softmax
+    in float32."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    shape = (num_seqs, num_kv_heads, plan.max_len, head_dim)
+    keys = k_cache.view(-1, head_dim).index_select(0, plan.cache_rows).view(shape)
+    values = v_cache.view(-1, head_dim).index_select(0, plan.cache_rows).view(shape)
+    grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(2, 3)).float()  # [seqs, kv_heads, group, len]
+    scores.mul_(scale)
+    if plan.padding is not None:
+        scores.add_(plan.padding)
+    probs = scores.softmax(dim=-1).to(query.dtype)
+    out = torch.matmul(probs, values)  # [num_seqs, num_kv_heads, group, head_dim]
+    return out.view(num_seqs, num_heads, head_dim)
 
 
-def _mixed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
-                     scale: float) -> torch.Tensor:
-    """Decode rows batched together as in a decode-only step; each prefill chunk alone."""
-    out = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
-    starts, start = [], 0
-    for query_len in metadata.query_lens_cpu:
-        starts.append(start)
-        start += query_len
-    decode_seqs = [i for i, q_len in enumerate(metadata.query_lens_cpu) if q_len == 1]
-    if decode_seqs:
-        rows = torch.tensor([starts[i] for i in decode_seqs], device=query.device)
-        seq_ids = torch.tensor(decode_seqs, device=query.device)
-        max_seq_len = max(metadata.seq_lens_cpu[i] for i in decode_seqs)
-        out[rows] = _decode_attention(query[rows], k_cache, v_cache,
-                                      metadata.block_tables[seq_ids], metadata.seq_lens[seq_ids],
-                                      max_seq_len, scale)
+def _prefill_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
+                    scale: float, out: torch.Tensor) -> None:
+    """Attention for every sequence with several query tokens, one SDPA call each, into out."""
+    start = 0
     for i, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu,
                                                  metadata.seq_lens_cpu, strict=True)):
         if query_len > 1:
-            rows_slice = slice(starts[i], starts[i] + query_len)
-            out[rows_slice] = _prefill_attention(
-                query[rows_slice], key[rows_slice], value[rows_slice], k_cache, v_cache,
-                metadata.block_tables[i : i + 1], seq_len, scale)
-    return out
+            rows = slice(start, start + query_len)
+            out[rows] = _prefill_attention(query[rows], key[rows], value[rows], k_cache,
+                                           v_cache, metadata.block_tables[i : i + 1], seq_len,
+                                           scale)
+        start += query_len
 
 
 def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -110,8 +182,10 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         values = gather_context(v_cache, block_table, seq_len)[0]
         mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=query.device)
         mask = mask.tril(diagonal=seq_len - query_len)  # [query_len, seq_len]
+    # a leading batch dim: 3-d inputs send CPU SDPA to its math path, 2-4x slower than flash
     out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask,
-        is_causal=mask is None, scale=scale, enable_gqa=query.shape[1] != keys.shape[1],
-    )  # [num_heads, query_len, head_dim]
-    return out.transpose(0, 1)
+        query.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale,
+        enable_gqa=query.shape[1] != keys.shape[1],
+    )  # [1, num_heads, query_len, head_dim]
+    return out[0].transpose(0, 1)

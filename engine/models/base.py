@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.errors import UnsupportedModelError
-from engine.layers.linear import MergedLinear
+from engine.layers.linear import Linear, MergedLinear, prepack_linears
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,6 +47,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.hf_config = hf_config
         self.attn_backend = attn_backend
+        self.tied_output_head: Linear | None = None  # packed copy of a tied LM head (CPU bf16)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -63,9 +64,23 @@ class CausalLM(nn.Module):
         """The [vocab_size, hidden_size] matrix of the LM head (the input embedding if tied)."""
         raise NotImplementedError
 
+    def output_head(self) -> Linear | None:
+        """The untied LM head layer, if the model has one (None: tied to the embedding)."""
+        return None
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> [n, vocab_size] float32; the matmul runs in the model dtype."""
+        head = self.output_head() or self.tied_output_head
+        if head is not None:
+            return head(hidden_states).float()
         return F.linear(hidden_states, self.output_embedding()).float()
+
+    def prepack_weights(self) -> None:
+        """Move every matmul weight into oneDNN's prepacked layout (CPU bf16 inference). A tied
+        LM head gets a packed copy: the embedding lookup still needs the dense table."""
+        if self.output_head() is None and self.tied_output_head is None:
+            self.tied_output_head = Linear.packed_from(self.output_embedding())
+        prepack_linears(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters, converting dtype and device

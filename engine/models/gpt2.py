@@ -11,6 +11,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.errors import UnsupportedModelError
 from engine.layers.activation import get_gelu
+from engine.layers.linear import Linear
 from engine.layers.norm import LayerNorm
 from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
 
@@ -39,8 +40,8 @@ class GPT2Attention(nn.Module):
         self.head_dim = hidden // self.num_heads
         self.scale = attention_scale(hf_config, layer_idx)
         self.attn_backend = attn_backend
-        self.c_attn = nn.Linear(hidden, 3 * hidden)  # fused q, k, v in the checkpoint already
-        self.c_proj = nn.Linear(hidden, hidden)
+        self.c_attn = Linear(hidden, 3 * hidden)  # fused q, k, v in the checkpoint already
+        self.c_proj = Linear(hidden, hidden)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -54,9 +55,9 @@ class GPT2MLP(nn.Module):
     def __init__(self, hf_config: transformers.PretrainedConfig) -> None:
         super().__init__()
         inner = getattr(hf_config, "n_inner", None) or 4 * hf_config.n_embd
-        self.c_fc = nn.Linear(hf_config.n_embd, inner)
+        self.c_fc = Linear(hf_config.n_embd, inner)
         self.act = get_gelu(hf_config.activation_function)
-        self.c_proj = nn.Linear(inner, hf_config.n_embd)
+        self.c_proj = Linear(inner, hf_config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -109,7 +110,7 @@ class GPT2LMHeadModel(CausalLM):
         self.transformer = GPT2Model(hf_config, attn_backend)
         is_tied = getattr(hf_config, "tie_word_embeddings", True)
         self.lm_head = (None if is_tied else
-                        nn.Linear(hf_config.n_embd, hf_config.vocab_size, bias=False))
+                        Linear(hf_config.n_embd, hf_config.vocab_size, bias=False))
 
     @classmethod
     def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
@@ -119,6 +120,9 @@ class GPT2LMHeadModel(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
         return self.transformer(input_ids, positions, kv_caches, metadata)
+
+    def output_head(self) -> Linear | None:
+        return self.lm_head
 
     def output_embedding(self) -> torch.Tensor:
         return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight

@@ -12,7 +12,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.errors import UnsupportedModelError
 from engine.layers.activation import SiluAndMul
-from engine.layers.linear import MergedLinear
+from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, rope_settings
 from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(hf_config.hidden_size, {"q": q_size, "k": kv_size,
                                                              "v": kv_size}, options.qkv_bias)
-        self.o_proj = nn.Linear(q_size, hf_config.hidden_size, bias=options.o_proj_bias)
+        self.o_proj = Linear(q_size, hf_config.hidden_size, bias=options.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
 
@@ -84,7 +84,7 @@ class LlamaMLP(nn.Module):
         hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
         self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, options.mlp_bias)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(inter, hidden, bias=options.mlp_bias)
+        self.down_proj = Linear(inter, hidden, bias=options.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -139,7 +139,7 @@ class LlamaForCausalLM(CausalLM):
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.model = LlamaModel(hf_config, self.decoder_options(hf_config), attn_backend)
         self.lm_head = (None if self.tie_word_embeddings else
-                        nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False))
+                        Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False))
 
     @classmethod
     def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
@@ -156,6 +156,9 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, metadata)
+
+    def output_head(self) -> Linear | None:
+        return self.lm_head
 
     def output_embedding(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
