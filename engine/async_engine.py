@@ -241,6 +241,7 @@ class AsyncEngine:
         self._is_idle = True  # waiting for work is not a stall
         self._wakeup.wait(IDLE_WAIT_S)
         self._wakeup.clear()
+        self.last_step_time = time.monotonic()  # before leaving idle: never read stale
         self._is_idle = False
 
     def _apply_commands(self) -> None:
