@@ -129,3 +129,20 @@ def test_checkpoint_code_is_not_run_without_trust_remote_code(tiny_llama_dir: Pa
     with pytest.raises(Exception, match="(?i)trust_remote_code|evil|not recogni"):
         load_model(str(model_dir), dtype="float32", device="cpu")
     assert not marker.exists()
+
+
+def test_reliability_and_trust_flags_reach_the_settings() -> None:
+    from server.cli import build_parser
+
+    args = vars(build_parser().parse_args([
+        "serve", "m", "--request-timeout", "12.5", "--shutdown-timeout", "3",
+        "--engine-stall-timeout", "9", "--strict-max-model-len", "--allow-pickle",
+        "--trust-remote-code"]))
+    args.pop("command")
+    settings = load_settings(args, None, {})
+    assert settings.request_timeout == 12.5 and settings.shutdown_timeout == 3.0
+    assert settings.engine_stall_timeout == 9.0 and settings.strict_max_model_len
+    assert settings.allow_pickle and settings.trust_remote_code
+    defaults = Settings()
+    assert defaults.request_timeout is None and defaults.shutdown_timeout == 30.0
+    assert not defaults.strict_max_model_len
