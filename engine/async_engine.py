@@ -227,8 +227,8 @@ class AsyncEngine:
                     self._wait_idle()
                     continue
                 outputs = self.engine.step()
+                self._deliver(outputs)  # clients first; the metrics can wait a moment
                 self.metrics.record_step(self.engine.stats, outputs)
-                self._deliver(outputs)
         except BaseException as error:  # the loop is dead: tell every waiting client now
             logger.exception("engine loop died")
             self.dead_error = error
@@ -237,7 +237,7 @@ class AsyncEngine:
             self._fail_all(EngineDeadError(f"the engine loop died: {error!r}"))
 
     def _wait_idle(self) -> None:
-        self.metrics.set_load(0, 0, self.kv_cache_usage)
+        self.metrics.record_idle(self.kv_cache_usage)
         self._is_idle = True  # waiting for work is not a stall
         self._wakeup.wait(IDLE_WAIT_S)
         self._wakeup.clear()
@@ -258,8 +258,8 @@ class AsyncEngine:
                 outputs = self.engine.abort_request(command.request_id)
             else:
                 outputs = self.engine.fail_request(command.request_id, command.message)
-            self.metrics.record_finished(outputs)
             self._deliver(outputs)
+            self.metrics.record_finished(outputs)
 
     def _add(self, prepared: PreparedRequest) -> None:
         try:
