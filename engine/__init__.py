@@ -27,6 +27,7 @@ _EXPORTS = {
     "InvalidRequestError": "engine.errors",
     "QueueFullError": "engine.errors",
     "RequestFailedError": "engine.errors",
+    "RequestTimeoutError": "engine.errors",
     "UnsupportedModelError": "engine.errors",
 }
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         InvalidRequestError,
         QueueFullError,
         RequestFailedError,
+        RequestTimeoutError,
         UnsupportedModelError,
     )
     from engine.llm import LLM

@@ -15,7 +15,12 @@ from pathlib import Path
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from engine.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTimeoutError,
+)
 from engine.llm_engine import LLMEngine, PreparedRequest
 from engine.metrics import MetricsLogger, engine_config_info
 from engine.outputs import RequestOutput
@@ -137,7 +142,7 @@ class AsyncEngine:
                        deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the request finishes. Invalid input raises before
         the first output; leaving the loop early aborts the request in the engine. Past
-        `deadline` (time.monotonic()) the request fails and the iterator raises TimeoutError."""
+        `deadline` (time.monotonic()) the request fails with RequestTimeoutError."""
         prepared = self._admit(request_id, prompt_token_ids, params, arrival_time)
         await self.start()
         assert self._loop is not None
@@ -180,7 +185,7 @@ class AsyncEngine:
         return len(request_ids)
 
     def _time_out(self, request_id: str) -> None:
-        self.fail(request_id, TimeoutError(f"request {request_id} passed its deadline"))
+        self.fail(request_id, RequestTimeoutError(f"request {request_id} passed its deadline"))
 
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                arrival_time: float | None) -> PreparedRequest:

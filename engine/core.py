@@ -118,26 +118,8 @@ class EngineCore:
             return self.runner.execute(requests, plan.num_scheduled_tokens, block_ids)
         except Exception as exc:
             logger.exception("step failed for a batch of %d requests", len(requests))
-            self._forget_unwritten_blocks(requests)
+            self.kv_cache_manager.uncache_unwritten_blocks(requests)
             raise BatchFailedError([r.request_id for r in requests], exc) from exc
-
-    def _forget_unwritten_blocks(self, requests: list[Request]) -> None:
-        """Drop the prefix-cache hashes of blocks only the failed batch holds. Blocks are hashed
-        when allocated, before the forward pass writes them, so after a failed pass their
-        contents may be garbage; a later request must not hit them. Blocks also held by a
-        request outside the batch were written in an earlier step and stay cached."""
-        pool = self.kv_cache_manager.pool
-        holders: dict[int, int] = {}
-        for request in requests:
-            for block_id in self.kv_cache_manager.get_block_ids(request.request_id):
-                holders[block_id] = holders.get(block_id, 0) + 1
-        for block_id, num_holders in holders.items():
-            block = pool.blocks[block_id]
-            if block.block_hash is not None and block.ref_count <= num_holders:
-                # what BlockPool._evict does; belongs in KVCacheManager (asked for)
-                if pool.cached_blocks.get(block.block_hash) is block:
-                    del pool.cached_blocks[block.block_hash]
-                block.block_hash = None
 
     @staticmethod
     def _outputs(requests: list[Request], sampled: dict[str, int],

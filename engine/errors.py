@@ -48,3 +48,7 @@ class EngineDeadError(EngineError):
 
 class RequestFailedError(EngineError):
     """Processing one request raised; that request is finished with an error, others go on."""
+
+
+class RequestTimeoutError(RequestFailedError, TimeoutError):
+    """A request passed its deadline; it is finished and its blocks are freed."""

@@ -171,6 +171,10 @@ class BlockPool:
         self.cached_blocks.clear()
         return True
 
+    def uncache(self, block: KVBlock) -> None:
+        """Forget a block's hash, so no later request can hit it; it stays where it is."""
+        self._evict(block)
+
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is None:
             return

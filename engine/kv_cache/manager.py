@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from engine.errors import InvalidRequestError
 from engine.kv_cache.block_pool import BlockPool, KVBlock
@@ -117,6 +118,20 @@ class KVCacheManager:
         # reversed: a sequence's tail blocks reach the queue head first and are evicted
         # first, since a cached suffix is useless once the prefix before it is gone
         self.pool.free_blocks(reversed(blocks))
+
+    def uncache_unwritten_blocks(self, requests: Sequence[Request]) -> None:
+        """Forget the hashes of blocks that only `requests` hold, after their forward pass
+        failed: blocks are hashed when allocated, before the pass writes them, so their
+        contents may be garbage. Blocks shared with other requests were written earlier."""
+        num_holders: dict[int, int] = {}
+        blocks: dict[int, KVBlock] = {}
+        for request in requests:
+            for block in self._req_to_blocks.get(request.request_id, ()):
+                num_holders[block.block_id] = num_holders.get(block.block_id, 0) + 1
+                blocks[block.block_id] = block
+        for block_id, block in blocks.items():
+            if block.ref_count <= num_holders[block_id]:
+                self.pool.uncache(block)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

@@ -420,3 +420,21 @@ def test_usage_and_totals() -> None:
     assert 0 not in manager.get_block_ids("a")  # the null block is never handed out
     manager.free(request)
     assert manager.usage == 0.0
+
+
+def test_uncache_unwritten_blocks_keeps_blocks_written_earlier() -> None:
+    """After a failed forward pass, blocks only the failed requests hold lose their hashes;
+    a block shared with a request outside the batch was written before and stays a hit."""
+    manager = KVCacheManager(num_blocks=16, block_size=4)
+    shared = list(range(8))
+    first = make_request("first", shared + [100])
+    prefill(manager, first)  # blocks of [0..3], [4..7] cached and written
+    second = make_request("second", shared + [20, 21, 22, 23, 24])
+    prefill(manager, second)  # hits both shared blocks, allocates [20..23] (hashed) and a tail
+    manager.uncache_unwritten_blocks([second])
+    third = make_request("third", shared + [20, 21, 22, 23, 25])
+    _, num_cached = manager.get_computed_blocks(third)
+    assert num_cached == 8  # the shared prefix still hits; second's own full block does not
+    manager.free(first)
+    manager.free(second)
+    assert manager.num_free_blocks == manager.num_total_blocks
