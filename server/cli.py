@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from server import __version__
-from server.middleware import RequestIdFilter
+from server.logging_config import configure_logging
 from server.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger("server.cli")
@@ -18,7 +18,6 @@ logger = logging.getLogger("server.cli")
 # SDKs) drops them: otherwise a client can reuse a connection the server is just closing
 KEEP_ALIVE_S = 20
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 # (flag, settings field, argparse options); help and defaults come from the Settings model
 _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
@@ -30,6 +29,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--allowed-origins", "allowed_origins", {"action": "append", "metavar": "ORIGINS"}),
     ("--max-request-body-bytes", "max_request_body_bytes", {"type": int}),
     ("--log-level", "log_level", {"choices": ("debug", "info", "warning", "error", "critical")}),
+    ("--log-format", "log_format", {"choices": ("text", "json")}),
     ("--dtype", "dtype", {"choices": ("auto", "float32", "bfloat16", "float16")}),
     ("--device", "device", {"choices": ("auto", "cpu", "cuda")}),
     ("--max-model-len", "max_model_len", {"type": int}),
@@ -84,15 +84,6 @@ def _help(field_name: str, flag: str = "") -> str:
     return f"{info.description} (default: {shown})"
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     args.pop("command")
@@ -100,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args, config_path)
     except SettingsError as exc:
-        print(f"pagedserve: {exc}", file=sys.stderr)
+        sys.stderr.write(f"pagedserve: {exc}\n")  # before logging exists: a usage error
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     logger.info("settings: model=%s device=%s dtype=%s max_num_seqs=%d kv_cache_memory_gb=%s "
                 "prefix_caching=%s auth=%s", settings.model or "<embedded default>",
                 settings.device, settings.dtype, settings.max_num_seqs,

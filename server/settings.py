@@ -57,6 +57,9 @@ class Settings(BaseModel):
         16 * 1024 * 1024, ge=1, description="largest accepted request body; larger: 413")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="logging level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log line format: text, or one JSON object per line for log "
+        "shippers")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weight and activation dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="device to run on")

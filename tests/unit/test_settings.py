@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +157,19 @@ def test_python_dash_m_server_help() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "--max-num-batched-tokens" in result.stdout and "--no-prefix-caching" in result.stdout
+
+
+def test_log_format_flag_reaches_settings_and_json_lines_parse() -> None:
+    from server.logging_config import build_handler
+
+    args = vars(build_parser().parse_args(["serve", "--log-format", "json"]))
+    args.pop("command")
+    assert load_settings(args, None, environ={}).log_format == "json"
+    assert load_settings({}, None, environ={}).log_format == "text"
+    stream = io.StringIO()
+    log = logging.getLogger("pagedserve.test.json")
+    log.addHandler(build_handler("json", stream))
+    log.propagate = False
+    log.warning("hello %s", "world")
+    entry = json.loads(stream.getvalue())
+    assert entry["message"] == "hello world" and entry["level"] == "WARNING"
