@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -203,8 +205,30 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
 
 
 def greedy_sample(logits: Tensor) -> Tensor:
-    """[num_seqs] int64: each row's most likely token."""
-    return logits.argmax(dim=-1)
+    """[num_seqs] int64: each row's most likely token (the first one on ties, as argmax)."""
+    chunk = _argmax_chunk(logits.shape[1])
+    if chunk is None or logits.device.type != "cpu" or not logits.is_contiguous():
+        return logits.argmax(dim=-1)
+    return chunked_argmax(logits, chunk)
+
+
+def chunked_argmax(logits: Tensor, chunk: int) -> Tensor:
+    """argmax over the last dim in two levels: CPU argmax is scalar code (~2 ms over 16 rows
+    of a 152k vocabulary) while amax is vectorised, so find each row's first chunk holding the
+    maximum with amax, then argmax within that one chunk only. `chunk` divides vocab_size."""
+    num_seqs, vocab_size = logits.shape
+    blocks = logits.view(num_seqs, vocab_size // chunk, chunk)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)  # [num_seqs]; NaN wins, as in argmax
+    rows = torch.arange(num_seqs, device=logits.device)
+    return best_block * chunk + blocks[rows, best_block].argmax(dim=-1)
+
+
+@functools.cache
+def _argmax_chunk(vocab_size: int) -> int | None:
+    """The divisor of vocab_size nearest its square root, if one of >= 64 leaves >= 8 chunks."""
+    root = math.isqrt(vocab_size)
+    sizes = [d for d in range(64, vocab_size // 8 + 1) if vocab_size % d == 0]
+    return min(sizes, key=lambda d: abs(d - root)) if sizes else None
 
 
 def random_sample(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:

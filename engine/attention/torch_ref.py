@@ -47,8 +47,14 @@ class DecodePlan:
     num_kv_heads: int
     rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
     cache_rows: torch.Tensor  # [num_decode * num_kv_heads * max_len] rows of cache.view(-1, dim)
-    padding: torch.Tensor | None  # [num_decode, 1, 1, max_len] float: -inf past each seq_len
+    padding: torch.Tensor  # [num_decode, 1, 1, max_len] float: -inf past each seq_len
     max_len: int
+
+
+# decode contexts are padded to a multiple of this many positions: oneDNN builds a kernel for
+# each new matmul shape (~0.6 ms a shape, twice a layer), so a length growing by one token a
+# step would pay that every step; a bucket pays it once per 32 steps, for <= 31 masked columns
+CONTEXT_BUCKET = 32
 
 
 def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_size: int,
@@ -57,21 +63,19 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
     so one index_select yields K (or V) as [num_decode, num_kv_heads, max_len, head_dim]."""
     device = metadata.block_tables.device
     seq_lens = [metadata.seq_lens_cpu[i] for i in seq_ids]
-    max_len = max(seq_lens)
+    max_len = -(-max(seq_lens) // CONTEXT_BUCKET) * CONTEXT_BUCKET
     is_all = len(seq_ids) == metadata.num_seqs
     ids = None if is_all else torch.tensor(seq_ids, device=device)
     tables = metadata.block_tables if ids is None else metadata.block_tables[ids]
     positions = torch.arange(max_len, device=device)
-    slots = (tables[:, positions // block_size].long() * block_size
-             + positions % block_size)  # [num_decode, max_len]; padding reads block 0
+    # past a table's end (bucket padding) read its last entry: any valid block, masked anyway
+    block_index = (positions // block_size).clamp_(max=tables.shape[1] - 1)
+    slots = tables[:, block_index].long() * block_size + positions % block_size
     heads = torch.arange(num_kv_heads, device=device)
     cache_rows = (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
-    padding = None
-    if min(seq_lens) != max_len:
-        lens = torch.tensor(seq_lens, device=device)
-        padding = torch.zeros(len(seq_ids), 1, 1, max_len, device=device)
-        padding.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :],
-                             float("-inf"))
+    lens = torch.tensor(seq_lens, device=device)
+    padding = torch.zeros(len(seq_ids), 1, 1, max_len, device=device)  # [seqs, 1, 1, max_len]
+    padding.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :], float("-inf"))
     rows = None
     if not is_all:
         starts = [0]
@@ -146,9 +150,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     values = v_cache.view(-1, head_dim).index_select(0, plan.cache_rows).view(shape)
     grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.transpose(2, 3)).float()  # [seqs, kv_heads, group, len]
-    scores.mul_(scale)
-    if plan.padding is not None:
-        scores.add_(plan.padding)
+    scores.mul_(scale).add_(plan.padding)
     probs = scores.softmax(dim=-1).to(query.dtype)
     out = torch.matmul(probs, values)  # [num_seqs, num_kv_heads, group, head_dim]
     return out.view(num_seqs, num_heads, head_dim)
