@@ -8,8 +8,9 @@ Starts pagedserve (--ours-cmd, default `python -m server serve --dtype bfloat16`
 it serves, runs every scenario (CONCURRENCY:NUM_REQUESTS) with bench/serve.py's load generator,
 stops it; then the same for the peer: a command it starts (--peer-cmd, listening on
 --peer-port) or a server already running (--peer-url, RSS from --peer-pid if given). Both get
-identical seeded prompts. Prints one table (time to ready, tokens/s, TTFT and ITL p50, peak
-RSS of the server's process tree over its whole life) and the ratios pagedserve / peer.
+identical seeded prompts. Prints one table (time to ready, tokens/s, TTFT and ITL p50, CPU ms
+per output token, peak RSS of the server's process tree over its whole life) and the ratios.
+CPU per token counts work rather than waiting, so it stays comparable under other load.
 --offline also runs the same prompts through LLM.generate in this process (max_num_seqs =
 the scenario's concurrency): the ratio of served to offline tokens/s is the server overhead.
 Machines shared with other work are noisy: compare ratios from one run, not across runs.
@@ -164,12 +165,14 @@ def bench_offline(args: argparse.Namespace, tokenizer) -> ServerRun:  # noqa: AN
                                                  add_generation_prompt=True, tokenize=True,
                                                  return_dict=False) for t in texts]
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
-        start = time.perf_counter()
+        cpu_start, start = time.process_time(), time.perf_counter()
         outputs = llm.generate(prompts, params)
         duration = time.perf_counter() - start
+        cpu_seconds = time.process_time() - cpu_start
         num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        run.scenarios[f"c{concurrency}"] = {"output_tok_s": num_tokens / duration,
-                                            "duration_s": duration}
+        run.scenarios[f"c{concurrency}"] = {
+            "output_tok_s": num_tokens / duration, "duration_s": duration,
+            "server_cpu_ms_per_output_token": 1e3 * cpu_seconds / num_tokens}
         del llm
     return run
 
@@ -181,7 +184,8 @@ def _fmt(value: object, spec: str) -> str:
 def table(runs: list[ServerRun], scenario_keys: list[str]) -> str:
     header = ["server", "ready s"]
     for key in scenario_keys:
-        header += [f"{key} tok/s", f"{key} TTFT p50 s", f"{key} ITL p50 ms"]
+        header += [f"{key} tok/s", f"{key} TTFT p50 s", f"{key} ITL p50 ms",
+                   f"{key} CPU ms/tok"]
     header.append("peak RSS GB")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for run in runs:
@@ -191,7 +195,8 @@ def table(runs: list[ServerRun], scenario_keys: list[str]) -> str:
             ttft, itl = summary.get("ttft_s"), summary.get("itl_s")
             cells += [_fmt(summary.get("output_tok_s"), ".1f"),
                       _fmt(ttft["p50"] if ttft else None, ".2f"),  # type: ignore[index]
-                      _fmt(itl["p50"] * 1e3 if itl else None, ".1f")]  # type: ignore[index]
+                      _fmt(itl["p50"] * 1e3 if itl else None, ".1f"),  # type: ignore[index]
+                      _fmt(summary.get("server_cpu_ms_per_output_token"), ".1f")]
         cells.append(_fmt(run.peak_rss_gb, ".2f"))
         lines.append(" | ".join(cells))
     return "\n".join(lines)
@@ -205,6 +210,9 @@ def ratios(ours: ServerRun, other: ServerRun, scenario_keys: list[str]) -> dict[
         if not a or not b:
             continue
         result[f"{key} tok/s"] = a["output_tok_s"] / b["output_tok_s"]  # type: ignore[operator]
+        cpu = "server_cpu_ms_per_output_token"
+        if a.get(cpu) and b.get(cpu):
+            result[f"{key} CPU per token (other/ours)"] = b[cpu] / a[cpu]  # type: ignore[operator]
         for metric in ("ttft_s", "itl_s"):
             if metric in a and metric in b:
                 result[f"{key} {metric[:-2]} p50 (other/ours)"] = (

@@ -11,8 +11,10 @@ different, so no prefix cache can skip the prefill. Each request asks for exactl
 --output-tokens tokens (`ignore_eos` and `min_tokens`, the vLLM extensions pagedserve also
 takes), greedy, streamed with usage. Reported: TTFT (request sent -> first content), ITL (gaps
 between content chunks), TPOT ((e2e - TTFT) / (tokens - 1)), e2e latency, each as mean, p50,
-p90, p99; output and total tokens/s over the wall time of the run; and the peak RSS of --pid
-and its child processes (sampled every 50 ms), when given.
+p90, p99; output and total tokens/s over the wall time of the run; and, for --pid and its
+child processes, the peak RSS (sampled every 50 ms) and the CPU time they used: CPU ms per
+output token measures work done, which stays comparable when other load on the machine
+changes the wall-clock figures.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
 import statistics
 import time
@@ -232,6 +235,21 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
+def tree_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds used so far by a process and its live descendants: work done,
+    which unlike wall time does not depend on how busy the rest of the machine is."""
+    if pid is None:
+        return 0.0
+    ticks = 0
+    for member in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -259,11 +277,18 @@ async def run_load(config: LoadConfig, prompts: Sequence[str]) -> dict[str, obje
             config.model = await resolve_model(client)
         sampler = RssSampler(config.pid)
         sampler.start()
-        start = time.perf_counter()
+        cpu_start, start = tree_cpu_seconds(config.pid), time.perf_counter()
         results = await _dispatch(client, config, prompts)
         duration = time.perf_counter() - start
+        cpu_seconds = tree_cpu_seconds(config.pid) - cpu_start
         await sampler.stop()
-    return summarize(config, results, duration, sampler.peak_bytes)
+    summary = summarize(config, results, duration, sampler.peak_bytes)
+    if config.pid is not None:
+        tokens = summary["mean_output_tokens"] * summary["num_ok"]  # type: ignore[operator]
+        summary["server_cpu_s"] = cpu_seconds
+        summary["server_cores_busy"] = cpu_seconds / duration
+        summary["server_cpu_ms_per_output_token"] = 1e3 * cpu_seconds / max(tokens, 1)
+    return summary
 
 
 async def _dispatch(client: httpx.AsyncClient, config: LoadConfig,
@@ -330,7 +355,9 @@ def format_summary(summary: dict[str, object]) -> str:
         values = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stats.items())  # type: ignore[union-attr]
         lines.append(f"{name[:-2]:5s} ms: {values}")
     if summary["peak_rss_gb"] is not None:
-        lines.append(f"peak RSS {summary['peak_rss_gb']:.2f} GB")
+        lines.append(f"peak RSS {summary['peak_rss_gb']:.2f} GB; server CPU "
+                     f"{summary['server_cpu_s']:.1f} s ({summary['server_cores_busy']:.2f} cores "
+                     f"busy, {summary['server_cpu_ms_per_output_token']:.1f} ms per output token)")
     if summary["errors"]:
         lines.append(f"errors: {summary['errors']}")
     return "\n".join(lines)
