@@ -47,7 +47,7 @@ class DecodePlan:
     num_kv_heads: int
     rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
     cache_rows: torch.Tensor  # [num_decode * num_kv_heads * max_len] rows of cache.view(-1, dim)
-    padding: torch.Tensor  # [num_decode, 1, 1, max_len] float: -inf past each seq_len
+    is_padding: torch.Tensor  # [num_decode, 1, 1, max_len] bool: past each seq_len
     max_len: int
 
 
@@ -74,15 +74,15 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
     heads = torch.arange(num_kv_heads, device=device)
     cache_rows = (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
     lens = torch.tensor(seq_lens, device=device)
-    padding = torch.zeros(len(seq_ids), 1, 1, max_len, device=device)  # [seqs, 1, 1, max_len]
-    padding.masked_fill_((positions[None, :] >= lens[:, None])[:, None, None, :], float("-inf"))
+    is_padding = (positions[None, :] >= lens[:, None])[:, None, None, :]  # [seqs, 1, 1, len]
     rows = None
     if not is_all:
         starts = [0]
         for query_len in metadata.query_lens_cpu:
             starts.append(starts[-1] + query_len)
         rows = torch.tensor([starts[i] for i in seq_ids], device=device)
-    return DecodePlan(metadata, block_size, num_kv_heads, rows, cache_rows, padding, max_len)
+    return DecodePlan(metadata, block_size, num_kv_heads, rows, cache_rows, is_padding,
+                      max_len)
 
 
 class TorchAttentionBackend:
@@ -150,7 +150,8 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     values = v_cache.view(-1, head_dim).index_select(0, plan.cache_rows).view(shape)
     grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.transpose(2, 3)).float()  # [seqs, kv_heads, group, len]
-    scores.mul_(scale).add_(plan.padding)
+    # masked_fill, not adding -inf: whatever stale values padding reads (even inf) drop out
+    scores.mul_(scale).masked_fill_(plan.is_padding, float("-inf"))
     probs = scores.softmax(dim=-1).to(query.dtype)
     out = torch.matmul(probs, values)  # [num_seqs, num_kv_heads, group, head_dim]
     return out.view(num_seqs, num_heads, head_dim)

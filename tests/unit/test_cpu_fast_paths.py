@@ -1,0 +1,192 @@
+"""The CPU fast paths against their plain references: chunked greedy argmax vs torch.argmax,
+oneDNN-prepacked linears vs F.linear, a prepacked bf16 model vs the same model unpacked (and
+vs transformers' bf16 greedy tokens), decode attention over stale inf/NaN cache slots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from engine.attention import TorchAttentionBackend
+from engine.attention.base import AttentionMetadata
+from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
+from engine.loader import load_model
+from engine.sampler import _argmax_chunk, chunked_argmax, greedy_sample
+
+CPU = torch.device("cpu")
+needs_prepack = pytest.mark.skipif(not can_prepack(torch.bfloat16, CPU),
+                                   reason="no oneDNN bf16 on this CPU")
+
+
+# ---- greedy argmax ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab_size", [151936, 32000, 1000, 50257])
+@pytest.mark.parametrize("num_seqs", [1, 3, 16])
+def test_chunked_argmax_equals_argmax(vocab_size: int, num_seqs: int) -> None:
+    gen = torch.Generator().manual_seed(vocab_size + num_seqs)
+    logits = torch.randn(num_seqs, vocab_size, generator=gen)
+    logits[0, vocab_size // 3] = logits[0, vocab_size - 1] = 50.0  # a tie: the first wins
+    if num_seqs > 1:
+        logits[1] = float("-inf")  # a fully banned row: index 0, as argmax says
+        logits[1, vocab_size - 1] = 0.0
+    chunk = _argmax_chunk(vocab_size)
+    assert chunk is not None and vocab_size % chunk == 0
+    assert torch.equal(chunked_argmax(logits, chunk), logits.argmax(dim=-1))
+    # bf16-rounded values: many exact ties across chunks
+    rounded = logits.bfloat16().float()
+    assert torch.equal(greedy_sample(rounded), rounded.argmax(dim=-1))
+
+
+def test_greedy_sample_falls_back_for_awkward_shapes() -> None:
+    logits = torch.randn(4, 97)  # prime vocabulary: no chunking
+    assert _argmax_chunk(97) is None
+    assert torch.equal(greedy_sample(logits), logits.argmax(dim=-1))
+    strided = torch.randn(4, 2000)[:, ::2]  # not contiguous
+    assert torch.equal(greedy_sample(strided), strided.argmax(dim=-1))
+
+
+# ---- prepacked linears ------------------------------------------------------------------------
+
+@needs_prepack
+@pytest.mark.parametrize("num_rows", [1, 16, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_prepacked_linear_matches_f_linear(num_rows: int, bias: bool) -> None:
+    torch.manual_seed(num_rows)
+    layer = Linear(96, 200, bias=bias).to(torch.bfloat16)
+    weight = layer.weight.detach().clone()
+    bias_value = None if layer.bias is None else layer.bias.detach().clone()
+    x = torch.randn(num_rows, 96).to(torch.bfloat16)
+    expected = F.linear(x.float(), weight.float(), None if bias_value is None else
+                        bias_value.float())
+    layer.prepack()
+    assert layer.weight.numel() == 0  # the dense copy is freed
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (num_rows, 200)
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+    assert torch.equal(out, F.linear(x, weight, bias_value))  # the same oneDNN kernel
+
+
+@needs_prepack
+def test_packed_tied_head_keeps_the_embedding() -> None:
+    embedding = torch.randn(64, 32).to(torch.bfloat16)
+    head = Linear.packed_from(embedding)
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    assert torch.equal(head(x), F.linear(x, embedding))
+    assert embedding.numel() == 64 * 32  # untouched: lookups still need it
+
+
+@needs_prepack
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+def test_prepacked_bf16_model_matches_unpacked(arch: str, tiny_model_dirs: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bf16 checkpoint with and without prepacking gives the same logits (up to
+    bf16 rounding), through prefill and a decode step."""
+    model_dir = tiny_model_dirs[arch]
+    packed = load_model(str(model_dir), dtype="bfloat16", device="cpu").model
+    monkeypatch.setenv(PREPACK_ENV, "0")
+    plain = load_model(str(model_dir), dtype="bfloat16", device="cpu").model
+    assert any(m.packed_weight is not None for m in packed.modules() if isinstance(m, Linear))
+    assert all(m.packed_weight is None for m in plain.modules() if isinstance(m, Linear))
+    tokens = [5, 17, 99, 3, 250, 41, 7]
+    logits = [_greedy_logits(model, tokens) for model in (packed, plain)]
+    torch.testing.assert_close(logits[0], logits[1], atol=0.1, rtol=0.05)
+
+
+@needs_prepack
+def test_prepacked_bf16_greedy_tokens_match_transformers_bf16(
+        tiny_model_dirs: dict[str, Path]) -> None:
+    from engine import LLM, SamplingParams
+
+    model_dir = tiny_model_dirs["qwen2"]
+    prompt = [11, 200, 37, 401, 9, 64, 128, 3]
+    llm = LLM(str(model_dir), dtype="bfloat16", num_blocks=64)
+    ours = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8,
+                                                 ignore_eos=True))[0].outputs[0].token_ids
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                                  dtype=torch.bfloat16)
+    input_ids = torch.tensor([prompt])
+    expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                  do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == expected
+
+
+@torch.inference_mode()
+def _greedy_logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    """Logits of a prefill of tokens[:-1] then a decode of tokens[-1], in one 4-block cache."""
+    spec_layers = [(torch.zeros(4, 4, *kv), torch.zeros(4, 4, *kv))
+                   for kv in [_kv_shape(model)] * _num_layers(model)]
+    caches = [(k.to(torch.bfloat16), v.to(torch.bfloat16)) for k, v in spec_layers]
+    prefill, last = tokens[:-1], tokens[-1]
+    outs = []
+    for ids, start in ((prefill, 0), ([last], len(prefill))):
+        n = len(ids)
+        seq_len = start + n
+        metadata = AttentionMetadata(
+            slot_mapping=torch.arange(start, seq_len), cu_seqlens_q=torch.tensor(
+                [0, n], dtype=torch.int32), seq_lens=torch.tensor([seq_len], dtype=torch.int32),
+            block_tables=torch.tensor([[0, 1, 2, 3]], dtype=torch.int32), max_seqlen_q=n,
+            max_seqlen_k=seq_len, query_lens_cpu=[n], seq_lens_cpu=[seq_len])
+        hidden = model(torch.tensor(ids), torch.arange(start, seq_len), caches, metadata)
+        outs.append(model.compute_logits(hidden))
+    return torch.cat(outs)
+
+
+def _kv_shape(model: torch.nn.Module) -> tuple[int, int]:
+    from engine.models import kv_cache_spec
+
+    spec = kv_cache_spec(model.hf_config)
+    return spec.num_kv_heads, spec.head_dim
+
+
+def _num_layers(model: torch.nn.Module) -> int:
+    from engine.models import kv_cache_spec
+
+    return kv_cache_spec(model.hf_config).num_layers
+
+
+# ---- decode attention over stale cache contents --------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_padding_ignores_inf_and_nan_in_stale_slots(dtype: torch.dtype) -> None:
+    """Decode contexts are padded to a bucket; the padding reads whatever the cache holds
+    there (here inf/NaN in K), and must not leak into any sequence's output."""
+    num_heads, num_kv_heads, head_dim, block_size = 4, 2, 8, 4
+    gen = torch.Generator().manual_seed(0)
+    shape = (8, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("inf")).to(dtype)
+    k_cache[::2] = float("nan")
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    seq_lens, tables = [5, 3], [[1, 2], [3, 0]]
+    for seq_len, table in zip(seq_lens, tables, strict=True):
+        for pos in range(seq_len - 1):  # the cached prefix; the last token is new
+            block, offset = table[pos // block_size], pos % block_size
+            k_cache[block, offset] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+            v_cache[block, offset] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+    query = torch.randn(2, num_heads, head_dim, generator=gen).to(dtype)
+    key = torch.randn(2, num_kv_heads, head_dim, generator=gen).to(dtype)
+    value = torch.randn(2, num_kv_heads, head_dim, generator=gen).to(dtype)
+    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+             for n, t in zip(seq_lens, tables, strict=True)]
+    metadata = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32), max_seqlen_q=1, max_seqlen_k=5,
+        query_lens_cpu=[1, 1], seq_lens_cpu=seq_lens)
+    out = TorchAttentionBackend().forward(query, key, value, k_cache, v_cache, metadata, 0.3)
+    assert torch.isfinite(out.float()).all()
+    for seq, (seq_len, table) in enumerate(zip(seq_lens, tables, strict=True)):
+        slots_of = [table[p // block_size] * block_size + p % block_size for p in range(seq_len)]
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots_of].double()
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots_of].double()
+        group = num_heads // num_kv_heads
+        scores = torch.einsum("hd,khd->hk", query[seq].double(),
+                              keys.repeat_interleave(group, dim=1)) * 0.3
+        expected = torch.einsum("hk,khd->hd", scores.softmax(-1),
+                                values.repeat_interleave(group, dim=1))
+        tolerance = 1e-5 if dtype == torch.float32 else 0.05
+        assert (out[seq].double() - expected).abs().max().item() < tolerance
