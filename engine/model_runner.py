@@ -11,7 +11,7 @@ import torch
 from engine.attention.base import AttentionMetadata
 from engine.config import CacheConfig
 from engine.errors import EngineError
-from engine.loader import LoadedModel
+from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
@@ -52,10 +52,12 @@ class ModelRunner:
         self.num_blocks = _num_kv_blocks(cache_config, spec.num_layers * 2 * spec.num_kv_heads
                                          * spec.head_dim * self.dtype.itemsize, self.device)
         shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
-        # one K and one V tensor per layer; block 0 is a valid block like any other
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(spec.num_layers)]
+        # one K and one V tensor per layer; block 0 is a valid block like any other. Zeroed
+        # without starting an OpenMP team in this (setup) thread: see single_threaded_setup
+        with single_threaded_setup():
+            self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                               torch.zeros(shape, dtype=self.dtype, device=self.device))
+                              for _ in range(spec.num_layers)]
         self.generators: dict[str, torch.Generator] = {}
 
     @property
@@ -197,5 +199,6 @@ def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.devi
         budget = config.kv_cache_memory_gb * 1024**3
     num_blocks = int(budget // bytes_per_block)
     if num_blocks < 2:  # block 0 is the reserved null block
-        raise EngineError(f"the KV cache budget has no room for one block ({bytes_per_block} bytes)")
+        raise EngineError(
+            f"the KV cache budget has no room for one block ({bytes_per_block} bytes)")
     return num_blocks

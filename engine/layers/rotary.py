@@ -107,13 +107,20 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, each [num_tokens, 1, head_dim // 2], in `dtype`."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, head_dim]
-        cos, sin = cos_sin.to(dtype).unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+        """(cos, cos) and (-sin, sin) for each token, each [num_tokens, 1, head_dim], in
+        `dtype`: the factors `apply_rotary` multiplies x and its swapped halves by. Built once
+        a step for every layer."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+        cos_full = torch.cat((cos, cos), dim=-1).to(dtype)  # [num_tokens, head_dim]
+        sin_signed = torch.cat((-sin, sin), dim=-1).to(dtype)
+        return cos_full.unsqueeze(1), sin_signed.unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style (rotate-half) RoPE on x [num_tokens, num_heads, head_dim], as HF Llama does."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def apply_rotary(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor
+                 ) -> torch.Tensor:
+    """Neox-style (rotate-half) RoPE on x [num_tokens, num_heads, head_dim], as HF Llama does:
+    x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) is the half-swap (x2, x1)
+    times the signs folded into sin_signed. Bit-identical to HF's form, in four ops (no
+    chunk/cat per call), and it takes q and k together as one [num_tokens, heads, dim] view."""
+    swapped = torch.roll(x, shifts=x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return x * cos_full + swapped * sin_signed

@@ -19,7 +19,7 @@ from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
 
 logger = logging.getLogger(__name__)
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: each [num_tokens, 1, head_dim // 2]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin: each [num_tokens, 1, head_dim]
 
 # checkpoint projection name -> (our fused layer, shard id)
 _FUSED_PARTS = {
@@ -57,7 +57,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim_of(hf_config)
         self.scale = self.head_dim**-0.5
         self.attn_backend = attn_backend
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size = q_size = self.num_heads * self.head_dim
+        self.kv_size = kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(hf_config.hidden_size, {"q": q_size, "k": kv_size,
                                                              "v": kv_size}, options.qkv_bias)
         self.o_proj = Linear(q_size, hf_config.hidden_size, bias=options.o_proj_bias)
@@ -67,15 +68,24 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, rope: Rope,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden_states))
-        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv_proj(hidden_states)  # [num_tokens, (num_heads + 2 * kv_heads) * dim]
+        q, k = self._rotated_qk(qkv, rope)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
         out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _rotated_qk(self, qkv: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim] after
+        RoPE (and Qwen3's per-head norms); without the norms q and k rotate as one tensor."""
+        if self.q_norm is None or self.k_norm is None:
+            qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                          self.head_dim)
+            qk = apply_rotary(qk, *rope)
+            return qk[:, :self.num_heads], qk[:, self.num_heads:]
+        q = qkv[:, :self.q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(-1, self.num_kv_heads,
+                                                               self.head_dim)
+        return apply_rotary(self.q_norm(q), *rope), apply_rotary(self.k_norm(k), *rope)
 
 
 class LlamaMLP(nn.Module):
