@@ -1,6 +1,7 @@
 """The CPU fast paths against their plain references: chunked greedy argmax vs torch.argmax,
 oneDNN-prepacked linears vs F.linear, a prepacked bf16 model vs the same model unpacked (and
-vs transformers' bf16 greedy tokens), decode attention over stale inf/NaN cache slots."""
+vs transformers' bf16 greedy tokens), decode attention over stale inf/NaN cache slots, the
+sliced MLP of long prefills, and setup leaving the intra-op thread count alone."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine.attention import TorchAttentionBackend
 from engine.attention.base import AttentionMetadata
 from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
 from engine.loader import load_model
+from engine.models.llama import MLP_CHUNK_TOKENS, DecoderOptions, LlamaMLP
 from engine.sampler import _argmax_chunk, chunked_argmax, greedy_sample
 
 CPU = torch.device("cpu")
@@ -190,3 +192,23 @@ def test_decode_padding_ignores_inf_and_nan_in_stale_slots(dtype: torch.dtype) -
                                 values.repeat_interleave(group, dim=1))
         tolerance = 1e-5 if dtype == torch.float32 else 0.05
         assert (out[seq].double() - expected).abs().max().item() < tolerance
+
+
+# ---- memory-bounding paths ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_tokens", [MLP_CHUNK_TOKENS, MLP_CHUNK_TOKENS + 1, 1100])
+def test_long_prefill_mlp_in_slices_matches_whole(num_tokens: int) -> None:
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, hidden_act="silu")
+    torch.manual_seed(num_tokens)
+    mlp = LlamaMLP(config, DecoderOptions())
+    x = torch.randn(num_tokens, 32)
+    with torch.no_grad():
+        expected = F.linear(F.silu(F.linear(x, mlp.gate_up_proj.weight[:64]))
+                            * F.linear(x, mlp.gate_up_proj.weight[64:]), mlp.down_proj.weight)
+        torch.testing.assert_close(mlp(x), expected)
+
+
+def test_loading_leaves_the_thread_count_as_it_was(tiny_model_dirs: dict[str, Path]) -> None:
+    before = torch.get_num_threads()
+    load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
+    assert torch.get_num_threads() == before
