@@ -43,6 +43,7 @@ class DecodePlan:
     rows attend as decode rows, where their context sits in the cache, and the padding."""
 
     metadata: AttentionMetadata  # the step it was built for (compared by identity)
+    seq_lens: list[int]  # a copy of its seq_lens_cpu: a reused metadata object is a new step
     block_size: int
     num_kv_heads: int
     rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
@@ -81,8 +82,8 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
         for query_len in metadata.query_lens_cpu:
             starts.append(starts[-1] + query_len)
         rows = torch.tensor([starts[i] for i in seq_ids], device=device)
-    return DecodePlan(metadata, block_size, num_kv_heads, rows, cache_rows, is_padding,
-                      max_len)
+    return DecodePlan(metadata, list(metadata.seq_lens_cpu), block_size, num_kv_heads, rows,
+                      cache_rows, is_padding, max_len)
 
 
 class TorchAttentionBackend:
@@ -122,7 +123,8 @@ class TorchAttentionBackend:
         """The step's plan (None: no decode rows), built by the first layer to ask."""
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         plan = self._plan
-        if (plan is not None and plan.metadata is metadata and plan.block_size == block_size
+        if (plan is not None and plan.metadata is metadata
+                and plan.seq_lens == metadata.seq_lens_cpu and plan.block_size == block_size
                 and plan.num_kv_heads == num_kv_heads):
             return plan
         seq_ids = [i for i, query_len in enumerate(metadata.query_lens_cpu) if query_len == 1]

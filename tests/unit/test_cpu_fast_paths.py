@@ -212,3 +212,31 @@ def test_loading_leaves_the_thread_count_as_it_was(tiny_model_dirs: dict[str, Pa
     before = torch.get_num_threads()
     load_model(str(tiny_model_dirs["llama"]), dtype="float32", device="cpu")
     assert torch.get_num_threads() == before
+
+
+def test_decode_plan_is_rebuilt_when_a_metadata_object_is_reused() -> None:
+    """A caller may refill one metadata object in place for the next step (as graph capture
+    does): the cached plan must not outlive the step it was built for."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (6, 4, 2, 8)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.tensor([4, 12]), cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
+        seq_lens=torch.tensor([5, 1], dtype=torch.int32),
+        block_tables=torch.tensor([[0, 1], [3, 0]], dtype=torch.int32), max_seqlen_q=1,
+        max_seqlen_k=5, query_lens_cpu=[1, 1], seq_lens_cpu=[5, 1])
+    reused = TorchAttentionBackend()
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = (torch.randn(2, heads, 8, generator=gen) for heads in (4, 2, 2))
+        ours = reused.forward(q, k, v, k_cache, v_cache, metadata, 0.35)
+        fresh = TorchAttentionBackend().forward(q, k, v, k_cache, v_cache, metadata, 0.35)
+        return ours, fresh
+
+    step()
+    # the next step, written into the same object: both sequences grew by one token
+    metadata.slot_mapping = torch.tensor([5, 13])
+    metadata.seq_lens = torch.tensor([6, 2], dtype=torch.int32)
+    metadata.seq_lens_cpu, metadata.max_seqlen_k = [6, 2], 6
+    ours, fresh = step()
+    torch.testing.assert_close(ours, fresh)
