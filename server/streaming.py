@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.types import Receive
@@ -49,6 +50,9 @@ T = TypeVar("T")
 _END = object()  # marks the end of one prompt's engine stream in the merged queue
 SSE_PING_SECONDS = 15  # keeps idle proxies from closing slow streams
 CLEANUP_TIMEOUT_S = 2.0
+# Characters that str.splitlines() (and so httpx's aiter_lines and many SSE readers built on
+# it) treats as line ends but JSON leaves raw; escaped, a data line stays one line everywhere.
+_LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 class OutputStream:
@@ -204,7 +208,7 @@ class ChatChunker:
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.ctx.response_id, created=self.ctx.created,
                                     model=self.ctx.model, choices=choices, usage=usage)
-        return chunk.model_dump_json()
+        return event_json(chunk)
 
     def start(self, num_choices: int) -> list[str]:
         return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
@@ -240,7 +244,7 @@ class CompletionChunker:
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         chunk = CompletionChunk(id=self.ctx.response_id, created=self.ctx.created,
                                 model=self.ctx.model, choices=choices, usage=usage)
-        return chunk.model_dump_json()
+        return event_json(chunk)
 
     def start(self, num_choices: int) -> list[str]:
         if not self.echo_texts:
@@ -308,8 +312,15 @@ async def sse_events(stream: OutputStream, chunker: Chunker, n: int, num_prompts
     yield "[DONE]"
 
 
+def event_json(payload: BaseModel) -> str:
+    """One SSE data payload: compact JSON on a single line for every line splitter. JSON escapes
+    CR and LF itself; the three other Unicode line breaks only occur inside strings, where the
+    escape decodes to the same text."""
+    return payload.model_dump_json().translate(_LINE_BREAKING)
+
+
 def error_event(error: ApiError) -> str:
-    return ErrorResponse(error=error.to_detail()).model_dump_json()
+    return event_json(ErrorResponse(error=error.to_detail()))
 
 
 def sse_response(events: AsyncIterator[str], stream: OutputStream) -> EventSourceResponse:

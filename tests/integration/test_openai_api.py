@@ -192,6 +192,25 @@ def test_chat_stream_wire_format(server: RunningServer) -> None:
     assert all(p["object"] == "chat.completion.chunk" and "usage" in p for p in payloads)
 
 
+def test_stream_data_lines_survive_unicode_line_breaks(server: RunningServer) -> None:
+    """Text with U+0085, U+2028 and U+2029 (which JSON leaves raw but str.splitlines() and
+    httpx's aiter_lines split on) still arrives as one parseable data line per event."""
+    prompt = "a\x85b\u2028c\u2029d\r\ne\nf"
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "echo": True,
+            "stream": True, "temperature": 0}
+    events: list[str] = []
+    with server.http().stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line:
+                assert line.startswith("data: ") or line.startswith(":"), line
+                events.append(line.removeprefix("data: "))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1] if not event.startswith(":")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text.startswith(prompt)
+
+
 def test_chat_stop_string_excluded(server: RunningServer) -> None:
     client = server.client()
     full = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=24,
