@@ -23,6 +23,10 @@ RUN apt-get update \
 ENV PAGEDSERVE_CONFIG=/app/configs/gpu.yaml
 
 FROM python:3.12-slim-bookworm AS base-cpu
+# a C compiler builds the int8 CPU kernel (--quantization int8) on first use, into the cache
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 ENV PAGEDSERVE_CONFIG=/app/configs/default.yaml
 
 FROM base-${VARIANT} AS runtime

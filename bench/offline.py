@@ -1,6 +1,7 @@
 """Offline throughput: pagedserve's LLM.generate against transformers' generate, same run.
 
     python bench/offline.py [--model DIR] [--num-prompts 32] [--max-tokens 128] [--dtype bfloat16]
+                            [--quantization int8]
 
 Both sides get the same chat prompts and generate exactly --max-tokens tokens each (EOS is
 masked until then). transformers runs one padded batch; pagedserve schedules continuously.
@@ -40,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", default=None, choices=["int8"],
+                        help="pagedserve's weight quantization (transformers stays in --dtype)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-transformers", action="store_true",
                         help="time pagedserve only")
@@ -94,7 +97,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     path = model_dir(args.model)
-    llm = LLM(path, dtype=args.dtype)
+    llm = LLM(path, dtype=args.dtype, quantization=args.quantization)
     prompts = chat_prompts(llm.tokenizer, args.num_prompts)
     time_pagedserve(llm, prompts[:2], 4)  # warm-up
     results: dict[str, float] = {}
@@ -117,7 +120,8 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, results: dict[str, float]) -> None:
-    print(f"{args.num_prompts} prompts x {args.max_tokens} tokens, {args.dtype}, "
+    quantized = f", pagedserve weights {args.quantization}" if args.quantization else ""
+    print(f"{args.num_prompts} prompts x {args.max_tokens} tokens, {args.dtype}{quantized}, "
           f"{args.threads} threads")
     for name, value in results.items():
         print(f"  {name:28s} {value:10.2f}")

@@ -8,6 +8,7 @@ from engine.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("int8",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +20,7 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    quantization: str | None = None  # "int8": weight-only int8 matmuls on CPU
     max_model_len: int | None = None
     seed: int = 0
     allow_pickle: bool = False
@@ -27,6 +29,10 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.quantization is None or self.quantization in QUANTIZATIONS,
+               f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
+        _check(self.quantization is None or self.device != "cuda",
+               f"quantization {self.quantization!r} runs on CPU only")
         _check(self.max_model_len is None or self.max_model_len >= 1,
                f"max_model_len must be >= 1, got {self.max_model_len}")
         return self

@@ -206,7 +206,8 @@ def _load(config: EngineConfig) -> LoadedModel:
     return load_model(model, dtype=config.model.dtype, device=config.model.device,
                       allow_pickle=config.model.allow_pickle,
                       trust_remote_code=config.model.trust_remote_code,
-                      tokenizer=config.model.tokenizer)
+                      tokenizer=config.model.tokenizer,
+                      quantization=config.model.quantization)
 
 
 def _model_max_len(loaded: LoadedModel, requested: int | None) -> int:

@@ -22,7 +22,8 @@ from torch import nn
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionBackend
 from engine.errors import InvalidRequestError, UnsupportedModelError
-from engine.layers.linear import can_prepack
+from engine.kernels import w8a8
+from engine.layers.linear import Linear, can_prepack
 from engine.models import CausalLM, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -114,12 +115,13 @@ def single_threaded_setup() -> Iterator[None]:
 
 def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pickle: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
-               attn_backend: AttentionBackend | None = None) -> LoadedModel:
+               attn_backend: AttentionBackend | None = None,
+               quantization: str | None = None) -> LoadedModel:
     """Load `model` (a directory with config.json, a .gguf file or a hub id) with our own
     decoder implementation, weights streamed straight into their final dtype and device."""
     with single_threaded_setup():
         loaded = _load_model(model, dtype, device, allow_pickle, trust_remote_code, tokenizer,
-                             attn_backend)
+                             attn_backend, quantization)
     release_free_heap()
     return loaded
 
@@ -136,11 +138,14 @@ def release_free_heap() -> None:
 
 def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
                 trust_remote_code: bool, tokenizer: str | None,
-                attn_backend: AttentionBackend | None) -> LoadedModel:
+                attn_backend: AttentionBackend | None, quantization: str | None) -> LoadedModel:
     model_dir = resolve_model_dir(model)
     hf_config = _load_config(model_dir, trust_remote_code)
     model_cls = get_model_class(hf_config)
     torch_device = resolve_device(device)
+    if quantization is not None and torch_device.type != "cpu":
+        raise InvalidRequestError(f"quantization {quantization!r} runs on CPU only, the device is "
+                          f"{torch_device}")
     torch_dtype = resolve_dtype(dtype, hf_config, torch_device)
     logger.info("config: %s from %s, dtype %s, device %s", model_cls.__name__, model_dir,
                 str(torch_dtype).removeprefix("torch."), torch_device)
@@ -152,18 +157,34 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     module.load_weights(weights)
     module.eval()
     num_params = sum(param.numel() for param in module.parameters())
-    prepacked = can_prepack(torch_dtype, torch_device)
-    if prepacked:
-        module.prepack_weights()  # after counting: prepacking empties the dense weights
-    logger.info("weights loaded in %.2f s: %d params (%.2f GB)%s", time.perf_counter() - started,
-                num_params, num_params * torch_dtype.itemsize / 1e9,
-                ", matmul weights prepacked for oneDNN" if prepacked else "")
+    logger.info("weights loaded in %.2f s: %d params (%.2f GB)", time.perf_counter() - started,
+                num_params, num_params * torch_dtype.itemsize / 1e9)
+    # after counting: both empty the dense weights they replace
+    if quantization == "int8":
+        _quantize_int8(module)
+    if can_prepack(torch_dtype, torch_device):
+        packed = module.prepack_weights()
+        if packed:
+            logger.info("%d matmul weights prepacked for oneDNN", packed)
     return LoadedModel(
         model=module, hf_config=hf_config,
         tokenizer=_load_tokenizer(tokenizer or str(model_dir), trust_remote_code),
         generation_config=_load_generation_config(model_dir), model_dir=model_dir,
         dtype=torch_dtype, device=torch_device,
     )
+
+
+def _quantize_int8(module: CausalLM) -> None:
+    started = time.perf_counter()
+    quantized, kept = module.quantize_weights_int8()
+    int8_bytes = sum(m.int8_weight.data.numel() for m in module.modules()
+                     if isinstance(m, Linear) and m.int8_weight is not None)
+    native = w8a8.native_library() is not None
+    logger.info("int8: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s", quantized,
+                time.perf_counter() - started, int8_bytes / 1e9,
+                f", {kept} kept in the model dtype (in_features not a multiple of "
+                f"{w8a8.BLOCK})" if kept else "",
+                "native VNNI kernel" if native else "torch fallback kernel (slow)")
 
 
 def build_empty_model(model_cls: type[CausalLM], hf_config: transformers.PretrainedConfig,

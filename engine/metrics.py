@@ -313,6 +313,7 @@ def engine_config_info(engine: LLMEngine) -> dict[str, str]:
         "model": config.model.model or "<embedded default>",
         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
         "device": str(engine.loaded.device),
+        "quantization": config.model.quantization or "none",
         "block_size": str(config.cache.block_size),
         "num_blocks": str(engine.core.kv_cache_manager.num_total_blocks),
         "max_model_len": str(engine.max_model_len),

@@ -32,6 +32,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--log-format", "log_format", {"choices": ("text", "json")}),
     ("--dtype", "dtype", {"choices": ("auto", "float32", "bfloat16", "float16")}),
     ("--device", "device", {"choices": ("auto", "cpu", "cuda")}),
+    ("--quantization", "quantization", {"choices": ("int8",)}),
     ("--max-model-len", "max_model_len", {"type": int}),
     ("--max-num-seqs", "max_num_seqs", {"type": int}),
     ("--max-num-batched-tokens", "max_num_batched_tokens", {"type": int}),

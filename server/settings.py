@@ -25,6 +25,7 @@ ENGINE_FIELDS = (
     "dtype", "device", "max_model_len", "block_size", "kv_cache_memory_gb",
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
+    "quantization",
 )
 
 
@@ -63,6 +64,11 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weight and activation dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="device to run on")
+    quantization: Literal["int8"] | None = Field(
+        None, description="int8: weight-only int8 matmuls on CPU (AVX-512 VNNI kernel, "
+        "activations quantized per 64 values): half the weight bytes per token, so faster "
+        "decode and less memory, at a small cost in fidelity (default: none, the dtype's "
+        "weights)")
     max_model_len: int | None = Field(
         None, ge=1, description="context length limit (default: the model's)")
     block_size: int = Field(16, description="tokens per KV cache block")

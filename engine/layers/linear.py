@@ -1,5 +1,6 @@
 """Linear layers, including the fused projections (qkv, gate_up) that checkpoints store split,
-and their CPU fast path: weights prepacked once into oneDNN's blocked layout."""
+and their CPU fast paths: weights prepacked once into oneDNN's blocked layout, or quantized to
+int8 (`--quantization int8`) for the native kernel in engine/kernels/w8a8.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.kernels import w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +32,24 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can trade its dense weight for a oneDNN-prepacked copy (inference only).
-    After `prepack`, `weight` is an empty placeholder: the packed tensor holds the values."""
+    """nn.Linear that can trade its dense weight for a oneDNN-prepacked copy or an int8 one
+    (inference only). After either, `weight` is an empty placeholder."""
 
     packed_weight: torch.Tensor | None = None
+    int8_weight: w8a8.QuantizedWeight | None = None
+    int8_bias: torch.Tensor | None = None  # float32, as the int8 kernel adds it
+
+    def quantize_int8(self) -> bool:
+        """Replace the weight by its int8 form; False (nothing changed) where the kernel's
+        block size does not divide in_features."""
+        if self.int8_weight is not None:
+            return True
+        if self.packed_weight is not None or not w8a8.can_quantize(self.in_features):
+            return False
+        self.int8_weight = w8a8.quantize_weight(self.weight.detach())
+        self.int8_bias = None if self.bias is None else self.bias.detach().float()
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        return True
 
     def prepack(self) -> None:
         if self.packed_weight is not None:
@@ -42,6 +59,8 @@ class Linear(nn.Linear):
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_weight is not None:
+            return w8a8.linear(x, self.int8_weight, self.int8_bias)
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],
@@ -57,16 +76,38 @@ class Linear(nn.Linear):
         layer.prepack()
         return layer
 
+    @classmethod
+    def int8_from(cls, weight: torch.Tensor) -> Linear | None:
+        """A bias-free int8 layer computing x @ weight.T (a tied LM head), or None where the
+        kernel cannot take its shape."""
+        if not w8a8.can_quantize(weight.shape[1]):
+            return None
+        layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta",
+                    dtype=weight.dtype)
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        layer.quantize_int8()
+        return layer
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", prepacked" if self.packed_weight is not None else "")
+        form = (", int8" if self.int8_weight is not None
+                else ", prepacked" if self.packed_weight is not None else "")
+        return super().extra_repr() + form
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Prepack every Linear of `model`; returns how many."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    """Prepack every Linear of `model` not already int8; returns how many."""
+    layers = [m for m in model.modules()
+              if isinstance(m, Linear) and m.int8_weight is None]
     for layer in layers:
         layer.prepack()
     return len(layers)
+
+
+def quantize_linears(model: nn.Module) -> tuple[int, int]:
+    """Quantize every Linear of `model` the int8 kernel can take: (quantized, left as is)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    quantized = sum(layer.quantize_int8() for layer in layers)
+    return quantized, len(layers) - quantized
 
 
 class MergedLinear(Linear):

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.errors import UnsupportedModelError
-from engine.layers.linear import Linear, MergedLinear, prepack_linears
+from engine.layers.linear import Linear, MergedLinear, prepack_linears, quantize_linears
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -47,7 +47,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.hf_config = hf_config
         self.attn_backend = attn_backend
-        self.tied_output_head: Linear | None = None  # packed copy of a tied LM head (CPU bf16)
+        self.tied_output_head: Linear | None = None  # packed or int8 copy of a tied LM head (CPU)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -75,12 +75,20 @@ class CausalLM(nn.Module):
             return head(hidden_states).float()
         return F.linear(hidden_states, self.output_embedding()).float()
 
-    def prepack_weights(self) -> None:
-        """Move every matmul weight into oneDNN's prepacked layout (CPU bf16 inference). A tied
-        LM head gets a packed copy: the embedding lookup still needs the dense table."""
+    def prepack_weights(self) -> int:
+        """Move every matmul weight not already int8 into oneDNN's prepacked layout (CPU bf16
+        inference). A tied LM head gets a packed copy: the embedding lookup still needs the
+        dense table. Returns how many weights were packed."""
         if self.output_head() is None and self.tied_output_head is None:
             self.tied_output_head = Linear.packed_from(self.output_embedding())
-        prepack_linears(self)
+        return prepack_linears(self)
+
+    def quantize_weights_int8(self) -> tuple[int, int]:
+        """Quantize every matmul weight the int8 kernel can take (CPU); a tied LM head gets an
+        int8 copy. Returns (quantized, left in the model dtype)."""
+        if self.output_head() is None and self.tied_output_head is None:
+            self.tied_output_head = Linear.int8_from(self.output_embedding())
+        return quantize_linears(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters, converting dtype and device

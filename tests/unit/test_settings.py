@@ -107,7 +107,8 @@ def test_config_path_from_env(tmp_path: Path) -> None:
 def test_cli_flags_map_to_settings() -> None:
     flags = _flags("/models/x", "--port", "9", "--no-prefix-caching", "--api-key", "a",
                    "--api-key", "b", "--allowed-origins", "http://x,http://y",
-                   "--max-queue-len", "5", "--dtype", "float32", "--num-blocks", "64")
+                   "--max-queue-len", "5", "--dtype", "float32", "--num-blocks", "64",
+                   "--quantization", "int8")
     settings = load_settings(flags, None, {"PAGEDSERVE_API_KEY": "from-env"})
     assert settings.model == "/models/x" and settings.port == 9
     assert settings.enable_prefix_caching is False
@@ -116,6 +117,7 @@ def test_cli_flags_map_to_settings() -> None:
     assert settings.max_queue_len == 5 and settings.dtype == "float32"
     kwargs = settings.engine_kwargs()
     assert kwargs["num_blocks"] == 64 and kwargs["enable_prefix_caching"] is False
+    assert kwargs["quantization"] == "int8"
     assert set(kwargs) == set(ENGINE_FIELDS)
 
 

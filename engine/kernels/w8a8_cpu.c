@@ -1,0 +1,165 @@
+/* Weight-int8 matmul for x86 CPUs with AVX-512 VNNI: y = x @ W^T (+ bias), bf16 in and out.
+ *
+ * Weights are quantized once at load, per output row (scale_n = max|W[n,:]| / 127) and stored
+ * offset by 128 as unsigned bytes. Activations are quantized on every call, per row and per
+ * block of 64 columns (llama.cpp's Q8_0 idea: a block scale keeps one outlier channel from
+ * flattening the whole row). VNNI's vpdpbusd multiplies unsigned by signed bytes, so with
+ * wu = wq + 128:
+ *   sum_k xq[k] wq[n,k] = sum_k xq[k] wu[n,k] - 128 sum_k xq[k]
+ * and the second term does not depend on n. One more vpdpbusd (128s against xq) gives it per
+ * 32-bit lane; starting each block's accumulation from its negative leaves every block's dot
+ * product exact in int32, so only the float scaling rounds:
+ *
+ *   y[m,n] = w_scale[n] * sum_b x_scale[m,b] * dot_b(wq[n], xq[m]) + bias[n]
+ *
+ * Decode reads each weight byte once per step: half the bytes of bf16, the whole point on a
+ * CPU whose decode speed is its memory bandwidth. Plain C, no torch headers: the engine builds
+ * it with the system compiler in a second and calls it through ctypes. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 64 /* columns per activation scale: one zmm of bytes */
+#define ROWS 4   /* weight rows per register tile */
+#define XROWS 4  /* activation rows per register tile */
+#define XCHUNK 64 /* activation rows per pass over the weights */
+#define PREFETCH_TILES 2 /* how far ahead weight tiles are prefetched */
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* One row of K bf16 activations -> K int8 (round half to even of x / scale) and K/BLOCK
+ * scales (max |x| / 127 over the block). */
+static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *scales) {
+    for (int64_t b = 0; b < K / BLOCK; b++) {
+        const uint16_t *xb = x + b * BLOCK;
+        __m512 v[BLOCK / 16];
+        __m512 amax = _mm512_setzero_ps();
+        for (int i = 0; i < BLOCK / 16; i++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(xb + 16 * i));
+            v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+        }
+        float max_abs = _mm512_reduce_max_ps(amax);
+        float scale = max_abs / 127.0f;
+        __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        for (int i = 0; i < BLOCK / 16; i++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv)); /* nearest even */
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)),
+                                 _mm512_set1_epi32(-127));
+            _mm_storeu_si128((__m128i *)(xq + b * BLOCK + 16 * i), _mm512_cvtepi32_epi8(q));
+        }
+        scales[b] = scale;
+    }
+}
+
+/* A rows x xrows tile of outputs over all K. Constant tile sizes let the compiler keep
+ * every accumulator in a register. */
+static inline __attribute__((always_inline)) void tile(
+    const int8_t *xq, const float *xs, int64_t m0, int xrows,
+    const uint8_t *w, const float *wscale, const float *bias, int64_t n0, int rows,
+    uint16_t *y, int64_t N, int64_t K, const uint8_t *prefetch) {
+    const int64_t nb = K / BLOCK;
+    __m512 acc[ROWS][XROWS];
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < XROWS; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i xv[XROWS], base[XROWS];
+        __m512 sv[XROWS];
+        for (int c = 0; c < XROWS; c++) {
+            if (c >= xrows) break;
+            xv[c] = _mm512_loadu_si512((const void *)(xq + (m0 + c) * K + b * BLOCK));
+            sv[c] = _mm512_set1_ps(xs[(m0 + c) * nb + b]);
+            /* -128 * (sum of each lane's 4 activations): the offset of wu, taken out exactly */
+            base[c] = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), xv[c]));
+        }
+        if (prefetch) /* a later tile's bytes, in step: hardware prefetchers lose track of
+                         ROWS interleaved row streams, and decode then waits on DRAM */
+            for (int r = 0; r < ROWS; r++)
+                _mm_prefetch((const char *)(prefetch + (b * ROWS + r) * BLOCK), _MM_HINT_T1);
+        for (int r = 0; r < ROWS; r++) {
+            if (r >= rows) break;
+            __m512i wv = _mm512_loadu_si512((const void *)(w + (n0 + r) * K + b * BLOCK));
+            for (int c = 0; c < XROWS; c++) {
+                if (c >= xrows) break;
+                __m512i d = _mm512_dpbusd_epi32(base[c], wv, xv[c]);
+                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv[c], acc[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        if (r >= rows) break;
+        const int64_t n = n0 + r;
+        const float add = bias ? bias[n] : 0.0f;
+        for (int c = 0; c < XROWS; c++) {
+            if (c >= xrows) break;
+            y[(m0 + c) * N + n] = f32_to_bf16(wscale[n] * _mm512_reduce_add_ps(acc[r][c]) + add);
+        }
+    }
+}
+
+static void rows_block(const int8_t *xq, const float *xs, int64_t M,
+                       const uint8_t *w, const float *wscale, const float *bias, int64_t n0,
+                       int rows, uint16_t *y, int64_t N, int64_t K) {
+    /* the tile after next (contiguous, PREFETCH_TILES ahead: enough to cover DRAM latency at
+     * decode's pace), prefetched into L2 during the first pass over this one */
+    const uint8_t *next =
+        n0 + (PREFETCH_TILES + 1) * ROWS <= N ? w + (n0 + PREFETCH_TILES * ROWS) * K : NULL;
+    int64_t m0 = 0;
+    if (rows == ROWS) {
+        for (; m0 + XROWS <= M; m0 += XROWS)
+            tile(xq, xs, m0, XROWS, w, wscale, bias, n0, ROWS, y, N, K, m0 == 0 ? next : NULL);
+        for (; m0 < M; m0++)
+            tile(xq, xs, m0, 1, w, wscale, bias, n0, ROWS, y, N, K, m0 == 0 ? next : NULL);
+    } else {
+        for (; m0 < M; m0++)
+            tile(xq, xs, m0, 1, w, wscale, bias, n0, rows, y, N, K, NULL);
+    }
+}
+
+/* x [M, K] bf16, w [N, K] uint8 (wq + 128), wscale [N] f32, bias [N] f32 or NULL,
+ * y [M, N] bf16. K must be a multiple of 64. Returns 0, or -1 when scratch memory ran out. */
+int w8a8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const float *wscale,
+                const float *bias, int64_t N, uint16_t *y, int nthreads) {
+    const int64_t nb = K / BLOCK;
+    int8_t *xq = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *xs = malloc(sizeof(float) * (size_t)(M * nb));
+    if (!xq || !xs) {
+        free(xq);
+        free(xs);
+        return -1;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xs + m * nb);
+    const int64_t tiles = (N + ROWS - 1) / ROWS;
+    /* a chunk of activation rows stays in L2 while every weight tile streams past it once */
+    for (int64_t m0 = 0; m0 < M; m0 += XCHUNK) {
+        const int64_t mc = M - m0 < XCHUNK ? M - m0 : XCHUNK;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t n0 = t * ROWS;
+            const int rows = (int)(N - n0 < ROWS ? N - n0 : ROWS);
+            rows_block(xq + m0 * K, xs + m0 * nb, mc, w, wscale, bias, n0, rows,
+                       y + m0 * N, N, K);
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
+}

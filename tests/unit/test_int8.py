@@ -1,0 +1,185 @@
+"""`--quantization int8`: weight quantization, the native VNNI kernel against the torch
+reference of the same arithmetic (tile remainders, row chunks, bias, zero rows, outliers), the
+reference against exact float matmuls, and whole models: int8 logits close to bf16 ones, greedy
+text from the int8 engine, and the flag reaching the loader from the CLI's settings."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM, SamplingParams
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.kernels import w8a8
+from engine.layers.linear import Linear
+from engine.loader import load_model
+from tests.unit.test_cpu_fast_paths import _greedy_logits
+
+NATIVE = w8a8.native_library()
+needs_native = pytest.mark.skipif(
+    NATIVE is None, reason=f"int8 kernel unavailable here: {w8a8._unsupported_reason()}")
+
+
+def _within_bf16_rounding(out: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Both sides round float32 sums of the same exact block products, taken in a different
+    order, to bf16: at most one bf16 step (2**-7 relative) apart, plus float32 noise near 0."""
+    out, expected = out.float(), expected.float()
+    step = expected.abs() * 2.0**-7 + expected.abs().max() * 1e-5
+    return bool(((out - expected).abs() <= step).all())
+
+
+# ---- quantization ------------------------------------------------------------------------------
+
+def test_weight_quantization_round_trips_within_half_a_step() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(37, 128, generator=gen) * torch.logspace(-3, 1, 37)[:, None]
+    weight[5] = 0.0  # an all-zero row must not divide by zero
+    quantized = w8a8.quantize_weight(weight)
+    assert quantized.data.dtype == torch.uint8 and quantized.scales.dtype == torch.float32
+    assert int(quantized.data.min()) >= 1 and int(quantized.data.max()) <= 255
+    assert torch.equal(quantized.data[5], torch.full((128,), 128, dtype=torch.uint8))
+    error = (quantized.dequantize() - weight).abs()
+    assert bool((error <= quantized.scales[:, None] / 2 * (1 + 1e-5)).all())
+    # the largest magnitude of each row is exactly representable: +-127 steps
+    peaks = (quantized.data.float() - 128).abs().amax(dim=1)
+    assert torch.equal(peaks[peaks > 0], torch.full_like(peaks[peaks > 0], 127))
+
+
+def test_in_features_must_fill_whole_blocks() -> None:
+    assert w8a8.can_quantize(64) and w8a8.can_quantize(896) and not w8a8.can_quantize(96)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        w8a8.quantize_weight(torch.randn(4, 96))
+    layer = Linear(96, 8, bias=False)
+    assert not layer.quantize_int8() and layer.weight.numel() == 96 * 8  # left as it was
+
+
+@pytest.mark.parametrize("num_rows", [1, 7, 64])
+def test_reference_is_close_to_the_float_matmul(num_rows: int) -> None:
+    gen = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(96, 1024, generator=gen) * 0.05
+    x = torch.randn(num_rows, 1024, generator=gen)
+    bias = torch.randn(96, generator=gen)
+    quantized = w8a8.quantize_weight(weight)
+
+    def relative_error(x: torch.Tensor) -> float:
+        expected = F.linear(x, weight, bias)
+        out = w8a8.reference_linear(x, quantized, bias)
+        return float((out - expected).norm() / expected.norm())
+
+    assert relative_error(x) < 0.01
+    # one outlier channel: per-block scales confine the damage to its own block, so the error
+    # stays well under that of one scale for the whole row
+    x[:, 3] = 40.0
+    row_values = torch.round(x / (x.abs().amax(dim=1, keepdim=True) / 127)).clamp(-127, 127)
+    row_scaled = row_values * (x.abs().amax(dim=1, keepdim=True) / 127)
+    row_error = float((F.linear(row_scaled, quantized.dequantize(), bias)
+                       - F.linear(x, weight, bias)).norm() / F.linear(x, weight, bias).norm())
+    assert relative_error(x) < 0.5 * row_error, (relative_error(x), row_error)
+
+
+# ---- the native kernel -------------------------------------------------------------------------
+
+@needs_native
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 16, 63, 64, 65, 130])
+@pytest.mark.parametrize(("out_features", "in_features"), [(8, 64), (13, 192), (130, 896)])
+def test_kernel_matches_reference(num_rows: int, out_features: int, in_features: int) -> None:
+    """Row tiles of 4 and the remainders, activation tiles of 4 and 1, chunks of 64 rows."""
+    gen = torch.Generator().manual_seed(num_rows * 1000 + out_features)
+    weight = w8a8.quantize_weight(torch.randn(out_features, in_features, generator=gen))
+    x = torch.randn(num_rows, in_features, generator=gen).to(torch.bfloat16)
+    for bias in (None, torch.randn(out_features, generator=gen)):
+        out = w8a8.linear(x, weight, bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (num_rows, out_features)
+        assert _within_bf16_rounding(out, w8a8.reference_linear(x.float(), weight, bias))
+
+
+@needs_native
+def test_kernel_edge_rows_and_layouts() -> None:
+    gen = torch.Generator().manual_seed(7)
+    weight = w8a8.quantize_weight(torch.randn(20, 128, generator=gen))
+    bias = torch.randn(20, generator=gen)
+    x = torch.randn(6, 128, generator=gen).to(torch.bfloat16)
+    x[2] = 0.0  # an all-zero activation row gives the bias exactly
+    x[4, 70] = 3e4  # a huge outlier in one block
+    out = w8a8.linear(x, weight, bias)
+    assert torch.equal(out[2], bias.to(torch.bfloat16))
+    assert _within_bf16_rounding(out, w8a8.reference_linear(x.float(), weight, bias))
+    # batched [B, T, K] input and a non-contiguous float32 view give the same rows
+    batched = w8a8.linear(x.view(2, 3, 128), weight, bias)
+    assert torch.equal(batched.view(6, 20), out)
+    strided = torch.cat([x.float(), x.float()], dim=1)[:, :128]
+    assert torch.equal(w8a8.linear(strided, weight, bias).bfloat16(), out)
+
+
+@needs_native
+def test_kernel_builds_into_a_fresh_cache(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
+    built = w8a8._build()
+    assert built.parent == tmp_path / "kernels" and built.stat().st_size > 0
+    assert w8a8._build() == built  # cached: same file, not rebuilt
+    symbols = subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout
+    assert "w8a8_linear" in symbols
+
+
+def test_turned_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAGEDSERVE_NATIVE_KERNELS", "0")
+    assert "PAGEDSERVE_NATIVE_KERNELS=0" in (w8a8._unsupported_reason() or "")
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
+def test_int8_model_logits_close_to_bf16(arch: str, tiny_model_dirs: dict[str, Path],
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    model_dir = tiny_model_dirs[arch]
+    with caplog.at_level(logging.INFO, logger="engine.loader"):
+        int8 = load_model(str(model_dir), dtype="bfloat16", device="cpu",
+                          quantization="int8").model
+    plain = load_model(str(model_dir), dtype="bfloat16", device="cpu").model
+    linears = [m for m in int8.modules() if isinstance(m, Linear)]
+    assert linears and all(m.int8_weight is not None for m in linears)
+    head = int8.output_head() or int8.tied_output_head
+    assert head is not None and head.int8_weight is not None
+    assert "int8:" in caplog.text
+    tokens = [5, 17, 99, 3, 250, 41, 7]
+    ours, reference = _greedy_logits(int8, tokens).float(), _greedy_logits(plain, tokens).float()
+    cosine = F.cosine_similarity(ours, reference, dim=-1)
+    assert bool((cosine > 0.99).all()), cosine
+
+
+def test_int8_engine_greedy_follows_the_int8_model(tiny_model_dirs: dict[str, Path]) -> None:
+    """Each greedy token of the int8 engine (batched, incremental decode) is the argmax of the
+    same int8 model run over the whole prefix again, up to near-ties: the two paths round
+    bf16 attention differently, so only a token within 2% of the logit range of the top one
+    may stand in for it."""
+    model_dir = tiny_model_dirs["llama"]
+    prompt = [11, 200, 37, 401, 9, 64, 128, 3]
+    llm = LLM(str(model_dir), dtype="bfloat16", quantization="int8", num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate([prompt, prompt[:5]], params)
+    model = load_model(str(model_dir), dtype="bfloat16", device="cpu",
+                       quantization="int8").model
+    exact = 0
+    for output, tokens in zip(outputs, (prompt, prompt[:5]), strict=True):
+        generated = output.outputs[0].token_ids
+        assert len(generated) == 6
+        for i, token in enumerate(generated):
+            logits = _greedy_logits(model, list(tokens) + generated[:i])[-1].float()
+            top, bottom = float(logits.max()), float(logits.min())
+            assert float(logits[token]) >= top - 0.02 * (top - bottom), (i, token)
+            exact += int(logits.argmax()) == token
+    assert exact >= 10  # of 12: near-ties are the exception
+
+
+def test_int8_needs_cpu() -> None:
+    with pytest.raises(InvalidRequestError, match="CPU only"):
+        EngineConfig.from_kwargs("m", quantization="int8", device="cuda")
+    with pytest.raises(InvalidRequestError, match="quantization must be one of"):
+        EngineConfig.from_kwargs("m", quantization="int4")
