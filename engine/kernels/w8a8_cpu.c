@@ -163,3 +163,27 @@ int w8a8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const
     free(xs);
     return 0;
 }
+
+/* W [N, K] back to bf16, (wu - 128) * scale_n: for prefill-sized batches, where a bf16 matmul
+ * over the dequantized weight beats the int8 tiles (compute-bound there, not memory-bound).
+ * Exact: |wq| <= 127 fits bf16's 8 significant bits, and the product rounds once. */
+void w8_dequantize(const uint8_t *w, const float *wscale, int64_t N, int64_t K, uint16_t *out,
+                   int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const __m512 scale = _mm512_set1_ps(wscale[n]);
+        const __m512 offset = _mm512_set1_ps(128.0f);
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m128i bytes = _mm_loadu_si128((const __m128i *)(w + n * K + k));
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+            __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_sub_ps(v, offset), scale));
+            /* round to nearest even (finite values only), as f32_to_bf16 does */
+            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+            _mm256_storeu_si256((__m256i *)(out + n * K + k),
+                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        }
+        for (; k < K; k++) out[n * K + k] = f32_to_bf16(((float)w[n * K + k] - 128.0f) * wscale[n]);
+    }
+}

@@ -19,11 +19,13 @@ from engine.errors import InvalidRequestError
 from engine.kernels import w8a8
 from engine.layers.linear import Linear
 from engine.loader import load_model
+from tests.devices import cpu_only
 from tests.unit.test_cpu_fast_paths import _greedy_logits
 
 NATIVE = w8a8.native_library()
 needs_native = pytest.mark.skipif(
     NATIVE is None, reason=f"int8 kernel unavailable here: {w8a8._unsupported_reason()}")
+pytestmark = cpu_only  # CPU code paths
 
 
 def _within_bf16_rounding(out: torch.Tensor, expected: torch.Tensor) -> bool:
@@ -97,6 +99,25 @@ def test_kernel_matches_reference(num_rows: int, out_features: int, in_features:
         out = w8a8.linear(x, weight, bias)
         assert out.dtype == torch.bfloat16 and out.shape == (num_rows, out_features)
         assert _within_bf16_rounding(out, w8a8.reference_linear(x.float(), weight, bias))
+
+
+@needs_native
+@pytest.mark.parametrize("num_rows", [w8a8.DEQUANTIZE_MIN_ROWS, 300])
+def test_prefill_sized_batches_use_the_dequantized_weight(num_rows: int) -> None:
+    """From DEQUANTIZE_MIN_ROWS rows: a bf16 matmul over the weight dequantized in C, equal to
+    the float reference up to bf16 rounding of the weight and the output."""
+    gen = torch.Generator().manual_seed(num_rows)
+    weight = w8a8.quantize_weight(torch.randn(72, 192, generator=gen))
+    x = torch.randn(num_rows, 192, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(72, generator=gen)
+    out = w8a8.linear(x, weight, bias).float()
+    expected = w8a8.reference_linear(x.float(), weight, bias)
+    assert float((out - expected).norm() / expected.norm()) < 0.005
+    # the dequantized weight itself: the int8 values times the scale, rounded once to bf16
+    dense = torch.empty(72, 192, dtype=torch.bfloat16)
+    NATIVE.w8_dequantize(weight.data.data_ptr(), weight.scales.data_ptr(), 72, 192,
+                         dense.data_ptr(), 1)
+    assert torch.equal(dense, weight.dequantize().to(torch.bfloat16))
 
 
 @needs_native
