@@ -1,8 +1,8 @@
 """Side-by-side serving benchmark: pagedserve and a peer server under the same load, one run.
 
     python bench/compare.py [--peer-cmd "CMD" --peer-port 8100 | --peer-url URL]
-        [--scenarios 1:4,16:32] [--prompt-tokens 230] [--output-tokens 128]
-        [--offline] [--json OUT]
+        [--ours-variant int8='--quantization int8'] [--scenarios 1:4,16:32]
+        [--prompt-tokens 230] [--output-tokens 128] [--offline] [--json OUT]
 
 Starts pagedserve (--ours-cmd, default `python -m server serve --dtype bfloat16`), waits until
 it serves, runs every scenario (CONCURRENCY:NUM_REQUESTS) with bench/serve.py's load generator,
@@ -227,6 +227,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ours-cmd", default=None,
                         help="command starting pagedserve (default: this Python, "
                         "-m server serve --dtype bfloat16 --port PORT)")
+    parser.add_argument("--ours-variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="also bench pagedserve started with these extra serve flags, "
+                        "e.g. int8='--quantization int8' (repeatable; same port, in turn)")
     parser.add_argument("--skip-ours", action="store_true", help="bench only the peer")
     parser.add_argument("--peer-cmd", default=None, help="command starting the peer server")
     parser.add_argument("--peer-port", type=int, default=8100, help="the peer command's port")
@@ -265,6 +268,10 @@ def main() -> None:
                                     f"--port {args.port}")
         runs.append(bench_started("pagedserve", command, f"http://127.0.0.1:{args.port}",
                                   args, tokenizer))
+        for variant in args.ours_variant:
+            name, _, flags = variant.partition("=")
+            runs.append(bench_started(f"pagedserve {name}", f"{command} {flags}",
+                                      f"http://127.0.0.1:{args.port}", args, tokenizer))
     if args.peer_cmd:
         runs.append(bench_started(args.peer_name, args.peer_cmd,
                                   f"http://127.0.0.1:{args.peer_port}", args, tokenizer))
@@ -284,11 +291,15 @@ def report(args: argparse.Namespace, runs: list[ServerRun]) -> None:
           f"scenarios {args.scenarios} (streams:requests)\n")
     print(table(runs, keys))
     all_ratios: dict[str, dict[str, float]] = {}
-    if runs and runs[0].name == "pagedserve":
-        for other in runs[1:]:
-            all_ratios[other.name] = ratios(runs[0], other, keys)
-            print(f"\npagedserve vs {other.name} (> 1: pagedserve better):")
-            for name, value in all_ratios[other.name].items():
+    ours = [run for run in runs if run.name.startswith("pagedserve")]
+    for mine in ours:
+        for other in runs:
+            if other in ours and other is not ours[0] or other is mine:
+                continue  # every pagedserve run against the peers; variants against the first
+            label = f"{mine.name} vs {other.name}"
+            all_ratios[label] = ratios(mine, other, keys)
+            print(f"\n{label} (> 1: {mine.name} better):")
+            for name, value in all_ratios[label].items():
                 print(f"  {name:32s} {value:6.2f}")
     if args.json is not None:
         payload = {"runs": [{"name": r.name, "ready_s": r.ready_s, "peak_rss_gb": r.peak_rss_gb,

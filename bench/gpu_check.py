@@ -530,6 +530,10 @@ def bench_decode(synthetic: SyntheticModel, sizes: Sizes, bandwidth: float | Non
         row = time_decode_batch(synthetic, num_seqs, sizes, bandwidth)
         free_device_memory()  # the batch's KV caches and graph pool went with the call
         row["engine_tok_s"] = engine_decode_tok_s(synthetic, num_seqs, sizes)
+        if synthetic.device.type == "cuda":  # the engine's own graphs vs --enforce-eager
+            row["engine_eager_tok_s"] = engine_decode_tok_s(synthetic, num_seqs, sizes,
+                                                            enforce_eager=True)
+            row["engine_graph_speedup"] = row["engine_tok_s"] / row["engine_eager_tok_s"]
         rows.append(row)
     graphs_ok = all(r.get("graph_tokens_equal_eager", True) for r in rows)
     return {"status": "ok" if graphs_ok else "failed", "weight_bytes": synthetic.weight_bytes,
@@ -552,10 +556,12 @@ def synthetic_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast
     return _TOKENIZERS[vocab_size]
 
 
-def engine_decode_tok_s(synthetic: SyntheticModel, num_seqs: int, sizes: Sizes) -> float:
+def engine_decode_tok_s(synthetic: SyntheticModel, num_seqs: int, sizes: Sizes,
+                        enforce_eager: bool = False) -> float:
     """The whole engine (scheduler, runner, sampler, detokenizer) on the same model: decode
-    tokens per second once every request has finished its prefill."""
-    engine = _synthetic_engine(synthetic, num_seqs, sizes)
+    tokens per second once every request has finished its prefill. On CUDA the engine
+    replays its captured decode graphs unless enforce_eager."""
+    engine = _synthetic_engine(synthetic, num_seqs, sizes, enforce_eager)
     params = SamplingParams(temperature=0.0, max_tokens=sizes.engine_steps + 64, ignore_eos=True)
     rng = random.Random(num_seqs)
     vocab = int(synthetic.hf_config.vocab_size)
@@ -576,7 +582,8 @@ def engine_decode_tok_s(synthetic: SyntheticModel, num_seqs: int, sizes: Sizes) 
     return num_seqs * sizes.engine_steps / elapsed
 
 
-def _synthetic_engine(synthetic: SyntheticModel, num_seqs: int, sizes: Sizes) -> LLMEngine:
+def _synthetic_engine(synthetic: SyntheticModel, num_seqs: int, sizes: Sizes,
+                      enforce_eager: bool = False) -> LLMEngine:
     loaded = LoadedModel(model=synthetic.model, hf_config=synthetic.hf_config,
                          tokenizer=synthetic_tokenizer(int(synthetic.hf_config.vocab_size)),
                          generation_config=None, model_dir=Path("synthetic"),
@@ -586,7 +593,7 @@ def _synthetic_engine(synthetic: SyntheticModel, num_seqs: int, sizes: Sizes) ->
         "synthetic", dtype=str(synthetic.dtype).removeprefix("torch."),
         device=synthetic.device.type, block_size=16,
         num_blocks=num_seqs * -(-tokens_per_seq // 16) + 16, max_num_seqs=num_seqs,
-        max_num_batched_tokens=max(8192, num_seqs))
+        max_num_batched_tokens=max(8192, num_seqs), enforce_eager=enforce_eager)
     return LLMEngine(config, loaded=loaded)
 
 

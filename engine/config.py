@@ -9,6 +9,9 @@ from engine.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("int8",)
+# "auto": Triton kernels on CUDA when Triton imports, else the torch reference; "torch":
+# always the reference; "triton": the kernels or an error (on CPU only under TRITON_INTERPRET=1)
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,8 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"
     quantization: str | None = None  # "int8": weight-only int8 matmuls on CPU
+    attention_backend: str | None = None  # None: $PAGEDSERVE_ATTENTION_BACKEND, else "auto"
+    enforce_eager: bool = False  # CUDA: no decode graphs
     max_model_len: int | None = None
     seed: int = 0
     allow_pickle: bool = False
@@ -33,6 +38,9 @@ class ModelConfig:
                f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         _check(self.quantization is None or self.device != "cuda",
                f"quantization {self.quantization!r} runs on CPU only")
+        _check(self.attention_backend is None or self.attention_backend in ATTENTION_BACKENDS,
+               f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
+               f"{self.attention_backend!r}")
         _check(self.max_model_len is None or self.max_model_len >= 1,
                f"max_model_len must be >= 1, got {self.max_model_len}")
         return self

@@ -72,7 +72,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(loaded, config.cache)
+        self.runner = ModelRunner(loaded, config, max_model_len)
         self.kv_cache_manager = KVCacheManager(
             num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching)

@@ -207,6 +207,7 @@ def _load(config: EngineConfig) -> LoadedModel:
                       allow_pickle=config.model.allow_pickle,
                       trust_remote_code=config.model.trust_remote_code,
                       tokenizer=config.model.tokenizer,
+                      attn_backend=config.model.attention_backend,
                       quantization=config.model.quantization)
 
 

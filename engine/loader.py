@@ -115,7 +115,7 @@ def single_threaded_setup() -> Iterator[None]:
 
 def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pickle: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
-               attn_backend: AttentionBackend | None = None,
+               attn_backend: AttentionBackend | str | None = None,
                quantization: str | None = None) -> LoadedModel:
     """Load `model` (a directory with config.json, a .gguf file or a hub id) with our own
     decoder implementation, weights streamed straight into their final dtype and device."""
@@ -138,7 +138,8 @@ def release_free_heap() -> None:
 
 def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
                 trust_remote_code: bool, tokenizer: str | None,
-                attn_backend: AttentionBackend | None, quantization: str | None) -> LoadedModel:
+                attn_backend: AttentionBackend | str | None,
+                quantization: str | None) -> LoadedModel:
     model_dir = resolve_model_dir(model)
     hf_config = _load_config(model_dir, trust_remote_code)
     model_cls = get_model_class(hf_config)
@@ -152,7 +153,9 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     # checked before anything is built, so a missing-weights error costs nothing
     weights = _checkpoint_weights(model_dir, allow_pickle, torch_dtype)
     started = time.perf_counter()
-    backend = attn_backend or get_attention_backend(torch_device)
+    # a backend object (tests), or a name from ATTENTION_BACKENDS (None: env, else "auto")
+    backend = (attn_backend if attn_backend is not None and not isinstance(attn_backend, str)
+               else get_attention_backend(torch_device, attn_backend))
     module = build_empty_model(model_cls, hf_config, backend, torch_dtype, torch_device)
     module.load_weights(weights)
     module.eval()

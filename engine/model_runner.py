@@ -9,12 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.base import AttentionMetadata
-from engine.config import CacheConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
+from engine.models.base import KVCaches
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
+from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +45,105 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, cache_config: CacheConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
+        cache_config = config.cache
         self.model = loaded.model
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.vocab_size = int(loaded.hf_config.vocab_size)
         self.block_size = cache_config.block_size
         spec = kv_cache_spec(loaded.hf_config)
-        self.num_blocks = _num_kv_blocks(cache_config, spec.num_layers * 2 * spec.num_kv_heads
-                                         * spec.head_dim * self.dtype.itemsize, self.device)
-        shape = (self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_shape = (self.block_size, spec.num_kv_heads, spec.head_dim)  # per block
+        self.num_layers = spec.num_layers
+        self.generators: dict[str, torch.Generator] = {}
+        bytes_per_token = (spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
+                           * self.dtype.itemsize)
+        activation_peak = 0
+        if self.device.type == "cuda" and cache_config.num_blocks is None:
+            activation_peak = self.profile_activation_peak(config.scheduler, max_model_len)
+        self.num_blocks = _num_kv_blocks(cache_config, bytes_per_token, self.device,
+                                         activation_peak)
+        shape = (self.num_blocks, *self.kv_shape)
         # one K and one V tensor per layer; block 0 is a valid block like any other. Zeroed
         # without starting an OpenMP team in this (setup) thread: see single_threaded_setup
         with single_threaded_setup():
             self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                                torch.zeros(shape, dtype=self.dtype, device=self.device))
                               for _ in range(spec.num_layers)]
-        self.generators: dict[str, torch.Generator] = {}
+        self.decode_graphs: DecodeGraphs | None = None
+        if (self.device.type == "cuda" and not config.model.enforce_eager
+                and self._graphs_supported(spec.head_dim)):
+            context = min(max_model_len, self.num_blocks * self.block_size)
+            self.decode_graphs = self.new_decode_graphs(config.scheduler.max_num_seqs, context)
+            self.decode_graphs.capture()
+
+    def _graphs_supported(self, head_dim: int) -> bool:
+        covers = getattr(self.model.attn_backend, "covers", None)
+        if covers is not None and covers(self.dtype, head_dim):
+            return True
+        logger.warning("decode runs eagerly: the %s attention backend cannot be captured in "
+                       "CUDA graphs for dtype %s, head_dim %d",
+                       type(self.model.attn_backend).__name__, self.dtype, head_dim)
+        return False
+
+    def new_decode_graphs(self, max_num_seqs: int, max_model_len: int,
+                          capture: bool = True) -> DecodeGraphs:
+        """Decode graphs over this runner's model and KV cache (uncaptured: eager on padded
+        static inputs, as the CPU tests use them)."""
+        max_blocks = -(-max_model_len // self.block_size)
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor,
+                    metadata: AttentionMetadata) -> torch.Tensor:
+            return self.model(input_ids, positions, self.kv_caches, metadata)
+
+        return DecodeGraphs(forward, max_num_seqs, max_blocks, max_model_len, self.device,
+                            capture=capture)
+
+    # ---- KV sizing on a GPU ---------------------------------------------------------------
+
+    def profile_activation_peak(self, scheduler: SchedulerConfig, max_model_len: int) -> int:
+        """Bytes the largest step the scheduler can plan allocates on top of the weights
+        (CUDA): measured by running it on a scratch one-block cache."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.dummy_step(min(scheduler.max_num_batched_tokens, max_model_len),
+                        scheduler.max_num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return peak
+
+    @torch.inference_mode()
+    def dummy_step(self, num_tokens: int, max_num_seqs: int) -> torch.Tensor:
+        """The heaviest step shape: one prefill of num_tokens tokens (attention's worst case)
+        whose last min(max_num_seqs, num_tokens) rows go through the LM head and the sampler
+        with top-k, top-p and penalties. Reads and writes one scratch block only."""
+        scratch: KVCaches = [(torch.zeros(1, *self.kv_shape, dtype=self.dtype,
+                                          device=self.device),
+                              torch.zeros(1, *self.kv_shape, dtype=self.dtype,
+                                          device=self.device))
+                             for _ in range(self.num_layers)]
+        num_blocks = -(-num_tokens // self.block_size)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.zeros(num_tokens, dtype=torch.long, device=self.device),
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, num_blocks, dtype=torch.int32, device=self.device),
+            max_seqlen_q=num_tokens, max_seqlen_k=num_tokens, query_lens_cpu=[num_tokens],
+            seq_lens_cpu=[num_tokens])
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        hidden_states = self.model(input_ids, positions, scratch, metadata)
+        num_rows = min(max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden_states[-num_rows:])
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1,
+                                logprobs=5)
+        metadata_rows = SamplingMetadata.build(
+            params=[params] * num_rows, prompt_token_ids=[[0]] * num_rows,
+            output_token_ids=[[0]] * num_rows, generators=[None] * num_rows,
+            banned_token_ids=[[]] * num_rows, vocab_size=self.vocab_size, device=self.device)
+        return sample(logits, metadata_rows).sampled_token_ids
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -72,8 +157,12 @@ class ModelRunner:
         """Run one forward pass over the scheduled tokens and sample where a request caught up.
         Each request's num_computed_tokens already includes this step's tokens."""
         inputs = self._prepare_inputs(requests, num_scheduled_tokens, block_ids)
-        hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
-                                   inputs.metadata)  # [num_tokens, hidden_size]
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.metadata):
+            hidden_states = self.decode_graphs.run(inputs.input_ids, inputs.positions,
+                                                   inputs.metadata)
+        else:
+            hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                                       inputs.metadata)  # [num_tokens, hidden_size]
         if not inputs.sampling_requests:
             return ModelRunnerOutput({}, {})
         # logits only for the positions that sample: the lm_head is the largest matmul
@@ -186,19 +275,31 @@ def _to_runner_output(requests: list[Request], output: SamplerOutput) -> ModelRu
     return ModelRunnerOutput(sampled, logprobs)
 
 
-def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.device) -> int:
+def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.device,
+                   activation_peak: int = 0) -> int:
     """Size the pool: an explicit count wins, else the memory budget for the device."""
     bytes_per_block = bytes_per_token * config.block_size
     if config.num_blocks is not None:
         return config.num_blocks
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        # what is not used yet, less what the utilisation target keeps back
-        budget = free - (1.0 - config.gpu_memory_utilization) * total
+        budget = kv_budget_bytes(total, free, config.gpu_memory_utilization, activation_peak)
+        logger.info("GPU memory: %.2f GiB x utilization %.2f, less %.2f GiB in use (weights, "
+                    "CUDA context, other processes) and a %.2f GiB activation peak: KV cache "
+                    "budget %.2f GiB", total / 1024**3, config.gpu_memory_utilization,
+                    (total - free) / 1024**3, activation_peak / 1024**3,
+                    max(budget, 0) / 1024**3)
     else:
-        budget = config.kv_cache_memory_gb * 1024**3
+        budget = int(config.kv_cache_memory_gb * 1024**3)
     num_blocks = int(budget // bytes_per_block)
     if num_blocks < 2:  # block 0 is the reserved null block
         raise EngineError(
             f"the KV cache budget has no room for one block ({bytes_per_block} bytes)")
     return num_blocks
+
+
+def kv_budget_bytes(total: int, free: int, utilization: float, activation_peak: int) -> int:
+    """What the KV cache may take on a GPU: the utilization target's share of the device,
+    less what is in use already (weights, the CUDA context, other processes: total - free)
+    and less the activation peak of the largest step (profiled)."""
+    return int(total * utilization) - (total - free) - activation_peak

@@ -33,6 +33,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--dtype", "dtype", {"choices": ("auto", "float32", "bfloat16", "float16")}),
     ("--device", "device", {"choices": ("auto", "cpu", "cuda")}),
     ("--quantization", "quantization", {"choices": ("int8",)}),
+    ("--attention-backend", "attention_backend", {"choices": ("auto", "torch", "triton")}),
+    ("--enforce-eager", "enforce_eager", {"action": "store_true"}),
     ("--max-model-len", "max_model_len", {"type": int}),
     ("--max-num-seqs", "max_num_seqs", {"type": int}),
     ("--max-num-batched-tokens", "max_num_batched_tokens", {"type": int}),

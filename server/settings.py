@@ -25,7 +25,7 @@ ENGINE_FIELDS = (
     "dtype", "device", "max_model_len", "block_size", "kv_cache_memory_gb",
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
-    "quantization",
+    "quantization", "attention_backend", "enforce_eager",
 )
 
 
@@ -69,6 +69,11 @@ class Settings(BaseModel):
         "activations quantized per 64 values): half the weight bytes per token, so faster "
         "decode and less memory, at a small cost in fidelity (default: none, the dtype's "
         "weights)")
+    attention_backend: Literal["auto", "torch", "triton"] | None = Field(
+        None, description="attention kernels: auto (Triton on CUDA, the torch reference on "
+        "CPU), torch, or triton (default: $PAGEDSERVE_ATTENTION_BACKEND, else auto)")
+    enforce_eager: bool = Field(
+        False, description="CUDA: run decode eagerly instead of replaying captured CUDA graphs")
     max_model_len: int | None = Field(
         None, ge=1, description="context length limit (default: the model's)")
     block_size: int = Field(16, description="tokens per KV cache block")

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.devices import DEVICE_ENV
 from tests.tiny_models import ARCHITECTURES, save_tiny_model
 
 torch.set_num_threads(2)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", choices=("cpu", "cuda"), default=None,
+                     help=f"device for the engine tests (default: ${DEVICE_ENV}, else cpu)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before any test module is imported: tests.devices reads the variable at import
+    device = config.getoption("--device")
+    if device is not None:
+        os.environ[DEVICE_ENV] = device
+    if os.environ.get(DEVICE_ENV, "cpu") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: CUDA is not available here")
 
 
 @pytest.fixture(scope="session")

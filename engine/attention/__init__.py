@@ -10,6 +10,7 @@ import torch
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.attention.torch_ref import TorchAttentionBackend, write_kv
+from engine.config import ATTENTION_BACKENDS
 from engine.errors import InvalidRequestError
 
 __all__ = ["ATTENTION_BACKENDS", "ATTENTION_BACKEND_ENV", "AttentionBackend",
@@ -18,9 +19,6 @@ __all__ = ["ATTENTION_BACKENDS", "ATTENTION_BACKEND_ENV", "AttentionBackend",
 
 logger = logging.getLogger(__name__)
 
-# "auto": Triton kernels on CUDA when Triton imports, else the reference; "torch": always
-# the reference; "triton": the kernels or an error (on CPU only under TRITON_INTERPRET=1).
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
 ATTENTION_BACKEND_ENV = "PAGEDSERVE_ATTENTION_BACKEND"
 
 

@@ -51,6 +51,13 @@ class CudaAttentionBackend:
                                                metadata.cu_seqlens_q, metadata.seq_lens,
                                                metadata.max_seqlen_q, scale)
 
+    @staticmethod
+    def covers(dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether every step of a model with this dtype and head size runs in the kernels,
+        which read no host-side lengths: the condition for capturing decode in CUDA graphs
+        (the torch fallback plans on the host from seq_lens_cpu)."""
+        return dtype in kernels.SUPPORTED_DTYPES and head_dim <= kernels.MAX_HEAD_DIM
+
     def _decode_splits(self, query: torch.Tensor, k_cache: torch.Tensor,
                        metadata: AttentionMetadata) -> int:
         # host ints only (max_seqlen_k, shapes): choosing the grid must not sync the device

@@ -18,10 +18,12 @@ from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
 from engine.loader import load_model
 from engine.models.llama import MLP_CHUNK_TOKENS, DecoderOptions, LlamaMLP
 from engine.sampler import _argmax_chunk, chunked_argmax, greedy_sample
+from tests.devices import cpu_only
 
 CPU = torch.device("cpu")
 needs_prepack = pytest.mark.skipif(not can_prepack(torch.bfloat16, CPU),
                                    reason="no oneDNN bf16 on this CPU")
+pytestmark = cpu_only  # CPU code paths
 
 
 # ---- greedy argmax ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from engine import LLM, SamplingParams
+from tests.devices import device_args
 from tests.tiny_models import ARCHITECTURES
 
 NUM_NEW_TOKENS = 24
@@ -68,7 +69,7 @@ VARIANTS = {
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_matches_transformers(arch: str, variant: str, tiny_model_dirs: dict[str, Path],
                                      references: dict[str, list[list[int]]]) -> None:
-    llm = LLM(str(tiny_model_dirs[arch]), dtype="float32", **VARIANTS[variant])
+    llm = LLM(str(tiny_model_dirs[arch]), **device_args(dtype="float32", **VARIANTS[variant]))
     outputs = llm.generate(make_prompts(), greedy())
     for output, expected in zip(outputs, references[arch], strict=True):
         assert output.outputs[0].token_ids == expected
@@ -81,7 +82,7 @@ def test_greedy_matches_transformers(arch: str, variant: str, tiny_model_dirs: d
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs: dict[str, Path]) -> LLM:
-    return LLM(str(tiny_model_dirs["llama"]), dtype="float32", num_blocks=256)
+    return LLM(str(tiny_model_dirs["llama"]), **device_args(dtype="float32", num_blocks=256))
 
 
 def test_seeded_sampling_is_independent_of_the_batch(llama: LLM) -> None:
@@ -99,10 +100,11 @@ def test_prefix_cache_reuses_a_finished_requests_blocks(tiny_model_dirs: dict[st
     rng = random.Random(5)
     prefix = [rng.randrange(3, 512) for _ in range(64)]
     second = prefix + [rng.randrange(3, 512) for _ in range(7)]
-    cached = LLM(str(tiny_model_dirs["qwen2"]), dtype="float32")
+    cached = LLM(str(tiny_model_dirs["qwen2"]), **device_args(dtype="float32"))
     cached.generate([prefix + [7, 8, 9]], greedy(8))
     with_cache = cached.generate([second], greedy(8))[0]
-    uncached = LLM(str(tiny_model_dirs["qwen2"]), dtype="float32", enable_prefix_caching=False)
+    uncached = LLM(str(tiny_model_dirs["qwen2"]),
+                   **device_args(dtype="float32", enable_prefix_caching=False))
     without_cache = uncached.generate([second], greedy(8))[0]
     assert with_cache.num_cached_tokens >= 48
     assert without_cache.num_cached_tokens == 0
@@ -174,7 +176,8 @@ def test_n_sequences_share_the_prompt(llama: LLM) -> None:
 
 
 def test_aborts_mid_prefill_and_mid_decode_leak_nothing(tiny_model_dirs: dict[str, Path]) -> None:
-    llm = LLM(str(tiny_model_dirs["qwen3"]), dtype="float32", max_num_batched_tokens=16)
+    llm = LLM(str(tiny_model_dirs["qwen3"]),
+              **device_args(dtype="float32", max_num_batched_tokens=16))
     engine = llm.engine
     prompts = make_prompts(seed=7)
     for i, prompt in enumerate(prompts):

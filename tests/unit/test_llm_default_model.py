@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from engine import LLM, SamplingParams
+from tests.devices import cpu_only, device_args
 
 pytestmark = [pytest.mark.default_model, pytest.mark.slow]
 
@@ -37,7 +38,7 @@ def default_model_dir() -> Path:
 
 
 def test_greedy_matches_transformers(default_model_dir: Path) -> None:
-    llm = LLM(str(default_model_dir), dtype="float32", kv_cache_memory_gb=0.5)
+    llm = LLM(str(default_model_dir), **device_args(dtype="float32", kv_cache_memory_gb=0.5))
     tokenizer = llm.tokenizer
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
                                              add_generation_prompt=True, tokenize=True,
@@ -59,7 +60,7 @@ def test_greedy_matches_transformers(default_model_dir: Path) -> None:
 
 
 def test_cjk_and_emoji_deltas_are_whole_characters(default_model_dir: Path) -> None:
-    llm = LLM(str(default_model_dir), dtype="bfloat16", kv_cache_memory_gb=0.5)
+    llm = LLM(str(default_model_dir), **device_args(dtype="bfloat16", kv_cache_memory_gb=0.5))
     engine = llm.engine
     prompt = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "用中文写一句话介绍春天，并在句末加上三个不同的表情符号。"}],
@@ -100,6 +101,7 @@ def _teacher_forced_logits(model: torch.nn.Module, tokens: list[int]) -> torch.T
     return model.compute_logits(hidden).float()
 
 
+@cpu_only
 def test_int8_stays_close_to_bf16(default_model_dir: Path) -> None:
     """--quantization int8 on the real model, teacher-forced along transformers' fp32 greedy
     answers: the int8 model's next-token choice agrees with the bf16 model's at >= 90% of the

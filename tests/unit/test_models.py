@@ -19,6 +19,7 @@ from engine.layers.rotary import inverse_frequencies, rope_settings
 from engine.loader import load_model
 from engine.models import SUPPORTED_ARCHITECTURES, get_model_class, kv_cache_spec
 from engine.models.base import CausalLM
+from tests.devices import TEST_DEVICE
 from tests.tiny_models import ARCHITECTURES, VOCAB_SIZE, build_config, save_tiny_model
 
 ATOL = 1e-4
@@ -54,14 +55,22 @@ def build_batch(seqs: Sequence[SeqSpec],
         max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens),
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
     )
-    return (torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions,
-            dtype=torch.int64), metadata)
+    metadata = AttentionMetadata(
+        slot_mapping=metadata.slot_mapping.to(TEST_DEVICE),
+        cu_seqlens_q=metadata.cu_seqlens_q.to(TEST_DEVICE),
+        seq_lens=metadata.seq_lens.to(TEST_DEVICE),
+        block_tables=metadata.block_tables.to(TEST_DEVICE), max_seqlen_q=metadata.max_seqlen_q,
+        max_seqlen_k=metadata.max_seqlen_k, query_lens_cpu=metadata.query_lens_cpu,
+        seq_lens_cpu=metadata.seq_lens_cpu)
+    return (torch.tensor(input_ids, dtype=torch.int64, device=TEST_DEVICE),
+            torch.tensor(positions, dtype=torch.int64, device=TEST_DEVICE), metadata)
 
 
 @functools.cache
 def load_pair(model_dir: Path) -> tuple[CausalLM, transformers.PreTrainedModel]:
-    """Our model (through our loader) and the transformers reference, both fp32 on CPU."""
-    ours = load_model(str(model_dir), dtype="float32", device="cpu").model
+    """Our model (through our loader, on the test device) and the transformers reference
+    (fp32 on CPU)."""
+    ours = load_model(str(model_dir), dtype="float32", device=TEST_DEVICE).model
     assert isinstance(ours, CausalLM)
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return ours, reference.eval()
@@ -71,7 +80,8 @@ def garbage_kv_caches(model: CausalLM, num_blocks: int, block_size: int) -> KVCa
     """Caches full of large random values, so reading an unwritten or masked slot shows."""
     spec = kv_cache_spec(model.hf_config)
     shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-    return [(torch.randn(shape) * 100, torch.randn(shape) * 100) for _ in range(spec.num_layers)]
+    return [((torch.randn(shape) * 100).to(TEST_DEVICE), (torch.randn(shape) * 100).to(TEST_DEVICE))
+            for _ in range(spec.num_layers)]
 
 
 @torch.inference_mode()
@@ -79,7 +89,7 @@ def run_step(model: CausalLM, kv_caches: KVCaches, seqs: Sequence[SeqSpec],
              block_size: int) -> list[torch.Tensor]:
     """Logits [query_len, vocab_size] of each sequence's new tokens."""
     input_ids, positions, metadata = build_batch(seqs, block_size)
-    logits = model.compute_logits(model(input_ids, positions, kv_caches, metadata))
+    logits = model.compute_logits(model(input_ids, positions, kv_caches, metadata)).cpu()
     assert logits.dtype == torch.float32
     return list(logits.split(metadata.query_lens_cpu))
 

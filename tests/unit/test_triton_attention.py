@@ -261,3 +261,40 @@ def test_greedy_decoding_with_the_kernels_matches_the_reference_backend(
     outputs = llm.generate(prompts, params)
     assert ([o.outputs[0].token_ids for o in outputs]
             == [o.outputs[0].token_ids for o in expected])
+
+
+def test_decode_through_graph_inputs_matches_eager(tiny_llama_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps through DecodeGraphs (3 sequences padded to a batch of 4 with slot -1
+    and length 0 rows) give the eager run's greedy tokens. On CUDA the graphs are captured
+    and replayed; on CPU they run uncaptured on the same padded static inputs."""
+    prompts = [[5, 17, 99, 3, 250], list(range(40, 60)), [7, 8, 9]]
+    params = SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6)
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "triton")
+    engine_args = {"dtype": "float32", "device": DEVICE.type, "num_blocks": 32, "block_size": 4,
+                   "max_num_seqs": 8}
+    expected = LLM(str(tiny_llama_dir), enforce_eager=True, **engine_args).generate(prompts,
+                                                                                   params)
+    llm = LLM(str(tiny_llama_dir), **engine_args)
+    runner = llm.engine.core.runner
+    if DEVICE.type == "cuda":
+        assert runner.decode_graphs is not None
+        assert sorted(runner.decode_graphs.graphs) == [1, 2, 4, 8]
+    else:
+        assert runner.decode_graphs is None  # CPU: nothing to capture
+        runner.decode_graphs = runner.new_decode_graphs(8, 64, capture=False)
+    graphs = runner.decode_graphs
+    batch_sizes: list[int] = []
+    run = graphs.run
+
+    def counted_run(input_ids: torch.Tensor, positions: torch.Tensor,
+                    metadata: AttentionMetadata) -> torch.Tensor:
+        batch_sizes.append(metadata.num_seqs)
+        return run(input_ids, positions, metadata)
+
+    monkeypatch.setattr(graphs, "run", counted_run)
+    outputs = llm.generate(prompts, params)
+    assert ([o.outputs[0].token_ids for o in outputs]
+            == [o.outputs[0].token_ids for o in expected])
+    assert batch_sizes and set(batch_sizes) == {3}  # every decode step went through it
+    assert torch.equal(graphs.slot_mapping[3:4].cpu(), torch.tensor([-1]))  # the padding row
