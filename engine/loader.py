@@ -23,6 +23,7 @@ from engine.attention import get_attention_backend
 from engine.attention.base import AttentionBackend
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.kernels import w8a8
+from engine.kernels.native import native_library
 from engine.layers.linear import Linear, can_prepack
 from engine.models import CausalLM, get_model_class
 
@@ -182,7 +183,7 @@ def _quantize_int8(module: CausalLM) -> None:
     quantized, kept = module.quantize_weights_int8()
     int8_bytes = sum(m.int8_weight.data.numel() for m in module.modules()
                      if isinstance(m, Linear) and m.int8_weight is not None)
-    native = w8a8.native_library() is not None
+    native = native_library() is not None
     logger.info("int8: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s", quantized,
                 time.perf_counter() - started, int8_bytes / 1e9,
                 f", {kept} kept in the model dtype (in_features not a multiple of "

@@ -1,31 +1,17 @@
 """Weight-int8 linear layers for CPU decode: weights quantized once per output row, activations
 per row and per block of 64 columns on every call, products summed exactly in int32 by AVX-512
-VNNI (w8a8_cpu.c explains the arithmetic). `reference_linear` is the same arithmetic in torch:
+VNNI (cpu_kernels.c explains the arithmetic). `reference_linear` is the same arithmetic in torch:
 the fallback where the native kernel cannot be built, and the oracle its tests compare with."""
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from engine.kernels.native import native_library
 
-BLOCK = 64  # activation columns per scale; K must be a multiple (w8a8_cpu.c's BLOCK)
-SOURCE = Path(__file__).with_name("w8a8_cpu.c")
-CFLAGS = ("-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni")
+BLOCK = 64  # activation columns per scale; K must be a multiple (cpu_kernels.c's BLOCK)
 _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds the float32 copy of a large head
 # From this many rows (prefill) the matmul is compute-bound, and oneDNN's bf16 matmul over the
 # weight dequantized for the call beats the int8 tiles (measured 1.2-1.3x at 1024-2048 rows);
@@ -127,80 +113,3 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
     if status != 0:
         raise MemoryError("w8a8_linear could not allocate its activation scratch")
     return out.to(x.dtype).reshape(*shape[:-1], out_features)
-
-
-@functools.cache
-def native_library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use; None (with the reason logged once) where this
-    machine cannot run or build it."""
-    reason = _unsupported_reason()
-    if reason is not None:
-        logger.warning("int8 kernel: %s; using the torch implementation (slower)", reason)
-        return None
-    try:
-        path = _build()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        logger.warning("int8 kernel: build failed (%s); using the torch implementation (slower)",
-                       str(detail).strip()[:500])
-        return None
-    lib = ctypes.CDLL(str(path))  # torch is loaded first, so both share one libgomp
-    lib.w8a8_linear.restype = ctypes.c_int
-    lib.w8a8_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    lib.w8_dequantize.restype = None
-    lib.w8_dequantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    return lib
-
-
-def _unsupported_reason() -> str | None:
-    if os.environ.get("PAGEDSERVE_NATIVE_KERNELS", "1") == "0":
-        return "native kernels turned off by PAGEDSERVE_NATIVE_KERNELS=0"
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        return f"needs Linux on x86-64, this is {sys.platform} on {platform.machine()}"
-    flags = _cpu_flags()
-    missing = [flag for flag in CPU_FLAGS if flag not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    if _compiler() is None:
-        return "no C compiler found (set CC, or install gcc)"
-    return None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc"))
-
-
-def _build() -> Path:
-    from engine.gguf import cache_root, file_lock  # the model cache's root and lock
-
-    compiler = _compiler()
-    assert compiler is not None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *CFLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"w8a8-{digest}.so"
-    if target.exists():
-        return target
-    with file_lock(target.with_suffix(".lock")):
-        if target.exists():  # another process built it while we waited
-            return target
-        logger.info("int8 kernel: compiling %s with %s (once)", SOURCE.name, compiler)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE)], check=True,
-                           capture_output=True, text=True, timeout=120)
-            built.replace(target)
-    return target

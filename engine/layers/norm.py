@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.native import native_library
+
 
 class RMSNorm(nn.Module):
     """RMSNorm as HF Llama computes it: normalize in float32, cast back, then scale by the
@@ -17,11 +19,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
+                and self.weight.dtype == torch.bfloat16 and native_library() is not None):
+            return rms_norm_native(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
+
+
+def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same rounding steps in one native call (bf16 on CPU): at decode sizes the eight
+    torch ops of the reference cost ~35 us a call in dispatch alone, ~1.7 ms a token."""
+    lib = native_library()
+    assert lib is not None
+    out = torch.empty_like(x)
+    hidden = x.shape[-1]
+    lib.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // hidden, hidden, eps,
+                      out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 # GPT-2's LayerNorm has nothing to add to torch's.

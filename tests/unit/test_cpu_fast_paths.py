@@ -242,3 +242,74 @@ def test_decode_plan_is_rebuilt_when_a_metadata_object_is_reused() -> None:
     metadata.seq_lens_cpu, metadata.max_seqlen_k = [6, 2], 6
     ours, fresh = step()
     torch.testing.assert_close(ours, fresh)
+
+
+# ---- native RMSNorm ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("num_rows", "hidden"), [(1, 896), (16, 64), (40, 100), (3, 4864)])
+def test_native_rms_norm_matches_the_reference(num_rows: int, hidden: int) -> None:
+    from engine.kernels.native import native_library
+    from engine.layers.norm import rms_norm_native, rms_norm_reference
+
+    if native_library() is None:
+        pytest.skip("native CPU kernels unavailable here")
+    gen = torch.Generator().manual_seed(hidden)
+    x = (torch.randn(num_rows, hidden, generator=gen) * 3).to(torch.bfloat16)
+    x[0, :5] = 0.0
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(torch.bfloat16)
+    ours, expected = rms_norm_native(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    # the same two roundings; float32 sums in another order may move a value one bf16 step
+    steps = (ours.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-30)
+    assert float(steps.max()) <= 2.0**-7
+    assert float((ours != expected).float().mean()) < 0.01
+    zeros = torch.zeros(2, hidden, dtype=torch.bfloat16)  # all-zero rows: eps keeps them 0
+    assert torch.equal(rms_norm_native(zeros, weight, 1e-6), zeros)
+
+
+# ---- native paged decode attention --------------------------------------------------------------
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(14, 2, 64), (4, 4, 32),
+                                                                     (6, 1, 80)])
+def test_native_decode_attention_matches_the_matmul_path(num_heads: int, num_kv_heads: int,
+                                                         head_dim: int) -> None:
+    """Ragged contexts through shuffled, non-contiguous block tables, a mixed batch's decode
+    rows among prefill rows, and GQA groups: the native kernel against the torch path."""
+    from engine.attention.torch_ref import (
+        build_decode_plan,
+        decode_attention_matmul,
+        decode_attention_native,
+    )
+    from engine.kernels.native import native_library
+
+    if native_library() is None:
+        pytest.skip("native CPU kernels unavailable here")
+    gen = torch.Generator().manual_seed(num_heads * head_dim)
+    block_size, num_blocks = 4, 40
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    query_lens, seq_lens = [1, 5, 1, 1], [9, 12, 1, 37]  # sequence 1 is a prefill chunk
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for seq_len in seq_lens:
+        need = -(-seq_len // block_size)
+        tables.append(pool[:need] + [0] * (10 - need))
+        pool = pool[need:]
+    cu = [0]
+    for query_len in query_lens:
+        cu.append(cu[-1] + query_len)
+    metadata = AttentionMetadata(
+        slot_mapping=torch.zeros(cu[-1], dtype=torch.long),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=torch.tensor(tables, dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=37,
+        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+    plan = build_decode_plan(metadata, [0, 2, 3], block_size, num_kv_heads)
+    query = torch.randn(3, num_heads, head_dim, generator=gen).to(torch.bfloat16)
+    ours = decode_attention_native(query, k_cache, v_cache, plan, head_dim**-0.5)
+    expected = decode_attention_matmul(query, k_cache, v_cache, plan, head_dim**-0.5)
+    assert ours.dtype == torch.bfloat16 and ours.shape == expected.shape
+    # both round scores, probabilities and outputs to bf16 after float32 sums taken in
+    # different orders: equal up to a couple of bf16 steps
+    torch.testing.assert_close(ours.float(), expected.float(), atol=0.02, rtol=0.02)

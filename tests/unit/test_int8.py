@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.kernels import w8a8
+from engine.kernels import native, w8a8
 from engine.layers.linear import Linear
 from engine.loader import load_model
 from tests.devices import cpu_only
 from tests.unit.test_cpu_fast_paths import _greedy_logits
 
-NATIVE = w8a8.native_library()
+NATIVE = native.native_library()
 needs_native = pytest.mark.skipif(
-    NATIVE is None, reason=f"int8 kernel unavailable here: {w8a8._unsupported_reason()}")
+    NATIVE is None, reason=f"native kernels unavailable here: {native.unsupported_reason()}")
 pytestmark = cpu_only  # CPU code paths
 
 
@@ -142,16 +142,16 @@ def test_kernel_edge_rows_and_layouts() -> None:
 def test_kernel_builds_into_a_fresh_cache(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
-    built = w8a8._build()
+    built = native.build()
     assert built.parent == tmp_path / "kernels" and built.stat().st_size > 0
-    assert w8a8._build() == built  # cached: same file, not rebuilt
+    assert native.build() == built  # cached: same file, not rebuilt
     symbols = subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout
-    assert "w8a8_linear" in symbols
+    assert all(name in symbols for name in native.SIGNATURES)
 
 
 def test_turned_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAGEDSERVE_NATIVE_KERNELS", "0")
-    assert "PAGEDSERVE_NATIVE_KERNELS=0" in (w8a8._unsupported_reason() or "")
+    assert "PAGEDSERVE_NATIVE_KERNELS=0" in (native.unsupported_reason() or "")
 
 
 # ---- models ------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-/* Weight-int8 matmul for x86 CPUs with AVX-512 VNNI: y = x @ W^T (+ bias), bf16 in and out.
+/* pagedserve's native CPU kernels (x86-64 with AVX-512 VNNI), built by engine/kernels/native.py:
+ * the weight-int8 matmul and its dequantization for prefill, and RMSNorm for bf16 rows.
+ *
+ * Weight-int8 matmul: y = x @ W^T (+ bias), bf16 in and out.
  *
  * Weights are quantized once at load, per output row (scale_n = max|W[n,:]| / 127) and stored
  * offset by 128 as unsigned bytes. Activations are quantized on every call, per row and per
@@ -186,4 +189,119 @@ void w8_dequantize(const uint8_t *w, const float *wscale, int64_t N, int64_t K, 
         }
         for (; k < K; k++) out[n * K + k] = f32_to_bf16(((float)w[n * K + k] - 128.0f) * wscale[n]);
     }
+}
+
+/* RMSNorm over rows of bf16, with transformers' Llama rounding: normalize in float32, round to
+ * bf16, then multiply by the bf16 weight and round again. One call instead of the eight small
+ * torch ops (casts, pow, mean, rsqrt, muls) whose dispatch costs more than the math at decode
+ * sizes. x, out [M, H]; weight [H]. */
+void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, int64_t M, int64_t H, float eps,
+                   uint16_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 16)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *row = x + m * H;
+        float sum = 0.0f;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t h = 0;
+        for (; h + 16 <= H; h += 16) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(row + h));
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+        for (; h < H; h++) sum += bf16_to_f32(row[h]) * bf16_to_f32(row[h]);
+        const float inv = 1.0f / sqrtf(sum / (float)H + eps);
+        for (h = 0; h < H; h++) {
+            float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(row[h]) * inv));
+            out[m * H + h] = f32_to_bf16(bf16_to_f32(weight[h]) * normed);
+        }
+    }
+}
+
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* sum_d a[d] * b[d], a float32, b bf16 */
+static inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16_bf16(b + d), acc);
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; d < n; d++) sum += a[d] * bf16_to_f32(b[d]);
+    return sum;
+}
+
+/* y[d] += alpha * x[d], x bf16, y float32 */
+static inline void axpy_bf16(float alpha, const uint16_t *x, float *y, int64_t n) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        _mm512_storeu_ps(y + d, _mm512_fmadd_ps(a, load16_bf16(x + d), _mm512_loadu_ps(y + d)));
+    for (; d < n; d++) y[d] += alpha * bf16_to_f32(x[d]);
+}
+
+/* Paged decode attention for bf16 caches: one query token per sequence attending to its whole
+ * context through its block table, with the torch decode path's rounding: q.k summed in float32
+ * and rounded to bf16 (the bf16 matmul), scaled and soft-maxed in float32, probabilities
+ * rounded to bf16, then p.v summed in float32 and rounded. One call per layer instead of a
+ * dozen torch ops over a gathered copy of the context.
+ *   q, out [S, H, D]; caches [num_blocks, BS, KVH, D]; block_tables [S, W]; seq_lens [S]. */
+int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
+                                const uint16_t *v_cache, const int32_t *block_tables,
+                                const int32_t *seq_lens, int64_t S, int64_t H, int64_t KVH,
+                                int64_t D, int64_t BS, int64_t W, float scale, uint16_t *out,
+                                int nthreads) {
+    const int64_t group = H / KVH;
+    int64_t max_len = 0;
+    for (int64_t s = 0; s < S; s++) max_len = seq_lens[s] > max_len ? seq_lens[s] : max_len;
+    /* scratch per (sequence, kv head): group rows of scores, and the query/accumulator rows */
+    const size_t scratch_floats = (size_t)(group * (max_len + 2 * D));
+    float *scratch = malloc(sizeof(float) * scratch_floats * (size_t)(S * KVH));
+    if (!scratch) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic) collapse(2)
+    for (int64_t s = 0; s < S; s++) {
+        for (int64_t kvh = 0; kvh < KVH; kvh++) {
+            const int64_t len = seq_lens[s];
+            float *scores = scratch + (size_t)(s * KVH + kvh) * scratch_floats;
+            float *qf = scores + group * max_len; /* [group, D] */
+            float *acc = qf + group * D;          /* [group, D] */
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t d = 0; d < D; d++) {
+                    qf[g * D + d] = bf16_to_f32(q[(s * H + kvh * group + g) * D + d]);
+                    acc[g * D + d] = 0.0f;
+                }
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t block = block_tables[s * W + t / BS];
+                const uint16_t *k = k_cache + ((block * BS + t % BS) * KVH + kvh) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const float dot = dot_bf16(qf + g * D, k, D);
+                    scores[g * max_len + t] = bf16_to_f32(f32_to_bf16(dot)) * scale;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *row = scores + g * max_len;
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t t = 0; t < len; t++) top = row[t] > top ? row[t] : top;
+                for (int64_t t = 0; t < len; t++) {
+                    row[t] = expf(row[t] - top);
+                    total += row[t];
+                }
+                const float inv = 1.0f / total;
+                for (int64_t t = 0; t < len; t++) row[t] = bf16_to_f32(f32_to_bf16(row[t] * inv));
+            }
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t block = block_tables[s * W + t / BS];
+                const uint16_t *v = v_cache + ((block * BS + t % BS) * KVH + kvh) * D;
+                for (int64_t g = 0; g < group; g++)
+                    axpy_bf16(scores[g * max_len + t], v, acc + g * D, D);
+            }
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t d = 0; d < D; d++)
+                    out[(s * H + kvh * group + g) * D + d] = f32_to_bf16(acc[g * D + d]);
+        }
+    }
+    free(scratch);
+    return 0;
 }

@@ -1,0 +1,111 @@
+"""Builds and loads cpu_kernels.c (int8 matmul, RMSNorm, paged decode attention): once per
+source version, with the system compiler, into the cache directory; called through ctypes (no
+torch headers, so the build takes a second). Where it cannot be built or run (no compiler, not
+x86-64, a CPU without AVX-512 VNNI, or PAGEDSERVE_NATIVE_KERNELS=0), `native_library()` is
+None and callers use torch."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ("-O3", "-march=x86-64-v4", "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni")
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# name -> (restype, argtypes), as declared in cpu_kernels.c
+SIGNATURES = {
+    "w8a8_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
+    "w8_dequantize": (None, [_P, _P, _I64, _I64, _P, _I32]),
+    "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
+    "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                                                   _I64, _I64, _F32, _P, _I32]),
+}
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (with the reason logged once) where
+    this machine cannot run or build them."""
+    reason = unsupported_reason()
+    if reason is not None:
+        logger.warning("native CPU kernels: %s; using torch implementations (slower)", reason)
+        return None
+    try:
+        path = build()
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("native CPU kernels: build failed (%s); using torch implementations "
+                       "(slower)", str(detail).strip()[:500])
+        return None
+    import torch  # noqa: F401  # loaded first, so the kernels share torch's libgomp
+
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    return lib
+
+
+def unsupported_reason() -> str | None:
+    if os.environ.get("PAGEDSERVE_NATIVE_KERNELS", "1") == "0":
+        return "turned off by PAGEDSERVE_NATIVE_KERNELS=0"
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return f"they need Linux on x86-64, this is {sys.platform} on {platform.machine()}"
+    flags = _cpu_flags()
+    missing = [flag for flag in CPU_FLAGS if flag not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    if _compiler() is None:
+        return "no C compiler found (set CC, or install gcc)"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def build() -> Path:
+    """The shared library for the current source and flags, compiled unless cached."""
+    from engine.gguf import cache_root, file_lock  # the model cache's root and lock
+
+    compiler = _compiler()
+    assert compiler is not None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *CFLAGS)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"cpu-kernels-{digest}.so"
+    if target.exists():
+        return target
+    with file_lock(target.with_suffix(".lock")):
+        if target.exists():  # another process built it while we waited
+            return target
+        logger.info("native CPU kernels: compiling %s with %s (once)", SOURCE.name, compiler)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE)], check=True,
+                           capture_output=True, text=True, timeout=120)
+            built.replace(target)
+    return target
