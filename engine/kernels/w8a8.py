@@ -14,9 +14,9 @@ from engine.kernels.native import native_library
 BLOCK = 64  # activation columns per scale; K must be a multiple (cpu_kernels.c's BLOCK)
 _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds the float32 copy of a large head
 # From this many rows (prefill) the matmul is compute-bound, and oneDNN's bf16 matmul over the
-# weight dequantized for the call beats the int8 tiles (measured 1.2-1.3x at 1024-2048 rows);
-# below it (decode) the int8 kernel's halved weight traffic wins.
-DEQUANTIZE_MIN_ROWS = 256
+# weight dequantized for the call beats the int8 tiles (1.08x at 128 rows, 1.2x at 256-2048);
+# below it (decode, short prompts) the int8 kernel's halved weight traffic wins.
+DEQUANTIZE_MIN_ROWS = 128
 
 
 @dataclass(frozen=True, slots=True)
