@@ -29,6 +29,7 @@
 #define XROWS 4  /* activation rows per register tile */
 #define XCHUNK 64 /* activation rows per pass over the weights */
 #define PREFETCH_TILES 2 /* how far ahead weight tiles are prefetched */
+#define KEY_TILE 16      /* decode attention: keys scored together (one reduce16_ps) */
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -242,6 +243,76 @@ static inline void axpy_bf16(float alpha, const uint16_t *x, float *y, int64_t n
     for (; d < n; d++) y[d] += alpha * bf16_to_f32(x[d]);
 }
 
+/* v rounded to bf16 precision (nearest even), still as float32; NaN passes through */
+static inline __m512 round_bf16_ps(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    bits = _mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(bits),
+                                v);
+}
+
+/* e^x for x <= 0 (softmax after subtracting the max): 2^n * e^r with |r| <= ln2/2 and a
+ * degree-7 Taylor polynomial for e^r (relative error ~2e-8, under float32's 6e-8 step) */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f)); /* below: 0 after scaling */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* the 16 horizontal sums of v[0..15], in order, as one vector (a transpose-and-add tree:
+ * ~45 shuffles and adds for 16 sums instead of ~10 per sum) */
+static inline __m512 reduce16_ps(const __m512 v[16]) {
+    __m512 w[8], x[4];
+    for (int i = 0; i < 8; i++)
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+        x[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44),
+                               _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+    __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44),
+                               _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, 0x88),
+                         _mm512_shuffle_f32x4(z01, z23, 0xDD));
+}
+
+/* acc[g, 0:64] (+)= sum_t probs[g * stride + t] * v_t for 4 heads g of one KV head, head size
+ * 64: the 16 sums live in registers and each value row is converted once */
+static inline void pv_64x4(const float *probs, int64_t stride, const uint16_t *v_cache,
+                           const int32_t *table, int64_t len, int64_t BS, int64_t KVH,
+                           int64_t kvh, float *acc) {
+    __m512 sum[4][4];
+    for (int g = 0; g < 4; g++)
+        for (int c = 0; c < 4; c++) sum[g][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t++) {
+        const uint16_t *v = v_cache + (((int64_t)table[t / BS] * BS + t % BS) * KVH + kvh) * 64;
+        __m512 row[4];
+        for (int c = 0; c < 4; c++) row[c] = load16_bf16(v + 16 * c);
+        for (int g = 0; g < 4; g++) {
+            const __m512 p = _mm512_set1_ps(probs[g * stride + t]);
+            for (int c = 0; c < 4; c++) sum[g][c] = _mm512_fmadd_ps(p, row[c], sum[g][c]);
+        }
+    }
+    for (int g = 0; g < 4; g++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + g * 64 + 16 * c, sum[g][c]);
+}
+
 /* Paged decode attention for bf16 caches: one query token per sequence attending to its whole
  * context through its block table, with the torch decode path's rounding: q.k summed in float32
  * and rounded to bf16 (the bf16 matmul), scaled and soft-maxed in float32, probabilities
@@ -257,7 +328,7 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
     int64_t max_len = 0;
     for (int64_t s = 0; s < S; s++) max_len = seq_lens[s] > max_len ? seq_lens[s] : max_len;
     /* scratch per (sequence, kv head): group rows of scores, and the query/accumulator rows */
-    const size_t scratch_floats = (size_t)(group * (max_len + 2 * D));
+    const size_t scratch_floats = (size_t)(group * (max_len + 2 * D) + KEY_TILE * D);
     float *scratch = malloc(sizeof(float) * scratch_floats * (size_t)(S * KVH));
     if (!scratch) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) collapse(2)
@@ -267,12 +338,37 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
             float *scores = scratch + (size_t)(s * KVH + kvh) * scratch_floats;
             float *qf = scores + group * max_len; /* [group, D] */
             float *acc = qf + group * D;          /* [group, D] */
+            float *keys = acc + group * D;        /* [KEY_TILE, D]: a tile of keys as float32 */
             for (int64_t g = 0; g < group; g++)
                 for (int64_t d = 0; d < D; d++) {
                     qf[g * D + d] = bf16_to_f32(q[(s * H + kvh * group + g) * D + d]);
                     acc[g * D + d] = 0.0f;
                 }
-            for (int64_t t = 0; t < len; t++) {
+            int64_t t = 0;
+            if (D % 16 == 0) /* 16 keys at a time: converted once, summed by one reduce16 */
+                for (; t + KEY_TILE <= len; t += KEY_TILE) {
+                    for (int j = 0; j < KEY_TILE; j++) {
+                        const int64_t block = block_tables[s * W + (t + j) / BS];
+                        const uint16_t *k =
+                            k_cache + ((block * BS + (t + j) % BS) * KVH + kvh) * D;
+                        for (int64_t d = 0; d < D; d += 16)
+                            _mm512_storeu_ps(keys + j * D + d, load16_bf16(k + d));
+                    }
+                    for (int64_t g = 0; g < group; g++) {
+                        __m512 partial[KEY_TILE];
+                        for (int j = 0; j < KEY_TILE; j++) {
+                            __m512 a = _mm512_setzero_ps();
+                            for (int64_t d = 0; d < D; d += 16)
+                                a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d),
+                                                    _mm512_loadu_ps(keys + j * D + d), a);
+                            partial[j] = a;
+                        }
+                        _mm512_storeu_ps(scores + g * max_len + t,
+                                         _mm512_mul_ps(round_bf16_ps(reduce16_ps(partial)),
+                                                       _mm512_set1_ps(scale)));
+                    }
+                }
+            for (; t < len; t++) {
                 const int64_t block = block_tables[s * W + t / BS];
                 const uint16_t *k = k_cache + ((block * BS + t % BS) * KVH + kvh) * D;
                 for (int64_t g = 0; g < group; g++) {
@@ -282,19 +378,37 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
             }
             for (int64_t g = 0; g < group; g++) {
                 float *row = scores + g * max_len;
-                float top = -INFINITY, total = 0.0f;
-                for (int64_t t = 0; t < len; t++) top = row[t] > top ? row[t] : top;
-                for (int64_t t = 0; t < len; t++) {
+                const int64_t vec_len = len / 16 * 16;
+                __m512 vtop = _mm512_set1_ps(-INFINITY);
+                for (t = 0; t < vec_len; t += 16) vtop = _mm512_max_ps(vtop, _mm512_loadu_ps(row + t));
+                float top = _mm512_reduce_max_ps(vtop);
+                for (t = vec_len; t < len; t++) top = row[t] > top ? row[t] : top;
+                __m512 vsum = _mm512_setzero_ps();
+                for (t = 0; t < vec_len; t += 16) {
+                    __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + t), _mm512_set1_ps(top)));
+                    _mm512_storeu_ps(row + t, e);
+                    vsum = _mm512_add_ps(vsum, e);
+                }
+                float total = _mm512_reduce_add_ps(vsum);
+                for (t = vec_len; t < len; t++) {
                     row[t] = expf(row[t] - top);
                     total += row[t];
                 }
                 const float inv = 1.0f / total;
-                for (int64_t t = 0; t < len; t++) row[t] = bf16_to_f32(f32_to_bf16(row[t] * inv));
+                for (t = 0; t < vec_len; t += 16)
+                    _mm512_storeu_ps(row + t, round_bf16_ps(_mm512_mul_ps(_mm512_loadu_ps(row + t),
+                                                                          _mm512_set1_ps(inv))));
+                for (t = vec_len; t < len; t++) row[t] = bf16_to_f32(f32_to_bf16(row[t] * inv));
             }
-            for (int64_t t = 0; t < len; t++) {
+            int64_t g0 = 0;
+            if (D == 64) /* the common head size: 4 heads' sums stay in registers */
+                for (; g0 + 4 <= group; g0 += 4)
+                    pv_64x4(scores + g0 * max_len, max_len, v_cache, block_tables + s * W, len,
+                            BS, KVH, kvh, acc + g0 * D);
+            for (t = 0; t < len; t++) {
                 const int64_t block = block_tables[s * W + t / BS];
                 const uint16_t *v = v_cache + ((block * BS + t % BS) * KVH + kvh) * D;
-                for (int64_t g = 0; g < group; g++)
+                for (int64_t g = g0; g < group; g++)
                     axpy_bf16(scores[g * max_len + t], v, acc + g * D, D);
             }
             for (int64_t g = 0; g < group; g++)

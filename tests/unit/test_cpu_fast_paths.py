@@ -269,8 +269,8 @@ def test_native_rms_norm_matches_the_reference(num_rows: int, hidden: int) -> No
 
 # ---- native paged decode attention --------------------------------------------------------------
 
-@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(14, 2, 64), (4, 4, 32),
-                                                                     (6, 1, 80)])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [
+    (14, 2, 64), (8, 2, 64), (4, 4, 32), (6, 1, 80)])
 def test_native_decode_attention_matches_the_matmul_path(num_heads: int, num_kv_heads: int,
                                                          head_dim: int) -> None:
     """Ragged contexts through shuffled, non-contiguous block tables, a mixed batch's decode
@@ -289,12 +289,13 @@ def test_native_decode_attention_matches_the_matmul_path(num_heads: int, num_kv_
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
     v_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
-    query_lens, seq_lens = [1, 5, 1, 1], [9, 12, 1, 37]  # sequence 1 is a prefill chunk
+    # sequence 1 is a prefill chunk; 70 keys: four 16-key tiles and a remainder
+    query_lens, seq_lens = [1, 5, 1, 1], [9, 12, 1, 70]
     pool = torch.randperm(num_blocks, generator=gen).tolist()
     tables = []
     for seq_len in seq_lens:
         need = -(-seq_len // block_size)
-        tables.append(pool[:need] + [0] * (10 - need))
+        tables.append(pool[:need] + [0] * (20 - need))
         pool = pool[need:]
     cu = [0]
     for query_len in query_lens:
@@ -303,7 +304,7 @@ def test_native_decode_attention_matches_the_matmul_path(num_heads: int, num_kv_
         slot_mapping=torch.zeros(cu[-1], dtype=torch.long),
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=37,
+        block_tables=torch.tensor(tables, dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=70,
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
     plan = build_decode_plan(metadata, [0, 2, 3], block_size, num_kv_heads)
     query = torch.randn(3, num_heads, head_dim, generator=gen).to(torch.bfloat16)
