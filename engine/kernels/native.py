@@ -1,4 +1,4 @@
-"""Builds and loads cpu_kernels.c (int8 matmul, RMSNorm, paged decode attention): once per
+"""Builds and loads cpu_kernels.c (int8 matmul; RMSNorm, SwiGLU, decode attention): once per
 source version, with the system compiler, into the cache directory; called through ctypes (no
 torch headers, so the build takes a second). Where it cannot be built or run (no compiler, not
 x86-64, a CPU without AVX-512 VNNI, or PAGEDSERVE_NATIVE_KERNELS=0), `native_library()` is
@@ -29,6 +29,7 @@ SIGNATURES = {
     "w8a8_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "w8_dequantize": (None, [_P, _P, _I64, _I64, _P, _I32]),
     "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
+    "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                                    _I64, _I64, _F32, _P, _I32]),
 }

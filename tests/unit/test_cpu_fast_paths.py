@@ -314,3 +314,22 @@ def test_native_decode_attention_matches_the_matmul_path(num_heads: int, num_kv_
     # both round scores, probabilities and outputs to bf16 after float32 sums taken in
     # different orders: equal up to a couple of bf16 steps
     torch.testing.assert_close(ours.float(), expected.float(), atol=0.02, rtol=0.02)
+
+
+# ---- native SwiGLU -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("num_rows", "intermediate"), [(1, 4864), (7, 100), (600, 128)])
+def test_native_silu_and_mul_matches_the_reference(num_rows: int, intermediate: int) -> None:
+    from engine.kernels.native import native_library
+    from engine.layers.activation import silu_and_mul_native, silu_and_mul_reference
+
+    if native_library() is None:
+        pytest.skip("native CPU kernels unavailable here")
+    gen = torch.Generator().manual_seed(intermediate)
+    gate_up = (torch.randn(num_rows, 2 * intermediate, generator=gen) * 4).to(torch.bfloat16)
+    gate_up[0, :3] = torch.tensor([-200.0, 0.0, 200.0])  # far tails of the sigmoid
+    ours, expected = silu_and_mul_native(gate_up), silu_and_mul_reference(gate_up)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (num_rows, intermediate)
+    steps = (ours.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-30)
+    assert float(steps.max()) <= 2.0**-7  # at most one bf16 step, where exp rounds apart
+    assert float((ours != expected).float().mean()) < 0.01
