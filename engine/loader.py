@@ -164,6 +164,8 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     logger.info("weights loaded in %.2f s: %d params (%.2f GB)", time.perf_counter() - started,
                 num_params, num_params * torch_dtype.itemsize / 1e9)
     # after counting: both empty the dense weights they replace
+    if torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
+        native_library()  # built (once, ~2 s) now rather than during the first request
     if quantization == "int8":
         _quantize_int8(module)
     if can_prepack(torch_dtype, torch_device):

@@ -57,6 +57,7 @@ def native_library() -> ctypes.CDLL | None:
         function = getattr(lib, name)
         function.restype = restype
         function.argtypes = argtypes
+    logger.info("native CPU kernels: %s", path)
     return lib
 
 
