@@ -6,6 +6,7 @@ text from the int8 engine, and the flag reaching the loader from the CLI's setti
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -149,6 +150,17 @@ def test_kernel_builds_into_a_fresh_cache(tmp_path: Path,
     assert native.build() == built  # cached: same file, not rebuilt
     symbols = subprocess.run(["nm", "-D", str(built)], capture_output=True, text=True).stdout
     assert all(name in symbols for name in native.SIGNATURES)
+
+
+def test_native_kernels_are_built_in_ci() -> None:
+    """CI installs a compiler (.ci/run), so on a CPU with the instructions the kernels must
+    build there and their tests run rather than skip."""
+    if not os.environ.get("CI"):
+        pytest.skip("outside CI a machine may lack a compiler")
+    reason = native.unsupported_reason()
+    if reason is not None and "CPU lacks" in reason:
+        pytest.skip(reason)
+    assert NATIVE is not None, reason
 
 
 def test_turned_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
