@@ -231,7 +231,13 @@ def test_dead_engine_loop_fails_every_client_within_1s(
         while engine.num_running + engine.num_waiting < len(bodies):
             assert time.monotonic() < deadline, "the clients never reached the engine"
             time.sleep(0.01)
-        time.sleep(0.2)  # let the running ones stream a little
+        # let the running ones stream a little: a few tokens each, not a fixed time (a slow
+        # machine may still be prefilling after any fixed wait)
+        scheduler = engine.engine.core.scheduler
+        while min((r.num_output_tokens for r in list(scheduler.running)), default=0) < 3:
+            assert time.monotonic() < deadline, "the running requests never produced tokens"
+            time.sleep(0.01)
+        time.sleep(0.1)  # their chunks reach the clients
         engine.engine.fault_hooks.on_step = kill_the_loop
 
     with caplog.at_level(logging.ERROR, logger="engine.async_engine"):
