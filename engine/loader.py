@@ -146,8 +146,8 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     model_cls = get_model_class(hf_config)
     torch_device = resolve_device(device)
     if quantization is not None and torch_device.type != "cpu":
-        raise InvalidRequestError(f"quantization {quantization!r} runs on CPU only, the device is "
-                          f"{torch_device}")
+        raise InvalidRequestError(
+            f"quantization {quantization!r} runs on CPU only, the device is {torch_device}")
     torch_dtype = resolve_dtype(dtype, hf_config, torch_device)
     logger.info("config: %s from %s, dtype %s, device %s", model_cls.__name__, model_dir,
                 str(torch_dtype).removeprefix("torch."), torch_device)
@@ -163,9 +163,9 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     num_params = sum(param.numel() for param in module.parameters())
     logger.info("weights loaded in %.2f s: %d params (%.2f GB)", time.perf_counter() - started,
                 num_params, num_params * torch_dtype.itemsize / 1e9)
-    # after counting: both empty the dense weights they replace
     if torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
         native_library()  # built (once, ~2 s) now rather than during the first request
+    # after counting: both empty the dense weights they replace
     if quantization == "int8":
         _quantize_int8(module)
     if can_prepack(torch_dtype, torch_device):

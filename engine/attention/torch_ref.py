@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata
-from engine.kernels.native import native_library
+from engine.kernels.native import loaded_library, takes_bf16
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -144,9 +144,7 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     whole context, which ends at that token, so only padding needs masking. Numerics follow
     transformers' eager attention: scores in the model dtype, softmax in float32. bf16 on a
     CPU with the native kernels: one call per layer; otherwise batched matmuls."""
-    if (query.dtype == torch.bfloat16 and query.device.type == "cpu"
-            and k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous()
-            and v_cache.is_contiguous() and native_library() is not None):
+    if query.dtype == torch.bfloat16 and takes_bf16(k_cache, v_cache):
         return decode_attention_native(query, k_cache, v_cache, plan, scale)
     return decode_attention_matmul(query, k_cache, v_cache, plan, scale)
 
@@ -177,13 +175,11 @@ def decode_attention_native(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     is read in place through the block tables, not gathered, and the dozen torch ops of the
     batched-matmul path become one. Per layer, 300-400-token contexts: 27 vs 170 us at one
     sequence, 373 vs 438 us at 16, 1.0 vs 1.5 ms at 32."""
-    lib = native_library()
-    assert lib is not None
     query = query.contiguous()
     num_seqs, num_heads, head_dim = query.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     out = torch.empty_like(query)
-    status = lib.paged_decode_attention_bf16(
+    status = loaded_library().paged_decode_attention_bf16(
         query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), plan.block_tables.data_ptr(),
         plan.lens.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
         plan.block_tables.shape[1], scale, out.data_ptr(), torch.get_num_threads())

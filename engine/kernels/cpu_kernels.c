@@ -47,6 +47,30 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept
     return (uint16_t)(bits >> 16);
 }
 
+/* 16 bf16 values as float32 (exact) */
+static inline __m512 load16_bf16(const uint16_t *p) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* v rounded to bf16 precision (nearest even), still as float32; NaN passes through */
+static inline __m512 round_bf16_ps(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    bits = _mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(bits),
+                                v);
+}
+
+/* 16 float32 values stored as bf16, rounded as f32_to_bf16 does (NaN stays a quiet NaN) */
+static inline void store16_bf16(uint16_t *p, __m512 v) {
+    __m512i bits = _mm512_castps_si512(round_bf16_ps(v));
+    bits = _mm512_mask_or_epi32(bits, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), bits,
+                                _mm512_set1_epi32(0x00400000));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
 /* One row of K bf16 activations -> K int8 (round half to even of x / scale) and K/BLOCK
  * scales (max |x| / 127 over the block). */
 static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *scales) {
@@ -55,8 +79,7 @@ static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *scales
         __m512 v[BLOCK / 16];
         __m512 amax = _mm512_setzero_ps();
         for (int i = 0; i < BLOCK / 16; i++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(xb + 16 * i));
-            v[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            v[i] = load16_bf16(xb + 16 * i);
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
         }
         float max_abs = _mm512_reduce_max_ps(amax);
@@ -182,12 +205,7 @@ void w8_dequantize(const uint8_t *w, const float *wscale, int64_t N, int64_t K, 
         for (; k + 16 <= K; k += 16) {
             __m128i bytes = _mm_loadu_si128((const __m128i *)(w + n * K + k));
             __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
-            __m512i bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_sub_ps(v, offset), scale));
-            /* round to nearest even (finite values only), as f32_to_bf16 does */
-            __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-            _mm256_storeu_si256((__m256i *)(out + n * K + k),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+            store16_bf16(out + n * K + k, _mm512_mul_ps(_mm512_sub_ps(v, offset), scale));
         }
         for (; k < K; k++) out[n * K + k] = f32_to_bf16(((float)w[n * K + k] - 128.0f) * wscale[n]);
     }
@@ -206,8 +224,7 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, int64_t M, int64_t
         __m512 acc = _mm512_setzero_ps();
         int64_t h = 0;
         for (; h + 16 <= H; h += 16) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(row + h));
-            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            const __m512 v = load16_bf16(row + h);
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         sum = _mm512_reduce_add_ps(acc);
@@ -218,11 +235,6 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *weight, int64_t M, int64_t
             out[m * H + h] = f32_to_bf16(bf16_to_f32(weight[h]) * normed);
         }
     }
-}
-
-static inline __m512 load16_bf16(const uint16_t *p) {
-    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 /* sum_d a[d] * b[d], a float32, b bf16 */
@@ -242,16 +254,6 @@ static inline void axpy_bf16(float alpha, const uint16_t *x, float *y, int64_t n
     for (; d + 16 <= n; d += 16)
         _mm512_storeu_ps(y + d, _mm512_fmadd_ps(a, load16_bf16(x + d), _mm512_loadu_ps(y + d)));
     for (; d < n; d++) y[d] += alpha * bf16_to_f32(x[d]);
-}
-
-/* v rounded to bf16 precision (nearest even), still as float32; NaN passes through */
-static inline __m512 round_bf16_ps(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    bits = _mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000u));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(bits),
-                                v);
 }
 
 /* e^x: 2^n * e^r with |r| <= ln2/2 and a degree-7 Taylor polynomial for e^r (relative error
@@ -435,9 +437,7 @@ void silu_and_mul_bf16(const uint16_t *gate_up, int64_t M, int64_t I, uint16_t *
             const __m512 g = load16_bf16(gate + i);
             const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
             const __m512 silu = round_bf16_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-            const __m512 product = round_bf16_ps(_mm512_mul_ps(silu, load16_bf16(up + i)));
-            _mm256_storeu_si256((__m256i *)(row + i),
-                                _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(product), 16)));
+            store16_bf16(row + i, _mm512_mul_ps(silu, load16_bf16(up + i)));
         }
         for (; i < I; i++) {
             const float g = bf16_to_f32(gate[i]);

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch  # loaded before the kernels, so they share its libgomp
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -50,14 +52,26 @@ def native_library() -> ctypes.CDLL | None:
         logger.warning("native CPU kernels: build failed (%s); using torch implementations "
                        "(slower)", str(detail).strip()[:500])
         return None
-    import torch  # noqa: F401  # loaded first, so the kernels share torch's libgomp
-
     lib = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in SIGNATURES.items():
         function = getattr(lib, name)
         function.restype = restype
         function.argtypes = argtypes
     logger.info("native CPU kernels: %s", path)
+    return lib
+
+
+def takes_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether the bf16 kernels can run on these tensors: contiguous bf16 on the CPU, and the
+    library available here."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
+               for t in tensors) and native_library() is not None
+
+
+def loaded_library() -> ctypes.CDLL:
+    """The library, for callers that checked it is available (`takes_bf16`)."""
+    lib = native_library()
+    assert lib is not None, "native CPU kernels unavailable"
     return lib
 
 

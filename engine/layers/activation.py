@@ -7,15 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import UnsupportedModelError
-from engine.kernels.native import native_library
+from engine.kernels.native import loaded_library, takes_bf16
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up on a fused [..., 2 * intermediate_size] gate_up projection."""
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        if (gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu"
-                and gate_up.is_contiguous() and native_library() is not None):
+        if takes_bf16(gate_up):
             return silu_and_mul_native(gate_up)
         return silu_and_mul_reference(gate_up)
 
@@ -28,12 +27,11 @@ def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 def silu_and_mul_native(gate_up: torch.Tensor) -> torch.Tensor:
     """The reference's two roundings (silu, then the product) in one native pass (bf16 on
     CPU), without the gate and up intermediates."""
-    lib = native_library()
-    assert lib is not None
     intermediate = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], intermediate)
-    lib.silu_and_mul_bf16(gate_up.data_ptr(), gate_up.numel() // (2 * intermediate),
-                          intermediate, out.data_ptr(), torch.get_num_threads())
+    loaded_library().silu_and_mul_bf16(gate_up.data_ptr(),
+                                       gate_up.numel() // (2 * intermediate), intermediate,
+                                       out.data_ptr(), torch.get_num_threads())
     return out
 
 

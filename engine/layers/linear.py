@@ -48,13 +48,16 @@ class Linear(nn.Linear):
             return False
         self.int8_weight = w8a8.quantize_weight(self.weight.detach())
         self.int8_bias = None if self.bias is None else self.bias.detach().float()
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
+        self._drop_dense_weight()
         return True
 
     def prepack(self) -> None:
         if self.packed_weight is not None:
             return
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        self._drop_dense_weight()
+
+    def _drop_dense_weight(self) -> None:
         # the dense copy would double the weights' memory; nothing reads it any more
         self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
@@ -70,9 +73,7 @@ class Linear(nn.Linear):
     def packed_from(cls, weight: torch.Tensor) -> Linear:
         """A bias-free packed layer computing x @ weight.T, sharing nothing with `weight` (a
         tied LM head: the embedding keeps its dense table for lookups)."""
-        layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta",
-                    dtype=weight.dtype)
-        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        layer = cls._over(weight)
         layer.prepack()
         return layer
 
@@ -80,12 +81,15 @@ class Linear(nn.Linear):
     def int8_from(cls, weight: torch.Tensor) -> Linear | None:
         """A bias-free int8 layer computing x @ weight.T (a tied LM head), or None where the
         kernel cannot take its shape."""
-        if not w8a8.can_quantize(weight.shape[1]):
-            return None
+        layer = cls._over(weight)
+        return layer if layer.quantize_int8() else None
+
+    @classmethod
+    def _over(cls, weight: torch.Tensor) -> Linear:
+        """A bias-free layer whose weight is `weight` itself (to be packed or quantized)."""
         layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta",
                     dtype=weight.dtype)
         layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        layer.quantize_int8()
         return layer
 
     def extra_repr(self) -> str:

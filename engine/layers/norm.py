@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels.native import native_library
+from engine.kernels.native import loaded_library, takes_bf16
 
 
 class RMSNorm(nn.Module):
@@ -19,8 +19,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous()
-                and self.weight.dtype == torch.bfloat16 and native_library() is not None):
+        if takes_bf16(x, self.weight):
             return rms_norm_native(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
@@ -36,12 +35,10 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The same rounding steps in one native call (bf16 on CPU): at decode sizes the eight
     torch ops of the reference cost ~35 us a call in dispatch alone, ~1.7 ms a token."""
-    lib = native_library()
-    assert lib is not None
     out = torch.empty_like(x)
     hidden = x.shape[-1]
-    lib.rms_norm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // hidden, hidden, eps,
-                      out.data_ptr(), torch.get_num_threads())
+    loaded_library().rms_norm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // hidden,
+                                   hidden, eps, out.data_ptr(), torch.get_num_threads())
     return out
 
 
