@@ -19,7 +19,7 @@ _NEG_INF = float("-inf")
 class SamplingMetadata:
     """One step's sampling settings as batch tensors; a field is None when no row uses it."""
 
-    temperature: Tensor  # [num_seqs] float32; 0 rows are greedy
+    temperature: Tensor  # [num_seqs] float32; 0 rows are greedy, others >= GREEDY_TEMPERATURE
     top_k: Tensor | None  # [num_seqs] int64; vocab_size where disabled
     top_p: Tensor | None  # [num_seqs] float32
     min_p: Tensor | None  # [num_seqs] float32
@@ -56,8 +56,10 @@ class SamplingMetadata:
         any_penalty = any(t is not None for t in (repetition, presence, frequency))
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=torch.float32,
-                                     device=device),
+            # greedy rows (temperatures below GREEDY_TEMPERATURE too) are 0 here
+            temperature=torch.tensor([0.0 if greedy else p.temperature
+                                      for p, greedy in zip(params, is_greedy, strict=True)],
+                                     dtype=torch.float32, device=device),
             top_k=_row_values(top_k, vocab_size, device, torch.int64),
             top_p=_row_values([p.top_p for p in params], 1.0, device),
             min_p=_row_values([p.min_p for p in params], 0.0, device),

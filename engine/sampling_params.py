@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20  # OpenAI caps top_logprobs at 20
 MAX_N = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024  # a stop string longer than any sane completion is a mistake
+MAX_TOKEN_ID_LIST = 1024  # entries in stop_token_ids and in logit_bias
+# a seed is an int64, as in OpenAI's API; sibling i of n seeds its torch.Generator with
+# seed + i, which the generator's 64-bit range [-2**63, 2**64) always holds
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+# below this a temperature is greedy (as in vLLM): dividing logits by it would overflow
+GREEDY_TEMPERATURE = 1e-5
+# the repetition penalty multiplies or divides logits; outside this range fp32 overflows
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_TOKENS_LIMIT = 2**31 - 1  # counts the engine keeps in int32-sized tensors
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request sampling and stopping; names and meanings follow the OpenAI and vLLM APIs.
 
-    temperature == 0 means greedy. top_k <= 0 (or -1) disables top-k. max_tokens None means
-    "up to the context limit". logprobs None means none; k >= 0 means the sampled token's
-    logprob plus the top k alternatives.
+    temperature below GREEDY_TEMPERATURE (0 included) means greedy. top_k <= 0 (or -1)
+    disables top-k. max_tokens None means "up to the context limit". logprobs None means
+    none; k >= 0 means the sampled token's logprob plus the top k alternatives.
     """
 
     n: int = 1
@@ -51,7 +63,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
@@ -65,51 +77,90 @@ class SamplingParams:
         return replace(self, eos_token_ids=tuple(eos_token_ids))
 
     def validate(self, vocab_size: int | None = None) -> SamplingParams:
-        """Raise InvalidRequestError naming the first bad field; return self for chaining."""
-        _check(1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}, got {self.n}", "n")
-        _check(0.0 <= self.temperature <= 2.0 + 1e-9,
-               f"temperature must be between 0 and 2, got {self.temperature}", "temperature")
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        _check(self.top_k == -1 or self.top_k >= 0,
-               f"top_k must be -1 (disabled) or >= 0, got {self.top_k}", "top_k")
-        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        _check(self.repetition_penalty > 0.0,
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}",
-               "repetition_penalty")
-        _check(-2.0 <= self.presence_penalty <= 2.0,
-               f"presence_penalty must be between -2 and 2, got {self.presence_penalty}",
-               "presence_penalty")
-        _check(-2.0 <= self.frequency_penalty <= 2.0,
-               f"frequency_penalty must be between -2 and 2, got {self.frequency_penalty}",
-               "frequency_penalty")
-        _check(self.max_tokens is None or self.max_tokens >= 1,
-               f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        _check(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}",
-               "min_tokens")
+        """Raise InvalidRequestError naming the first bad field; return self for chaining.
+        Everything the engine later does with these values (tensors, generators, sampling
+        arithmetic) is safe for whatever passes here: types, finiteness and ranges."""
+        _int_in(self.n, "n", 1, MAX_N)
+        _float_in(self.temperature, "temperature", 0.0, 2.0 + 1e-9)
+        _float_in(self.top_p, "top_p", 0.0, 1.0, low_open=True)
+        _int_in(self.top_k, "top_k", -1, None)
+        _float_in(self.min_p, "min_p", 0.0, 1.0)
+        _float_in(self.repetition_penalty, "repetition_penalty", MIN_REPETITION_PENALTY,
+                  MAX_REPETITION_PENALTY)
+        _float_in(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        _float_in(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
+        if self.seed is not None:
+            _int_in(self.seed, "seed", MIN_SEED, MAX_SEED)
+        if self.max_tokens is not None:
+            _int_in(self.max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT)
+        _int_in(self.min_tokens, "min_tokens", 0, MAX_TOKENS_LIMIT)
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
                "min_tokens")
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-               f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
-        _check(all(isinstance(s, str) and s for s in self.stop),
-               "stop must be non-empty strings", "stop")
-        _check(len(self.stop) <= 16, "at most 16 stop strings are allowed", "stop")
+        if self.logprobs is not None:
+            _int_in(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        self._validate_stop()
         self._validate_token_ids(vocab_size)
         return self
 
+    def _validate_stop(self) -> None:
+        _check(len(self.stop) <= MAX_STOP_STRINGS,
+               f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
+        for stop in self.stop:
+            _check(isinstance(stop, str) and 0 < len(stop) <= MAX_STOP_STRING_CHARS,
+                   f"stop must be non-empty strings of at most {MAX_STOP_STRING_CHARS} "
+                   "characters", "stop")
+            _check(_is_encodable(stop), "stop strings must be valid Unicode (no lone "
+                   "surrogates)", "stop")
+
     def _validate_token_ids(self, vocab_size: int | None) -> None:
-        for token_id, bias in (self.logit_bias or {}).items():
-            _check(-100.0 <= bias <= 100.0,
-                   f"logit_bias values must be between -100 and 100, got {bias}", "logit_bias")
-            _check(_in_vocab(token_id, vocab_size),
+        bias = self.logit_bias or {}
+        _check(isinstance(bias, dict) and len(bias) <= MAX_TOKEN_ID_LIST,
+               f"logit_bias may hold at most {MAX_TOKEN_ID_LIST} entries", "logit_bias")
+        for token_id, value in bias.items():
+            _float_in(value, "logit_bias", -100.0, 100.0)
+            _check(_is_token_id(token_id, vocab_size),
                    f"logit_bias token id {token_id} is out of vocabulary", "logit_bias")
+        _check(len(self.stop_token_ids) <= MAX_TOKEN_ID_LIST,
+               f"stop_token_ids may hold at most {MAX_TOKEN_ID_LIST} entries", "stop_token_ids")
         for token_id in self.stop_token_ids:
-            _check(_in_vocab(token_id, vocab_size),
+            _check(_is_token_id(token_id, vocab_size),
                    f"stop_token_ids entry {token_id} is out of vocabulary", "stop_token_ids")
 
 
-def _in_vocab(token_id: int, vocab_size: int | None) -> bool:
-    return token_id >= 0 and (vocab_size is None or token_id < vocab_size)
+def _is_token_id(token_id: object, vocab_size: int | None) -> bool:
+    return (isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0
+            and (vocab_size is None or token_id < vocab_size))
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _int_in(value: object, param: str, low: int, high: int | None) -> None:
+    """An int (not a bool) in [low, high]; high None: no upper bound."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    _check(is_int, f"{param} must be an integer, got {value!r}", param)
+    assert isinstance(value, int)
+    bounds = f">= {low}" if high is None else f"between {low} and {high}"
+    _check(value >= low and (high is None or value <= high),
+           f"{param} must be {bounds}, got {value}", param)
+
+
+def _float_in(value: object, param: str, low: float, high: float,
+              low_open: bool = False) -> None:
+    """A finite number in [low, high] ((low, high] with low_open)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _check(is_number and math.isfinite(value),  # type: ignore[arg-type]
+           f"{param} must be a finite number, got {value!r}", param)
+    assert isinstance(value, (int, float))
+    above = value > low if low_open else value >= low
+    _check(above and value <= high, f"{param} must be in {'(' if low_open else '['}{low:g}, "
+           f"{high:g}], got {value:g}", param)
 
 
 def _check(condition: bool, message: str, param: str) -> None:
