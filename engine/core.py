@@ -10,7 +10,12 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 from engine.kv_cache.manager import KVCacheManager
 from engine.loader import LoadedModel
-from engine.model_runner import ModelRunner, ModelRunnerOutput, PositionLogprobs
+from engine.model_runner import (
+    ModelRunner,
+    ModelRunnerOutput,
+    PositionLogprobs,
+    is_fatal_error,
+)
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerOutput
 
@@ -33,20 +38,31 @@ class FaultHooks:
     raising; where it is called decides what the fault takes down."""
 
     on_step: Callable[[], None] | None = None  # start of LLMEngine.step: the engine loop dies
-    # before the forward pass, with the step's batch: that batch's requests fail
+    # before each forward pass with its batch (also before the health probe, with []): a
+    # fault that only some requests trigger fails those; one that needs none ends the loop
     on_execute: Callable[[list[Request]], None] | None = None
     # per sequence output, in output processing: that one request fails
     on_request_output: Callable[[Request], None] | None = None
 
 
-class BatchFailedError(Exception):
-    """The forward pass (or sampling) of one step raised. Its requests cannot be trusted to
-    continue, but nothing outside the batch is harmed: the engine fails just these."""
+@dataclass(slots=True)
+class CoreStepOutput:
+    """One step's results: outputs of the requests that advanced, and the sequences whose
+    own content made the step fail (id -> message); the caller fails those."""
 
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
-        super().__init__(f"the engine step failed: {cause!r}")
-        self.request_ids = request_ids
-        self.cause = cause
+    outputs: list[EngineCoreOutput] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Isolation:
+    """What retrying a failed batch in smaller groups has found so far."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    unwritten_block_ids: set[int] = field(default_factory=set)  # garbage KV this step
+    num_passed: int = 0  # requests whose pass succeeded
 
 
 @dataclass(slots=True)
@@ -91,12 +107,12 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self) -> CoreStepOutput:
         num_preemptions_before = self.scheduler.num_preemptions
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.last_stats = self._stats(0, 0, num_preemptions_before, [])
-            return []
+            return CoreStepOutput()
         result = self._execute(plan)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
         self.runner.release([r.request_id for r in finished])
@@ -105,21 +121,84 @@ class EngineCore:
         outputs = self._outputs(plan.scheduled_requests, result.sampled_token_ids,
                                 result.logprobs, stats)
         self.last_stats = stats
-        return outputs
+        return CoreStepOutput(outputs, result.failed)
 
-    def _execute(self, plan: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the batch; any exception becomes BatchFailedError naming the batch's requests."""
+    def _execute(self, plan: SchedulerOutput) -> _Isolation:
+        """Run the step's batch. When it raises, retry it in smaller groups (order kept) to
+        find the requests that make it fail: they fail alone, the others get the tokens they
+        would have got. Errors of the engine itself (out of memory, a lost device, a fault
+        that needs no request at all) propagate and end the loop."""
         requests = plan.scheduled_requests
         try:
-            if self.fault_hooks.on_execute is not None:
-                self.fault_hooks.on_execute(requests)
-            block_ids = {r.request_id: self.kv_cache_manager.get_block_ids(r.request_id)
-                         for r in requests}
-            return self.runner.execute(requests, plan.num_scheduled_tokens, block_ids)
+            output = self._run(requests, plan)
+            return _Isolation(output.sampled_token_ids, output.logprobs)
         except Exception as exc:
-            logger.exception("step failed for a batch of %d requests", len(requests))
-            self.kv_cache_manager.uncache_unwritten_blocks(requests)
-            raise BatchFailedError([r.request_id for r in requests], exc) from exc
+            if is_fatal_error(exc):
+                raise
+            logger.warning("a step of %d requests failed (%r); retrying them in smaller "
+                           "groups to find the cause", len(requests), exc)
+        isolation = _Isolation()
+        self._isolate(requests, plan, isolation)
+        if isolation.num_passed == 0:
+            self._probe()  # nothing passed: is it the requests, or the engine?
+        return isolation
+
+    def _isolate(self, group: list[Request], plan: SchedulerOutput,
+                 isolation: _Isolation) -> None:
+        group = [r for r in group if not self._read_garbage(r, plan, isolation)]
+        if not group:
+            return
+        try:
+            output = self._run(group, plan)
+        except Exception as exc:
+            if is_fatal_error(exc):
+                raise
+            if len(group) == 1:
+                self._quarantine(group[0], plan, isolation, exc)
+                return
+            middle = len(group) // 2
+            self._isolate(group[:middle], plan, isolation)
+            self._isolate(group[middle:], plan, isolation)
+            return
+        isolation.sampled_token_ids.update(output.sampled_token_ids)
+        isolation.logprobs.update(output.logprobs)
+        isolation.num_passed += len(group)
+
+    def _quarantine(self, request: Request, plan: SchedulerOutput, isolation: _Isolation,
+                    exc: Exception) -> None:
+        logger.error("request %s fails the forward pass on its own: %r", request.request_id,
+                     exc)
+        isolation.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
+            request, _row_start(request, plan)))
+        isolation.failed[request.request_id] = (
+            f"the engine failed while computing this request: {exc!r}")
+
+    def _read_garbage(self, request: Request, plan: SchedulerOutput,
+                      isolation: _Isolation) -> bool:
+        """A request that hit, in this step, a block a failed request never wrote goes back
+        to the waiting queue to be recomputed (its own new blocks are garbage as well)."""
+        block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+        if isolation.unwritten_block_ids.isdisjoint(block_ids):
+            return False
+        isolation.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
+            request, _row_start(request, plan)))
+        self.scheduler.reschedule(request)
+        self.runner.release([request.request_id])
+        return True
+
+    def _run(self, requests: list[Request], plan: SchedulerOutput) -> ModelRunnerOutput:
+        if self.fault_hooks.on_execute is not None:
+            self.fault_hooks.on_execute(requests)
+        block_ids = {r.request_id: self.kv_cache_manager.get_block_ids(r.request_id)
+                     for r in requests}
+        return self.runner.execute(requests, plan.num_scheduled_tokens, block_ids)
+
+    def _probe(self) -> None:
+        """A forward pass of no request's making, on scratch KV; raises if the engine is
+        broken."""
+        if self.fault_hooks.on_execute is not None:
+            self.fault_hooks.on_execute([])
+        self.runner.probe()
 
     @staticmethod
     def _outputs(requests: list[Request], sampled: dict[str, int],
@@ -154,6 +233,11 @@ class EngineCore:
             kv_cache_usage=self.kv_cache_manager.usage,
             num_preemptions=self.scheduler.num_preemptions - num_preemptions_before,
             prefix_cache_queries=queries, prefix_cache_hits=hits, finished_requests=finished)
+
+
+def _row_start(request: Request, plan: SchedulerOutput) -> int:
+    """The first token position this step computes for `request`."""
+    return request.num_computed_tokens - plan.num_scheduled_tokens[request.request_id]
 
 
 def _num_prompt_tokens(plan: SchedulerOutput) -> int:

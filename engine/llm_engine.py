@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
-from engine.core import BatchFailedError, EngineCore, FaultHooks, StepStats
+from engine.core import EngineCore, FaultHooks, StepStats
 from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.loader import LoadedModel, load_model
 from engine.output_processor import OutputProcessor
@@ -19,9 +19,6 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-# a failed step fails its batch; this many in a row means the engine itself is broken (a lost
-# device, a corrupted state), so the exception is let through to end the loop
-MAX_CONSECUTIVE_FAILED_STEPS = 3
 
 
 @dataclass(slots=True)
@@ -52,7 +49,7 @@ class LLMEngine:
         self.fault_hooks: FaultHooks = self.core.fault_hooks  # tests only; shared with the parts
         self.output_processor = OutputProcessor(self.tokenizer, self.fault_hooks)
         self.deferred: dict[str, list[Request]] = {}  # siblings waiting for the prompt's blocks
-        self.num_consecutive_failed_steps = 0
+        self.num_deferred = 0  # sequences in `deferred`
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); max_model_len %d",
                     self.core.kv_cache_manager.num_total_blocks, config.cache.block_size,
                     self.pool_tokens,
@@ -97,9 +94,11 @@ class LLMEngine:
         prompt = list(prompt_token_ids)
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
+        if len(prompt) > self.max_model_len:  # before the scan: a huge list fails fast
+            raise ContextLengthExceededError(self.max_model_len, len(prompt), None)
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise InvalidRequestError(
-                f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+                f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         return prompt
 
     def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
@@ -113,6 +112,12 @@ class LLMEngine:
         seed = None if params.seed is None else params.seed + index
         return replace(params, n=1, seed=seed, eos_token_ids=self.eos_token_ids)
 
+    @property
+    def num_waiting_sequences(self) -> int:
+        """Sequences admitted but not running: the scheduler's queue and deferred siblings.
+        Plain int reads, so other threads may call it while the engine steps."""
+        return self.core.scheduler.num_waiting + self.num_deferred
+
     def add_prepared(self, prepared: PreparedRequest) -> None:
         first, *siblings = prepared.sequences
         if prepared.request_id in self.output_processor.user_requests:
@@ -123,6 +128,7 @@ class LLMEngine:
         if siblings and self.config.cache.enable_prefix_caching:
             # siblings start once the first sequence's prompt is cached, so they share its blocks
             self.deferred[first.request_id] = siblings
+            self.num_deferred += len(siblings)
         else:
             for sibling in siblings:
                 self.core.add_request(sibling)
@@ -145,7 +151,7 @@ class LLMEngine:
         if user_request is None:
             return []
         sequences = [choice.request for choice in user_request.choices]
-        self.deferred.pop(sequences[0].request_id, None)
+        self._pop_deferred(sequences[0].request_id)
         self.core.finish_requests([s.request_id for s in sequences], status)
         for sequence in sequences:
             if not sequence.is_finished:  # deferred siblings never reached the core
@@ -158,35 +164,35 @@ class LLMEngine:
         return self.core.has_unfinished_requests() or bool(self.deferred)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step. A failure confined to some requests (their batch's forward pass,
-        their output processing) fails those requests only; anything else propagates."""
+        """One engine step. Requests whose content makes the step fail (their forward pass,
+        their output processing) fail alone; only errors of the engine itself propagate."""
         if self.fault_hooks.on_step is not None:
             self.fault_hooks.on_step()
-        try:
-            core_outputs = self.core.step()
-        except BatchFailedError as exc:
-            return self._fail_batch(exc)
-        self.num_consecutive_failed_steps = 0
-        processed = self.output_processor.process(core_outputs)
-        failed_outputs = [output for request_id, error in processed.failed.items()
+        core_step = self.core.step()
+        processed = self.output_processor.process(core_step.outputs)
+        failed = {**self._user_request_errors(core_step.failed), **processed.failed}
+        failed_outputs = [output for request_id, error in failed.items()
                           for output in self.fail_request(request_id, error)]
         if processed.stopped:
             self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
-        for core_output in core_outputs:
-            for sibling in self.deferred.pop(core_output.request.request_id, ()):
+        for core_output in core_step.outputs:
+            for sibling in self._pop_deferred(core_output.request.request_id):
                 self.core.add_request(sibling)
         return processed.outputs + failed_outputs
 
-    def _fail_batch(self, exc: BatchFailedError) -> list[RequestOutput]:
-        self.num_consecutive_failed_steps += 1
-        if self.num_consecutive_failed_steps >= MAX_CONSECUTIVE_FAILED_STEPS:
-            raise exc.cause
-        user_request_ids = dict.fromkeys(
-            owner[0].request_id for sequence_id in exc.request_ids
-            if (owner := self.output_processor.owner.get(sequence_id)) is not None)
-        error = f"the engine failed while computing this request: {exc.cause!r}"
-        return [output for request_id in user_request_ids
-                for output in self.fail_request(request_id, error)]
+    def _pop_deferred(self, first_sequence_id: str) -> list[Request]:
+        siblings = self.deferred.pop(first_sequence_id, [])
+        self.num_deferred -= len(siblings)
+        return siblings
+
+    def _user_request_errors(self, sequence_errors: dict[str, str]) -> dict[str, str]:
+        """Sequence id -> error, as user request id -> error (a sibling fails them all)."""
+        errors: dict[str, str] = {}
+        for sequence_id, error in sequence_errors.items():
+            owner = self.output_processor.owner.get(sequence_id)
+            if owner is not None:
+                errors.setdefault(owner[0].request_id, error)
+        return errors
 
     @property
     def stats(self) -> StepStats:

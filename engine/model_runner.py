@@ -151,11 +151,33 @@ class ModelRunner:
 
     # ---- one step -------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def probe(self) -> None:
+        """One token through the model and the sampler on scratch KV: raises when the engine
+        itself is broken, whatever the requests."""
+        self.dummy_step(1, 1)
+
     def execute(self, requests: Sequence[Request], num_scheduled_tokens: dict[str, int],
                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
         """Run one forward pass over the scheduled tokens and sample where a request caught up.
-        Each request's num_computed_tokens already includes this step's tokens."""
+        Each request's num_computed_tokens already includes this step's tokens. A pass that
+        raises leaves the seeded generators as they were, so the same rows can run again and
+        draw the same tokens."""
+        saved = {r.request_id: self.generators[r.request_id].get_state() for r in requests
+                 if r.request_id in self.generators}
+        try:
+            return self._execute(requests, num_scheduled_tokens, block_ids)
+        except BaseException:
+            for request in requests:
+                state = saved.get(request.request_id)
+                if state is None:
+                    self.generators.pop(request.request_id, None)  # seeded again on retry
+                else:
+                    self.generators[request.request_id].set_state(state)
+            raise
+
+    @torch.inference_mode()
+    def _execute(self, requests: Sequence[Request], num_scheduled_tokens: dict[str, int],
+                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
         inputs = self._prepare_inputs(requests, num_scheduled_tokens, block_ids)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.metadata):
             hidden_states = self.decode_graphs.run(inputs.input_ids, inputs.positions,
@@ -238,6 +260,17 @@ class ModelRunner:
         """Forget per-request state (seeded generators) of finished requests."""
         for request_id in request_ids:
             self.generators.pop(request_id, None)
+
+
+def is_fatal_error(exc: BaseException) -> bool:
+    """Errors of the engine rather than of a request: out of memory, a device fault. After
+    one the loop ends instead of failing requests one by one."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
 def _banned_token_ids(request: Request) -> list[int]:

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
-from engine.errors import QueueFullError
 from engine.kv_cache.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 
@@ -51,9 +50,8 @@ class Scheduler:
     # ---- admission and removal -------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        max_queue_len = self.config.max_queue_len
-        if max_queue_len is not None and len(self.waiting) >= max_queue_len:
-            raise QueueFullError(f"the waiting queue is full ({max_queue_len} requests)")
+        # never refuses: max_queue_len is enforced at admission (AsyncEngine), which counts
+        # a request's every sequence; raising here, inside a step, would fail the step
         self.waiting.append(request)
         self.requests[request.request_id] = request
 
@@ -124,6 +122,12 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    def reschedule(self, request: Request) -> None:
+        """Send a running request back to the head of the waiting queue to be recomputed from
+        its prompt (the KV it read this step is not to be trusted)."""
+        self.running.remove(request)
+        self._preempt(request)
 
     def _preempt(self, request: Request) -> None:
         # recompute, not swap: the blocks go back to the pool (cached blocks stay hits)

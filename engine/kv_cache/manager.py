@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from engine.errors import InvalidRequestError
 from engine.kv_cache.block_pool import BlockPool, KVBlock
@@ -119,19 +118,19 @@ class KVCacheManager:
         # first, since a cached suffix is useless once the prefix before it is gone
         self.pool.free_blocks(reversed(blocks))
 
-    def uncache_unwritten_blocks(self, requests: Sequence[Request]) -> None:
-        """Forget the hashes of blocks that only `requests` hold, after their forward pass
-        failed: blocks are hashed when allocated, before the pass writes them, so their
-        contents may be garbage. Blocks shared with other requests were written earlier."""
-        num_holders: dict[int, int] = {}
-        blocks: dict[int, KVBlock] = {}
-        for request in requests:
-            for block in self._req_to_blocks.get(request.request_id, ()):
-                num_holders[block.block_id] = num_holders.get(block.block_id, 0) + 1
-                blocks[block.block_id] = block
-        for block_id, block in blocks.items():
-            if block.ref_count <= num_holders[block_id]:
-                self.pool.uncache(block)
+    def forget_unwritten_blocks(self, request: Request, num_written_tokens: int) -> list[int]:
+        """After a failed forward pass: forget the hashes of the request's blocks from the one
+        holding token `num_written_tokens` on (blocks are hashed when allocated, before the
+        pass writes them, so their contents may be garbage). Returns those blocks' ids: any
+        other request holding one hit it in this same step and read garbage too."""
+        first = num_written_tokens // self.block_size
+        blocks = self._req_to_blocks.get(request.request_id, [])[first:]
+        for block in blocks:
+            self.pool.uncache(block)
+        if request.request_id in self._num_cached_blocks:
+            self._num_cached_blocks[request.request_id] = min(
+                self._num_cached_blocks[request.request_id], first)
+        return [block.block_id for block in blocks]
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

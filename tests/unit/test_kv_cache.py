@@ -422,19 +422,37 @@ def test_usage_and_totals() -> None:
     assert manager.usage == 0.0
 
 
-def test_uncache_unwritten_blocks_keeps_blocks_written_earlier() -> None:
-    """After a failed forward pass, blocks only the failed requests hold lose their hashes;
-    a block shared with a request outside the batch was written before and stays a hit."""
+def test_forget_unwritten_blocks_keeps_blocks_written_earlier() -> None:
+    """After a failed forward pass, the blocks from the failed row's first position on lose
+    their hashes (they were hashed when allocated, never written); earlier ones stay hits."""
     manager = KVCacheManager(num_blocks=16, block_size=4)
     shared = list(range(8))
     first = make_request("first", shared + [100])
     prefill(manager, first)  # blocks of [0..3], [4..7] cached and written
     second = make_request("second", shared + [20, 21, 22, 23, 24])
     prefill(manager, second)  # hits both shared blocks, allocates [20..23] (hashed) and a tail
-    manager.uncache_unwritten_blocks([second])
+    forgotten = manager.forget_unwritten_blocks(second, num_written_tokens=8)
+    assert forgotten == manager.get_block_ids("second")[2:]
     third = make_request("third", shared + [20, 21, 22, 23, 25])
     _, num_cached = manager.get_computed_blocks(third)
     assert num_cached == 8  # the shared prefix still hits; second's own full block does not
+    manager.free(first)
+    manager.free(second)
+    assert manager.num_free_blocks == manager.num_total_blocks
+
+
+def test_forget_unwritten_blocks_also_forgets_blocks_hit_in_the_same_step() -> None:
+    """A block another request hit in the same step is still unwritten when the pass fails:
+    shared or not, it is forgotten, and its id tells the caller who else read it."""
+    manager = KVCacheManager(num_blocks=16, block_size=4)
+    first = make_request("first", list(range(9)))
+    prefill(manager, first)  # allocates and hashes [0..3], [4..7] (not yet written)
+    second = make_request("second", list(range(8)) + [50])
+    prefill(manager, second)  # hits both in the same step
+    forgotten = manager.forget_unwritten_blocks(first, num_written_tokens=0)
+    assert set(manager.get_block_ids("second")[:2]) <= set(forgotten)
+    _, num_cached = manager.get_computed_blocks(make_request("third", list(range(8)) + [60]))
+    assert num_cached == 0
     manager.free(first)
     manager.free(second)
     assert manager.num_free_blocks == manager.num_total_blocks
