@@ -70,8 +70,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        # adds sent to the worker but not yet applied; each counter has a single writer thread
-        self._num_sent = 0
+        # sequences sent to the worker but not yet applied (each counter has a single writer
+        # thread), and requests applied
+        self._num_sequences_sent = 0
+        self._num_sequences_applied = 0
         self._num_applied = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -110,7 +112,9 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.core.scheduler.num_waiting + self._num_sent - self._num_applied
+        """Sequences waiting: a request with n choices counts n times."""
+        return (self.engine.num_waiting_sequences + self._num_sequences_sent
+                - self._num_sequences_applied)
 
     @property
     def num_admitted(self) -> int:
@@ -194,7 +198,7 @@ class AsyncEngine:
             self._check_alive()
             prepared = self.engine.prepare_request(request_id, prompt_token_ids, params,
                                                    arrival_time)
-            self._check_queue()
+            self._check_capacity(len(prepared.sequences), "n")
         except InvalidRequestError:
             self.metrics.record_failure("validation")
             raise
@@ -210,14 +214,34 @@ class AsyncEngine:
         if self.dead_error is not None or self._stopping.is_set():
             raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
 
-    def _check_queue(self) -> None:
+    def check_capacity(self, num_sequences: int, param: str = "n") -> None:
+        """Raise unless `num_sequences` more sequences fit the waiting queue: InvalidRequestError
+        (naming `param`) when they never could, QueueFullError when they cannot now. For a
+        caller about to admit several prompts at once; the refusal is counted."""
+        try:
+            self._check_capacity(num_sequences, param)
+        except InvalidRequestError:
+            self.metrics.record_failure("validation")
+            raise
+        except QueueFullError:
+            self.metrics.record_failure("queue_full")
+            raise
+
+    def _check_capacity(self, num_sequences: int, param: str) -> None:
         max_queue_len = self.config.scheduler.max_queue_len
-        if max_queue_len is not None and self.num_waiting >= max_queue_len:
-            raise QueueFullError(f"the waiting queue is full ({max_queue_len} requests)")
+        if max_queue_len is None:
+            return
+        if num_sequences > max_queue_len:
+            raise InvalidRequestError(
+                f"this request asks for {num_sequences} sequences (n times the number of "
+                f"prompts), more than the {max_queue_len} that may wait at once", param=param)
+        if self.num_waiting + num_sequences > max_queue_len:
+            raise QueueFullError(f"the waiting queue is full ({self.num_waiting} of "
+                                 f"{max_queue_len} sequences)")
 
     def _send(self, command: _Command) -> None:
         if isinstance(command, _Add):
-            self._num_sent += 1
+            self._num_sequences_sent += len(command.prepared.sequences)
         self._commands.put(command)
         self._wakeup.set()
 
@@ -256,8 +280,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(command, _Add):
-                self._num_applied += 1
                 self._add(command.prepared)
+                self._num_applied += 1
+                self._num_sequences_applied += len(command.prepared.sequences)
                 continue
             if isinstance(command, _Abort):
                 outputs = self.engine.abort_request(command.request_id)

@@ -18,14 +18,17 @@ class InvalidRequestError(EngineError, ValueError):
 class ContextLengthExceededError(InvalidRequestError):
     """Prompt plus requested completion do not fit the model's context window."""
 
-    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int | None) -> None:
+    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int | None,
+                 at_least: bool = False) -> None:
+        """at_least: the prompt was counted only until it could not fit (a lower bound)."""
         requested = num_prompt_tokens + (max_tokens or 0)
-        detail = f"{num_prompt_tokens} in the messages"
+        bound = "at least " if at_least else ""
+        detail = f"{bound}{num_prompt_tokens} in the messages"
         if max_tokens is not None:
             detail += f", {max_tokens} in the completion"
         super().__init__(
             f"This model's maximum context length is {max_model_len} tokens. "
-            f"However, you requested {requested} tokens ({detail}). "
+            f"However, you requested {bound}{requested} tokens ({detail}). "
             "Please reduce the length of the messages or completion.",
             param="messages",
         )
