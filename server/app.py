@@ -64,7 +64,8 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
     # body limit, so CORS preflights never need a key, every response carries X-Request-Id,
     # and a draining server refuses work before reading a byte of it
     settings = state.settings
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes,
+                       timeout_s=settings.body_read_timeout)
     api_keys = resolve_api_keys(settings)
     if api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=api_keys)

@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.errors import ApiError
 from server.protocol import ChatMessage, ContentPart
+from server.tokenization import encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,13 @@ def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
 def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: Sequence[ChatMessage],
+    max_tokens: int,
     add_generation_prompt: bool = True,
     chat_template_kwargs: Mapping[str, object] | None = None,
 ) -> list[int]:
-    """Render and tokenize a conversation. Special tokens come from the template itself, so
-    the tokenizer adds none (no second BOS)."""
+    """Render and tokenize a conversation; ContextLengthExceededError past `max_tokens`.
+    Special tokens come from the template itself, so the tokenizer adds none (no second
+    BOS)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "This model's tokenizer has no chat template; use /v1/completions "
                        "with a plain prompt instead.", param="messages",
@@ -75,4 +78,4 @@ def apply_chat_template(
         logger.debug("chat template failed: %r", exc)
         raise ApiError(400, f"Cannot apply the chat template: {exc}", param="messages") from exc
     assert isinstance(text, str)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode_prompt(tokenizer, text, max_tokens, add_special_tokens=False)

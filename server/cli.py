@@ -28,6 +28,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--api-key-file", "api_key_file", {"metavar": "PATH"}),
     ("--allowed-origins", "allowed_origins", {"action": "append", "metavar": "ORIGINS"}),
     ("--max-request-body-bytes", "max_request_body_bytes", {"type": int}),
+    ("--body-read-timeout", "body_read_timeout", {"type": float, "metavar": "SECONDS"}),
     ("--log-level", "log_level", {"choices": ("debug", "info", "warning", "error", "critical")}),
     ("--log-format", "log_format", {"choices": ("text", "json")}),
     ("--dtype", "dtype", {"choices": ("auto", "float32", "bfloat16", "float16")}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -18,7 +19,7 @@ from engine.errors import (
     QueueFullError,
     RequestFailedError,
 )
-from server.protocol import ErrorDetail, ErrorResponse
+from server.protocol import ErrorDetail, ErrorResponse, InvalidTextError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ RETRY_AFTER_SECONDS = 1  # advertised on 429 (queue full) and 503 (still loading
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 _CODES_BY_STATUS = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-                    413: "request_too_large", 429: "rate_limit_exceeded"}
+                    408: "request_timeout", 413: "request_too_large", 429: "rate_limit_exceeded"}
 
 
 class ApiError(Exception):
@@ -49,8 +50,16 @@ class ApiError(Exception):
 
     def to_response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
         body = ErrorResponse(error=self.to_detail()).model_dump()
-        return JSONResponse(body, status_code=self.status, headers={**self.headers,
-                                                                    **(headers or {})})
+        return AsciiJSONResponse(body, status_code=self.status,
+                                 headers={**self.headers, **(headers or {})})
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message that quotes the client's
+    input always encodes, lone surrogates included."""
+
+    def render(self, content: object) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 class ClientDisconnectedError(Exception):
@@ -172,6 +181,12 @@ def _count_rejected_generation(request: Request) -> None:
         engine.metrics.record_validation_failure()
 
 
+async def _handle_invalid_text(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidTextError)
+    _count_rejected_generation(request)
+    return ApiError(400, str(exc), param=exc.param or None, code="invalid_text").to_response()
+
+
 async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     error = _http_error(exc)
@@ -201,6 +216,7 @@ def internal_error() -> ApiError:
 def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation)
+    app.add_exception_handler(InvalidTextError, _handle_invalid_text)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(EngineError, _handle_engine)
     app.add_exception_handler(ClientDisconnectedError, _handle_disconnect)

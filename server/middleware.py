@@ -7,6 +7,7 @@ disconnect detection pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import logging
@@ -87,9 +88,10 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception:
             logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
-            if not status:
-                await internal_error().to_response()(scope, receive, send_with_id)
-            raise
+            if status:
+                raise  # mid-response: the server closes the connection, the client sees it
+            # a whole 500 response: the connection stays usable for the client's next request
+            await internal_error().to_response()(scope, receive, send_with_id)
         finally:
             elapsed_ms = (time.monotonic() - float(state["arrival_time"])) * 1000  # type: ignore[arg-type]
             logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed_ms)
@@ -156,11 +158,15 @@ class DrainMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading."""
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while reading. 408
+    (and the connection closed) when the whole body has not arrived `timeout_s` after the
+    request began: a client that stops sending, or sends less than its Content-Length, holds
+    nothing for long."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -171,13 +177,23 @@ class BodyLimitMiddleware:
             await self.too_large().to_response()(scope, receive, send)
             return
         num_received = 0
+        is_complete = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal num_received
-            message = await receive()
-            num_received += len(message.get("body", b""))
-            if num_received > self.max_bytes:
+            nonlocal num_received, is_complete
+            if is_complete:  # past the body, receive() only waits for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
                 # FastAPI re-raises HTTPException from body reading; the handler wraps it
+                raise HTTPException(408, f"The request body did not arrive within "
+                                    f"{self.timeout_s:g} s.", headers={"Connection": "close"}
+                                    ) from None
+            num_received += len(message.get("body", b""))
+            is_complete = not message.get("more_body", False)
+            if num_received > self.max_bytes:
                 raise HTTPException(413, self.too_large().message)
             return message
 

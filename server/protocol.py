@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -20,8 +20,47 @@ from pydantic import (
 logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+# sizes of lists and short strings; long texts are bounded by the body limit and the context
+MAX_MESSAGES = 4096
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request
+MAX_NAME_CHARS = 256  # model, user, message names
+MAX_STOP_STRINGS = 16
+MAX_TOKEN_ID_LIST = 1024  # stop_token_ids, logit_bias entries
 
 TokenIds = list[StrictInt]
+# JSON allows 1e999 and Python's json module NaN/Infinity; no sampling field means either
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+ShortStr = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+
+
+class InvalidTextError(Exception):
+    """A string in the request is not valid Unicode text (a lone surrogate, which JSON can
+    spell as "\\ud800"): nothing downstream can encode it. Deliberately not a ValueError,
+    so pydantic lets it through with the exact `param` instead of the whole body's."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(f"{param or 'the request'} holds a lone surrogate (e.g. \\ud800), "
+                         "which is not valid Unicode text")
+        self.param = param
+
+
+def check_encodable(value: object, param: str = "") -> None:
+    """Raise InvalidTextError naming the first string (key or value, at any depth) that UTF-8
+    cannot encode."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidTextError(param) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{param}.{key}" if param else str(key)
+            check_encodable(key, path)
+            check_encodable(item, path)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_encodable(item, f"{param}[{index}]")
 
 
 class OpenAIBaseModel(BaseModel):
@@ -42,19 +81,29 @@ class OpenAIBaseModel(BaseModel):
 # ---------------------------------------------------------------- requests
 
 
+class RequestBody(OpenAIBaseModel):
+    """A whole request body: every string in it must be encodable text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: object) -> object:
+        check_encodable(data)
+        return data
+
+
 class ContentPart(OpenAIBaseModel):
     """One part of an array-valued message content; only `text` parts are served."""
 
-    type: str
+    type: ShortStr
     text: str | None = None
 
 
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, object]] | None = None
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_MESSAGES)] | None = None
+    name: ShortStr | None = None
+    tool_call_id: ShortStr | None = None
+    tool_calls: Annotated[list[dict[str, object]], Field(max_length=MAX_MESSAGES)] | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -68,28 +117,29 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIBaseModel):
-    """Fields shared by chat and legacy completions: OpenAI's plus vLLM's extensions."""
+class SamplingRequest(RequestBody):
+    """Fields shared by chat and legacy completions: OpenAI's plus vLLM's extensions. Ranges
+    the engine checks again (SamplingParams.validate) are stated here too, for the schema."""
 
-    model: str | None = None
+    model: ShortStr | None = None
     n: int = Field(1, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    temperature: FiniteFloat | None = Field(None, ge=0.0, le=2.0)
+    top_p: FiniteFloat | None = Field(None, gt=0.0, le=1.0)
+    presence_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: FiniteFloat | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, FiniteFloat], Field(max_length=MAX_TOKEN_ID_LIST)] | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: ShortStr | None = None
     # vLLM extensions
     top_k: int | None = None
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: FiniteFloat | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: FiniteFloat | None = Field(None, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_TOKEN_ID_LIST)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -99,7 +149,7 @@ class SamplingRequest(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -119,7 +169,8 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds | Annotated[
+        list[TokenIds], Field(max_length=MAX_PROMPTS)]
     max_tokens: int | None = Field(None, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -149,10 +200,10 @@ class CompletionRequest(SamplingRequest):
         return [list(cast(list[int], item)) for item in prompt]
 
 
-class TokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
+class TokenizeRequest(RequestBody):
+    model: ShortStr | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, object] | None = None
@@ -164,8 +215,8 @@ class TokenizeRequest(OpenAIBaseModel):
         return self
 
 
-class DetokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
+class DetokenizeRequest(RequestBody):
+    model: ShortStr | None = None
     tokens: list[StrictInt]
 
 

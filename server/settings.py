@@ -56,6 +56,9 @@ class Settings(BaseModel):
         "none: CORS off)")
     max_request_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1, description="largest accepted request body; larger: 413")
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client has to send its whole request body; a "
+        "slower (or shorter than its Content-Length) body gets 408 and the connection closes")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="logging level")
     log_format: Literal["text", "json"] = Field(

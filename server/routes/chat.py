@@ -46,8 +46,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     ctx = ResponseContext(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
                           state.model_name_for(body.model))
     params = chat_sampling_params(body, engine.generation_defaults)
-    prompt_ids = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
-                                         body.add_generation_prompt, body.chat_template_kwargs)
+    try:
+        prompt_ids = await asyncio.to_thread(
+            apply_chat_template, engine.tokenizer, body.messages, engine.max_model_len,
+            body.add_generation_prompt, body.chat_template_kwargs)
+    except EngineError as exc:
+        raise from_engine_error(exc, "messages") from exc
     logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s", ctx.response_id,
                 len(prompt_ids), body.n, params.max_tokens, body.stream)
     stream = OutputStream(engine, [ctx.response_id], [prompt_ids], params,

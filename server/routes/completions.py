@@ -28,6 +28,7 @@ from server.streaming import (
     sse_response,
     until_disconnected,
 )
+from server.tokenization import encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,12 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     ctx = ResponseContext(f"cmpl-{uuid.uuid4().hex}", int(time.time()),
                           state.model_name_for(body.model))
     params = completion_sampling_params(body, engine.generation_defaults)
-    prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompts)
+    try:
+        engine.check_capacity(params.n * len(body.prompts))  # before any tokenizing
+        prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompts,
+                                          engine.max_model_len)
+    except EngineError as exc:
+        raise from_engine_error(exc, "prompt") from exc
     # one engine request per prompt; choice index = prompt_index * n + i, as OpenAI numbers them
     request_ids = [ctx.response_id] if len(prompts) == 1 else [
         f"{ctx.response_id}-{index}" for index in range(len(prompts))]
@@ -70,10 +76,12 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
-                     prompts: Sequence[str] | Sequence[list[int]]) -> list[list[int]]:
-    """Text prompts get the tokenizer's special tokens (e.g. BOS); token ids pass as given."""
-    return [list(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
-            for prompt in prompts]
+                     prompts: Sequence[str] | Sequence[list[int]],
+                     max_tokens: int) -> list[list[int]]:
+    """Text prompts get the tokenizer's special tokens (e.g. BOS); token ids pass as given
+    (the engine checks them). ContextLengthExceededError for a text over `max_tokens`."""
+    return [encode_prompt(tokenizer, prompt, max_tokens) if isinstance(prompt, str)
+            else list(prompt) for prompt in prompts]
 
 
 def _echo_texts(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest,

@@ -6,24 +6,33 @@ import asyncio
 
 from fastapi import APIRouter
 
+from engine import EngineError
 from server.chat_template import apply_chat_template
-from server.errors import ApiError
+from server.errors import ApiError, from_engine_error
 from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.routes import ERROR_RESPONSES
 from server.state import EngineDep, StateDep
+from server.tokenization import encode_prompt
 
 router = APIRouter(tags=["tokenizer"])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) -> TokenizeResponse:
+    """The limits of generation hold: a text longer than the context is a 400, found after
+    tokenizing about a context's worth of it."""
     state.model_name_for(body.model)
-    if body.messages is not None:
-        tokens = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
-                                         body.add_generation_prompt, body.chat_template_kwargs)
-    else:
-        tokens = await asyncio.to_thread(engine.tokenizer.encode, body.prompt or "",
-                                         add_special_tokens=body.add_special_tokens)
+    try:
+        if body.messages is not None:
+            tokens = await asyncio.to_thread(
+                apply_chat_template, engine.tokenizer, body.messages, engine.max_model_len,
+                body.add_generation_prompt, body.chat_template_kwargs)
+        else:
+            tokens = await asyncio.to_thread(encode_prompt, engine.tokenizer, body.prompt or "",
+                                             engine.max_model_len, body.add_special_tokens)
+    except EngineError as exc:
+        raise from_engine_error(exc, "messages" if body.messages is not None else "prompt"
+                                ) from exc
     return TokenizeResponse(tokens=list(tokens), count=len(tokens),
                             max_model_len=engine.max_model_len)
 
@@ -32,6 +41,9 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) ->
 async def detokenize(body: DetokenizeRequest, state: StateDep,
                      engine: EngineDep) -> DetokenizeResponse:
     state.model_name_for(body.model)
+    if len(body.tokens) > engine.max_model_len:
+        raise ApiError(400, f"at most max_model_len ({engine.max_model_len}) token ids can be "
+                       f"detokenized at once; got {len(body.tokens)}", param="tokens")
     bad = [token for token in body.tokens if not 0 <= token < engine.vocab_size]
     if bad:
         raise ApiError(400, f"token ids must be in [0, {engine.vocab_size}); got {bad[:5]}",

@@ -100,7 +100,7 @@ def test_chat_template_runs_in_a_sandbox(template: str, tmp_path: Path) -> None:
     tokenizer = build_tokenizer()
     tokenizer.chat_template = template.replace("{marker}", str(marker))
     with pytest.raises(ApiError) as info:
-        apply_chat_template(tokenizer, [ChatMessage(role="user", content="hi")])
+        apply_chat_template(tokenizer, [ChatMessage(role="user", content="hi")], 512)
     assert info.value.status == 400
     assert not marker.exists()
 
@@ -108,7 +108,7 @@ def test_chat_template_runs_in_a_sandbox(template: str, tmp_path: Path) -> None:
 def test_chat_template_kwargs_cannot_swap_the_template() -> None:
     tokenizer = build_tokenizer()
     with pytest.raises(ApiError, match="chat_template"):
-        apply_chat_template(tokenizer, [ChatMessage(role="user", content="hi")],
+        apply_chat_template(tokenizer, [ChatMessage(role="user", content="hi")], 512,
                             chat_template_kwargs={"chat_template": "{{ 1 }}"})
 
 
