@@ -46,21 +46,32 @@ class InvalidTextError(Exception):
 
 def check_encodable(value: object, param: str = "") -> None:
     """Raise InvalidTextError naming the first string (key or value, at any depth) that UTF-8
-    cannot encode."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidTextError(param) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            path = f"{param}.{key}" if param else str(key)
-            check_encodable(key, path)
-            check_encodable(item, path)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            check_encodable(item, f"{param}[{index}]")
+    cannot encode. Iterative: JSON nested a thousand deep must not exhaust the stack."""
+    pending: list[tuple[object, str]] = [(value, param)]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str):
+            if not _is_encodable(item):
+                raise InvalidTextError(path)
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                child_path = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not _is_encodable(key):
+                    raise InvalidTextError(child_path)
+                pending.append((child, child_path))
+        elif isinstance(item, list):
+            pending.extend((child, f"{path}[{index}]")
+                           for index, child in reversed(list(enumerate(item))))
+
+
+def _is_encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class OpenAIBaseModel(BaseModel):

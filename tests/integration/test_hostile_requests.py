@@ -281,3 +281,21 @@ def test_tokenize_has_the_limits_of_generation(hostile_server: RunningServer) ->
     _assert_envelope(reply.status_code, reply.json(), 400, "tokens")
     fits = http.post("/tokenize", json={"prompt": "hello " * 50})
     assert fits.status_code == 200 and fits.json()["count"] <= max_model_len
+
+
+@pytest.mark.parametrize("depth", [500, 5_000, 100_000])
+def test_deeply_nested_json_is_a_4xx(hostile_server: RunningServer, depth: int) -> None:
+    nested = "[" * depth + "]" * depth
+    raw = (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], '
+           b'"max_tokens": 2, "chat_template_kwargs": {"deep": ' + nested.encode() + b"}}")
+    connection = Connection(hostile_server.base_url)
+    try:
+        status, body = connection.post("/v1/chat/completions", raw)
+        assert status == 200 or 400 <= status < 500, body
+        if status != 200:
+            _assert_envelope(status, body, status)
+        status, body = connection.post("/v1/completions",
+                                       json.dumps(_completion([1, 2])).encode())
+        assert status == 200, body
+    finally:
+        connection.close()
