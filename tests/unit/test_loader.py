@@ -14,19 +14,14 @@ import safetensors.torch
 import torch
 import transformers
 
-import engine.loader
+import engine.weights
 from engine.attention.base import AttentionMetadata
 from engine.errors import InvalidRequestError, UnsupportedModelError
-from engine.loader import (
-    LoadedModel,
-    iter_safetensors,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    safetensors_files,
-)
+from engine.loader import LoadedModel, load_model
 from engine.models import SUPPORTED_ARCHITECTURES, kv_cache_spec
 from engine.models.base import CausalLM
+from engine.runtime import resolve_device, resolve_dtype
+from engine.weights import iter_safetensors, safetensors_files
 from tests.tiny_models import build_config, save_tiny_model
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -166,7 +161,7 @@ def test_iter_safetensors_reads_what_safetensors_reads(tmp_path: Path, dtype: to
 def test_chunked_conversion_covers_every_element(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # A chunk smaller than the tensor (and not dividing it) exercises the conversion loop.
-    monkeypatch.setattr(engine.loader, "_READ_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(engine.weights, "_READ_CHUNK_BYTES", 1000)
     tensor = torch.randn(37, 29)
     safetensors.torch.save_file({"w": tensor}, tmp_path / "model.safetensors")
     ((_, read),) = iter_safetensors(tmp_path, torch.bfloat16)

@@ -1,0 +1,84 @@
+"""The process's compute runtime: which device and dtype to run in, the intra-op threads used
+while setting up, and handing the heap's freed pages back to the OS afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+from collections.abc import Iterator
+
+import torch
+import transformers
+
+from engine.errors import InvalidRequestError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when available, else CPU; an explicit CUDA request must be satisfiable."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise InvalidRequestError(f"unknown device {device!r}", param="device") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' requested but CUDA is not available",
+                                  param="device")
+    return resolved
+
+
+def resolve_dtype(dtype: str, hf_config: transformers.PretrainedConfig,
+                  device: torch.device) -> torch.dtype:
+    """Explicit dtypes are honored. "auto" takes the checkpoint's dtype (float32 when it
+    names none we support), except float16 on CPU becomes bfloat16: CPU fp16 matmuls are slow."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise InvalidRequestError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, "
+                                      f"got {dtype!r}", param="dtype")
+        return _DTYPES[dtype]
+    resolved = _config_dtype(hf_config) or torch.float32
+    if resolved == torch.float16 and device.type == "cpu":
+        return torch.bfloat16
+    return resolved
+
+
+def _config_dtype(hf_config: transformers.PretrainedConfig) -> torch.dtype | None:
+    # transformers 5 calls it `dtype`, 4 `torch_dtype`; either a string or a torch.dtype.
+    for attr in ("dtype", "torch_dtype"):
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, str):
+            value = _DTYPES.get(value.removeprefix("torch."))
+        if value in _DTYPES.values():
+            return value
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_setup() -> Iterator[None]:
+    """Run the enclosed torch work on one intra-op thread; the global count is left as it was.
+
+    libgomp keeps an OpenMP thread team for every thread that ever ran a parallel region, for
+    as long as that thread lives. Once there are more team threads than cores it stops
+    spinning between regions, so every matmul of a decode step pays a futex wake-up: 15-35%
+    slower steps on 2 cores. Setup usually runs in a helper thread that outlives it
+    (asyncio.to_thread), so setup must not start a team: the thread that steps the engine
+    should own the only one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)  # no team is started until a parallel region runs
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc only; a no-op elsewhere). Loading
+    frees read buffers and, when prepacking, every dense weight; glibc would otherwise keep
+    ~50 MB of that counted in our RSS for the life of the process."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
