@@ -13,15 +13,9 @@ import time
 import uuid
 from pathlib import Path
 
+from engine.cache_dir import cache_root, file_lock
 from engine.errors import UnsupportedModelError
-from engine.gguf import (
-    cache_root,
-    convert_gguf,
-    file_lock,
-    is_converted,
-    verified_sha256,
-    write_verified_marker,
-)
+from engine.gguf import convert_gguf, is_converted, verified_sha256, write_verified_marker
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from engine.cache_dir import cache_root, file_lock
 from engine.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -35,11 +36,6 @@ _EOG_TOKEN_TEXTS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>",
 
 ScalarValue = str | int | float | bool
 
-
-def cache_root() -> Path:
-    """$PAGEDSERVE_CACHE_DIR, else ~/.cache/pagedserve."""
-    configured = os.environ.get("PAGEDSERVE_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "pagedserve"
 
 def verified_sha256(path: Path) -> str | None:
     """The sha256 recorded for `path`, if its marker still matches the file's size and mtime."""
@@ -316,19 +312,4 @@ def _phase(name: str, gguf_path: Path) -> Iterator[None]:
     start = time.perf_counter()
     yield
     logger.info("convert %s: %s took %.1fs", gguf_path.name, name, time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive cross-process lock, so two servers starting at once convert only once
-    (and do not both hold ~4 GB while doing it)."""
-    import fcntl  # POSIX only; the server targets Linux and macOS
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 

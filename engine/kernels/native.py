@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch  # loaded before the kernels, so they share its libgomp
 
+from engine.cache_dir import cache_root, file_lock
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -106,8 +108,6 @@ def _compiler() -> str | None:
 
 def build() -> Path:
     """The shared library for the current source and flags, compiled unless cached."""
-    from engine.gguf import cache_root, file_lock  # the model cache's root and lock
-
     compiler = _compiler()
     assert compiler is not None
     source = SOURCE.read_bytes()
