@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Literal, get_args, get_origin
 
 from server import __version__
 from server.logging_config import configure_logging
@@ -19,7 +20,8 @@ logger = logging.getLogger("server.cli")
 KEEP_ALIVE_S = 20
 
 
-# (flag, settings field, argparse options); help and defaults come from the Settings model
+# (flag, settings field, argparse options); help, defaults and the choices of a field typed as
+# a Literal come from the Settings model
 _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--host", "host", {}),
     ("--port", "port", {"type": int}),
@@ -29,12 +31,12 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--allowed-origins", "allowed_origins", {"action": "append", "metavar": "ORIGINS"}),
     ("--max-request-body-bytes", "max_request_body_bytes", {"type": int}),
     ("--body-read-timeout", "body_read_timeout", {"type": float, "metavar": "SECONDS"}),
-    ("--log-level", "log_level", {"choices": ("debug", "info", "warning", "error", "critical")}),
-    ("--log-format", "log_format", {"choices": ("text", "json")}),
-    ("--dtype", "dtype", {"choices": ("auto", "float32", "bfloat16", "float16")}),
-    ("--device", "device", {"choices": ("auto", "cpu", "cuda")}),
-    ("--quantization", "quantization", {"choices": ("int8",)}),
-    ("--attention-backend", "attention_backend", {"choices": ("auto", "torch", "triton")}),
+    ("--log-level", "log_level", {}),
+    ("--log-format", "log_format", {}),
+    ("--dtype", "dtype", {}),
+    ("--device", "device", {}),
+    ("--quantization", "quantization", {}),
+    ("--attention-backend", "attention_backend", {}),
     ("--enforce-eager", "enforce_eager", {"action": "store_true"}),
     ("--max-model-len", "max_model_len", {"type": int}),
     ("--max-num-seqs", "max_num_seqs", {"type": int}),
@@ -72,9 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML settings file, e.g. configs/default.yaml (env: "
                         "PAGEDSERVE_CONFIG)")
     for flag, field_name, options in _FLAGS:
+        choices = _literal_values(Settings.model_fields[field_name].annotation)
+        if choices:
+            options = {"choices": choices, **options}
         parser.add_argument(flag, dest=field_name, help=_help(field_name, flag),
                             **options)  # type: ignore[arg-type]
     return parser
+
+
+def _literal_values(annotation: object) -> tuple[object, ...]:
+    """The values a Literal annotation allows, also inside a union (`Literal["int8"] | None`
+    gives ("int8",): None is the default, not something to type); () when there is none."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(value for arg in get_args(annotation) for value in _literal_values(arg))
 
 
 def _help(field_name: str, flag: str = "") -> str:
