@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "PAGEDSERVE_"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # fields that hold several values: comma-separated in env vars, repeatable as flags
 LIST_FIELDS = ("api_keys", "allowed_origins")
