@@ -1,4 +1,5 @@
-"""The HTTP routes, one router per concern; `ROUTERS` is what the app factory mounts."""
+"""The HTTP routes, one router per concern: `all_routers()` is what the app factory mounts;
+ERROR_RESPONSES and SSE_RESPONSE describe their responses in the OpenAPI schema."""
 
 from __future__ import annotations
 
