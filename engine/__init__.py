@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
+    "GENERATION_DEFAULT_FIELDS": "engine.llm_engine",
     "AsyncEngine": "engine.async_engine",
     "CacheConfig": "engine.config",
     "EngineConfig": "engine.config",
@@ -55,6 +56,6 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from engine.llm import LLM
-    from engine.llm_engine import LLMEngine
+    from engine.llm_engine import GENERATION_DEFAULT_FIELDS, LLMEngine
     from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTiming
     from engine.sampling_params import SamplingParams

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine import SamplingParams
+from engine import GENERATION_DEFAULT_FIELDS, SamplingParams
 from server.errors import ApiError
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
-
-# fields whose default comes from the model's generation config when the request omits them
-_MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def chat_sampling_params(request: ChatCompletionRequest,
@@ -34,7 +31,8 @@ def completion_sampling_params(request: CompletionRequest,
 def _build(request: SamplingRequest, defaults: Mapping[str, float | int],
            max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     kwargs: dict[str, object] = {}
-    for name in _MODEL_DEFAULTED:
+    # the fields whose default comes from the model's generation config
+    for name in GENERATION_DEFAULT_FIELDS:
         value = getattr(request, name)
         if value is None:
             value = defaults.get(name)
