@@ -1,5 +1,6 @@
 """Import rules of DESIGN.md, enforced: the scheduler and kv_cache import without torch or numpy,
-and nothing under engine/ imports the server side (fastapi, pydantic, server)."""
+nothing under engine/ imports the server side (fastapi, pydantic, server), and the server
+imports only the public `engine` package, never an `engine.<submodule>`."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "engine"
+SERVER = ROOT / "server"
 
 DEVICE_PACKAGES = frozenset({"torch", "numpy"})
 SERVER_PACKAGES = frozenset({"fastapi", "pydantic", "server", "starlette", "uvicorn",
                              "sse_starlette"})
 KV_CACHE_MODULES = ("engine.kv_cache", "engine.kv_cache.hashing", "engine.kv_cache.block_pool",
                     "engine.kv_cache.manager")
+# server files known to import engine internals, and what they may still import; entries
+# only shrink: server/errors.py is moving to `from engine import ...` (its errors are exported)
+KNOWN_ENGINE_INTERNAL_IMPORTS = {"server/errors.py": frozenset({"engine.errors"})}
 
 # Runs in a fresh interpreter: a meta-path finder that fails (and records) every attempt to
 # import a blocked package, so even an `except ImportError` fallback counts as a violation.
@@ -58,6 +63,27 @@ def imported_packages(source: str) -> set[str]:
     return names
 
 
+def engine_internal_imports(source: str) -> set[str]:
+    """Every `engine.<submodule>` the source imports, function-level ones too; `from engine
+    import name` counts when `name` is a submodule rather than a public export."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names
+                         if alias.name.startswith("engine."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("engine."):
+                names.add(node.module)
+            elif node.module == "engine":
+                names.update(f"engine.{alias.name}" for alias in node.names
+                             if _is_engine_submodule(alias.name))
+    return names
+
+
+def _is_engine_submodule(name: str) -> bool:
+    return (ENGINE / f"{name}.py").is_file() or (ENGINE / name / "__init__.py").is_file()
+
+
 def test_blocked_import_harness_catches_torch() -> None:
     # the harness itself must be able to fail: tests.tiny_models imports torch
     result = import_without(DEVICE_PACKAGES, ("tests.tiny_models",))
@@ -95,6 +121,30 @@ def test_engine_never_imports_the_server_side() -> None:
                                                   & SERVER_PACKAGES) for p in paths}
     assert paths
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_server_imports_only_the_public_engine_package() -> None:
+    paths = sorted(SERVER.rglob("*.py"))
+    offenders = {str(p.relative_to(ROOT)): engine_internal_imports(p.read_text())
+                 for p in paths}
+    assert paths
+    unexpected = {path: sorted(names - KNOWN_ENGINE_INTERNAL_IMPORTS.get(path, frozenset()))
+                  for path, names in offenders.items()}
+    assert {path: names for path, names in unexpected.items() if names} == {}
+
+
+def test_engine_import_scanner_sees_every_internal_import_form() -> None:
+    source = (
+        "import engine\n"
+        "import engine.config\n"
+        "from engine import LLM, SamplingParams, errors\n"
+        "from engine.outputs import RequestOutput\n"
+        "from .engine import sibling\n"
+        "def lazy():\n"
+        "    from engine.kv_cache.manager import KVCacheManager\n"
+    )
+    assert engine_internal_imports(source) == {"engine.config", "engine.errors",
+                                               "engine.outputs", "engine.kv_cache.manager"}
 
 
 def test_import_scanner_sees_every_import_form() -> None:
