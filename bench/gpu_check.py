@@ -357,7 +357,7 @@ def compare_engine(path: Path, prompts: list[list[int]], expected: list[list[int
                             min_tokens=sizes.greedy_tokens)
     first = llm.generate(prompts, params)
     second = llm.generate(prompts, params)
-    backends = sorted({type(m.attn_backend).__name__ for m in llm.engine.loaded.model.modules()
+    backends = sorted({type(m.attn_backend).__name__ for m in llm.llm_engine.loaded.model.modules()
                        if hasattr(m, "attn_backend")})
     mismatches = [{"prompt": i, "pass": n, "expected": want, "got": out.outputs[0].token_ids}
                   for n, outputs in enumerate((first, second))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
-    "GENERATION_DEFAULT_FIELDS": "engine.llm_engine",
+    "GENERATION_DEFAULT_FIELDS": "engine.sampling_params",
     "AsyncEngine": "engine.async_engine",
     "CacheConfig": "engine.config",
     "EngineConfig": "engine.config",
@@ -21,6 +21,7 @@ _EXPORTS = {
     "CompletionOutput": "engine.outputs",
     "Logprob": "engine.outputs",
     "RequestOutput": "engine.outputs",
+    "RequestOutputKind": "engine.outputs",
     "RequestTiming": "engine.outputs",
     "ContextLengthExceededError": "engine.errors",
     "EngineDeadError": "engine.errors",
@@ -56,6 +57,12 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from engine.llm import LLM
-    from engine.llm_engine import GENERATION_DEFAULT_FIELDS, LLMEngine
-    from engine.outputs import CompletionOutput, Logprob, RequestOutput, RequestTiming
-    from engine.sampling_params import SamplingParams
+    from engine.llm_engine import LLMEngine
+    from engine.outputs import (
+        CompletionOutput,
+        Logprob,
+        RequestOutput,
+        RequestOutputKind,
+        RequestTiming,
+    )
+    from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams

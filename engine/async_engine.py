@@ -21,6 +21,7 @@ from engine.errors import (
     QueueFullError,
     RequestTimeoutError,
 )
+from engine.fault_hooks import FaultHooks
 from engine.llm_engine import LLMEngine, PreparedRequest
 from engine.metrics import MetricsLogger, engine_config_info
 from engine.outputs import RequestOutput
@@ -59,14 +60,14 @@ class AsyncEngine:
         Metrics go to `registry` labelled model_name=served_model_name (default: the model's
         directory or file name). strict_max_model_len: see LLMEngine."""
         self.config = config
-        self.engine = engine or LLMEngine(config, strict_max_model_len=strict_max_model_len)
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.vocab_size = self.engine.vocab_size
-        self.generation_defaults = dict(self.engine.generation_defaults)
+        self.llm_engine = engine or LLMEngine(config, strict_max_model_len=strict_max_model_len)
+        self.tokenizer = self.llm_engine.tokenizer
+        self.max_model_len = self.llm_engine.max_model_len
+        self.vocab_size = self.llm_engine.vocab_size
+        self.generation_defaults = dict(self.llm_engine.generation_defaults)
         self.model_name = served_model_name or _model_name(config.model.model)
         self.metrics = MetricsLogger(self.model_name, registry=registry)
-        self.metrics.record_engine_info(engine_config_info(self.engine))
+        self.metrics.record_engine_info(engine_config_info(self.llm_engine))
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -107,13 +108,18 @@ class AsyncEngine:
         return self.is_ready and self._thread is not None and self._thread.is_alive()
 
     @property
+    def fault_hooks(self) -> FaultHooks:
+        """Test-only fault injection (see FaultHooks); production never sets a hook."""
+        return self.llm_engine.fault_hooks
+
+    @property
     def num_running(self) -> int:
-        return self.engine.core.scheduler.num_running
+        return self.llm_engine.stats().num_running
 
     @property
     def num_waiting(self) -> int:
         """Sequences waiting: a request with n choices counts n times."""
-        return (self.engine.num_waiting_sequences + self._num_sequences_sent
+        return (self.llm_engine.stats().num_waiting + self._num_sequences_sent
                 - self._num_sequences_applied)
 
     @property
@@ -129,15 +135,15 @@ class AsyncEngine:
 
     @property
     def kv_cache_usage(self) -> float:
-        return self.engine.core.kv_cache_manager.usage
+        return self.llm_engine.stats().kv_cache_usage
 
     @property
     def num_free_blocks(self) -> int:
-        return self.engine.core.kv_cache_manager.num_free_blocks
+        return self.llm_engine.stats().num_free_blocks
 
     @property
     def num_total_blocks(self) -> int:
-        return self.engine.core.kv_cache_manager.num_total_blocks
+        return self.llm_engine.stats().num_total_blocks
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class AsyncEngine:
         """Validate and admit a request, counting the failure when it is refused."""
         try:
             self._check_alive()
-            prepared = self.engine.prepare_request(request_id, prompt_token_ids, params,
+            prepared = self.llm_engine.prepare_request(request_id, prompt_token_ids, params,
                                                    arrival_time)
             self._check_capacity(len(prepared.sequences), "n")
         except InvalidRequestError:
@@ -231,7 +237,7 @@ class AsyncEngine:
         max_queue_len = self.config.scheduler.max_queue_len
         if max_queue_len is None:
             return
-        if num_sequences > max_queue_len:
+        if num_sequences > max(max_queue_len, 1):  # one sequence is only ever "not now"
             raise InvalidRequestError(
                 f"this request asks for {num_sequences} sequences (n times the number of "
                 f"prompts), more than the {max_queue_len} that may wait at once", param=param)
@@ -252,17 +258,17 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self.last_step_time = time.monotonic()  # heartbeat: every pass of the loop
                 self._apply_commands()
-                if not self.engine.has_unfinished_requests():
+                if not self.llm_engine.has_unfinished_requests():
                     self._wait_idle()
                     continue
-                outputs = self.engine.step()
+                outputs = self.llm_engine.step()
                 self._deliver(outputs)  # clients first; the metrics can wait a moment
-                self.metrics.record_step(self.engine.stats, outputs)
+                self.metrics.record_step(self.llm_engine.last_step_stats, outputs)
         except BaseException as error:  # the loop is dead: tell every waiting client now
             logger.exception("engine loop died")
             self.dead_error = error
             self.metrics.record_failure(
-                "error", len(self.engine.output_processor.user_requests))
+                "error", self.llm_engine.stats().num_unfinished_requests)
             self._fail_all(EngineDeadError(f"the engine loop died: {error!r}"))
 
     def _wait_idle(self) -> None:
@@ -285,15 +291,15 @@ class AsyncEngine:
                 self._num_sequences_applied += len(command.prepared.sequences)
                 continue
             if isinstance(command, _Abort):
-                outputs = self.engine.abort_request(command.request_id)
+                outputs = self.llm_engine.abort_request(command.request_id)
             else:
-                outputs = self.engine.fail_request(command.request_id, command.message)
+                outputs = self.llm_engine.fail_request(command.request_id, command.message)
             self._deliver(outputs)
             self.metrics.record_finished(outputs)
 
     def _add(self, prepared: PreparedRequest) -> None:
         try:
-            self.engine.add_prepared(prepared)
+            self.llm_engine.add_prepared(prepared)
         except Exception as error:  # queue full or duplicate id: only this request fails
             self.metrics.record_failure(
                 "validation" if isinstance(error, InvalidRequestError) else "error")

@@ -4,45 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from engine.fault_hooks import FaultHooks
 from engine.kv_cache.manager import KVCacheManager
 from engine.loader import LoadedModel
-from engine.model_runner import (
-    ModelRunner,
-    ModelRunnerOutput,
-    PositionLogprobs,
-    is_fatal_error,
-)
+from engine.model_runner import ModelRunner, ModelRunnerOutput, is_fatal_error
+from engine.outputs import EngineCoreOutput, PositionLogprobs
 from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class EngineCoreOutput:
-    """What one step did to one request: new tokens and, when it ended, why."""
-
-    request: Request
-    new_token_ids: list[int]
-    new_logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None
-
-
-@dataclass(slots=True)
-class FaultHooks:
-    """Fault injection for tests: every hook is None in production. A hook injects a fault by
-    raising; where it is called decides what the fault takes down."""
-
-    on_step: Callable[[], None] | None = None  # start of LLMEngine.step: the engine loop dies
-    # before each forward pass with its batch (also before the health probe, with []): a
-    # fault that only some requests trigger fails those; one that needs none ends the loop
-    on_execute: Callable[[list[Request]], None] | None = None
-    # per sequence output, in output processing: that one request fails
-    on_request_output: Callable[[Request], None] | None = None
 
 
 @dataclass(slots=True)
@@ -219,9 +192,11 @@ class EngineCore:
             timing.last_token = now
             position_logprobs = logprobs.get(request.request_id)
             outputs.append(EngineCoreOutput(
-                request=request, new_token_ids=[token_id],
+                sequence_id=request.request_id, new_token_ids=[token_id],
                 new_logprobs=None if position_logprobs is None else [position_logprobs],
-                finish_reason=request.status.finish_reason))
+                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+                num_cached_tokens=max(request.num_cached_tokens, 0),
+                first_scheduled_time=timing.first_scheduled, time=now))
         return outputs
 
     def _stats(self, num_prompt: int, num_generation: int, num_preemptions_before: int,

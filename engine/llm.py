@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import count
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, RequestOutputKind
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -24,24 +25,26 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: object) -> None:
-        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_args))
+        self.tokenizer = self.llm_engine.tokenizer
         self._ids = count()
 
     def default_sampling_params(self) -> SamplingParams:
-        return SamplingParams(**self.engine.generation_defaults)  # type: ignore[arg-type]
+        return SamplingParams(**self.llm_engine.generation_defaults)  # type: ignore[arg-type]
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order."""
         prompt_list = _as_prompt_list(prompts)
-        params_list = self._params_list(sampling_params, len(prompt_list))
+        # only each request's final output is read: no per-step copies of its tokens
+        params_list = [replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                       for params in self._params_list(sampling_params, len(prompt_list))]
         request_ids = []
         for prompt, params in zip(prompt_list, params_list, strict=True):
             request_id = str(next(self._ids))
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            self.engine.add_request(request_id, token_ids, params)
+            self.llm_engine.add_request(request_id, token_ids, params)
             request_ids.append(request_id)
         finished = self._run_to_completion()
         outputs = [finished[request_id] for request_id in request_ids]
@@ -62,8 +65,8 @@ class LLM:
 
     def _run_to_completion(self) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
+        while self.llm_engine.has_unfinished_requests():
+            for output in self.llm_engine.step():
                 if output.finished:
                     finished[output.request_id] = output
         return finished

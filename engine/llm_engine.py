@@ -14,11 +14,23 @@ from engine.loader import LoadedModel, load_model
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The engine's load at one moment, in sequences and blocks."""
+
+    num_running: int
+    num_waiting: int
+    num_unfinished_requests: int  # user requests admitted and not finished
+    num_free_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    num_preemptions: int  # since start
 
 
 @dataclass(slots=True)
@@ -27,6 +39,7 @@ class PreparedRequest:
 
     request_id: str
     sequences: list[Request]
+    params: SamplingParams  # the user request's; each sequence has its own seed
     arrival_time: float
 
 
@@ -88,7 +101,7 @@ class LLMEngine:
                     sampling_params=self._sequence_params(params, index), arrival_time=arrival,
                     max_tokens=max_tokens)
             for index in range(params.n)]
-        return PreparedRequest(request_id, sequences, arrival)
+        return PreparedRequest(request_id, sequences, params, arrival)
 
     def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
         prompt = list(prompt_token_ids)
@@ -123,8 +136,9 @@ class LLMEngine:
         if prepared.request_id in self.output_processor.user_requests:
             raise InvalidRequestError(f"request id {prepared.request_id!r} is already in use")
         self.core.add_request(first)
-        self.output_processor.add_request(prepared.request_id, prepared.sequences,
-                                          prepared.arrival_time)
+        self.output_processor.add_request(
+            prepared.request_id, [s.request_id for s in prepared.sequences],
+            first.prompt_token_ids, prepared.params, prepared.arrival_time)
         if siblings and self.config.cache.enable_prefix_caching:
             # siblings start once the first sequence's prompt is cached, so they share its blocks
             self.deferred[first.request_id] = siblings
@@ -147,16 +161,12 @@ class LLMEngine:
 
     def _finish_user_request(self, request_id: str, status: RequestStatus,
                              error: str | None) -> list[RequestOutput]:
-        user_request = self.output_processor.user_requests.get(request_id)
-        if user_request is None:
+        sequence_ids = self.output_processor.sequence_ids(request_id)
+        if not sequence_ids:
             return []
-        sequences = [choice.request for choice in user_request.choices]
-        self._pop_deferred(sequences[0].request_id)
-        self.core.finish_requests([s.request_id for s in sequences], status)
-        for sequence in sequences:
-            if not sequence.is_finished:  # deferred siblings never reached the core
-                sequence.status = status
-        return self.output_processor.finish_sequences(sequences, status.value, error)
+        self._pop_deferred(sequence_ids[0])  # siblings that never reached the core
+        self.core.finish_requests(sequence_ids, status)
+        return self.output_processor.finish_sequences(sequence_ids, status.value, error)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -176,7 +186,7 @@ class LLMEngine:
         if processed.stopped:
             self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
         for core_output in core_step.outputs:
-            for sibling in self._pop_deferred(core_output.request.request_id):
+            for sibling in self._pop_deferred(core_output.sequence_id):
                 self.core.add_request(sibling)
         return processed.outputs + failed_outputs
 
@@ -189,14 +199,24 @@ class LLMEngine:
         """Sequence id -> error, as user request id -> error (a sibling fails them all)."""
         errors: dict[str, str] = {}
         for sequence_id, error in sequence_errors.items():
-            owner = self.output_processor.owner.get(sequence_id)
-            if owner is not None:
-                errors.setdefault(owner[0].request_id, error)
+            request_id = self.output_processor.request_id_of(sequence_id)
+            if request_id is not None:
+                errors.setdefault(request_id, error)
         return errors
 
     @property
-    def stats(self) -> StepStats:
+    def last_step_stats(self) -> StepStats:
         return self.core.last_stats
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's load; plain reads, safe from any thread."""
+        manager = self.core.kv_cache_manager
+        return EngineStats(
+            num_running=self.core.scheduler.num_running,
+            num_waiting=self.num_waiting_sequences,
+            num_unfinished_requests=self.output_processor.num_unfinished_requests,
+            num_free_blocks=manager.num_free_blocks, num_total_blocks=manager.num_total_blocks,
+            kv_cache_usage=manager.usage, num_preemptions=self.core.scheduler.num_preemptions)
 
 
 def _sequence_id(request_id: str, index: int, n: int) -> str:

@@ -239,7 +239,7 @@ class MetricsLogger:
         families.request_success.labels(name, finish_reason).inc()
         families.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
         families.request_generation_tokens.labels(name).observe(
-            sum(len(choice.token_ids) for choice in output.outputs))
+            sum(choice.num_tokens for choice in output.outputs))
         spans = ((families.e2e, timing.arrival, timing.finished),
                  (families.queue_time, timing.arrival, timing.first_scheduled),
                  (families.prefill_time, timing.first_scheduled, timing.first_token),
@@ -288,7 +288,7 @@ def _log_finished(output: RequestOutput) -> None:
     timing = output.timing
     ttft = None if timing.first_token is None else timing.first_token - timing.arrival
     e2e = None if timing.finished is None else timing.finished - timing.arrival
-    num_output_tokens = sum(len(choice.token_ids) for choice in output.outputs)
+    num_output_tokens = sum(choice.num_tokens for choice in output.outputs)
     finish_reasons = ",".join(str(choice.finish_reason) for choice in output.outputs)
     logger.info(
         "finished request %s: prompt_tokens=%d cached_tokens=%d output_tokens=%d ttft=%s "
@@ -315,7 +315,7 @@ def engine_config_info(engine: LLMEngine) -> dict[str, str]:
         "device": str(engine.loaded.device),
         "quantization": config.model.quantization or "none",
         "block_size": str(config.cache.block_size),
-        "num_blocks": str(engine.core.kv_cache_manager.num_total_blocks),
+        "num_blocks": str(engine.stats().num_total_blocks),
         "max_model_len": str(engine.max_model_len),
         "max_num_seqs": str(config.scheduler.max_num_seqs),
         "max_num_batched_tokens": str(config.scheduler.max_num_batched_tokens),

@@ -15,14 +15,13 @@ from engine.errors import EngineError
 from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
 from engine.models.base import KVCaches
+from engine.outputs import PositionLogprobs
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# (token_id, logprob, rank) for the sampled token, then the top-k alternatives
-PositionLogprobs = list[tuple[int, float, int]]
 
 
 @dataclass(slots=True)

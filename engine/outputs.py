@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
+# (token_id, logprob, rank) for the sampled token, then the top-k alternatives: one
+# position's logprobs as the model runner returns them
+PositionLogprobs = list[tuple[int, float, int]]
 # one position's logprobs: the sampled token first, then the top-k alternatives, as
 # {token_id: Logprob}; decoded strings are filled by the output processor
 TokenLogprobs = dict[int, "Logprob"]
@@ -16,17 +20,24 @@ class Logprob:
     decoded_token: str | None = None
 
 
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request holds (SamplingParams.output_kind)."""
+
+    CUMULATIVE = "cumulative"  # everything so far, every step (a copy each time: O(n^2))
+    DELTA = "delta"  # only what this step added: streaming
+    FINAL_ONLY = "final_only"  # one output, when the request finishes, holding everything
+
+
 @dataclass(slots=True)
 class CompletionOutput:
-    """One of the `n` sequences of a request, cumulative so far plus what this step added."""
+    """One of the `n` sequences of a request: its tokens, text and logprobs, either so far
+    or since the previous output, as the request's output kind says."""
 
     index: int
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
-    delta_text: str = ""
-    logprobs: list[TokenLogprobs] | None = None  # one entry per generated token, cumulative
-    delta_logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one entry per token in token_ids
+    num_tokens: int = 0  # tokens generated so far, whatever the output kind
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that matched
 
@@ -56,3 +67,18 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt: str | None = None
     error: str | None = None  # set when finish_reason == "error"
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What one step did to one sequence: new tokens and, when it ended, why. Values only:
+    nothing here changes after the step that made it."""
+
+    sequence_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    first_scheduled_time: float | None = None  # time.monotonic() values
+    time: float = 0.0  # when this step's tokens were sampled

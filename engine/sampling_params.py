@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
+from engine.outputs import RequestOutputKind
 
 MAX_LOGPROBS = 20  # OpenAI caps top_logprobs at 20
 MAX_N = 16
@@ -20,6 +21,8 @@ GREEDY_TEMPERATURE = 1e-5
 # the repetition penalty multiplies or divides logits; outside this range fp32 overflows
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_TOKENS_LIMIT = 2**31 - 1  # counts the engine keeps in int32-sized tensors
+# fields a checkpoint's generation_config.json may default when a request leaves them out
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # filled by the engine from the generation config, not by users
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -101,7 +101,8 @@ class CompletionLogprobBuilder:
 
 @dataclass(slots=True)
 class UsageCounter:
-    """Token counts of one HTTP request across its prompts and choices, from cumulative outputs."""
+    """Token counts of one HTTP request across its prompts and choices; outputs of any kind
+    (CompletionOutput.num_tokens counts everything so far)."""
 
     prompt_tokens: dict[int, int] = field(default_factory=dict)
     cached_tokens: dict[int, int] = field(default_factory=dict)
@@ -111,7 +112,7 @@ class UsageCounter:
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
         self.cached_tokens[prompt_index] = max(output.num_cached_tokens, 0)
         for choice in output.outputs:
-            self.completion_tokens[(prompt_index, choice.index)] = len(choice.token_ids)
+            self.completion_tokens[(prompt_index, choice.index)] = choice.num_tokens
 
     def usage(self) -> Usage:
         prompt = sum(self.prompt_tokens.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine import GENERATION_DEFAULT_FIELDS, SamplingParams
+from engine import GENERATION_DEFAULT_FIELDS, RequestOutputKind, SamplingParams
 from server.errors import ApiError
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
@@ -41,8 +41,10 @@ def _build(request: SamplingRequest, defaults: Mapping[str, float | int],
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(request, name) is not None:
             kwargs[name] = getattr(request, name)
+    # a stream takes each step's new tokens; a whole response waits for the final output
+    kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
     return SamplingParams(
-        n=request.n, max_tokens=max_tokens, logprobs=logprobs, seed=request.seed,
+        output_kind=kind, n=request.n, max_tokens=max_tokens, logprobs=logprobs, seed=request.seed,
         stop=_stop_strings(request.stop), stop_token_ids=tuple(request.stop_token_ids or ()),
         min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,

@@ -218,11 +218,11 @@ class ChatChunker:
 
     def delta(self, index: int, choice: CompletionOutput) -> str:
         logprobs = None
-        if self.top_logprobs is not None and choice.delta_logprobs:
-            logprobs = chat_logprobs(choice.delta_token_ids, choice.delta_logprobs,
+        if self.top_logprobs is not None and choice.logprobs:
+            logprobs = chat_logprobs(choice.token_ids, choice.logprobs,
                                      self.top_logprobs, self.tokenizer)  # type: ignore[arg-type]
         return self._chunk([ChatChunkChoice(index=index,
-                                            delta=DeltaMessage(content=choice.delta_text),
+                                            delta=DeltaMessage(content=choice.text),
                                             logprobs=logprobs, finish_reason=None)])
 
     def finish(self, index: int, reason: str) -> str:
@@ -255,11 +255,11 @@ class CompletionChunker:
 
     def delta(self, index: int, choice: CompletionOutput) -> str:
         logprobs = None
-        if self.logprobs is not None and choice.delta_logprobs:
+        if self.logprobs is not None and choice.logprobs:
             builder = self._offsets.setdefault(
                 index, CompletionLogprobBuilder(self.logprobs, self.tokenizer))  # type: ignore[arg-type]
-            logprobs = builder.build(choice.delta_token_ids, choice.delta_logprobs)
-        return self._chunk([CompletionChoice(index=index, text=choice.delta_text,
+            logprobs = builder.build(choice.token_ids, choice.logprobs)
+        return self._chunk([CompletionChoice(index=index, text=choice.text,
                                              logprobs=logprobs, finish_reason=None)])
 
     def finish(self, index: int, reason: str) -> str:
@@ -276,7 +276,7 @@ def _step_events(chunker: Chunker, n: int, prompt_index: int, output: RequestOut
         index = prompt_index * n + choice.index
         if index in finished:
             continue
-        if choice.delta_text or choice.delta_logprobs:
+        if choice.text or choice.logprobs:  # a delta: this step's part only
             yield chunker.delta(index, choice)
         if choice.finish_reason is not None:
             finished.add(index)

@@ -70,7 +70,7 @@ async def _drop_after(client: httpx.AsyncClient, body: dict[str, object], delay_
 def _in_prefill(engine: AsyncEngine, prompt: list[int]) -> bool:
     """Whether the engine is part-way through this prompt's prefill (read-only peek)."""
     return any(r.prompt_token_ids == prompt and r.num_computed_tokens < r.num_prompt_tokens
-               for r in list(engine.engine.core.scheduler.running))
+               for r in list(engine.llm_engine.core.scheduler.running))
 
 
 async def _drop_during_prefill(client: httpx.AsyncClient, body: dict[str, object],
@@ -134,10 +134,10 @@ def test_disconnect_storm_frees_everything_and_counts_aborts(storm_server: Runni
     # which ever produced a token
     mid_prefill: set[str] = set()
     produced: set[str] = set()
-    hooks = engine.engine.fault_hooks
+    hooks = engine.fault_hooks
     hooks.on_execute = lambda batch: mid_prefill.update(
         r.request_id for r in batch if r.num_computed_tokens < r.num_prompt_tokens)
-    hooks.on_request_output = lambda request: produced.add(request.request_id)
+    hooks.on_request_output = lambda request_id, prompt, num_tokens: produced.add(request_id)
     try:
         _storm(storm_server, seed=1234)
         all_gone_at = time.monotonic()

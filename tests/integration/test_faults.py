@@ -118,19 +118,19 @@ def test_processing_fault_fails_only_that_request(fault_server: RunningServer) -
                 ["choices"][0]["text"] for i in range(5)]
     failures_before = _failures("error")
 
-    def break_poisoned(request: Request) -> None:
+    def break_poisoned(request_id: str, prompt: list[int], num_tokens: int) -> None:
         # mid-stream, like a detokenizer that chokes on the third token
-        if _is_poisoned(request) and request.num_output_tokens >= 3:
+        if prompt[:len(POISON)] == POISON and num_tokens >= 3:
             raise RuntimeError("injected output-processing fault")
 
-    fault_server.engine.engine.fault_hooks.on_request_output = break_poisoned
+    fault_server.engine.fault_hooks.on_request_output = break_poisoned
     try:
         bodies = [_completion(_normal_prompt(i), stream=i % 2 == 0) for i in range(5)]
         bodies += [_completion(POISON + [1, 2], stream=False),
                    _completion(POISON + [3, 4], stream=True)]
         replies = _run_clients(fault_server, bodies)
     finally:
-        fault_server.engine.engine.fault_hooks.on_request_output = None
+        fault_server.engine.fault_hooks.on_request_output = None
 
     for i, reply in enumerate(replies[:5]):
         assert reply.status == 200
@@ -168,7 +168,7 @@ def test_failed_pass_fails_its_culprit_only_and_spares_the_prefix_cache(
     http = fault_server.http()
     expected_neighbour = http.post("/v1/completions",
                                    json=_completion(_normal_prompt(3))).json()
-    fault_server.engine.engine.fault_hooks.on_execute = fail_poisoned_batch
+    fault_server.engine.fault_hooks.on_execute = fail_poisoned_batch
     try:
         replies = _run_clients(fault_server, [_completion(prompt),
                                               _completion(_normal_prompt(3))])
@@ -176,7 +176,7 @@ def test_failed_pass_fails_its_culprit_only_and_spares_the_prefix_cache(
         assert fault_server.engine.is_alive
         again = http.post("/v1/completions", json=_completion(prompt))
     finally:
-        fault_server.engine.engine.fault_hooks.on_execute = None
+        fault_server.engine.fault_hooks.on_execute = None
     error = _assert_envelope(replies[0], 500, "request_failed")
     assert "injected forward-pass fault" in error["message"]
     assert replies[1].status == 200 and replies[1].body is not None
@@ -241,12 +241,12 @@ def test_dead_engine_loop_fails_every_client_within_1s(
             time.sleep(0.01)
         # let the running ones stream a little: a few tokens each, not a fixed time (a slow
         # machine may still be prefilling after any fixed wait)
-        scheduler = engine.engine.core.scheduler
+        scheduler = engine.llm_engine.core.scheduler
         while min((r.num_output_tokens for r in list(scheduler.running)), default=0) < 3:
             assert time.monotonic() < deadline, "the running requests never produced tokens"
             time.sleep(0.01)
         time.sleep(0.1)  # their chunks reach the clients
-        engine.engine.fault_hooks.on_step = kill_the_loop
+        engine.fault_hooks.on_step = kill_the_loop
 
     with caplog.at_level(logging.ERROR, logger="engine.async_engine"):
         replies = _run_clients(doomed_server, bodies, on_started=when_all_admitted)
@@ -273,7 +273,7 @@ def test_a_fault_without_a_culprit_ends_the_loop(tiny_llama_dir: Path) -> None:
         def always_fail(requests: list[Request]) -> None:
             raise RuntimeError("injected persistent fault")
 
-        running.engine.engine.fault_hooks.on_execute = always_fail
+        running.engine.fault_hooks.on_execute = always_fail
         http = running.http()
         response = http.post("/v1/completions", json=_completion([5, 6, 7]))
         assert response.status_code == 503, response.text
@@ -296,7 +296,7 @@ def test_hung_step_turns_health_503_until_it_ends(tiny_llama_dir: Path) -> None:
                 hang.clear()
                 time.sleep(2.0)
 
-        running.engine.engine.fault_hooks.on_step = hang_once
+        running.engine.fault_hooks.on_step = hang_once
         result: list[httpx.Response] = []
         client = threading.Thread(target=lambda: result.append(
             running.http().post("/v1/completions", json=_completion([5, 6, 7]))))
@@ -307,7 +307,7 @@ def test_hung_step_turns_health_503_until_it_ends(tiny_llama_dir: Path) -> None:
             time.sleep(0.05)
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stalled"
         client.join(timeout=30)
-        running.engine.engine.fault_hooks.on_step = None
+        running.engine.fault_hooks.on_step = None
         assert result and result[0].status_code == 200
         assert http.get("/health").status_code == 200
 

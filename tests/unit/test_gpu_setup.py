@@ -48,7 +48,7 @@ def test_gpu_options_are_validated() -> None:
 def test_profiling_step_runs_the_largest_step_on_scratch_blocks(tiny_llama_dir: Path) -> None:
     llm = LLM(str(tiny_llama_dir), dtype="float32", device="cpu", num_blocks=16,
               max_num_batched_tokens=96, max_num_seqs=5)
-    runner = llm.engine.core.runner
+    runner = llm.llm_engine.core.runner
     before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     tokens = runner.dummy_step(96, 5)
     assert tokens.shape == (5,) and bool(((tokens >= 0) & (tokens < runner.vocab_size)).all())

@@ -5,13 +5,14 @@ seeded sampling, stop conditions, n > 1, and no KV block leaks."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from engine import LLM, SamplingParams
+from engine import LLM, LLMEngine, RequestOutput, RequestOutputKind, SamplingParams
 from tests.devices import device_args
 from tests.tiny_models import ARCHITECTURES
 
@@ -51,8 +52,8 @@ def references(tiny_model_dirs: dict[str, Path]) -> dict[str, list[list[int]]]:
 
 
 def assert_no_leaks(llm: LLM) -> None:
-    manager = llm.engine.core.kv_cache_manager
-    assert not llm.engine.has_unfinished_requests()
+    manager = llm.llm_engine.core.kv_cache_manager
+    assert not llm.llm_engine.has_unfinished_requests()
     assert manager.num_free_blocks == manager.num_total_blocks
     assert manager.usage == 0.0
 
@@ -76,7 +77,7 @@ def test_greedy_matches_transformers(arch: str, variant: str, tiny_model_dirs: d
         assert output.outputs[0].finish_reason == "length"
     assert len(set(map(tuple, references[arch]))) > 1  # the reference is not degenerate
     if variant == "preemption":
-        assert llm.engine.core.scheduler.num_preemptions > 0
+        assert llm.llm_engine.core.scheduler.num_preemptions > 0
     assert_no_leaks(llm)
 
 
@@ -152,7 +153,7 @@ def test_stop_token_ids_max_tokens_and_min_tokens(llama: LLM) -> None:
 
 
 def test_eos_stops_unless_ignored(llama: LLM) -> None:
-    eos = llama.engine.eos_token_ids[0]
+    eos = llama.llm_engine.eos_token_ids[0]
     prompt = make_prompts(seed=4)[1]
     # bias EOS up so greedy picks it at once
     biased = dict(temperature=0.0, max_tokens=10, logit_bias={eos: 100.0})
@@ -178,7 +179,7 @@ def test_n_sequences_share_the_prompt(llama: LLM) -> None:
 def test_aborts_mid_prefill_and_mid_decode_leak_nothing(tiny_model_dirs: dict[str, Path]) -> None:
     llm = LLM(str(tiny_model_dirs["qwen3"]),
               **device_args(dtype="float32", max_num_batched_tokens=16))
-    engine = llm.engine
+    engine = llm.llm_engine
     prompts = make_prompts(seed=7)
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=30))
@@ -197,16 +198,30 @@ def test_aborts_mid_prefill_and_mid_decode_leak_nothing(tiny_model_dirs: dict[st
     assert_no_leaks(llm)
 
 
-def test_deltas_concatenate_to_the_final_text(llama: LLM) -> None:
-    engine = llama.engine
-    prompt = llama.tokenizer.encode("日本語のテキスト 🙂🚀 中文文本")
-    engine.add_request("cjk", prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=40))
-    deltas, final = [], None
+def _run_one(engine: LLMEngine, request_id: str, prompt: list[int],
+             params: SamplingParams) -> list[RequestOutput]:
+    engine.add_request(request_id, prompt, params)
+    outputs = []
     while engine.has_unfinished_requests():
-        for output in engine.step():
-            deltas.append(output.outputs[0].delta_text)
-            final = output
-    assert final is not None and final.finished
-    assert "".join(deltas) == final.outputs[0].text
-    assert final.outputs[0].text == llama.tokenizer.decode(final.outputs[0].token_ids,
-                                                            skip_special_tokens=True)
+        outputs += engine.step()
+    return outputs
+
+
+def test_deltas_concatenate_to_the_final_text(llama: LLM) -> None:
+    """DELTA outputs hold each step's part only; joined they are the CUMULATIVE outputs'
+    last text and tokens, which in turn decode to that text."""
+    engine = llama.llm_engine
+    prompt = llama.tokenizer.encode("日本語のテキスト 🙂🚀 中文文本")
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=40)
+    deltas = _run_one(engine, "delta", prompt,
+                      replace(params, output_kind=RequestOutputKind.DELTA))
+    cumulative = _run_one(engine, "cumulative", prompt, params)
+    final = cumulative[-1].outputs[0]
+    assert cumulative[-1].finished and deltas[-1].finished and len(deltas) > 10
+    assert "".join(d.outputs[0].text for d in deltas) == final.text
+    assert [t for d in deltas for t in d.outputs[0].token_ids] == final.token_ids
+    assert [d.outputs[0].num_tokens for d in deltas] == list(range(1, len(deltas) + 1))
+    assert final.text == llama.tokenizer.decode(final.token_ids, skip_special_tokens=True)
+    only_final = _run_one(engine, "final", prompt,
+                          replace(params, output_kind=RequestOutputKind.FINAL_ONLY))
+    assert len(only_final) == 1 and only_final[0].outputs[0].text == final.text

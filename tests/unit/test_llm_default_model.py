@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from engine import LLM, SamplingParams
+from engine import LLM, RequestOutputKind, SamplingParams
 from tests.devices import cpu_only, device_args
 
 pytestmark = [pytest.mark.default_model, pytest.mark.slow]
@@ -61,18 +61,18 @@ def test_greedy_matches_transformers(default_model_dir: Path) -> None:
 
 def test_cjk_and_emoji_deltas_are_whole_characters(default_model_dir: Path) -> None:
     llm = LLM(str(default_model_dir), **device_args(dtype="bfloat16", kv_cache_memory_gb=0.5))
-    engine = llm.engine
+    engine = llm.llm_engine
     prompt = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "用中文写一句话介绍春天，并在句末加上三个不同的表情符号。"}],
         add_generation_prompt=True, tokenize=True, return_dict=False)
-    engine.add_request("cjk", prompt, SamplingParams(temperature=0.0, max_tokens=48))
-    deltas, final = [], None
+    engine.add_request("cjk", prompt, SamplingParams(temperature=0.0, max_tokens=48,
+                                                     output_kind=RequestOutputKind.DELTA))
+    deltas, token_ids = [], []
     while engine.has_unfinished_requests():
         for output in engine.step():
-            deltas.append(output.outputs[0].delta_text)
-            final = output
-    assert final is not None
-    text = final.outputs[0].text
+            deltas.append(output.outputs[0].text)
+            token_ids += output.outputs[0].token_ids
+    text = llm.tokenizer.decode(token_ids, skip_special_tokens=True)
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == text
     assert any("\u4e00" <= ch <= "\u9fff" for ch in text)  # the model did write Chinese

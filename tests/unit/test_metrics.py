@@ -255,7 +255,7 @@ def test_preemptions_counted_with_a_tiny_kv_pool(loaded: LoadedModel,
             await engine.shutdown()
 
     outputs = engine_runner.run(run())
-    num_preemptions = engine.engine.core.scheduler.num_preemptions
+    num_preemptions = engine.llm_engine.core.scheduler.num_preemptions
     assert num_preemptions > 0
     assert sample(registry, "pagedserve_num_preemptions_total") == num_preemptions
     assert sample(registry, "pagedserve_generation_tokens_total") == num_tokens(outputs) == 48

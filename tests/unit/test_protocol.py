@@ -270,8 +270,7 @@ def test_completion_logprobs_offsets_continue_across_chunks() -> None:
 
 
 def _request_output(texts: list[str], finished: bool) -> RequestOutput:
-    outputs = [CompletionOutput(index=i, token_ids=list(range(len(t))), text=t,
-                                delta_token_ids=[0], delta_text=t[-1:],
+    outputs = [CompletionOutput(index=i, token_ids=[0], text=t[-1:], num_tokens=len(t),
                                 finish_reason="length" if finished else None)
                for i, t in enumerate(texts)]
     return RequestOutput("r", [1, 2, 3], outputs, finished, RequestTiming(arrival=0.0),

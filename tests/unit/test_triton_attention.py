@@ -255,7 +255,7 @@ def test_greedy_decoding_with_the_kernels_matches_the_reference_backend(
     monkeypatch.setenv(ATTENTION_BACKEND_ENV, "triton")
     llm = LLM(str(tiny_llama_dir), dtype="float32", device=DEVICE.type, num_blocks=16,
               block_size=4)
-    backends = {type(m.attn_backend) for m in llm.engine.loaded.model.modules()
+    backends = {type(m.attn_backend) for m in llm.llm_engine.loaded.model.modules()
                 if hasattr(m, "attn_backend")}
     assert backends == {CudaAttentionBackend}
     outputs = llm.generate(prompts, params)
@@ -276,7 +276,7 @@ def test_decode_through_graph_inputs_matches_eager(tiny_llama_dir: Path,
     expected = LLM(str(tiny_llama_dir), enforce_eager=True, **engine_args).generate(prompts,
                                                                                    params)
     llm = LLM(str(tiny_llama_dir), **engine_args)
-    runner = llm.engine.core.runner
+    runner = llm.llm_engine.core.runner
     if DEVICE.type == "cuda":
         assert runner.decode_graphs is not None
         assert sorted(runner.decode_graphs.graphs) == [1, 2, 4, 8]
