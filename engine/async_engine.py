@@ -19,6 +19,7 @@ from engine.errors import (
     EngineDeadError,
     InvalidRequestError,
     QueueFullError,
+    RequestFailedError,
     RequestTimeoutError,
 )
 from engine.fault_hooks import FaultHooks
@@ -150,9 +151,11 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, arrival_time: float | None = None,
                        deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield incremental outputs until the request finishes. Invalid input raises before
-        the first output; leaving the loop early aborts the request in the engine. Past
-        `deadline` (time.monotonic()) the request fails with RequestTimeoutError."""
+        """Yield outputs (as params.output_kind says) until the request finishes with "stop"
+        or "length". Invalid input raises before the first output; a request that fails in
+        the engine raises RequestFailedError (a passed `deadline`, in time.monotonic(),
+        RequestTimeoutError; a dead engine EngineDeadError). Leaving the loop early aborts the
+        request in the engine."""
         prepared = self._admit(request_id, prompt_token_ids, params, arrival_time)
         await self.start()
         assert self._loop is not None
@@ -315,7 +318,7 @@ class AsyncEngine:
 
     def _put_outputs(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            self._put(output.request_id, output)
+            self._put(output.request_id, _stream_item(output))
 
     def _put(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
@@ -329,6 +332,14 @@ class AsyncEngine:
             for stream in self._streams.values():
                 stream.put_nowait(error)
         self._loop.call_soon_threadsafe(fail)
+
+
+def _stream_item(output: RequestOutput) -> RequestOutput | BaseException:
+    """A request's failure reaches its consumer one way only: as the exception its stream
+    raises. Outputs that end normally ("stop", "length") pass as data."""
+    if output.finished and any(c.finish_reason in ("error", "abort") for c in output.outputs):
+        return RequestFailedError(output.error or "the request was aborted in the engine")
+    return output
 
 
 def _model_name(model: str | None) -> str:

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from engine import CompletionOutput, Logprob, RequestFailedError, RequestOutput
+from engine import CompletionOutput, Logprob, RequestOutput
 from server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    FinishReason,
     TopLogprob,
     Usage,
     UsageDetails,
@@ -25,12 +26,12 @@ CLIENT_FINISH_REASONS = ("stop", "length")
 TokenLogprobs = dict[int, Logprob]
 
 
-def checked_finish_reason(output: RequestOutput, choice: CompletionOutput) -> str:
-    """The finish reason a client may see; an engine-side failure or abort raises instead."""
+def finish_reason(choice: CompletionOutput) -> FinishReason:
+    """A finished choice's reason. The engine raises for a failed or aborted request instead
+    of yielding it, so only the reasons a client may see get here."""
     reason = choice.finish_reason
-    if reason in CLIENT_FINISH_REASONS:
-        return reason  # type: ignore[return-value]
-    raise RequestFailedError(output.error or f"the request ended with {reason!r}")
+    assert reason in CLIENT_FINISH_REASONS, reason
+    return reason  # type: ignore[return-value]
 
 
 def _clamp(logprob: float) -> float:

@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
@@ -29,7 +31,7 @@ from server.outputs import (
     CompletionLogprobBuilder,
     UsageCounter,
     chat_logprobs,
-    checked_finish_reason,
+    finish_reason,
 )
 from server.protocol import (
     ChatChunkChoice,
@@ -47,7 +49,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_END = object()  # marks the end of one prompt's engine stream in the merged queue
 SSE_PING_SECONDS = 15  # keeps idle proxies from closing slow streams
 CLEANUP_TIMEOUT_S = 2.0
 # Characters that str.splitlines() (and so httpx's aiter_lines and many SSE readers built on
@@ -56,12 +57,14 @@ _LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029"
 
 
 class OutputStream:
-    """The engine streams of one HTTP request (one per prompt), primed then merged.
+    """The engine streams of one HTTP request (one per prompt).
 
     `start()` waits for every prompt's first output, so admission errors (bad params, context
     too long, queue full) surface as exceptions before any response byte is sent. Iterating
-    yields (prompt_index, RequestOutput). `aclose()` aborts whatever has not finished. With
-    `timeout_s`, requests still running that long after arrival fail with a 504 ApiError.
+    yields (prompt_index, RequestOutput): one prompt's stream directly, several merged as
+    their outputs come. `aclose()` aborts whatever has not finished; it is the one cleanup,
+    idempotent, whoever calls it first. With `timeout_s`, requests still running that long
+    after arrival fail with a 504 ApiError.
     """
 
     def __init__(self, engine: AsyncEngine, request_ids: Sequence[str],
@@ -77,7 +80,6 @@ class OutputStream:
                             for rid, ids in zip(request_ids, prompts, strict=True)]
         self._first: list[RequestOutput] = []
         self._unfinished = set(range(len(self._generators)))
-        self._queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
         self._pumps: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -89,31 +91,46 @@ class OutputStream:
             await self.aclose()
             raise self._converted(errors[0])
         self._first = [item for item in firsts if isinstance(item, RequestOutput)]
-        self._pumps = [asyncio.create_task(self._pump(index, gen))
-                       for index, gen in enumerate(self._generators)
-                       if not self._first[index].finished]
-
-    async def _pump(self, index: int, generator: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for output in generator:
-                await self._queue.put((index, output))
-        except Exception as exc:  # handed to the consumer, which reports it to the client
-            await self._queue.put((index, exc))
-        await self._queue.put((index, _END))
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        for index, output in enumerate(self._first):
-            self._mark(index, output)
-            yield index, output
-        while self._unfinished:
-            index, item = await self._queue.get()
-            if item is _END:
-                self._unfinished.discard(index)
+        try:
+            for index, output in enumerate(self._first):
+                self._mark(index, output)
+                yield index, output
+            outputs = self._merged() if len(self._generators) > 1 else self._single()
+            async for index, output in outputs:
+                self._mark(index, output)
+                yield index, output
+        except TimeoutError as exc:
+            raise self._converted(exc) from exc
+
+    async def _single(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if self._unfinished:
+            async for output in self._generators[0]:
+                yield 0, output
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Several prompts' outputs in arrival order: a task per unfinished stream feeds one
+        queue; the first exception ends the merge."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for output in self._generators[index]:
+                    queue.put_nowait((index, output))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, None))  # this stream is done
+
+        self._pumps = [asyncio.create_task(pump(i)) for i in sorted(self._unfinished)]
+        num_open = len(self._pumps)
+        while num_open:
+            index, item = await queue.get()
+            if item is None:
+                num_open -= 1
             elif isinstance(item, BaseException):
-                raise self._converted(item)
+                raise item
             else:
-                assert isinstance(item, RequestOutput)
-                self._mark(index, item)
                 yield index, item
 
     def _converted(self, error: BaseException) -> BaseException:
@@ -144,11 +161,31 @@ class OutputStream:
 
 
 async def collect(stream: OutputStream, num_prompts: int) -> list[RequestOutput]:
-    """Run a non-streaming request to the end; the final (cumulative) output per prompt."""
+    """Run a non-streaming request to the end; the final output per prompt."""
     finals: dict[int, RequestOutput] = {}
     async for index, output in stream:
         finals[index] = output
     return [finals[index] for index in range(num_prompts)]
+
+
+async def respond(request: Request, stream: OutputStream, prompt_param: str,
+                  stream_events: Callable[[], AsyncIterator[str]] | None,
+                  build_body: Callable[[list[RequestOutput]], BaseModel]) -> Response:
+    """The generation routes' one path: admit every prompt (errors before any byte, naming
+    `prompt_param`), then either stream `stream_events()` as SSE or collect the final
+    outputs into `build_body`'s JSON. A client that leaves aborts the requests."""
+    try:
+        await until_disconnected(request.receive, stream.start())
+        if stream_events is not None:
+            return sse_response(stream_events(), stream)
+        finals = await until_disconnected(request.receive,
+                                          collect(stream, len(stream.request_ids)))
+    except EngineError as exc:
+        raise from_engine_error(exc, prompt_param) from exc
+    finally:
+        if stream_events is None:
+            await stream.aclose()
+    return JSONResponse(build_body(finals).model_dump())
 
 
 async def until_disconnected(receive: Receive, awaitable: Awaitable[T]) -> T:
@@ -280,7 +317,7 @@ def _step_events(chunker: Chunker, n: int, prompt_index: int, output: RequestOut
             yield chunker.delta(index, choice)
         if choice.finish_reason is not None:
             finished.add(index)
-            yield chunker.finish(index, checked_finish_reason(output, choice))
+            yield chunker.finish(index, finish_reason(choice))
 
 
 async def sse_events(stream: OutputStream, chunker: Chunker, n: int, num_prompts: int,

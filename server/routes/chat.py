@@ -8,12 +8,12 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from engine import AsyncEngine, EngineError, RequestOutput
 from server.chat_template import apply_chat_template
 from server.errors import from_engine_error
-from server.outputs import UsageCounter, chat_logprobs, checked_finish_reason
+from server.outputs import UsageCounter, chat_logprobs, finish_reason
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -28,10 +28,8 @@ from server.streaming import (
     ChatChunker,
     OutputStream,
     ResponseContext,
-    collect,
+    respond,
     sse_events,
-    sse_response,
-    until_disconnected,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,22 +54,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                 len(prompt_ids), body.n, params.max_tokens, body.stream)
     stream = OutputStream(engine, [ctx.response_id], [prompt_ids], params,
                           arrival_time(request), state.settings.request_timeout)
-    try:
-        await until_disconnected(request.receive, stream.start())
-    except EngineError as exc:
-        raise from_engine_error(exc, "messages") from exc
-    top_logprobs = params.logprobs
-    if body.stream:
-        chunker = ChatChunker(ctx, top_logprobs, engine.tokenizer)
-        return sse_response(sse_events(stream, chunker, body.n, 1, body.include_usage,
-                                       "messages"), stream)
-    try:
-        [final] = await until_disconnected(request.receive, collect(stream, 1))
-    except EngineError as exc:
-        raise from_engine_error(exc, "messages") from exc
-    finally:
-        await stream.aclose()
-    return JSONResponse(_response(ctx, final, top_logprobs, engine).model_dump())
+    chunker = ChatChunker(ctx, params.logprobs, engine.tokenizer)
+    events = (lambda: sse_events(stream, chunker, body.n, 1, body.include_usage, "messages")
+              ) if body.stream else None
+    return await respond(request, stream, "messages", events,
+                         lambda finals: _response(ctx, finals[0], params.logprobs, engine))
 
 
 def _response(ctx: ResponseContext, final: RequestOutput, top_logprobs: int | None,
@@ -87,6 +74,6 @@ def _response(ctx: ResponseContext, final: RequestOutput, top_logprobs: int | No
         choices.append(ChatChoice(index=choice.index,
                                   message=AssistantMessage(content=choice.text),
                                   logprobs=logprobs,
-                                  finish_reason=checked_finish_reason(final, choice)))  # type: ignore[arg-type]
+                                  finish_reason=finish_reason(choice)))
     return ChatCompletionResponse(id=ctx.response_id, created=ctx.created, model=ctx.model,
                                   choices=choices, usage=counter.usage())

@@ -9,12 +9,12 @@ import uuid
 from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from transformers import PreTrainedTokenizerBase
 
 from engine import EngineError, RequestOutput
 from server.errors import from_engine_error
-from server.outputs import CompletionLogprobBuilder, UsageCounter, checked_finish_reason
+from server.outputs import CompletionLogprobBuilder, UsageCounter, finish_reason
 from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
 from server.routes import ERROR_RESPONSES, SSE_RESPONSE
 from server.sampling import completion_sampling_params
@@ -23,10 +23,8 @@ from server.streaming import (
     CompletionChunker,
     OutputStream,
     ResponseContext,
-    collect,
+    respond,
     sse_events,
-    sse_response,
-    until_disconnected,
 )
 from server.tokenization import encode_prompt
 
@@ -57,22 +55,11 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     echo_texts = _echo_texts(engine.tokenizer, body, prompts) if body.echo else None
     stream = OutputStream(engine, request_ids, prompts, params, arrival_time(request),
                           state.settings.request_timeout)
-    try:
-        await until_disconnected(request.receive, stream.start())
-    except EngineError as exc:
-        raise from_engine_error(exc, "prompt") from exc
-    if body.stream:
-        chunker = CompletionChunker(ctx, params.logprobs, engine.tokenizer, echo_texts)
-        return sse_response(sse_events(stream, chunker, body.n, len(prompts),
-                                       body.include_usage, "prompt"), stream)
-    try:
-        finals = await until_disconnected(request.receive, collect(stream, len(prompts)))
-    except EngineError as exc:
-        raise from_engine_error(exc, "prompt") from exc
-    finally:
-        await stream.aclose()
-    response = _response(ctx, finals, body.n, params.logprobs, echo_texts, engine.tokenizer)
-    return JSONResponse(response.model_dump())
+    chunker = CompletionChunker(ctx, params.logprobs, engine.tokenizer, echo_texts)
+    events = (lambda: sse_events(stream, chunker, body.n, len(prompts), body.include_usage,
+                                 "prompt")) if body.stream else None
+    return await respond(request, stream, "prompt", events, lambda finals: _response(
+        ctx, finals, body.n, params.logprobs, echo_texts, engine.tokenizer))
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
@@ -108,6 +95,6 @@ def _response(ctx: ResponseContext, finals: list[RequestOutput], n: int, logprob
             prefix = echo_texts[index] if echo_texts else ""
             choices.append(CompletionChoice(
                 index=index, text=prefix + choice.text, logprobs=choice_logprobs,
-                finish_reason=checked_finish_reason(final, choice)))  # type: ignore[arg-type]
+                finish_reason=finish_reason(choice)))
     return CompletionResponse(id=ctx.response_id, created=ctx.created, model=ctx.model,
                               choices=choices, usage=counter.usage())

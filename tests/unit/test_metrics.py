@@ -338,7 +338,8 @@ def test_engine_errors_and_server_validation_count_as_failures(loaded: LoadedMod
     registry = CollectorRegistry()
     metrics = MetricsLogger(MODEL_NAME, registry=registry)
     engine.add_request("doomed", [5, 6, 7], fixed_length(10))
-    metrics.record_step(engine.stats, engine.step())
+    outputs = engine.step()
+    metrics.record_step(engine.last_step_stats, outputs)
     metrics.record_finished(engine.fail_request("doomed", "the sampler broke"))
     metrics.record_validation_failure()
     assert sample(registry, "pagedserve_request_failure_total", reason="error") == 1
@@ -437,5 +438,5 @@ def _finished_output() -> RequestOutput:
     timing = RequestTiming(arrival=10.0, first_scheduled=10.1, first_token=10.25,
                            last_token=10.9, finished=11.0)
     return RequestOutput(request_id="req-7", prompt_token_ids=[1, 2, 3], finished=True,
-                         outputs=[CompletionOutput(index=0, token_ids=[4, 5],
+                         outputs=[CompletionOutput(index=0, token_ids=[4, 5], num_tokens=2,
                                                    finish_reason="length")], timing=timing)
