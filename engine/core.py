@@ -164,7 +164,7 @@ class EngineCore:
             self.fault_hooks.on_execute(requests)
         block_ids = {r.request_id: self.kv_cache_manager.get_block_ids(r.request_id)
                      for r in requests}
-        return self.runner.execute(requests, plan.num_scheduled_tokens, block_ids)
+        return self.runner.execute(plan.rows_of(requests), block_ids)
 
     def _probe(self) -> None:
         """A forward pass of no request's making, on scratch KV; raises if the engine is
@@ -212,14 +212,10 @@ class EngineCore:
 
 def _row_start(request: Request, plan: SchedulerOutput) -> int:
     """The first token position this step computes for `request`."""
-    return request.num_computed_tokens - plan.num_scheduled_tokens[request.request_id]
+    return plan.row(request.request_id).start
 
 
 def _num_prompt_tokens(plan: SchedulerOutput) -> int:
     """Scheduled tokens at prompt positions: prefill work, as opposed to decode."""
-    total = 0
-    for request in plan.scheduled_requests:
-        end = request.num_computed_tokens
-        start = end - plan.num_scheduled_tokens[request.request_id]
-        total += max(0, min(end, request.num_prompt_tokens) - start)
-    return total
+    return sum(max(0, min(row.end, row.request.num_prompt_tokens) - row.start)
+               for row in plan.rows)

@@ -19,6 +19,7 @@ from engine.outputs import PositionLogprobs
 from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledRow
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +156,17 @@ class ModelRunner:
         itself is broken, whatever the requests."""
         self.dummy_step(1, 1)
 
-    def execute(self, requests: Sequence[Request], num_scheduled_tokens: dict[str, int],
+    def execute(self, rows: Sequence[ScheduledRow],
                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
-        """Run one forward pass over the scheduled tokens and sample where a request caught up.
-        Each request's num_computed_tokens already includes this step's tokens. A pass that
-        raises leaves the seeded generators as they were, so the same rows can run again and
-        draw the same tokens."""
+        """Run one forward pass over the rows' tokens [start, end) and sample where a request
+        caught up. `rows` may be any subset of the step's rows (the core retries a failed batch
+        in groups). A pass that raises leaves the seeded generators as they were, so the same
+        rows can run again and draw the same tokens."""
+        requests = [row.request for row in rows]
         saved = {r.request_id: self.generators[r.request_id].get_state() for r in requests
                  if r.request_id in self.generators}
         try:
-            return self._execute(requests, num_scheduled_tokens, block_ids)
+            return self._execute(rows, block_ids)
         except BaseException:
             for request in requests:
                 state = saved.get(request.request_id)
@@ -175,9 +177,9 @@ class ModelRunner:
             raise
 
     @torch.inference_mode()
-    def _execute(self, requests: Sequence[Request], num_scheduled_tokens: dict[str, int],
+    def _execute(self, rows: Sequence[ScheduledRow],
                  block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
-        inputs = self._prepare_inputs(requests, num_scheduled_tokens, block_ids)
+        inputs = self._prepare_inputs(rows, block_ids)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.metadata):
             hidden_states = self.decode_graphs.run(inputs.input_ids, inputs.positions,
                                                    inputs.metadata)
@@ -191,23 +193,22 @@ class ModelRunner:
         sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_requests))
         return _to_runner_output(inputs.sampling_requests, sampler_output)
 
-    def _prepare_inputs(self, requests: Sequence[Request], num_scheduled_tokens: dict[str, int],
+    def _prepare_inputs(self, rows: Sequence[ScheduledRow],
                         block_ids: dict[str, list[int]]) -> StepInputs:
         input_ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sampling_requests: list[Request] = []
-        for request in requests:
-            num_new = num_scheduled_tokens[request.request_id]
-            end = request.num_computed_tokens
-            input_ids.extend(request.all_token_ids[end - num_new:end])
-            query_lens.append(num_new)
-            seq_lens.append(end)
-            if end == request.num_tokens:  # caught up: this chunk's last row samples
+        for row in rows:
+            request = row.request
+            input_ids.extend(request.all_token_ids[row.start:row.end])
+            query_lens.append(row.num_new_tokens)
+            seq_lens.append(row.end)  # the context: cached tokens plus this row's
+            if row.end == request.num_tokens:  # caught up: this chunk's last row samples
                 sample_rows.append(len(input_ids) - 1)
                 sampling_requests.append(request)
-        block_tables = _pad_block_tables([block_ids[r.request_id] for r in requests])
+        block_tables = _pad_block_tables([block_ids[row.request.request_id] for row in rows])
         metadata, positions = self._build_metadata(query_lens, seq_lens, block_tables)
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),

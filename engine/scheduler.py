@@ -21,21 +21,54 @@ from engine.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduledRow:
+    """One request's share of a step: it computes the tokens at [start, end) of its
+    all_token_ids. start is what its KV cache already holds (prefix-cache hits included)."""
+
+    request: Request
+    start: int
+    end: int
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.end - self.start
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
-    """One step's plan: which requests run, how many new tokens each computes."""
+    """One step's plan: the rows that run, in batch order, and the requests preempted."""
 
-    scheduled_requests: list[Request] = field(default_factory=list)
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    rows: list[ScheduledRow] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    _rows_by_id: dict[str, ScheduledRow] = field(default_factory=dict, init=False, repr=False)
+
+    def add(self, row: ScheduledRow) -> None:
+        self.rows.append(row)
+        self._rows_by_id[row.request.request_id] = row
+
+    def row(self, request_id: str) -> ScheduledRow:
+        return self._rows_by_id[request_id]
+
+    def rows_of(self, requests: Iterable[Request]) -> list[ScheduledRow]:
+        """The rows of some of this step's requests (a retried group), in their order."""
+        return [self._rows_by_id[request.request_id] for request in requests]
+
+    @property
+    def scheduled_requests(self) -> list[Request]:
+        return [row.request for row in self.rows]
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        return {row.request.request_id: row.num_new_tokens for row in self.rows}
 
     @property
     def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
+        return sum(row.num_new_tokens for row in self.rows)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled_requests
+        return not self.rows
 
 
 class Scheduler:
@@ -95,8 +128,10 @@ class Scheduler:
         if not output.preempted_request_ids:
             # admitting new work in a step that had to preempt would only thrash the pool
             self._schedule_waiting(output, budget)
-        for request in output.scheduled_requests:
-            request.num_computed_tokens += output.num_scheduled_tokens[request.request_id]
+        # counted before the pass that writes [start, end): a row whose pass fails is failed or
+        # recomputed from its prompt by the core, never resumed from here
+        for row in output.rows:
+            row.request.num_computed_tokens = row.end
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
@@ -106,7 +141,7 @@ class Scheduler:
             num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new_tokens, output):
                 break  # the request itself was preempted: nothing newer is left to run
-            self._add_scheduled(output, request, num_new_tokens)
+            self._add_scheduled(output, request, request.num_computed_tokens, num_new_tokens)
             budget -= num_new_tokens
             index += 1
         return budget
@@ -150,7 +185,7 @@ class Scheduler:
                 break  # keep FIFO order: later requests wait behind this one
             self.waiting.popleft()
             self._start_running(request, num_cached_tokens)
-            self._add_scheduled(output, request, num_new_tokens)
+            self._add_scheduled(output, request, num_cached_tokens, num_new_tokens)
             budget -= num_new_tokens
 
     def _start_running(self, request: Request, num_cached_tokens: int) -> None:
@@ -162,9 +197,9 @@ class Scheduler:
         self.running.append(request)
 
     @staticmethod
-    def _add_scheduled(output: SchedulerOutput, request: Request, num_new_tokens: int) -> None:
-        output.scheduled_requests.append(request)
-        output.num_scheduled_tokens[request.request_id] = num_new_tokens
+    def _add_scheduled(output: SchedulerOutput, request: Request, start: int,
+                       num_new_tokens: int) -> None:
+        output.add(ScheduledRow(request, start, start + num_new_tokens))
 
     # ---- after the step -------------------------------------------------------------------
 

@@ -45,6 +45,10 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput) -> None:
     assert len(ids) == len(set(ids)), "a request was scheduled twice in one step"
     assert len(ids) <= config.max_num_seqs
     assert plan.total_num_scheduled_tokens <= config.max_num_batched_tokens
+    for row in plan.rows:
+        # the row's range ends where the request's computed tokens now stand
+        assert 0 <= row.start < row.end == row.request.num_computed_tokens
+        assert plan.row(row.request.request_id) is row
     for request in plan.scheduled_requests:
         assert plan.num_scheduled_tokens[request.request_id] > 0
         assert request.num_computed_tokens <= request.num_tokens
@@ -89,11 +93,14 @@ def test_chunked_prefill_respects_budget_and_finishes() -> None:
     scheduler = make_scheduler(num_blocks=64, max_num_batched_tokens=8)
     request = make_request("a", 30, max_tokens=3)
     scheduler.add_request(request)
-    chunks = []
+    chunks, ranges = [], []
     while scheduler.has_unfinished_requests():
         plan, _ = fake_step(scheduler)
         chunks.append(plan.num_scheduled_tokens["a"])
+        ranges.append((plan.row("a").start, plan.row("a").end))
     assert chunks == [8, 8, 8, 6, 1, 1]
+    # each chunk starts where the last one ended; decode rows are the last token alone
+    assert ranges == [(0, 8), (8, 16), (16, 24), (24, 30), (30, 31), (31, 32)]
     assert request.num_output_tokens == 3
     assert request.status == RequestStatus.FINISHED_LENGTH
     assert_pool_idle(scheduler)
@@ -156,6 +163,30 @@ def test_prefix_cache_hit_is_recorded_on_first_schedule() -> None:
     plan, _ = fake_step(scheduler)
     assert again.num_cached_tokens == 16  # capped below 20 at a block boundary
     assert plan.num_scheduled_tokens["b"] == 4
+    assert (plan.row("b").start, plan.row("b").end) == (16, 20)  # the hit is not recomputed
+
+
+def test_a_preempted_request_restarts_its_range_from_the_cache() -> None:
+    scheduler = make_scheduler(num_blocks=64, enable_prefix_caching=False)
+    request = make_request("a", 6, max_tokens=5)
+    scheduler.add_request(request)
+    fake_step(scheduler)
+    scheduler.reschedule(request)  # as the core does after a pass it cannot trust
+    plan, _ = fake_step(scheduler)
+    # recomputed from position 0: its prompt and the token it had sampled
+    assert (plan.row("a").start, plan.row("a").end) == (0, 7)
+
+
+def test_rows_of_a_subset_keep_the_given_order() -> None:
+    scheduler = make_scheduler(num_blocks=64)
+    requests = [make_request(str(i), 3 + i, max_tokens=2, first_token=i) for i in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+    plan = scheduler.schedule()
+    rows = plan.rows_of([requests[2], requests[0]])  # a retried group
+    assert [(r.request, r.start, r.end) for r in rows] == [(requests[2], 0, 5),
+                                                          (requests[0], 0, 3)]
+    assert plan.total_num_scheduled_tokens == 3 + 4 + 5
 
 
 def test_stop_token_and_min_tokens() -> None:
