@@ -77,7 +77,9 @@ class DecodeGraphs:
 
     def _metadata(self, size: int) -> AttentionMetadata:
         # host-side values are those of the worst case, so anything a backend derives from
-        # them at capture (the decode kernel's split count) holds for every replay
+        # them at capture (the decode kernel's split count) holds for every replay. No decode
+        # plan: the buffers are refilled in place for each step, and only backends that read
+        # lengths from them on the device (no host plan) run here, as can_run holds
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size], cu_seqlens_q=self.cu_seqlens_q[:size + 1],
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
@@ -108,7 +110,10 @@ class DecodeGraphs:
                     len(self.sizes), self.max_size, time.perf_counter() - started)
 
     def can_run(self, metadata: AttentionMetadata) -> bool:
-        return (metadata.is_decode_only and metadata.num_seqs <= self.max_size
+        # a step with a decode plan has a backend that plans on the host: its plan would be
+        # captured with the graph and replayed stale, the static buffers refilled around it
+        return (metadata.is_decode_only and metadata.decode_plan is None
+                and metadata.num_seqs <= self.max_size
                 and metadata.block_tables.shape[1] <= self.block_tables.shape[1])
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention.base import AttentionMetadata
+from engine.attention.base import AttentionMetadata, DecodePlan
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.errors import EngineError
@@ -132,6 +132,7 @@ class ModelRunner:
             block_tables=torch.zeros(1, num_blocks, dtype=torch.int32, device=self.device),
             max_seqlen_q=num_tokens, max_seqlen_k=num_tokens, query_lens_cpu=[num_tokens],
             seq_lens_cpu=[num_tokens])
+        metadata.decode_plan = self._plan_decode(metadata, scratch[0][0])
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         hidden_states = self.model(input_ids, positions, scratch, metadata)
@@ -235,7 +236,13 @@ class ModelRunner:
             block_tables=block_tables.to(self.device, non_blocking=True),
             max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        metadata.decode_plan = self._plan_decode(metadata, self.kv_caches[0][0])
         return metadata, positions.to(self.device, non_blocking=True)
+
+    def _plan_decode(self, metadata: AttentionMetadata,
+                     k_cache: torch.Tensor) -> DecodePlan | None:
+        # once per step, here, rather than in the first layer: every layer reads this plan
+        return self.model.attn_backend.plan_decode(metadata, k_cache)
 
     def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
         banned = [_banned_token_ids(r) for r in requests]

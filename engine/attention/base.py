@@ -9,6 +9,22 @@ import torch
 
 
 @dataclass(slots=True)
+class DecodePlan:
+    """Where the decode rows (one query token each) of one step find their context, for a
+    backend that plans on the host (the torch reference): built once per step, shared by
+    every layer."""
+
+    block_size: int  # of the cache it indexes
+    num_kv_heads: int
+    rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
+    cache_rows: torch.Tensor  # [num_decode * num_kv_heads * max_len] rows of cache.view(-1, dim)
+    is_padding: torch.Tensor  # [num_decode, 1, 1, max_len] bool: past each seq_len
+    max_len: int
+    block_tables: torch.Tensor  # [num_decode, width] int32, contiguous (the native kernel)
+    lens: torch.Tensor  # [num_decode] int32
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Describes one flattened (varlen) batch to attention; built by the model runner per step.
 
@@ -25,6 +41,10 @@ class AttentionMetadata:
     max_seqlen_k: int
     query_lens_cpu: list[int]  # host copies so CPU paths never sync on the device
     seq_lens_cpu: list[int]
+    # the step's decode plan, from the backend's plan_decode, built with the rest of the
+    # metadata: attention keeps nothing between calls. None: no decode rows, a backend that
+    # plans nothing, or metadata built by hand (a host-planning backend then plans per call)
+    decode_plan: DecodePlan | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -38,6 +58,12 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     """Writes the new tokens' K/V into the paged cache, then attends over each sequence's
     whole context with causal masking. Implementations: torch reference (CPU), CUDA."""
+
+    def plan_decode(self, metadata: AttentionMetadata,
+                    k_cache: torch.Tensor) -> DecodePlan | None:
+        """The plan `forward` reads for this step's decode rows, or None when it reads none.
+        `k_cache` is any layer's cache (all share one shape, dtype and device)."""
+        ...
 
     def forward(
         self,

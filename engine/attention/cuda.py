@@ -8,7 +8,7 @@ import logging
 import torch
 
 from engine.attention import triton_kernels as kernels
-from engine.attention.base import AttentionMetadata
+from engine.attention.base import AttentionMetadata, DecodePlan
 from engine.attention.torch_ref import TorchAttentionBackend
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,15 @@ class CudaAttentionBackend:
         self.fallback = TorchAttentionBackend()
         self._num_sms: dict[int, int] = {}
         self._has_warned_fallback = False
+
+    def plan_decode(self, metadata: AttentionMetadata,
+                    k_cache: torch.Tensor) -> DecodePlan | None:
+        # the kernels read lengths from the device and plan nothing; the fallback plans. The
+        # step's queries share the cache's device, dtype and head size, so the cache stands
+        # in for them in choosing which one runs
+        if kernels_apply(k_cache, k_cache):
+            return None
+        return self.fallback.plan_decode(metadata, k_cache)
 
     def forward(
         self,

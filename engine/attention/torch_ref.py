@@ -3,12 +3,10 @@ plain torch. Correct everywhere and the CPU fast path; the CUDA backends are che
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from engine.attention.base import AttentionMetadata
+from engine.attention.base import AttentionMetadata, DecodePlan
 from engine.kernels.native import loaded_library, takes_bf16
 
 
@@ -38,27 +36,19 @@ def gather_context(cache: torch.Tensor, block_tables: torch.Tensor,
     return context[:, :max_seq_len]
 
 
-@dataclass(slots=True)
-class DecodePlan:
-    """What the decode rows of one step need, built once and shared by every layer: which
-    rows attend as decode rows, where their context sits in the cache, and the padding."""
-
-    metadata: AttentionMetadata  # the step it was built for (compared by identity)
-    seq_lens: list[int]  # a copy of its seq_lens_cpu: a reused metadata object is a new step
-    block_size: int
-    num_kv_heads: int
-    rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
-    cache_rows: torch.Tensor  # [num_decode * num_kv_heads * max_len] rows of cache.view(-1, dim)
-    is_padding: torch.Tensor  # [num_decode, 1, 1, max_len] bool: past each seq_len
-    max_len: int
-    block_tables: torch.Tensor  # [num_decode, width] int32, contiguous (the native kernel)
-    lens: torch.Tensor  # [num_decode] int32
-
-
 # decode contexts are padded to a multiple of this many positions: oneDNN builds a kernel for
 # each new matmul shape (~0.6 ms a shape, twice a layer), so a length growing by one token a
 # step would pay that every step; a bucket pays it once per 32 steps, for <= 31 masked columns
 CONTEXT_BUCKET = 32
+
+
+def plan_decode_rows(metadata: AttentionMetadata, block_size: int,
+                     num_kv_heads: int) -> DecodePlan | None:
+    """The plan of the step's decode rows (None: it has none)."""
+    seq_ids = [i for i, query_len in enumerate(metadata.query_lens_cpu) if query_len == 1]
+    if not seq_ids:
+        return None
+    return build_decode_plan(metadata, seq_ids, block_size, num_kv_heads)
 
 
 def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_size: int,
@@ -85,19 +75,20 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
         for query_len in metadata.query_lens_cpu:
             starts.append(starts[-1] + query_len)
         rows = torch.tensor([starts[i] for i in seq_ids], device=device)
-    return DecodePlan(metadata, list(metadata.seq_lens_cpu), block_size, num_kv_heads, rows,
-                      cache_rows, is_padding, max_len, tables.to(torch.int32).contiguous(), lens)
+    return DecodePlan(block_size, num_kv_heads, rows, cache_rows, is_padding, max_len,
+                      tables.to(torch.int32).contiguous(), lens)
 
 
 class TorchAttentionBackend:
     """Writes the new K/V into the paged cache, then attends causally over each sequence's
     whole context. Decode rows (one query token) of all sequences are batched together over a
     context gathered once per layer; sequences with several query tokens (prefill chunks) get
-    one SDPA call each. One instance serves every layer: the decode plan of the current step
-    is cached and reused until a new step's metadata arrives."""
+    one SDPA call each. One instance serves every layer and keeps nothing between calls: the
+    decode rows' plan comes in the metadata, built once per step with it."""
 
-    def __init__(self) -> None:
-        self._plan: DecodePlan | None = None
+    def plan_decode(self, metadata: AttentionMetadata,
+                    k_cache: torch.Tensor) -> DecodePlan | None:
+        return plan_decode_rows(metadata, k_cache.shape[1], k_cache.shape[2])
 
     def forward(
         self,
@@ -110,7 +101,7 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
-        plan = self._decode_plan(metadata, k_cache)
+        plan = self._step_plan(metadata, k_cache)
         if metadata.is_decode_only:
             assert plan is not None
             return decode_attention(query, k_cache, v_cache, plan, scale)
@@ -121,21 +112,13 @@ class TorchAttentionBackend:
         _prefill_chunks(query, key, value, k_cache, v_cache, metadata, scale, out)
         return out
 
-    def _decode_plan(self, metadata: AttentionMetadata,
-                     k_cache: torch.Tensor) -> DecodePlan | None:
-        """The step's plan (None: no decode rows), built by the first layer to ask."""
-        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-        plan = self._plan
-        if (plan is not None and plan.metadata is metadata
-                and plan.seq_lens == metadata.seq_lens_cpu and plan.block_size == block_size
-                and plan.num_kv_heads == num_kv_heads):
-            return plan
-        seq_ids = [i for i, query_len in enumerate(metadata.query_lens_cpu) if query_len == 1]
-        if not seq_ids:
-            self._plan = None
-            return None
-        self._plan = build_decode_plan(metadata, seq_ids, block_size, num_kv_heads)
-        return self._plan
+    def _step_plan(self, metadata: AttentionMetadata,
+                   k_cache: torch.Tensor) -> DecodePlan | None:
+        plan = metadata.decode_plan
+        if plan is None:  # no decode rows, or metadata built by hand: plan for this call only
+            return self.plan_decode(metadata, k_cache)
+        assert (plan.block_size, plan.num_kv_heads) == k_cache.shape[1:3], "plan of another cache"
+        return plan
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -6,6 +6,7 @@ sliced MLP of long prefills, and setup leaving the intra-op thread count alone."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -216,17 +217,24 @@ def test_loading_leaves_the_thread_count_as_it_was(tiny_model_dirs: dict[str, Pa
     assert torch.get_num_threads() == before
 
 
-def test_decode_plan_is_rebuilt_when_a_metadata_object_is_reused() -> None:
-    """A caller may refill one metadata object in place for the next step (as graph capture
-    does): the cached plan must not outlive the step it was built for."""
+def _decode_step() -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """Metadata of a two-sequence decode step, and its caches."""
     gen = torch.Generator().manual_seed(1)
     shape = (6, 4, 2, 8)  # [num_blocks, block_size, num_kv_heads, head_dim]
     k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     metadata = AttentionMetadata(
         slot_mapping=torch.tensor([4, 12]), cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
         seq_lens=torch.tensor([5, 1], dtype=torch.int32),
-        block_tables=torch.tensor([[0, 1], [3, 0]], dtype=torch.int32), max_seqlen_q=1,
+        block_tables=torch.tensor([[1, 2], [3, 0]], dtype=torch.int32), max_seqlen_q=1,
         max_seqlen_k=5, query_lens_cpu=[1, 1], seq_lens_cpu=[5, 1])
+    return metadata, k_cache, v_cache
+
+
+def test_the_backend_keeps_no_plan_between_calls() -> None:
+    """A caller may refill one metadata object in place for the next step: nothing planned
+    for the previous step may outlive it."""
+    metadata, k_cache, v_cache = _decode_step()
+    gen = torch.Generator().manual_seed(2)
     reused = TorchAttentionBackend()
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +250,62 @@ def test_decode_plan_is_rebuilt_when_a_metadata_object_is_reused() -> None:
     metadata.seq_lens_cpu, metadata.max_seqlen_k = [6, 2], 6
     ours, fresh = step()
     torch.testing.assert_close(ours, fresh)
+
+
+def test_attention_reads_the_plan_in_the_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the step's plan in the metadata, attention plans nothing itself, and gives what
+    planning per call gives."""
+    import engine.attention.torch_ref as torch_ref
+
+    metadata, k_cache, v_cache = _decode_step()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, heads, 8, generator=gen) for heads in (4, 2, 2))
+    backend = TorchAttentionBackend()
+    per_call = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), metadata, 0.35)
+    metadata.decode_plan = backend.plan_decode(metadata, k_cache)
+    assert metadata.decode_plan is not None
+
+    def no_planning(*args: object) -> None:
+        raise AssertionError("attention planned although the metadata holds the plan")
+
+    monkeypatch.setattr(torch_ref, "build_decode_plan", no_planning)
+    ours = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), metadata, 0.35)
+    torch.testing.assert_close(ours, per_call)
+
+
+def test_the_runner_plans_decode_once_per_step(tiny_model_dirs: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One plan per step with decode rows, whatever the number of layers; a prefill-only
+    step plans none."""
+    import engine.attention.torch_ref as torch_ref
+    from engine import LLM, SamplingParams
+
+    llm = LLM(str(tiny_model_dirs["llama"]), dtype="float32", num_blocks=32, block_size=4)
+    num_plans = 0
+    build = torch_ref.build_decode_plan
+
+    def counted(*args: Any) -> torch_ref.DecodePlan:
+        nonlocal num_plans
+        num_plans += 1
+        return build(*args)
+
+    monkeypatch.setattr(torch_ref, "build_decode_plan", counted)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate([[5, 17, 99, 3, 250]], params)
+    assert num_plans == 3  # one prefill step, then three decode steps
+
+
+def test_decode_graphs_take_only_steps_without_a_host_plan() -> None:
+    """A step whose backend plans on the host stays eager: the graph would replay the plan
+    it was captured with, however the static inputs are refilled."""
+    from engine.cuda_graphs import DecodeGraphs
+
+    metadata, k_cache, _ = _decode_step()
+    graphs = DecodeGraphs(lambda *args: torch.empty(0), max_num_seqs=4, max_blocks_per_seq=4,
+                          max_model_len=16, device=CPU, capture=False)
+    assert graphs.can_run(metadata)
+    metadata.decode_plan = TorchAttentionBackend().plan_decode(metadata, k_cache)
+    assert not graphs.can_run(metadata)
 
 
 # ---- native RMSNorm ----------------------------------------------------------------------------

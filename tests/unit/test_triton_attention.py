@@ -191,6 +191,16 @@ def test_backend_step_matches_the_reference_for_mixed_and_decode_batches() -> No
         assert torch.equal(batch.k_cache, k_expected) and torch.equal(batch.v_cache, v_expected)
 
 
+def test_only_the_fallback_gets_a_decode_plan() -> None:
+    """The kernels read lengths on the device: no host plan for them (and so CUDA graphs may
+    capture the step); a cache they do not cover (float64) gets the torch fallback's plan."""
+    backend = CudaAttentionBackend()
+    batch = make_batch([(6, 10), (0, 1), (20, 1)], 8, 2, 16, block_size=8, seed=250)
+    assert backend.plan_decode(batch.metadata, batch.k_cache) is None
+    plan = backend.plan_decode(batch.metadata, batch.k_cache.double())
+    assert plan is not None and plan.rows is not None and plan.rows.tolist() == [10, 11]
+
+
 def test_kv_write_honours_strides_and_skips_padding_slots() -> None:
     # K and V as the model hands them over: column slices of one fused qkv output
     gen = torch.Generator().manual_seed(7)
