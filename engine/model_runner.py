@@ -24,7 +24,6 @@ from engine.scheduler import ScheduledRow
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """Tokens sampled this step, for the requests whose computed tokens caught up."""
@@ -64,8 +63,10 @@ class ModelRunner:
         self.num_blocks = _num_kv_blocks(cache_config, bytes_per_token, self.device,
                                          activation_peak)
         shape = (self.num_blocks, *self.kv_shape)
-        # one K and one V tensor per layer; block 0 is a valid block like any other. Zeroed
-        # without starting an OpenMP team in this (setup) thread: see single_threaded_setup
+        # one K and one V tensor per layer, over every block: block 0 is the KV pool's null
+        # block (never handed out), so the 0s that pad block tables alias no live block.
+        # Zeroed without starting an OpenMP team in this (setup) thread: see
+        # single_threaded_setup
         with single_threaded_setup():
             self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                                torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -332,7 +333,7 @@ def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.devi
     else:
         budget = int(config.kv_cache_memory_gb * 1024**3)
     num_blocks = int(budget // bytes_per_block)
-    if num_blocks < 2:  # block 0 is the reserved null block
+    if num_blocks < 2:  # the null block and one usable block
         raise EngineError(
             f"the KV cache budget has no room for one block ({bytes_per_block} bytes)")
     return num_blocks
