@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -151,11 +151,14 @@ class MetricsLogger:
     the engine thread; record_failure may run on any thread (prometheus_client locks)."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY,
-                 log_interval_s: float = LOG_INTERVAL_S) -> None:
+                 log_interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` times the periodic log line's interval (tests pass a fake one)."""
         self.model_name = model_name
         self.log_interval_s = log_interval_s
+        self._clock = clock
         self._families = _families_for(registry)
-        self._interval = _IntervalTotals(start=time.monotonic())
+        self._interval = _IntervalTotals(start=clock())
         self._touch_children()
 
     def _touch_children(self) -> None:
@@ -209,7 +212,7 @@ class MetricsLogger:
         """The engine has nothing to run: gauges to idle, and the log interval restarts, so the
         first line after a quiet spell reports busy time, not the idle time before it."""
         self.set_load(0, 0, kv_cache_usage)
-        self._interval = _IntervalTotals(start=time.monotonic())
+        self._interval = _IntervalTotals(start=self._clock())
 
     # ---- once per request ---------------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class MetricsLogger:
         interval.num_generation_tokens += stats.num_generation_tokens
         interval.prefix_cache_queries += stats.prefix_cache_queries
         interval.prefix_cache_hits += stats.prefix_cache_hits
-        now = time.monotonic()
+        now = self._clock()
         if now - interval.start >= self.log_interval_s:
             # only steps call this, so the line appears only while the engine is busy
             _log_interval(interval, now - interval.start, stats)

@@ -375,32 +375,55 @@ def test_loggers_share_a_registry_with_separate_series() -> None:
     assert registry.get_sample_value(name, {"model_name": "m2"}) == 5
 
 
+@dataclass(slots=True)
+class FakeClock:
+    """A monotonic clock the test moves by hand: the log interval without sleeping."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_periodic_engine_line_only_when_due(caplog: pytest.LogCaptureFixture) -> None:
     busy = StepStats(num_prompt_tokens=100, num_generation_tokens=10, num_running=2,
                      num_waiting=1, kv_cache_usage=0.25, prefix_cache_queries=120,
                      prefix_cache_hits=30)
+    clock = FakeClock()
+    metrics = MetricsLogger(MODEL_NAME, registry=CollectorRegistry(), clock=clock)
     with caplog.at_level(logging.INFO, logger="engine.metrics"):
-        MetricsLogger(MODEL_NAME, registry=CollectorRegistry()).record_step(busy)
-        assert not caplog.records  # the first interval (5 s) has not passed
-        MetricsLogger(MODEL_NAME, registry=CollectorRegistry(),
-                      log_interval_s=0.0).record_step(busy)
+        clock.advance(4.5)
+        metrics.record_step(busy)
+        assert not caplog.records  # 4.5 s of the 5 s interval
+        clock.advance(0.5)
+        metrics.record_step(busy)  # due: two steps' tokens over exactly 5 s
+        clock.advance(1.0)
+        metrics.record_step(busy)  # the next interval has only begun
     [record] = caplog.records
     message = record.getMessage()
+    assert "prompt 40.0 tokens/s, generation 4.0 tokens/s" in message
     assert "running 2, waiting 1, KV cache 25.0%, prefix-cache hit rate 25.0%" in message
-    assert "tokens/s" in message and getattr(record, "prefix_cache_hit_rate", None) == 0.25
+    assert getattr(record, "prefix_cache_hit_rate", None) == 0.25
+    assert getattr(record, "generation_tokens_per_s", None) == 4.0
 
 
 def test_idle_restarts_the_log_interval(caplog: pytest.LogCaptureFixture) -> None:
-    metrics = MetricsLogger(MODEL_NAME, registry=CollectorRegistry(), log_interval_s=0.2)
-    time.sleep(0.3)
+    clock = FakeClock()
+    metrics = MetricsLogger(MODEL_NAME, registry=CollectorRegistry(), log_interval_s=2.0,
+                            clock=clock)
+    clock.advance(3.0)  # idle for longer than the interval
     with caplog.at_level(logging.INFO, logger="engine.metrics"):
-        metrics.record_idle(0.0)  # the quiet 0.3 s must not count as an interval
+        metrics.record_idle(0.0)  # the quiet 3 s must not count as an interval
         metrics.record_step(StepStats(num_generation_tokens=4, num_running=1))
         assert not caplog.records
-        time.sleep(0.3)
+        clock.advance(2.0)
         metrics.record_step(StepStats(num_generation_tokens=4, num_running=1))
     [record] = caplog.records
-    assert "running 1, waiting 0" in record.getMessage()
+    # 8 tokens over the 2 busy seconds, not over the 5 since the logger was made
+    assert "generation 4.0 tokens/s, running 1, waiting 0" in record.getMessage()
 
 
 def test_json_log_lines_carry_the_request_fields() -> None:
