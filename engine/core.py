@@ -58,10 +58,13 @@ class StepStats:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, max_model_len: int) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, max_model_len: int, *,
+                 runner: ModelRunner | None = None) -> None:
+        """`runner` stands in for the ModelRunner built from `loaded` (tests pass a fake one);
+        the KV pool is sized from whichever runner is used."""
         self.config = config
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(loaded, config, max_model_len)
+        self.runner = runner if runner is not None else ModelRunner(loaded, config, max_model_len)
         self.kv_cache_manager = KVCacheManager(
             num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching)
