@@ -212,9 +212,11 @@ def fake_llm_engine(**engine_args: object) -> tuple[LLMEngine, FakeModelRunner]:
     return engine, runner
 
 
-def fake_async_engine(**engine_args: object) -> tuple[AsyncEngine, FakeModelRunner]:
-    """An AsyncEngine over fake_llm_engine, its metrics in a registry of its own."""
+def fake_async_engine(registry: CollectorRegistry | None = None,
+                      **engine_args: object) -> tuple[AsyncEngine, FakeModelRunner]:
+    """An AsyncEngine over fake_llm_engine; its metrics go to `registry` (default: a registry
+    of its own), labelled model_name="fake"."""
     llm_engine, runner = fake_llm_engine(**engine_args)
     engine = AsyncEngine(llm_engine.config, llm_engine, served_model_name="fake",
-                         registry=CollectorRegistry())
+                         registry=registry or CollectorRegistry())
     return engine, runner
