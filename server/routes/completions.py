@@ -12,7 +12,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from transformers import PreTrainedTokenizerBase
 
-from engine import EngineError, RequestOutput
+from engine import (
+    ContextLengthExceededError,
+    EngineError,
+    InvalidRequestError,
+    RequestOutput,
+)
 from server.errors import from_engine_error
 from server.outputs import CompletionLogprobBuilder, UsageCounter, finish_reason
 from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
@@ -43,7 +48,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     try:
         engine.check_capacity(params.n * len(body.prompts))  # before any tokenizing
         prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompts,
-                                          engine.max_model_len)
+                                          engine.max_model_len, engine.vocab_size)
     except EngineError as exc:
         raise from_engine_error(exc, "prompt") from exc
     # one engine request per prompt; choice index = prompt_index * n + i, as OpenAI numbers them
@@ -64,11 +69,21 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
                      prompts: Sequence[str] | Sequence[list[int]],
-                     max_tokens: int) -> list[list[int]]:
-    """Text prompts get the tokenizer's special tokens (e.g. BOS); token ids pass as given
-    (the engine checks them). ContextLengthExceededError for a text over `max_tokens`."""
+                     max_tokens: int, vocab_size: int) -> list[list[int]]:
+    """Text prompts get the tokenizer's special tokens (e.g. BOS); token ids pass as given,
+    once they are known to be ids of this vocabulary (echo decodes them before the engine
+    sees them). ContextLengthExceededError for a prompt over `max_tokens`."""
     return [encode_prompt(tokenizer, prompt, max_tokens) if isinstance(prompt, str)
-            else list(prompt) for prompt in prompts]
+            else _checked_token_ids(prompt, max_tokens, vocab_size) for prompt in prompts]
+
+
+def _checked_token_ids(prompt: list[int], max_tokens: int, vocab_size: int) -> list[int]:
+    if len(prompt) > max_tokens:
+        raise ContextLengthExceededError(max_tokens, len(prompt), None)
+    if not all(0 <= token_id < vocab_size for token_id in prompt):
+        raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})",
+                                  param="prompt")
+    return list(prompt)
 
 
 def _echo_texts(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest,

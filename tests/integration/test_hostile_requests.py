@@ -299,3 +299,11 @@ def test_deeply_nested_json_is_a_4xx(hostile_server: RunningServer, depth: int) 
         assert status == 200, body
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("prompt", [[-1], [2**63], [2**64], [1, 512]])
+def test_echo_of_token_ids_outside_the_vocabulary_is_a_400(hostile_server: RunningServer,
+                                                            prompt: list[int]) -> None:
+    reply = hostile_server.http().post("/v1/completions",
+                                       json=_completion(prompt, max_tokens=1, echo=True))
+    _assert_envelope(reply.status_code, reply.json(), 400, "prompt")
