@@ -24,16 +24,34 @@ from engine.request import Request
 from engine.scheduler import ScheduledRow
 from tests.tiny_models import VOCAB_SIZE, build_config, build_tokenizer
 
-# 0, 1, 2 are the tiny tokenizer's special tokens (2 is EOS): the fake never picks them itself
-FIRST_TOKEN_ID = 3
-HOLD_TIMEOUT_S = 30.0  # a held pass gives up waiting after this (a test that forgot release())
+HOLD_TIMEOUT_S = 10.0  # a held pass gives up waiting after this (a test that forgot to release)
 SAMPLED_LOGPROB = -0.25  # the fake's sampled token always has rank 1 and this logprob
 
 
-def next_token_id(token_ids: Sequence[int], vocab_size: int = VOCAB_SIZE) -> int:
-    """The greedy token after `token_ids`: (last token * 31 + position) folded into the
-    non-special ids."""
-    return FIRST_TOKEN_ID + (token_ids[-1] * 31 + len(token_ids)) % (vocab_size - FIRST_TOKEN_ID)
+@functools.cache
+def tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer (trained once per process)."""
+    return build_tokenizer()
+
+
+@functools.cache
+def text_token_ids() -> tuple[int, ...]:
+    """The tiny tokenizer's ids that decode on their own to printable text: no special
+    tokens (EOS included), no partial UTF-8 characters. The fake generates only these, so
+    every generated token adds text to a stream."""
+    ids = []
+    for token_id in range(VOCAB_SIZE):
+        text = tokenizer().decode([token_id], skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)
+        if text and text.isprintable() and "\ufffd" not in text:
+            ids.append(token_id)
+    return tuple(ids)
+
+
+def next_token_id(token_ids: Sequence[int]) -> int:
+    """The greedy token after `token_ids`: (last token * 31 + position) picks a text token."""
+    ids = text_token_ids()
+    return ids[(token_ids[-1] * 31 + len(token_ids)) % len(ids)]
 
 
 def greedy_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
@@ -44,14 +62,17 @@ def greedy_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
     return token_ids[len(prompt):]
 
 
-def fake_logprobs(token_id: int, num_top: int,
-                  vocab_size: int = VOCAB_SIZE) -> PositionLogprobs:
+def _following(token_id: int, k: int) -> int:
+    """The text token k places after `token_id` (wrapping)."""
+    ids = text_token_ids()
+    return ids[(ids.index(token_id) + k) % len(ids)]
+
+
+def fake_logprobs(token_id: int, num_top: int) -> PositionLogprobs:
     """As ModelRunner returns them: the sampled token, then the top `num_top` (the sampled
-    token first, then its successors, one nat apart)."""
-    span = vocab_size - FIRST_TOKEN_ID
-    top = [FIRST_TOKEN_ID + (token_id - FIRST_TOKEN_ID + k) % span for k in range(num_top)]
+    token first, then the text tokens after it, one nat apart)."""
     return [(token_id, SAMPLED_LOGPROB, 1)] + [
-        (alternative, SAMPLED_LOGPROB - k, k + 1) for k, alternative in enumerate(top)]
+        (_following(token_id, k), SAMPLED_LOGPROB - k, k + 1) for k in range(num_top)]
 
 
 class FakeModelRunner:
@@ -64,9 +85,8 @@ class FakeModelRunner:
     holding that request raise (or raises itself); `hold()` parks passes until
     `release_hold()`. `passes` records each attempted pass as (sequence id, start, end) rows."""
 
-    def __init__(self, num_blocks: int, vocab_size: int = VOCAB_SIZE) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.vocab_size = vocab_size
         self.kv_cache_bytes = 0
         self.generators: dict[str, random.Random] = {}
         self.unseeded = random.Random(0)
@@ -78,6 +98,7 @@ class FakeModelRunner:
         self._hold_after: int | None = None
         self._open = threading.Event()
         self.held = threading.Event()  # set while a pass waits for release_hold()
+        self.hold_expired = False  # a held pass gave up waiting: the test never released it
 
     # ---- the ModelRunner surface ----------------------------------------------------------
 
@@ -99,7 +120,7 @@ class FakeModelRunner:
             sampled[request.request_id] = token_id
             num_top = request.sampling_params.logprobs
             if num_top is not None:
-                logprobs[request.request_id] = fake_logprobs(token_id, num_top, self.vocab_size)
+                logprobs[request.request_id] = fake_logprobs(token_id, num_top)
         return ModelRunnerOutput(sampled, logprobs)
 
     def release(self, request_ids: Sequence[str]) -> None:
@@ -127,7 +148,8 @@ class FakeModelRunner:
         if self._hold_after is None or len(self.passes) <= self._hold_after:
             return
         self.held.set()
-        self._open.wait(HOLD_TIMEOUT_S)
+        if not self._open.wait(HOLD_TIMEOUT_S):
+            self.hold_expired = True
         self.held.clear()
 
     # ---- sampling -------------------------------------------------------------------------
@@ -135,14 +157,10 @@ class FakeModelRunner:
     def _sample(self, request: Request, end: int) -> int:
         token_ids = request.all_token_ids[:end]
         params = request.sampling_params
-        if params.is_greedy:
-            token_id = next_token_id(token_ids, self.vocab_size)
-        else:
-            token_id = self._draw(request)
+        token_id = next_token_id(token_ids) if params.is_greedy else self._draw(request)
         banned = _banned_token_ids(request)
-        while token_id in banned:  # below min_tokens: the next id that may be sampled
-            token_id = FIRST_TOKEN_ID + (token_id + 1 - FIRST_TOKEN_ID) % (
-                self.vocab_size - FIRST_TOKEN_ID)
+        while token_id in banned:  # below min_tokens: the next text token that may be sampled
+            token_id = _following(token_id, 1)
         return token_id
 
     def _draw(self, request: Request) -> int:
@@ -151,7 +169,7 @@ class FakeModelRunner:
             generator = self.unseeded
         else:
             generator = self.generators.setdefault(request.request_id, random.Random(seed))
-        return generator.randrange(FIRST_TOKEN_ID, self.vocab_size)
+        return generator.choice(text_token_ids())
 
 
 def _banned_token_ids(request: Request) -> set[int]:
@@ -163,12 +181,6 @@ def _banned_token_ids(request: Request) -> set[int]:
 
 
 # ---- engines around the fake ----------------------------------------------------------------
-
-
-@functools.cache
-def tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """The tiny byte-level BPE tokenizer (trained once per process)."""
-    return build_tokenizer()
 
 
 def weightless_model() -> LoadedModel:

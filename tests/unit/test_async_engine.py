@@ -50,6 +50,7 @@ async def _running(engine: AsyncEngine, runner: FakeModelRunner) -> AsyncIterato
     finally:
         runner.release_hold()  # a held pass would keep the worker from stopping
         await engine.shutdown()
+    assert not runner.hold_expired, "a held pass waited for a release that never came"
 
 
 async def _until(condition: Callable[[], bool], what: str) -> None:
