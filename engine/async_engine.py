@@ -4,11 +4,12 @@ request gets an output queue on the event loop, fed once per step."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,11 +204,18 @@ class AsyncEngine:
     def _admit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                arrival_time: float | None) -> PreparedRequest:
         """Validate and admit a request, counting the failure when it is refused."""
-        try:
+        with self._counting_refusals():
             self._check_alive()
             prepared = self.llm_engine.prepare_request(request_id, prompt_token_ids, params,
-                                                   arrival_time)
+                                                       arrival_time)
             self._check_capacity(len(prepared.sequences), "n")
+        return prepared
+
+    @contextlib.contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
+        """Count a refused admission in request_failure_total by its reason, then re-raise."""
+        try:
+            yield
         except InvalidRequestError:
             self.metrics.record_failure("validation")
             raise
@@ -217,7 +225,6 @@ class AsyncEngine:
         except EngineDeadError:
             self.metrics.record_failure("error")
             raise
-        return prepared
 
     def _check_alive(self) -> None:
         if self.dead_error is not None or self._stopping.is_set():
@@ -227,14 +234,8 @@ class AsyncEngine:
         """Raise unless `num_sequences` more sequences fit the waiting queue: InvalidRequestError
         (naming `param`) when they never could, QueueFullError when they cannot now. For a
         caller about to admit several prompts at once; the refusal is counted."""
-        try:
+        with self._counting_refusals():
             self._check_capacity(num_sequences, param)
-        except InvalidRequestError:
-            self.metrics.record_failure("validation")
-            raise
-        except QueueFullError:
-            self.metrics.record_failure("queue_full")
-            raise
 
     def _check_capacity(self, num_sequences: int, param: str) -> None:
         max_queue_len = self.config.scheduler.max_queue_len

@@ -3,10 +3,13 @@ token is a pure function of a sequence's tokens so far. Plus engines built aroun
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import random
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -232,3 +235,31 @@ def fake_async_engine(registry: CollectorRegistry | None = None,
     engine = AsyncEngine(llm_engine.config, llm_engine, served_model_name="fake",
                          registry=registry or CollectorRegistry())
     return engine, runner
+
+
+# ---- around a fake-runner AsyncEngine in a test
+
+GUARD_S = 10.0  # only a failing test waits this long
+
+
+@contextlib.asynccontextmanager
+async def running(engine: AsyncEngine, runner: FakeModelRunner) -> AsyncIterator[None]:
+    await engine.start()
+    try:
+        yield
+    finally:
+        runner.release_hold()  # a held pass would keep the worker from stopping
+        await engine.shutdown()
+    assert not runner.hold_expired, "a held pass waited for a release that never came"
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Until `condition` holds (the worker thread gets there within a loop turn or two)."""
+    deadline = time.monotonic() + GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.001)
+
+
+def all_blocks_free(engine: AsyncEngine) -> bool:
+    return engine.num_free_blocks == engine.num_total_blocks

@@ -186,3 +186,17 @@ def _wait_process_healthy(running: ServerProcess) -> None:
                 return
         time.sleep(0.2)
     pytest.fail(f"/health not 200 after {STARTUP_TIMEOUT_S}s:\n{running.log_text()[-4000:]}")
+
+
+def poison_tokenizer(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the server's tokenizer raise on any text holding "POISON" (before the engine sees
+    the request), for the rest of the test."""
+    tokenizer = engine.tokenizer
+    real_encode = tokenizer.encode
+
+    def encode(text: str, *args: object, **kwargs: object) -> list[int]:
+        if "POISON" in text:
+            raise RuntimeError("injected tokenizer fault")
+        return real_encode(text, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tokenizer, "encode", encode)

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from engine import LLM, SamplingParams
 from engine.request import Request
-from tests.integration.conftest import MODEL_NAME, RunningServer, serve
+from tests.integration.conftest import MODEL_NAME, RunningServer, poison_tokenizer, serve
 
 POISON = [7, 7, 7, 7]  # a prompt starting with these token ids is the one a hook breaks
 MAX_TOKENS = 24
@@ -205,15 +205,7 @@ def test_tokenizer_fault_fails_only_that_request(fault_server: RunningServer,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A tokenizer that raises on one prompt (before the engine sees it): a 500 envelope for
     that request, the others served."""
-    tokenizer = fault_server.engine.tokenizer
-    real_encode = tokenizer.encode
-
-    def encode(text: str, *args: object, **kwargs: object) -> list[int]:
-        if "POISON" in text:
-            raise RuntimeError("injected tokenizer fault")
-        return real_encode(text, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(tokenizer, "encode", encode)
+    poison_tokenizer(fault_server.engine, monkeypatch)
     bodies = [{**_completion([0]), "prompt": f"hello {i}", "stream": i % 2 == 0}
               for i in range(5)] + [{**_completion([0]), "prompt": "POISON"}]
     replies = _run_clients(fault_server, bodies)

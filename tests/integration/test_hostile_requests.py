@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.integration.conftest import API_KEY, MODEL_NAME, RunningServer, serve
+from tests.integration.conftest import API_KEY, MODEL_NAME, RunningServer, poison_tokenizer, serve
 
 WITNESS_PROMPT = [11, 12, 13, 14, 15, 16, 17, 18]
 MAX_QUEUE_LEN = 256
@@ -186,15 +186,7 @@ def test_lone_surrogates_are_400_and_the_connection_stays_usable(
 
 def test_a_500_keeps_the_connection_alive(hostile_server: RunningServer,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    tokenizer = hostile_server.engine.tokenizer
-    real_encode = tokenizer.encode
-
-    def encode(text: str, *args: object, **kwargs: object) -> list[int]:
-        if "POISON" in text:
-            raise RuntimeError("injected tokenizer fault")
-        return real_encode(text, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(tokenizer, "encode", encode)
+    poison_tokenizer(hostile_server.engine, monkeypatch)
     connection = Connection(hostile_server.base_url)
     try:
         status, body = connection.post("/v1/completions", json.dumps(_completion("hi")).encode())

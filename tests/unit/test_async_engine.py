@@ -6,9 +6,7 @@ dead loop fails its clients. Waits are on events and engine state, never on fixe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -23,11 +21,18 @@ from engine import (
 )
 from engine.outputs import RequestOutput, RequestOutputKind
 from engine.sampling_params import SamplingParams
-from tests.fake_runner import FakeModelRunner, fake_async_engine, greedy_tokens, tokenizer
+from tests.fake_runner import (
+    GUARD_S,
+    all_blocks_free,
+    fake_async_engine,
+    greedy_tokens,
+    running,
+    tokenizer,
+    until,
+)
 
 PROMPT = [30, 41, 52, 63, 74, 85]
 POISON = [7, 7, 7, 7]
-GUARD_S = 10.0  # only a failing test waits this long
 
 
 def _params(max_tokens: int = 5, **params: object) -> SamplingParams:
@@ -40,29 +45,6 @@ def _failures(registry: CollectorRegistry, reason: str) -> float:
                                       {"model_name": "fake", "reason": reason})
     assert value is not None
     return value
-
-
-@contextlib.asynccontextmanager
-async def _running(engine: AsyncEngine, runner: FakeModelRunner) -> AsyncIterator[None]:
-    await engine.start()
-    try:
-        yield
-    finally:
-        runner.release_hold()  # a held pass would keep the worker from stopping
-        await engine.shutdown()
-    assert not runner.hold_expired, "a held pass waited for a release that never came"
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    """Until `condition` holds (the worker thread gets there within a loop turn or two)."""
-    deadline = time.monotonic() + GUARD_S
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.001)
-
-
-def _all_blocks_free(engine: AsyncEngine) -> bool:
-    return engine.num_free_blocks == engine.num_total_blocks
 
 
 async def _collect(engine: AsyncEngine, request_id: str, prompt: list[int],
@@ -81,7 +63,7 @@ def test_generate_yields_deltas_until_finished() -> None:
     engine, runner = fake_async_engine()
 
     async def run() -> tuple[list[RequestOutput], list[RequestOutput]]:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             return await asyncio.gather(_collect(engine, "one", PROMPT, _params(5)),
                                         _collect(engine, "two", PROMPT[:4], _params(3, n=2)))
 
@@ -96,7 +78,7 @@ def test_generate_yields_deltas_until_finished() -> None:
         tokens = [t for o in two for t in o.outputs[index].token_ids]
         assert tokens == greedy_tokens(PROMPT[:4], 3)
     assert two[-1].finished and all(c.finish_reason == "length" for c in two[-1].outputs)
-    assert _all_blocks_free(engine)  # finished in the step, before the output was delivered
+    assert all_blocks_free(engine)  # finished in the step, before the output was delivered
 
 
 @pytest.mark.parametrize("fault", ["forward pass", "output processing"])
@@ -118,12 +100,12 @@ def test_an_engine_side_failure_is_raised_by_generate(fault: str) -> None:
     seen: list[RequestOutput] = []
 
     async def run() -> tuple[BaseException | None, list[RequestOutput]]:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             poisoned, neighbour = await asyncio.gather(
                 _collect(engine, "poisoned", POISON + PROMPT, _params(8), seen),
                 _collect(engine, "neighbour", PROMPT, _params(8)), return_exceptions=True)
             assert isinstance(neighbour, list)
-            await _until(lambda: _all_blocks_free(engine), "the failed request's blocks free")
+            await until(lambda: all_blocks_free(engine), "the failed request's blocks free")
             return (poisoned if isinstance(poisoned, BaseException) else None), neighbour
 
     error, neighbour = asyncio.run(run())
@@ -142,14 +124,14 @@ def test_leaving_early_aborts_the_request_and_frees_its_blocks() -> None:
     runner.hold(after_passes=1)  # the request cannot finish while the consumer decides
 
     async def run() -> None:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             stream = engine.generate("left", PROMPT, _params(100))
             first = await anext(stream)
             assert not first.finished and engine.num_free_blocks < engine.num_total_blocks
             await stream.aclose()  # type: ignore[attr-defined]  # a consumer that leaves
             runner.release_hold()
-            await _until(lambda: _all_blocks_free(engine), "the aborted request's blocks free")
-            await _until(lambda: _failures(registry, "abort") == 1, "the abort counted")
+            await until(lambda: all_blocks_free(engine), "the aborted request's blocks free")
+            await until(lambda: _failures(registry, "abort") == 1, "the abort counted")
 
     asyncio.run(run())
     assert "left" in runner.released
@@ -167,13 +149,13 @@ def test_check_capacity_refuses_never_with_400_and_not_now_with_429() -> None:
         with pytest.raises(InvalidRequestError) as never:
             engine.check_capacity(3, "prompt")  # more than may ever wait at once
         assert never.value.param == "prompt"
-        async with _running(engine, runner):
+        async with running(engine, runner):
             runner.hold()
-            running = asyncio.create_task(_collect(engine, "running", PROMPT, _params(2)))
+            busy = asyncio.create_task(_collect(engine, "running", PROMPT, _params(2)))
             await asyncio.to_thread(runner.held.wait, GUARD_S)  # "running" is in its pass
             waiting = [asyncio.create_task(_collect(engine, f"w{i}", PROMPT, _params(2)))
                        for i in range(2)]
-            await _until(lambda: engine.num_waiting == 2, "two sequences waiting")
+            await until(lambda: engine.num_waiting == 2, "two sequences waiting")
             with pytest.raises(QueueFullError):
                 engine.check_capacity(1)
             with pytest.raises(QueueFullError):
@@ -182,7 +164,7 @@ def test_check_capacity_refuses_never_with_400_and_not_now_with_429() -> None:
                 await _collect(engine, "fan-out", PROMPT, _params(2, n=3))
             assert fan_out.value.param == "n"
             runner.release_hold()
-            return await asyncio.gather(running, *waiting)
+            return await asyncio.gather(busy, *waiting)
 
     finals = asyncio.run(run())
     assert all(outputs[-1].finished for outputs in finals)  # the admitted ones all ran
@@ -199,13 +181,13 @@ def test_a_passed_deadline_raises_request_timeout_and_frees_blocks() -> None:
     runner.hold()  # no pass completes: only the deadline can end the request
 
     async def run() -> None:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             with pytest.raises(RequestTimeoutError, match="passed its deadline"):
                 await _collect(engine, "slow", PROMPT, _params(5),
                                deadline=time.monotonic() + 0.05)
             runner.release_hold()
-            await _until(lambda: _all_blocks_free(engine), "the timed-out request's blocks")
-            await _until(lambda: _failures(registry, "error") == 1, "the timeout counted")
+            await until(lambda: all_blocks_free(engine), "the timed-out request's blocks")
+            await until(lambda: _failures(registry, "error") == 1, "the timeout counted")
             again = await _collect(engine, "after", PROMPT, _params(2))  # the engine goes on
             assert again[-1].finished
 
@@ -220,7 +202,7 @@ def test_a_dead_loop_fails_its_clients_and_refuses_new_ones() -> None:
         raise RuntimeError("injected loop fault")
 
     async def run() -> None:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             client = asyncio.create_task(_collect(engine, "client", PROMPT, _params(50)))
             await asyncio.to_thread(runner.held.wait, GUARD_S)
             engine.fault_hooks.on_step = kill_the_loop  # the next step dies

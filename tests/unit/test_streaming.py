@@ -6,10 +6,8 @@ event, and a client that leaves aborting its requests."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -25,14 +23,19 @@ from server.streaming import (
     ResponseContext,
     sse_events,
 )
-from tests.fake_runner import FakeModelRunner, fake_async_engine, greedy_tokens, tokenizer
+from tests.fake_runner import (
+    all_blocks_free,
+    fake_async_engine,
+    greedy_tokens,
+    running,
+    tokenizer,
+    until,
+)
 from tests.tiny_models import VOCAB_SIZE
 
 CTX = ResponseContext("resp-1", 1_700_000_000, "fake")
 PROMPT = [30, 41, 52, 63, 74, 85]
 POISON = [7, 7, 7, 7]
-GUARD_S = 10.0  # only a failing test waits this long
-
 Chunk = dict[str, object]
 
 
@@ -57,28 +60,6 @@ async def _events(stream: OutputStream, chunker: Chunker, n: int, num_prompts: i
     await stream.start()
     return [event async for event in sse_events(stream, chunker, n, num_prompts,
                                                 include_usage, "messages")]
-
-
-@contextlib.asynccontextmanager
-async def _running(engine: AsyncEngine, runner: FakeModelRunner) -> AsyncIterator[None]:
-    await engine.start()
-    try:
-        yield
-    finally:
-        runner.release_hold()  # a held pass would keep the worker from stopping
-        await engine.shutdown()
-    assert not runner.hold_expired, "a held pass waited for a release that never came"
-
-
-async def _until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + GUARD_S
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.001)
-
-
-def _all_blocks_free(engine: AsyncEngine) -> bool:
-    return engine.num_free_blocks == engine.num_total_blocks
 
 
 def _chunks(events: list[str]) -> list[Chunk]:
@@ -111,7 +92,7 @@ def test_chat_events_come_in_the_openai_order() -> None:
     n, max_tokens = 2, 5
 
     async def run() -> list[str]:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             return await _events(_stream(engine, [PROMPT], _params(max_tokens, n)),
                                  ChatChunker(CTX, None, tokenizer()), n, 1)
 
@@ -143,7 +124,7 @@ def test_no_usage_chunk_unless_asked() -> None:
     engine, runner = fake_async_engine()
 
     async def run() -> list[str]:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             return await _events(_stream(engine, [PROMPT], _params(3)),
                                  ChatChunker(CTX, None, tokenizer()), 1, 1,
                                  include_usage=False)
@@ -158,7 +139,7 @@ def test_several_prompts_merge_into_one_stream() -> None:
     max_tokens = 4
 
     async def run() -> list[str]:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             return await _events(_stream(engine, prompts, _params(max_tokens)),
                                  CompletionChunker(CTX, None, tokenizer(), None),
                                  1, len(prompts))
@@ -174,7 +155,7 @@ def test_several_prompts_merge_into_one_stream() -> None:
     assert isinstance(usage, dict)
     assert usage["prompt_tokens"] == sum(len(p) for p in prompts)
     assert usage["completion_tokens"] == max_tokens * len(prompts)
-    assert _all_blocks_free(engine)
+    assert all_blocks_free(engine)
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -186,10 +167,10 @@ def test_an_engine_failure_mid_stream_is_one_error_event_then_done() -> None:
                                   and r.num_output_tokens >= 3)
 
     async def run() -> list[str]:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             events = await _events(_stream(engine, [POISON + PROMPT], _params(20)),
                                    ChatChunker(CTX, None, tokenizer()), 1, 1)
-            await _until(lambda: _all_blocks_free(engine), "the failed request's blocks")
+            await until(lambda: all_blocks_free(engine), "the failed request's blocks")
             return events
 
     events = asyncio.run(run())
@@ -206,14 +187,14 @@ def test_admission_errors_raise_from_start_before_any_event() -> None:
     engine, runner = fake_async_engine()
 
     async def run() -> None:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             stream = _stream(engine, [PROMPT, [VOCAB_SIZE + 5]], _params(50))
             with pytest.raises(InvalidRequestError, match="prompt token ids"):
                 await stream.start()
             # the valid prompt's request was admitted, then aborted by start()
-            await _until(lambda: engine.llm_engine.stats().num_unfinished_requests == 0,
+            await until(lambda: engine.llm_engine.stats().num_unfinished_requests == 0,
                          "the admitted prompt aborted")
-            await _until(lambda: _all_blocks_free(engine), "its blocks free")
+            await until(lambda: all_blocks_free(engine), "its blocks free")
 
     asyncio.run(run())
 
@@ -223,13 +204,13 @@ def test_a_deadline_before_the_first_output_is_a_504_from_start() -> None:
     runner.hold()  # no pass completes: only the timeout can end the request
 
     async def run() -> None:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             stream = _stream(engine, [PROMPT], _params(5), timeout_s=0.05)
             with pytest.raises(ApiError) as excinfo:
                 await stream.start()
             assert (excinfo.value.status, excinfo.value.code) == (504, "request_timeout")
             runner.release_hold()
-            await _until(lambda: _all_blocks_free(engine), "the timed-out request's blocks")
+            await until(lambda: all_blocks_free(engine), "the timed-out request's blocks")
 
     asyncio.run(run())
 
@@ -240,7 +221,7 @@ def test_a_client_that_leaves_aborts_its_requests() -> None:
     runner.hold(after_passes=1)  # a first token, then nothing until the client has left
 
     async def run() -> None:
-        async with _running(engine, runner):
+        async with running(engine, runner):
             stream = _stream(engine, [PROMPT], _params(100))
             await stream.start()
             events = sse_events(stream, ChatChunker(CTX, None, tokenizer()), 1, 1, True,
@@ -249,9 +230,9 @@ def test_a_client_that_leaves_aborts_its_requests() -> None:
             assert _kind(json.loads(await anext(events))) == "content"
             await events.aclose()  # type: ignore[attr-defined]  # the client went away
             runner.release_hold()
-            await _until(lambda: engine.llm_engine.stats().num_unfinished_requests == 0,
+            await until(lambda: engine.llm_engine.stats().num_unfinished_requests == 0,
                          "the request aborted")
-            await _until(lambda: _all_blocks_free(engine), "its blocks free")
+            await until(lambda: all_blocks_free(engine), "its blocks free")
 
     asyncio.run(run())
     assert "req" in runner.released
