@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from engine.errors import InvalidRequestError
+from engine.kv_cache.hashing import HASH_ALGORITHMS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +56,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory for weights + activations + KV
     num_blocks: int | None = None  # explicit pool size; overrides the memory budgets (tests)
     enable_prefix_caching: bool = True
+    # what chains the prefix-cache block hashes: sha256, or xxhash (faster, not
+    # cryptographic: only where every client is trusted; needs the xxhash package)
+    prefix_caching_hash_algo: str = "sha256"
 
     def validate(self) -> CacheConfig:
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
@@ -64,6 +68,9 @@ class CacheConfig:
                "gpu_memory_utilization must be in (0, 1]")
         _check(self.num_blocks is None or self.num_blocks >= 2,
                "num_blocks must be >= 2 (block 0 is reserved as the null block)")
+        _check(self.prefix_caching_hash_algo in HASH_ALGORITHMS,
+               f"prefix_caching_hash_algo must be one of {HASH_ALGORITHMS}, got "
+               f"{self.prefix_caching_hash_algo!r}")
         return self
 
 

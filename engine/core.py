@@ -67,7 +67,8 @@ class EngineCore:
         self.runner = runner if runner is not None else ModelRunner(loaded, config, max_model_len)
         self.kv_cache_manager = KVCacheManager(
             num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
-            enable_prefix_caching=config.cache.enable_prefix_caching)
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            hash_algorithm=config.cache.prefix_caching_hash_algo)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.last_stats = StepStats()
         self.fault_hooks = FaultHooks()

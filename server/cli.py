@@ -46,6 +46,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--block-size", "block_size", {"type": int}),
     ("--num-blocks", "num_blocks", {"type": int}),
     ("--no-prefix-caching", "enable_prefix_caching", {"action": "store_false"}),
+    ("--prefix-caching-hash-algo", "prefix_caching_hash_algo", {}),
     ("--max-queue-len", "max_queue_len", {"type": int}),
     ("--seed", "seed", {"type": int}),
     ("--strict-max-model-len", "strict_max_model_len", {"action": "store_true"}),

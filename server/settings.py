@@ -24,7 +24,7 @@ ENGINE_FIELDS = (
     "dtype", "device", "max_model_len", "block_size", "kv_cache_memory_gb",
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
-    "quantization", "attention_backend", "enforce_eager",
+    "quantization", "attention_backend", "enforce_eager", "prefix_caching_hash_algo",
 )
 
 
@@ -87,6 +87,9 @@ class Settings(BaseModel):
         None, ge=1, description="explicit KV cache size in blocks; overrides the budgets")
     enable_prefix_caching: bool = Field(
         True, description="reuse KV blocks of shared prompt prefixes")
+    prefix_caching_hash_algo: Literal["sha256", "xxhash"] = Field(
+        "sha256", description="hash chaining prefix-cache blocks: sha256, or xxhash (faster, "
+        "not cryptographic: only where every client is trusted; needs the xxhash package)")
     max_num_seqs: int = Field(64, ge=1, description="most sequences running in one step")
     max_num_batched_tokens: int = Field(
         2048, ge=1, description="most tokens processed in one step")

@@ -456,3 +456,13 @@ def test_forget_unwritten_blocks_also_forgets_blocks_hit_in_the_same_step() -> N
     manager.free(first)
     manager.free(second)
     assert manager.num_free_blocks == manager.num_total_blocks
+
+
+def test_the_configured_hash_algorithm_reaches_the_manager() -> None:
+    """CacheConfig.prefix_caching_hash_algo is the manager's hash, checked when configured."""
+    from engine.config import CacheConfig
+    from engine.errors import InvalidRequestError as ConfigError
+
+    with pytest.raises(ConfigError, match="prefix_caching_hash_algo"):
+        CacheConfig(prefix_caching_hash_algo="md5").validate()
+    assert CacheConfig().validate().prefix_caching_hash_algo == "sha256"

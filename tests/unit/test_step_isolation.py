@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import SamplingParams
+from engine import InvalidRequestError, SamplingParams
 from engine.config import EngineConfig
+from engine.kv_cache.hashing import get_hash_fn
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
@@ -169,3 +170,17 @@ def test_out_of_memory_ends_the_engine_at_once(tiny_llama_dir: Path) -> None:
     with pytest.raises(MemoryError):
         engine.step()
     assert calls == [3]  # no retries: a lack of memory is the engine's, not a request's
+
+
+def test_the_cache_config_chooses_the_block_hash(tiny_llama_dir: Path) -> None:
+    engine = _engine(tiny_llama_dir)
+    assert engine.core.kv_cache_manager._hash_fn is get_hash_fn("sha256")
+    config = EngineConfig.from_kwargs(str(tiny_llama_dir), dtype="float32", device="cpu",
+                                      num_blocks=16, prefix_caching_hash_algo="xxhash")
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        with pytest.raises(InvalidRequestError, match="xxhash"):
+            LLMEngine(config)
+    else:
+        assert LLMEngine(config).core.kv_cache_manager._hash_fn is not get_hash_fn("sha256")
