@@ -12,15 +12,15 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.loader import LoadedModel
 from engine.model_runner import ModelRunner, ModelRunnerOutput, is_fatal_error
 from engine.outputs import EngineCoreOutput, PositionLogprobs
-from engine.request import Request, RequestStatus
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class CoreStepOutput:
-    """One step's results: outputs of the requests that advanced, and the sequences whose
+    """One step's results: outputs of the sequences that advanced, and the sequences whose
     own content made the step fail (id -> message); the caller fails those."""
 
     outputs: list[EngineCoreOutput] = field(default_factory=list)
@@ -35,7 +35,7 @@ class _Isolation:
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     unwritten_block_ids: set[int] = field(default_factory=set)  # garbage KV this step
-    num_passed: int = 0  # requests whose pass succeeded
+    num_passed: int = 0  # sequences whose pass succeeded
 
 
 @dataclass(slots=True)
@@ -51,10 +51,10 @@ class StepStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     # latencies of this step's tokens, in seconds: first tokens from arrival, others from the
-    # request's previous token
+    # sequence's previous token
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
-    finished_requests: list[Request] = field(default_factory=list)
+    finished_sequences: list[Sequence] = field(default_factory=list)
 
 
 class EngineCore:
@@ -73,16 +73,16 @@ class EngineCore:
         self.last_stats = StepStats()
         self.fault_hooks = FaultHooks()
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def add_sequence(self, sequence: Sequence) -> None:
+        self.scheduler.add_sequence(sequence)
 
-    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
-        finished = self.scheduler.finish_requests(request_ids, status)
-        self.runner.release([r.request_id for r in finished])
+    def finish_sequences(self, sequence_ids: list[str], status: SequenceStatus) -> list[Sequence]:
+        finished = self.scheduler.finish_sequences(sequence_ids, status)
+        self.runner.release([r.sequence_id for r in finished])
         return finished
 
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+    def has_unfinished_sequences(self) -> bool:
+        return self.scheduler.has_unfinished_sequences()
 
     def step(self) -> CoreStepOutput:
         num_preemptions_before = self.scheduler.num_preemptions
@@ -92,35 +92,35 @@ class EngineCore:
             return CoreStepOutput()
         result = self._execute(plan)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
-        self.runner.release([r.request_id for r in finished])
+        self.runner.release([r.sequence_id for r in finished])
         stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
                             num_preemptions_before, finished)
-        outputs = self._outputs(plan.scheduled_requests, result.sampled_token_ids,
+        outputs = self._outputs(plan.scheduled_sequences, result.sampled_token_ids,
                                 result.logprobs, stats)
         self.last_stats = stats
         return CoreStepOutput(outputs, result.failed)
 
     def _execute(self, plan: SchedulerOutput) -> _Isolation:
         """Run the step's batch. When it raises, retry it in smaller groups (order kept) to
-        find the requests that make it fail: they fail alone, the others get the tokens they
+        find the sequences that make it fail: they fail alone, the others get the tokens they
         would have got. Errors of the engine itself (out of memory, a lost device, a fault
-        that needs no request at all) propagate and end the loop."""
-        requests = plan.scheduled_requests
+        that needs no sequence at all) propagate and end the loop."""
+        sequences = plan.scheduled_sequences
         try:
-            output = self._run(requests, plan)
+            output = self._run(sequences, plan)
             return _Isolation(output.sampled_token_ids, output.logprobs)
         except Exception as exc:
             if is_fatal_error(exc):
                 raise
-            logger.warning("a step of %d requests failed (%r); retrying them in smaller "
-                           "groups to find the cause", len(requests), exc)
+            logger.warning("a step of %d sequences failed (%r); retrying them in smaller "
+                           "groups to find the cause", len(sequences), exc)
         isolation = _Isolation()
-        self._isolate(requests, plan, isolation)
+        self._isolate(sequences, plan, isolation)
         if isolation.num_passed == 0:
-            self._probe()  # nothing passed: is it the requests, or the engine?
+            self._probe()  # nothing passed: is it the sequences, or the engine?
         return isolation
 
-    def _isolate(self, group: list[Request], plan: SchedulerOutput,
+    def _isolate(self, group: list[Sequence], plan: SchedulerOutput,
                  isolation: _Isolation) -> None:
         group = [r for r in group if not self._read_garbage(r, plan, isolation)]
         if not group:
@@ -141,52 +141,52 @@ class EngineCore:
         isolation.logprobs.update(output.logprobs)
         isolation.num_passed += len(group)
 
-    def _quarantine(self, request: Request, plan: SchedulerOutput, isolation: _Isolation,
+    def _quarantine(self, sequence: Sequence, plan: SchedulerOutput, isolation: _Isolation,
                     exc: Exception) -> None:
-        logger.error("request %s fails the forward pass on its own: %r", request.request_id,
+        logger.error("sequence %s fails the forward pass on its own: %r", sequence.sequence_id,
                      exc)
         isolation.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
-            request, _row_start(request, plan)))
-        isolation.failed[request.request_id] = (
-            f"the engine failed while computing this request: {exc!r}")
+            sequence, _row_start(sequence, plan)))
+        isolation.failed[sequence.sequence_id] = (
+            f"the engine failed while computing this sequence: {exc!r}")
 
-    def _read_garbage(self, request: Request, plan: SchedulerOutput,
+    def _read_garbage(self, sequence: Sequence, plan: SchedulerOutput,
                       isolation: _Isolation) -> bool:
-        """A request that hit, in this step, a block a failed request never wrote goes back
+        """A sequence that hit, in this step, a block a failed sequence never wrote goes back
         to the waiting queue to be recomputed (its own new blocks are garbage as well)."""
-        block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+        block_ids = self.kv_cache_manager.get_block_ids(sequence.sequence_id)
         if isolation.unwritten_block_ids.isdisjoint(block_ids):
             return False
         isolation.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
-            request, _row_start(request, plan)))
-        self.scheduler.reschedule(request)
-        self.runner.release([request.request_id])
+            sequence, _row_start(sequence, plan)))
+        self.scheduler.reschedule(sequence)
+        self.runner.release([sequence.sequence_id])
         return True
 
-    def _run(self, requests: list[Request], plan: SchedulerOutput) -> ModelRunnerOutput:
+    def _run(self, sequences: list[Sequence], plan: SchedulerOutput) -> ModelRunnerOutput:
         if self.fault_hooks.on_execute is not None:
-            self.fault_hooks.on_execute(requests)
-        block_ids = {r.request_id: self.kv_cache_manager.get_block_ids(r.request_id)
-                     for r in requests}
-        return self.runner.execute(plan.rows_of(requests), block_ids)
+            self.fault_hooks.on_execute(sequences)
+        block_ids = {r.sequence_id: self.kv_cache_manager.get_block_ids(r.sequence_id)
+                     for r in sequences}
+        return self.runner.execute(plan.rows_of(sequences), block_ids)
 
     def _probe(self) -> None:
-        """A forward pass of no request's making, on scratch KV; raises if the engine is
+        """A forward pass of no sequence's making, on scratch KV; raises if the engine is
         broken."""
         if self.fault_hooks.on_execute is not None:
             self.fault_hooks.on_execute([])
         self.runner.probe()
 
     @staticmethod
-    def _outputs(requests: list[Request], sampled: dict[str, int],
+    def _outputs(sequences: list[Sequence], sampled: dict[str, int],
                  logprobs: dict[str, PositionLogprobs], stats: StepStats) -> list[EngineCoreOutput]:
         now = time.monotonic()
         outputs = []
-        for request in requests:
-            token_id = sampled.get(request.request_id)
+        for sequence in sequences:
+            token_id = sampled.get(sequence.sequence_id)
             if token_id is None:
                 continue  # a prefill chunk that has not caught up yet
-            timing = request.timing
+            timing = sequence.timing
             if timing.first_token is None:
                 timing.first_token = now
                 stats.time_to_first_tokens.append(now - timing.arrival)
@@ -194,32 +194,32 @@ class EngineCore:
                 assert timing.last_token is not None
                 stats.inter_token_latencies.append(now - timing.last_token)
             timing.last_token = now
-            position_logprobs = logprobs.get(request.request_id)
+            position_logprobs = logprobs.get(sequence.sequence_id)
             outputs.append(EngineCoreOutput(
-                sequence_id=request.request_id, new_token_ids=[token_id],
+                sequence_id=sequence.sequence_id, new_token_ids=[token_id],
                 new_logprobs=None if position_logprobs is None else [position_logprobs],
-                finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-                num_cached_tokens=max(request.num_cached_tokens, 0),
+                finish_reason=sequence.status.finish_reason, stop_reason=sequence.stop_reason,
+                num_cached_tokens=max(sequence.num_cached_tokens, 0),
                 first_scheduled_time=timing.first_scheduled, time=now))
         return outputs
 
     def _stats(self, num_prompt: int, num_generation: int, num_preemptions_before: int,
-               finished: list[Request]) -> StepStats:
+               finished: list[Sequence]) -> StepStats:
         queries, hits = self.kv_cache_manager.take_prefix_cache_stats()
         return StepStats(
             num_prompt_tokens=num_prompt, num_generation_tokens=num_generation,
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.kv_cache_manager.usage,
             num_preemptions=self.scheduler.num_preemptions - num_preemptions_before,
-            prefix_cache_queries=queries, prefix_cache_hits=hits, finished_requests=finished)
+            prefix_cache_queries=queries, prefix_cache_hits=hits, finished_sequences=finished)
 
 
-def _row_start(request: Request, plan: SchedulerOutput) -> int:
-    """The first token position this step computes for `request`."""
-    return plan.row(request.request_id).start
+def _row_start(sequence: Sequence, plan: SchedulerOutput) -> int:
+    """The first token position this step computes for `sequence`."""
+    return plan.row(sequence.sequence_id).start
 
 
 def _num_prompt_tokens(plan: SchedulerOutput) -> int:
     """Scheduled tokens at prompt positions: prefill work, as opposed to decode."""
-    return sum(max(0, min(row.end, row.request.num_prompt_tokens) - row.start)
+    return sum(max(0, min(row.end, row.sequence.num_prompt_tokens) - row.start)
                for row in plan.rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import abc
 from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig
@@ -13,8 +13,8 @@ from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.loader import LoadedModel, load_model
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.request import Request, RequestStatus
 from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class PreparedRequest:
     """A validated user request split into its n sequences, ready for the scheduler."""
 
     request_id: str
-    sequences: list[Request]
+    sequences: list[Sequence]
     params: SamplingParams  # the user request's; each sequence has its own seed
     arrival_time: float
 
@@ -61,7 +61,7 @@ class LLMEngine:
         self.max_model_len = self._fit_max_model_len(model_limit, strict_max_model_len)
         self.fault_hooks: FaultHooks = self.core.fault_hooks  # tests only; shared with the parts
         self.output_processor = OutputProcessor(self.tokenizer, self.fault_hooks)
-        self.deferred: dict[str, list[Request]] = {}  # siblings waiting for the prompt's blocks
+        self.deferred: dict[str, list[Sequence]] = {}  # siblings waiting for the prompt's blocks
         self.num_deferred = 0  # sequences in `deferred`
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); max_model_len %d",
                     self.core.kv_cache_manager.num_total_blocks, config.cache.block_size,
@@ -87,7 +87,7 @@ class LLMEngine:
 
     # ---- admission ----------------------------------------------------------------------------
 
-    def prepare_request(self, request_id: str, prompt_token_ids: Sequence[int],
+    def prepare_request(self, request_id: str, prompt_token_ids: abc.Sequence[int],
                         params: SamplingParams,
                         arrival_time: float | None = None) -> PreparedRequest:
         """Validate a user request and split it into n sequences. Raises InvalidRequestError
@@ -97,13 +97,13 @@ class LLMEngine:
         max_tokens = self._resolve_max_tokens(len(prompt), params.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
-            Request(request_id=_sequence_id(request_id, index, params.n), prompt_token_ids=prompt,
+            Sequence(sequence_id=_sequence_id(request_id, index, params.n), prompt_token_ids=prompt,
                     sampling_params=self._sequence_params(params, index), arrival_time=arrival,
                     max_tokens=max_tokens)
             for index in range(params.n)]
         return PreparedRequest(request_id, sequences, params, arrival)
 
-    def _check_prompt(self, prompt_token_ids: Sequence[int]) -> list[int]:
+    def _check_prompt(self, prompt_token_ids: abc.Sequence[int]) -> list[int]:
         prompt = list(prompt_token_ids)
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -135,43 +135,43 @@ class LLMEngine:
         first, *siblings = prepared.sequences
         if prepared.request_id in self.output_processor.user_requests:
             raise InvalidRequestError(f"request id {prepared.request_id!r} is already in use")
-        self.core.add_request(first)
+        self.core.add_sequence(first)
         self.output_processor.add_request(
-            prepared.request_id, [s.request_id for s in prepared.sequences],
+            prepared.request_id, [s.sequence_id for s in prepared.sequences],
             first.prompt_token_ids, prepared.params, prepared.arrival_time)
         if siblings and self.config.cache.enable_prefix_caching:
             # siblings start once the first sequence's prompt is cached, so they share its blocks
-            self.deferred[first.request_id] = siblings
+            self.deferred[first.sequence_id] = siblings
             self.num_deferred += len(siblings)
         else:
             for sibling in siblings:
-                self.core.add_request(sibling)
+                self.core.add_sequence(sibling)
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
+    def add_request(self, request_id: str, prompt_token_ids: abc.Sequence[int],
                     params: SamplingParams, arrival_time: float | None = None) -> None:
         self.add_prepared(self.prepare_request(request_id, prompt_token_ids, params, arrival_time))
 
     # ---- finishing from outside a step ------------------------------------------------------
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
-        return self._finish_user_request(request_id, RequestStatus.FINISHED_ABORTED, None)
+        return self._finish_user_request(request_id, SequenceStatus.FINISHED_ABORTED, None)
 
     def fail_request(self, request_id: str, error: str) -> list[RequestOutput]:
-        return self._finish_user_request(request_id, RequestStatus.FINISHED_ERROR, error)
+        return self._finish_user_request(request_id, SequenceStatus.FINISHED_ERROR, error)
 
-    def _finish_user_request(self, request_id: str, status: RequestStatus,
+    def _finish_user_request(self, request_id: str, status: SequenceStatus,
                              error: str | None) -> list[RequestOutput]:
         sequence_ids = self.output_processor.sequence_ids(request_id)
         if not sequence_ids:
             return []
         self._pop_deferred(sequence_ids[0])  # siblings that never reached the core
-        self.core.finish_requests(sequence_ids, status)
+        self.core.finish_sequences(sequence_ids, status)
         return self.output_processor.finish_sequences(sequence_ids, status.value, error)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests() or bool(self.deferred)
+        return self.core.has_unfinished_sequences() or bool(self.deferred)
 
     def step(self) -> list[RequestOutput]:
         """One engine step. Requests whose content makes the step fail (their forward pass,
@@ -184,13 +184,13 @@ class LLMEngine:
         failed_outputs = [output for request_id, error in failed.items()
                           for output in self.fail_request(request_id, error)]
         if processed.stopped:
-            self.core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
+            self.core.finish_sequences(processed.stopped, SequenceStatus.FINISHED_STOPPED)
         for core_output in core_step.outputs:
             for sibling in self._pop_deferred(core_output.sequence_id):
-                self.core.add_request(sibling)
+                self.core.add_sequence(sibling)
         return processed.outputs + failed_outputs
 
-    def _pop_deferred(self, first_sequence_id: str) -> list[Request]:
+    def _pop_deferred(self, first_sequence_id: str) -> list[Sequence]:
         siblings = self.deferred.pop(first_sequence_id, [])
         self.num_deferred -= len(siblings)
         return siblings

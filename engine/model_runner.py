@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import abc
 from dataclasses import dataclass
 
 import torch
@@ -16,17 +16,17 @@ from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
 from engine.models.base import KVCaches
 from engine.outputs import PositionLogprobs
-from engine.request import Request
 from engine.sampler import SamplerOutput, SamplingMetadata, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledRow
+from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Tokens sampled this step, for the requests whose computed tokens caught up."""
+    """Tokens sampled this step, for the sequences whose computed tokens caught up."""
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, PositionLogprobs]
@@ -40,7 +40,7 @@ class StepInputs:
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64: rows of hidden states that sample
-    sampling_requests: list[Request]
+    sampling_sequences: list[Sequence]
 
 
 class ModelRunner:
@@ -155,31 +155,31 @@ class ModelRunner:
 
     def probe(self) -> None:
         """One token through the model and the sampler on scratch KV: raises when the engine
-        itself is broken, whatever the requests."""
+        itself is broken, whatever the sequences."""
         self.dummy_step(1, 1)
 
-    def execute(self, rows: Sequence[ScheduledRow],
+    def execute(self, rows: abc.Sequence[ScheduledRow],
                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
-        """Run one forward pass over the rows' tokens [start, end) and sample where a request
+        """Run one forward pass over the rows' tokens [start, end) and sample where a sequence
         caught up. `rows` may be any subset of the step's rows (the core retries a failed batch
         in groups). A pass that raises leaves the seeded generators as they were, so the same
         rows can run again and draw the same tokens."""
-        requests = [row.request for row in rows]
-        saved = {r.request_id: self.generators[r.request_id].get_state() for r in requests
-                 if r.request_id in self.generators}
+        sequences = [row.sequence for row in rows]
+        saved = {r.sequence_id: self.generators[r.sequence_id].get_state() for r in sequences
+                 if r.sequence_id in self.generators}
         try:
             return self._execute(rows, block_ids)
         except BaseException:
-            for request in requests:
-                state = saved.get(request.request_id)
+            for sequence in sequences:
+                state = saved.get(sequence.sequence_id)
                 if state is None:
-                    self.generators.pop(request.request_id, None)  # seeded again on retry
+                    self.generators.pop(sequence.sequence_id, None)  # seeded again on retry
                 else:
-                    self.generators[request.request_id].set_state(state)
+                    self.generators[sequence.sequence_id].set_state(state)
             raise
 
     @torch.inference_mode()
-    def _execute(self, rows: Sequence[ScheduledRow],
+    def _execute(self, rows: abc.Sequence[ScheduledRow],
                  block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
         inputs = self._prepare_inputs(rows, block_ids)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.metadata):
@@ -188,35 +188,35 @@ class ModelRunner:
         else:
             hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                                        inputs.metadata)  # [num_tokens, hidden_size]
-        if not inputs.sampling_requests:
+        if not inputs.sampling_sequences:
             return ModelRunnerOutput({}, {})
         # logits only for the positions that sample: the lm_head is the largest matmul
         logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
-        sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_requests))
-        return _to_runner_output(inputs.sampling_requests, sampler_output)
+        sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_sequences))
+        return _to_runner_output(inputs.sampling_sequences, sampler_output)
 
-    def _prepare_inputs(self, rows: Sequence[ScheduledRow],
+    def _prepare_inputs(self, rows: abc.Sequence[ScheduledRow],
                         block_ids: dict[str, list[int]]) -> StepInputs:
         input_ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
-        sampling_requests: list[Request] = []
+        sampling_sequences: list[Sequence] = []
         for row in rows:
-            request = row.request
-            input_ids.extend(request.all_token_ids[row.start:row.end])
+            sequence = row.sequence
+            input_ids.extend(sequence.all_token_ids[row.start:row.end])
             query_lens.append(row.num_new_tokens)
             seq_lens.append(row.end)  # the context: cached tokens plus this row's
-            if row.end == request.num_tokens:  # caught up: this chunk's last row samples
+            if row.end == sequence.num_tokens:  # caught up: this chunk's last row samples
                 sample_rows.append(len(input_ids) - 1)
-                sampling_requests.append(request)
-        block_tables = _pad_block_tables([block_ids[row.request.request_id] for row in rows])
+                sampling_sequences.append(sequence)
+        block_tables = _pad_block_tables([block_ids[row.sequence.sequence_id] for row in rows])
         metadata, positions = self._build_metadata(query_lens, seq_lens, block_tables)
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
             positions=positions, metadata=metadata,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-            sampling_requests=sampling_requests)
+            sampling_sequences=sampling_sequences)
 
     def _build_metadata(self, query_lens: list[int], seq_lens: list[int],
                         block_tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
@@ -245,34 +245,34 @@ class ModelRunner:
         # once per step, here, rather than in the first layer: every layer reads this plan
         return self.model.attn_backend.plan_decode(metadata, k_cache)
 
-    def _sampling_metadata(self, requests: list[Request]) -> SamplingMetadata:
-        banned = [_banned_token_ids(r) for r in requests]
+    def _sampling_metadata(self, sequences: list[Sequence]) -> SamplingMetadata:
+        banned = [_banned_token_ids(r) for r in sequences]
         return SamplingMetadata.build(
-            params=[r.sampling_params for r in requests],
-            prompt_token_ids=[r.prompt_token_ids for r in requests],
-            output_token_ids=[r.output_token_ids for r in requests],
-            generators=[self._generator(r) for r in requests],
+            params=[r.sampling_params for r in sequences],
+            prompt_token_ids=[r.prompt_token_ids for r in sequences],
+            output_token_ids=[r.output_token_ids for r in sequences],
+            generators=[self._generator(r) for r in sequences],
             banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device)
 
-    def _generator(self, request: Request) -> torch.Generator | None:
-        seed = request.sampling_params.seed
-        if seed is None or request.sampling_params.is_greedy:
+    def _generator(self, sequence: Sequence) -> torch.Generator | None:
+        seed = sequence.sampling_params.seed
+        if seed is None or sequence.sampling_params.is_greedy:
             return None
-        generator = self.generators.get(request.request_id)
+        generator = self.generators.get(sequence.sequence_id)
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            self.generators[request.request_id] = generator
+            self.generators[sequence.sequence_id] = generator
         return generator
 
-    def release(self, request_ids: Sequence[str]) -> None:
-        """Forget per-request state (seeded generators) of finished requests."""
-        for request_id in request_ids:
-            self.generators.pop(request_id, None)
+    def release(self, sequence_ids: abc.Sequence[str]) -> None:
+        """Forget per-sequence state (seeded generators) of finished sequences."""
+        for sequence_id in sequence_ids:
+            self.generators.pop(sequence_id, None)
 
 
 def is_fatal_error(exc: BaseException) -> bool:
-    """Errors of the engine rather than of a request: out of memory, a device fault. After
-    one the loop ends instead of failing requests one by one."""
+    """Errors of the engine rather than of a sequence: out of memory, a device fault. After
+    one the loop ends instead of failing sequences one by one."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
@@ -281,10 +281,10 @@ def is_fatal_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
-def _banned_token_ids(request: Request) -> list[int]:
+def _banned_token_ids(sequence: Sequence) -> list[int]:
     # below min_tokens, neither EOS nor a stop token id may be sampled
-    params = request.sampling_params
-    if request.num_output_tokens >= params.min_tokens:
+    params = sequence.sampling_params
+    if sequence.num_output_tokens >= params.min_tokens:
         return []
     eos = () if params.ignore_eos else params.eos_token_ids
     return [*eos, *params.stop_token_ids]
@@ -298,21 +298,21 @@ def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
     return padded
 
 
-def _to_runner_output(requests: list[Request], output: SamplerOutput) -> ModelRunnerOutput:
+def _to_runner_output(sequences: list[Sequence], output: SamplerOutput) -> ModelRunnerOutput:
     token_ids = output.sampled_token_ids.tolist()  # the step's one host sync
-    sampled = {r.request_id: t for r, t in zip(requests, token_ids, strict=True)}
+    sampled = {r.sequence_id: t for r, t in zip(sequences, token_ids, strict=True)}
     logprobs: dict[str, PositionLogprobs] = {}
     if output.logprobs is not None:
         assert output.logprob_token_ids is not None and output.sampled_token_ranks is not None
         ids, values = output.logprob_token_ids.tolist(), output.logprobs.tolist()
         ranks = output.sampled_token_ranks.tolist()
-        for row, request in enumerate(requests):
-            num_top = request.sampling_params.logprobs
+        for row, sequence in enumerate(sequences):
+            num_top = sequence.sampling_params.logprobs
             if num_top is None:
                 continue
             entries = [(ids[row][0], values[row][0], ranks[row])]
             entries += [(ids[row][k], values[row][k], k) for k in range(1, num_top + 1)]
-            logprobs[request.request_id] = entries
+            logprobs[sequence.sequence_id] = entries
     return ModelRunnerOutput(sampled, logprobs)
 
 

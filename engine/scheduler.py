@@ -1,9 +1,9 @@
-"""Scheduler: continuous batching of requests into steps under token, sequence and block limits.
+"""Scheduler: continuous batching of sequences into steps under token, sequence and block limits.
 
-One rule covers prefill, chunked prefill and decode: each step, every scheduled request's
+One rule covers prefill, chunked prefill and decode: each step, every scheduled sequence's
 computed tokens catch up towards its total tokens, as far as the token budget allows. Running
-requests go first (oldest first), then waiting ones. When the KV pool cannot hold a running
-request's next tokens, the newest running request is preempted by recompute.
+sequences go first (oldest first), then waiting ones. When the KV pool cannot hold a running
+sequence's next tokens, the newest running sequence is preempted by recompute.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 
 from engine.config import SchedulerConfig
 from engine.kv_cache.manager import KVCacheManager
-from engine.request import Request, RequestStatus
+from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRow:
-    """One request's share of a step: it computes the tokens at [start, end) of its
+    """One sequence's share of a step: it computes the tokens at [start, end) of its
     all_token_ids. start is what its KV cache already holds (prefix-cache hits included)."""
 
-    request: Request
+    sequence: Sequence
     start: int
     end: int
 
@@ -37,30 +37,30 @@ class ScheduledRow:
 
 @dataclass(slots=True)
 class SchedulerOutput:
-    """One step's plan: the rows that run, in batch order, and the requests preempted."""
+    """One step's plan: the rows that run, in batch order, and the sequences preempted."""
 
     rows: list[ScheduledRow] = field(default_factory=list)
-    preempted_request_ids: list[str] = field(default_factory=list)
+    preempted_sequence_ids: list[str] = field(default_factory=list)
     _rows_by_id: dict[str, ScheduledRow] = field(default_factory=dict, init=False, repr=False)
 
     def add(self, row: ScheduledRow) -> None:
         self.rows.append(row)
-        self._rows_by_id[row.request.request_id] = row
+        self._rows_by_id[row.sequence.sequence_id] = row
 
-    def row(self, request_id: str) -> ScheduledRow:
-        return self._rows_by_id[request_id]
+    def row(self, sequence_id: str) -> ScheduledRow:
+        return self._rows_by_id[sequence_id]
 
-    def rows_of(self, requests: Iterable[Request]) -> list[ScheduledRow]:
-        """The rows of some of this step's requests (a retried group), in their order."""
-        return [self._rows_by_id[request.request_id] for request in requests]
+    def rows_of(self, sequences: Iterable[Sequence]) -> list[ScheduledRow]:
+        """The rows of some of this step's sequences (a retried group), in their order."""
+        return [self._rows_by_id[sequence.sequence_id] for sequence in sequences]
 
     @property
-    def scheduled_requests(self) -> list[Request]:
-        return [row.request for row in self.rows]
+    def scheduled_sequences(self) -> list[Sequence]:
+        return [row.sequence for row in self.rows]
 
     @property
     def num_scheduled_tokens(self) -> dict[str, int]:
-        return {row.request.request_id: row.num_new_tokens for row in self.rows}
+        return {row.sequence.sequence_id: row.num_new_tokens for row in self.rows}
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -75,38 +75,39 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.sequences: dict[str, Sequence] = {}
         self.num_preemptions = 0  # cumulative, read by the stats logger
 
     # ---- admission and removal -------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def add_sequence(self, sequence: Sequence) -> None:
         # never refuses: max_queue_len is enforced at admission (AsyncEngine), which counts
-        # a request's every sequence; raising here, inside a step, would fail the step
-        self.waiting.append(request)
-        self.requests[request.request_id] = request
+        # a sequence's every sequence; raising here, inside a step, would fail the step
+        self.waiting.append(sequence)
+        self.sequences[sequence.sequence_id] = sequence
 
-    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
-        """Finish (abort, stop on a stop string, fail) requests by id; frees their blocks now.
+    def finish_sequences(self, sequence_ids: Iterable[str],
+                         status: SequenceStatus) -> list[Sequence]:
+        """Finish (abort, stop on a stop string, fail) sequences by id; frees their blocks now.
         Unknown or already finished ids are ignored, so aborts are idempotent."""
         finished = []
-        for request_id in request_ids:
-            request = self.requests.pop(request_id, None)
-            if request is None:
+        for sequence_id in sequence_ids:
+            sequence = self.sequences.pop(sequence_id, None)
+            if sequence is None:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
+            if sequence.status == SequenceStatus.RUNNING:
+                self.running.remove(sequence)
             else:
-                self.waiting.remove(request)
-            self._finish(request, status)
-            finished.append(request)
+                self.waiting.remove(sequence)
+            self._finish(sequence, status)
+            finished.append(sequence)
         return finished
 
-    def _finish(self, request: Request, status: RequestStatus) -> None:
-        request.status = status
-        self.kv_cache_manager.free(request)
+    def _finish(self, sequence: Sequence, status: SequenceStatus) -> None:
+        sequence.status = status
+        self.kv_cache_manager.free(sequence)
 
     @property
     def num_running(self) -> int:
@@ -116,8 +117,8 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+    def has_unfinished_sequences(self) -> bool:
+        return bool(self.sequences)
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -125,105 +126,105 @@ class Scheduler:
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(output, budget)
-        if not output.preempted_request_ids:
+        if not output.preempted_sequence_ids:
             # admitting new work in a step that had to preempt would only thrash the pool
             self._schedule_waiting(output, budget)
         # counted before the pass that writes [start, end): a row whose pass fails is failed or
         # recomputed from its prompt by the core, never resumed from here
         for row in output.rows:
-            row.request.num_computed_tokens = row.end
+            row.sequence.num_computed_tokens = row.end
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new_tokens, output):
-                break  # the request itself was preempted: nothing newer is left to run
-            self._add_scheduled(output, request, request.num_computed_tokens, num_new_tokens)
+            sequence = self.running[index]
+            num_new_tokens = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(sequence, num_new_tokens, output):
+                break  # the sequence itself was preempted: nothing newer is left to run
+            self._add_scheduled(output, sequence, sequence.num_computed_tokens, num_new_tokens)
             budget -= num_new_tokens
             index += 1
         return budget
 
-    def _allocate_or_preempt(self, request: Request, num_new_tokens: int,
+    def _allocate_or_preempt(self, sequence: Sequence, num_new_tokens: int,
                              output: SchedulerOutput) -> bool:
-        """Allocate blocks for `request`, preempting the newest running requests until it fits.
-        Returns False when `request` had to be preempted itself."""
-        while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+        """Allocate blocks for `sequence`, preempting the newest running sequences until it fits.
+        Returns False when `sequence` had to be preempted itself."""
+        while self.kv_cache_manager.allocate_slots(sequence, num_new_tokens) is None:
             victim = self.running.pop()
             self._preempt(victim)
-            output.preempted_request_ids.append(victim.request_id)
-            if victim is request:
+            output.preempted_sequence_ids.append(victim.sequence_id)
+            if victim is sequence:
                 return False
         return True
 
-    def reschedule(self, request: Request) -> None:
-        """Send a running request back to the head of the waiting queue to be recomputed from
+    def reschedule(self, sequence: Sequence) -> None:
+        """Send a running sequence back to the head of the waiting queue to be recomputed from
         its prompt (the KV it read this step is not to be trusted)."""
-        self.running.remove(request)
-        self._preempt(request)
+        self.running.remove(sequence)
+        self._preempt(sequence)
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, sequence: Sequence) -> None:
         # recompute, not swap: the blocks go back to the pool (cached blocks stay hits)
-        self.kv_cache_manager.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
+        self.kv_cache_manager.free(sequence)
+        sequence.status = SequenceStatus.PREEMPTED
+        sequence.num_computed_tokens = 0
+        sequence.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
-        logger.debug("preempted request %s", request.request_id)
+        self.waiting.appendleft(sequence)
+        logger.debug("preempted sequence %s", sequence.sequence_id)
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(request)
-            num_new_tokens = min(request.num_tokens - num_cached_tokens, budget)
+            sequence = self.waiting[0]
+            computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(sequence)
+            num_new_tokens = min(sequence.num_tokens - num_cached_tokens, budget)
             new_blocks = self.kv_cache_manager.allocate_slots(
-                request, num_new_tokens, computed_blocks, num_cached_tokens)
+                sequence, num_new_tokens, computed_blocks, num_cached_tokens)
             if new_blocks is None:
-                break  # keep FIFO order: later requests wait behind this one
+                break  # keep FIFO order: later sequences wait behind this one
             self.waiting.popleft()
-            self._start_running(request, num_cached_tokens)
-            self._add_scheduled(output, request, num_cached_tokens, num_new_tokens)
+            self._start_running(sequence, num_cached_tokens)
+            self._add_scheduled(output, sequence, num_cached_tokens, num_new_tokens)
             budget -= num_new_tokens
 
-    def _start_running(self, request: Request, num_cached_tokens: int) -> None:
-        request.num_computed_tokens = num_cached_tokens
-        if request.num_cached_tokens < 0:  # the first schedule; a resumed request keeps its count
-            request.num_cached_tokens = num_cached_tokens
-            request.timing.first_scheduled = time.monotonic()
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
+    def _start_running(self, sequence: Sequence, num_cached_tokens: int) -> None:
+        sequence.num_computed_tokens = num_cached_tokens
+        if sequence.num_cached_tokens < 0:  # the first schedule; a resumed sequence keeps its count
+            sequence.num_cached_tokens = num_cached_tokens
+            sequence.timing.first_scheduled = time.monotonic()
+        sequence.status = SequenceStatus.RUNNING
+        self.running.append(sequence)
 
     @staticmethod
-    def _add_scheduled(output: SchedulerOutput, request: Request, start: int,
+    def _add_scheduled(output: SchedulerOutput, sequence: Sequence, start: int,
                        num_new_tokens: int) -> None:
-        output.add(ScheduledRow(request, start, start + num_new_tokens))
+        output.add(ScheduledRow(sequence, start, start + num_new_tokens))
 
     # ---- after the step -------------------------------------------------------------------
 
-    def update_from_output(self, sampled_token_ids: dict[str, int]) -> list[Request]:
-        """Append each sampled token, then finish requests that hit EOS, a stop token id,
-        max_tokens or the context limit. Returns the requests finished this step."""
+    def update_from_output(self, sampled_token_ids: dict[str, int]) -> list[Sequence]:
+        """Append each sampled token, then finish sequences that hit EOS, a stop token id,
+        max_tokens or the context limit. Returns the sequences finished this step."""
         finished = []
-        for request_id, token_id in sampled_token_ids.items():
-            request = self.requests[request_id]
-            request.append_output_token_id(token_id)
-            status = self._check_stop(request, token_id)
+        for sequence_id, token_id in sampled_token_ids.items():
+            sequence = self.sequences[sequence_id]
+            sequence.append_output_token_id(token_id)
+            status = self._check_stop(sequence, token_id)
             if status is not None:
-                finished.extend(self.finish_requests([request_id], status))
+                finished.extend(self.finish_sequences([sequence_id], status))
         return finished
 
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+    def _check_stop(self, sequence: Sequence, token_id: int) -> SequenceStatus | None:
+        params = sequence.sampling_params
+        if sequence.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in params.eos_token_ids:
-                request.stop_reason = None  # EOS is reported as a plain "stop"
-                return RequestStatus.FINISHED_STOPPED
+                sequence.stop_reason = None  # EOS is reported as a plain "stop"
+                return SequenceStatus.FINISHED_STOPPED
             if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= request.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
+                sequence.stop_reason = token_id
+                return SequenceStatus.FINISHED_STOPPED
+        if sequence.num_output_tokens >= sequence.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
         return None

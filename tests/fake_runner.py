@@ -9,7 +9,8 @@ import functools
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import abc
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from engine.llm_engine import LLMEngine
 from engine.loader import LoadedModel
 from engine.model_runner import ModelRunnerOutput
 from engine.outputs import PositionLogprobs
-from engine.request import Request
 from engine.scheduler import ScheduledRow
+from engine.sequence import Sequence
 from tests.tiny_models import VOCAB_SIZE, build_config, build_tokenizer
 
 HOLD_TIMEOUT_S = 10.0  # a held pass gives up waiting after this (a test that forgot to release)
@@ -51,13 +52,13 @@ def text_token_ids() -> tuple[int, ...]:
     return tuple(ids)
 
 
-def next_token_id(token_ids: Sequence[int]) -> int:
+def next_token_id(token_ids: abc.Sequence[int]) -> int:
     """The greedy token after `token_ids`: (last token * 31 + position) picks a text token."""
     ids = text_token_ids()
     return ids[(token_ids[-1] * 31 + len(token_ids)) % len(ids)]
 
 
-def greedy_tokens(prompt: Sequence[int], num_tokens: int) -> list[int]:
+def greedy_tokens(prompt: abc.Sequence[int], num_tokens: int) -> list[int]:
     """The tokens the fake generates greedily after `prompt`."""
     token_ids = list(prompt)
     for _ in range(num_tokens):
@@ -95,7 +96,7 @@ class FakeModelRunner:
         self.unseeded = random.Random(0)
         self.passes: list[list[tuple[str, int, int]]] = []
         self.released: list[str] = []
-        self.fail_when: Callable[[Request], bool] | None = None
+        self.fail_when: Callable[[Sequence], bool] | None = None
         self.probe_error: Exception | None = None  # probe() raises it: a broken engine
         self.num_probes = 0
         self._hold_after: int | None = None
@@ -105,31 +106,31 @@ class FakeModelRunner:
 
     # ---- the ModelRunner surface ----------------------------------------------------------
 
-    def execute(self, rows: Sequence[ScheduledRow],
+    def execute(self, rows: abc.Sequence[ScheduledRow],
                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
-        self.passes.append([(r.request.request_id, r.start, r.end) for r in rows])
+        self.passes.append([(r.sequence.sequence_id, r.start, r.end) for r in rows])
         self._wait_if_held()
         for row in rows:
-            assert row.request.request_id in block_ids, "every row has its block table"
-            if self.fail_when is not None and self.fail_when(row.request):
-                raise RuntimeError(f"fake pass failed on {row.request.request_id}")
+            assert row.sequence.sequence_id in block_ids, "every row has its block table"
+            if self.fail_when is not None and self.fail_when(row.sequence):
+                raise RuntimeError(f"fake pass failed on {row.sequence.sequence_id}")
         sampled: dict[str, int] = {}
         logprobs: dict[str, PositionLogprobs] = {}
         for row in rows:
-            request = row.request
+            request = row.sequence
             if row.end != request.num_tokens:
                 continue  # a prefill chunk that has not caught up: nothing to sample
             token_id = self._sample(request, row.end)
-            sampled[request.request_id] = token_id
+            sampled[request.sequence_id] = token_id
             num_top = request.sampling_params.logprobs
             if num_top is not None:
-                logprobs[request.request_id] = fake_logprobs(token_id, num_top)
+                logprobs[request.sequence_id] = fake_logprobs(token_id, num_top)
         return ModelRunnerOutput(sampled, logprobs)
 
-    def release(self, request_ids: Sequence[str]) -> None:
-        self.released.extend(request_ids)
-        for request_id in request_ids:
-            self.generators.pop(request_id, None)
+    def release(self, sequence_ids: abc.Sequence[str]) -> None:
+        self.released.extend(sequence_ids)
+        for sequence_id in sequence_ids:
+            self.generators.pop(sequence_id, None)
 
     def probe(self) -> None:
         self.num_probes += 1
@@ -157,7 +158,7 @@ class FakeModelRunner:
 
     # ---- sampling -------------------------------------------------------------------------
 
-    def _sample(self, request: Request, end: int) -> int:
+    def _sample(self, request: Sequence, end: int) -> int:
         token_ids = request.all_token_ids[:end]
         params = request.sampling_params
         token_id = next_token_id(token_ids) if params.is_greedy else self._draw(request)
@@ -166,16 +167,16 @@ class FakeModelRunner:
             token_id = _following(token_id, 1)
         return token_id
 
-    def _draw(self, request: Request) -> int:
+    def _draw(self, request: Sequence) -> int:
         seed = request.sampling_params.seed
         if seed is None:
             generator = self.unseeded
         else:
-            generator = self.generators.setdefault(request.request_id, random.Random(seed))
+            generator = self.generators.setdefault(request.sequence_id, random.Random(seed))
         return generator.choice(text_token_ids())
 
 
-def _banned_token_ids(request: Request) -> set[int]:
+def _banned_token_ids(request: Sequence) -> set[int]:
     params = request.sampling_params
     if request.num_output_tokens >= params.min_tokens:
         return set()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections import abc
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ NULL_BLOCK_ID = 0
 class KVBlock:
     """One block of `block_size` token slots in every layer's K and V cache.
 
-    ref_count counts the requests whose block table holds the block. At ref_count 0 it sits on
+    ref_count counts the sequences whose block table holds the block. At ref_count 0 it sits on
     the free queue; if it has a block_hash its contents are still a prefix-cache candidate
     until the queue hands it out again. Equality is identity (eq=False).
     """
@@ -35,7 +36,7 @@ class FreeBlockQueue:
     hit on a free block needs. Sentinel head and tail nodes remove the empty-list edge cases.
     """
 
-    def __init__(self, blocks: Sequence[KVBlock]) -> None:
+    def __init__(self, blocks: abc.Sequence[KVBlock]) -> None:
         self._head = KVBlock(block_id=-1)
         self._tail = KVBlock(block_id=-1)
         self._head.next_free = self._tail
@@ -108,7 +109,7 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        """Fraction of usable blocks referenced by at least one request."""
+        """Fraction of usable blocks referenced by at least one sequence."""
         return (self.num_usable_blocks - self.num_free_blocks) / self.num_usable_blocks
 
     def get_new_blocks(self, num_blocks: int) -> list[KVBlock]:
@@ -141,7 +142,8 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_queue.append(block)
 
-    def cache_full_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes]) -> None:
+    def cache_full_blocks(self, blocks: abc.Sequence[KVBlock],
+                          block_hashes: abc.Sequence[bytes]) -> None:
         """Register blocks[i] under block_hashes[i]. A block that already has a hash (a prefix
         hit) is left alone; a hash that another block already holds keeps that block, so
         one hash maps to exactly one block and the duplicate just stays unhashed."""
@@ -161,7 +163,7 @@ class BlockPool:
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash. Refused (False) while any block is in use, since running
-        requests' blocks would silently stop being shareable mid-flight."""
+        sequences' blocks would silently stop being shareable mid-flight."""
         num_used = self.num_usable_blocks - self.num_free_blocks
         if num_used:
             logger.warning("prefix cache not reset: %d blocks are still in use", num_used)
@@ -172,7 +174,7 @@ class BlockPool:
         return True
 
     def uncache(self, block: KVBlock) -> None:
-        """Forget a block's hash, so no later request can hit it; it stays where it is."""
+        """Forget a block's hash, so no later sequence can hit it; it stays where it is."""
         self._evict(block)
 
     def _evict(self, block: KVBlock) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import pickle
 import struct
-from collections.abc import Callable, Sequence
+from collections import abc
+from collections.abc import Callable
 
 from engine.errors import InvalidRequestError
-from engine.request import Request
+from engine.sequence import Sequence
 
 HashFn = Callable[[bytes], bytes]
 
@@ -40,7 +41,7 @@ def get_hash_fn(algorithm: str = "sha256") -> HashFn:
                               f"got {algorithm!r}", param="hash_algorithm")
 
 
-def _serialize(parent_hash: bytes, token_ids: Sequence[int],
+def _serialize(parent_hash: bytes, token_ids: abc.Sequence[int],
                extra_keys: tuple[object, ...]) -> bytes:
     # Length-prefixed fields keep the encoding unambiguous: no (parent, tokens, extras) triple
     # can serialize to the same bytes as another. Tokens are little-endian int64.
@@ -52,7 +53,7 @@ def _serialize(parent_hash: bytes, token_ids: Sequence[int],
     return data
 
 
-def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int],
+def hash_block_tokens(parent_hash: bytes | None, token_ids: abc.Sequence[int],
                       extra_keys: tuple[object, ...] = (),
                       hash_fn: HashFn = sha256_digest) -> bytes:
     """Hash of one block given the hash of the block before it (None for the first block).
@@ -64,20 +65,20 @@ def hash_block_tokens(parent_hash: bytes | None, token_ids: Sequence[int],
     return hash_fn(_serialize(parent, token_ids, extra_keys))
 
 
-def hash_request_blocks(request: Request, block_size: int,
+def hash_sequence_blocks(sequence: Sequence, block_size: int,
                         hash_fn: HashFn = sha256_digest) -> list[bytes]:
-    """Extend request.block_hashes to cover every full block of request.all_token_ids.
+    """Extend sequence.block_hashes to cover every full block of sequence.all_token_ids.
 
     Only full blocks are hashed; a partial last block waits until it fills. Returns the hashes
     added by this call. Token ids are only ever appended, so earlier hashes stay valid.
     """
-    hashes = request.block_hashes
-    num_full_blocks = request.num_tokens // block_size
+    hashes = sequence.block_hashes
+    num_full_blocks = sequence.num_tokens // block_size
     added: list[bytes] = []
     parent = hashes[-1] if hashes else None
     for index in range(len(hashes), num_full_blocks):
         start = index * block_size
-        parent = hash_block_tokens(parent, request.all_token_ids[start:start + block_size],
+        parent = hash_block_tokens(parent, sequence.all_token_ids[start:start + block_size],
                                    hash_fn=hash_fn)
         added.append(parent)
     hashes.extend(added)

@@ -1,4 +1,4 @@
-"""KVCacheManager: each request's block table, prefix-cache lookups and slot allocation."""
+"""KVCacheManager: each sequence's block table, prefix-cache lookups and slot allocation."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import logging
 
 from engine.errors import InvalidRequestError
 from engine.kv_cache.block_pool import BlockPool, KVBlock
-from engine.kv_cache.hashing import get_hash_fn, hash_request_blocks
-from engine.request import Request
+from engine.kv_cache.hashing import get_hash_fn, hash_sequence_blocks
+from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 class KVCacheManager:
-    """Owns the mapping request -> blocks on top of a BlockPool. Pure bookkeeping: the KV
+    """Owns the mapping sequence -> blocks on top of a BlockPool. Pure bookkeeping: the KV
     tensors themselves live in the model runner, indexed by the block ids handed out here.
 
     Block 0 is the pool's reserved null block, so num_total_blocks == num_blocks - 1.
@@ -33,7 +33,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._hash_fn = get_hash_fn(hash_algorithm)
         self._req_to_blocks: dict[str, list[KVBlock]] = {}
-        # how many leading blocks of each request have been offered to the hash map already
+        # how many leading blocks of each sequence have been offered to the hash map already
         self._num_cached_blocks: dict[str, int] = {}
         self._num_queries = 0  # prompt tokens looked up in the prefix cache
         self._num_hits = 0  # of those, tokens found cached
@@ -53,34 +53,34 @@ class KVCacheManager:
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def get_block_ids(self, request_id: str) -> list[int]:
-        return [block.block_id for block in self._req_to_blocks.get(request_id, ())]
+    def get_block_ids(self, sequence_id: str) -> list[int]:
+        return [block.block_id for block in self._req_to_blocks.get(sequence_id, ())]
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """Longest chain of cached full blocks that prefixes the request's tokens, and the
+    def get_computed_blocks(self, sequence: Sequence) -> tuple[list[KVBlock], int]:
+        """Longest chain of cached full blocks that prefixes the sequence's tokens, and the
         number of tokens they cover. Takes no references: pass the result to allocate_slots
         before anything else allocates, or the blocks may be evicted meanwhile."""
-        assert request.request_id not in self._req_to_blocks, "request already holds blocks"
+        assert sequence.sequence_id not in self._req_to_blocks, "sequence already holds blocks"
         if not self.enable_prefix_caching:
             return [], 0
-        hash_request_blocks(request, self.block_size, self._hash_fn)
+        hash_sequence_blocks(sequence, self.block_size, self._hash_fn)
         # hit capped at num_tokens - 1 so the last token still runs and yields logits
-        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        max_hit_blocks = (sequence.num_tokens - 1) // self.block_size
         hit_blocks: list[KVBlock] = []
-        for block_hash in request.block_hashes[:max_hit_blocks]:
+        for block_hash in sequence.block_hashes[:max_hit_blocks]:
             block = self.pool.get_cached_block(block_hash)
             if block is None:
                 break
             hit_blocks.append(block)
         num_hit_tokens = len(hit_blocks) * self.block_size
-        self._num_queries += request.num_tokens
+        self._num_queries += sequence.num_tokens
         self._num_hits += num_hit_tokens
         return hit_blocks, num_hit_tokens
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
+    def allocate_slots(self, sequence: Sequence, num_new_tokens: int,
                        new_computed_blocks: list[KVBlock] | None = None,
                        num_new_computed_tokens: int = 0) -> list[KVBlock] | None:
-        """Make the request own blocks for num_computed_tokens + num_new_computed_tokens +
+        """Make the sequence own blocks for num_computed_tokens + num_new_computed_tokens +
         num_new_tokens tokens, taking references on the prefix hits `new_computed_blocks`.
 
         Returns the freshly allocated blocks, or None, changing nothing, when the free blocks
@@ -88,48 +88,48 @@ class KVCacheManager:
         """
         computed_blocks = new_computed_blocks or []
         assert len(computed_blocks) * self.block_size == num_new_computed_tokens
-        req_blocks = self._req_to_blocks.get(request.request_id, [])
+        req_blocks = self._req_to_blocks.get(sequence.sequence_id, [])
         assert not (computed_blocks and req_blocks), "prefix hits only on first allocation"
-        num_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        num_tokens = sequence.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_required = self.num_blocks_needed(num_tokens) - len(req_blocks) - len(computed_blocks)
         num_required = max(num_required, 0)
         # hits sitting on the free queue stop being free once touched
         num_free_hits = sum(1 for block in computed_blocks if block.ref_count == 0)
         if num_required > self.pool.num_free_blocks - num_free_hits:
             return None
-        self._check_hits(request, computed_blocks)
+        self._check_hits(sequence, computed_blocks)
         # touch before taking new blocks, so the new ones cannot evict the hits
         self.pool.touch(computed_blocks)
         new_blocks = self.pool.get_new_blocks(num_required)
-        req_blocks = self._req_to_blocks.setdefault(request.request_id, req_blocks)
+        req_blocks = self._req_to_blocks.setdefault(sequence.sequence_id, req_blocks)
         req_blocks.extend(computed_blocks)
         req_blocks.extend(new_blocks)
         if self.enable_prefix_caching:
-            self._cache_full_blocks(request, req_blocks, num_tokens)
+            self._cache_full_blocks(sequence, req_blocks, num_tokens)
         return new_blocks
 
-    def free(self, request: Request) -> None:
-        """Release every block the request holds; a no-op if it holds none."""
-        blocks = self._req_to_blocks.pop(request.request_id, None)
-        self._num_cached_blocks.pop(request.request_id, None)
+    def free(self, sequence: Sequence) -> None:
+        """Release every block the sequence holds; a no-op if it holds none."""
+        blocks = self._req_to_blocks.pop(sequence.sequence_id, None)
+        self._num_cached_blocks.pop(sequence.sequence_id, None)
         if blocks is None:
             return
         # reversed: a sequence's tail blocks reach the queue head first and are evicted
         # first, since a cached suffix is useless once the prefix before it is gone
         self.pool.free_blocks(reversed(blocks))
 
-    def forget_unwritten_blocks(self, request: Request, num_written_tokens: int) -> list[int]:
-        """After a failed forward pass: forget the hashes of the request's blocks from the one
+    def forget_unwritten_blocks(self, sequence: Sequence, num_written_tokens: int) -> list[int]:
+        """After a failed forward pass: forget the hashes of the sequence's blocks from the one
         holding token `num_written_tokens` on (blocks are hashed when allocated, before the
         pass writes them, so their contents may be garbage). Returns those blocks' ids: any
-        other request holding one hit it in this same step and read garbage too."""
+        other sequence holding one hit it in this same step and read garbage too."""
         first = num_written_tokens // self.block_size
-        blocks = self._req_to_blocks.get(request.request_id, [])[first:]
+        blocks = self._req_to_blocks.get(sequence.sequence_id, [])[first:]
         for block in blocks:
             self.pool.uncache(block)
-        if request.request_id in self._num_cached_blocks:
-            self._num_cached_blocks[request.request_id] = min(
-                self._num_cached_blocks[request.request_id], first)
+        if sequence.sequence_id in self._num_cached_blocks:
+            self._num_cached_blocks[sequence.sequence_id] = min(
+                self._num_cached_blocks[sequence.sequence_id], first)
         return [block.block_id for block in blocks]
 
     def reset_prefix_cache(self) -> bool:
@@ -141,20 +141,20 @@ class KVCacheManager:
         self._num_queries = self._num_hits = 0
         return stats
 
-    def _cache_full_blocks(self, request: Request, req_blocks: list[KVBlock],
+    def _cache_full_blocks(self, sequence: Sequence, req_blocks: list[KVBlock],
                            num_tokens: int) -> None:
-        # Registered now, before the forward pass writes them: a request hitting them in the
+        # Registered now, before the forward pass writes them: a sequence hitting them in the
         # same step is in the same batch, whose K/V writes precede attention in every layer.
-        hash_request_blocks(request, self.block_size, self._hash_fn)
-        num_full = min(num_tokens // self.block_size, len(request.block_hashes))
-        num_cached = self._num_cached_blocks.get(request.request_id, 0)
+        hash_sequence_blocks(sequence, self.block_size, self._hash_fn)
+        num_full = min(num_tokens // self.block_size, len(sequence.block_hashes))
+        num_cached = self._num_cached_blocks.get(sequence.sequence_id, 0)
         if num_full <= num_cached:
             return
         self.pool.cache_full_blocks(req_blocks[num_cached:num_full],
-                                    request.block_hashes[num_cached:num_full])
-        self._num_cached_blocks[request.request_id] = num_full
+                                    sequence.block_hashes[num_cached:num_full])
+        self._num_cached_blocks[sequence.sequence_id] = num_full
 
-    def _check_hits(self, request: Request, computed_blocks: list[KVBlock]) -> None:
+    def _check_hits(self, sequence: Sequence, computed_blocks: list[KVBlock]) -> None:
         # a hit evicted between lookup and allocation would hand over someone else's KV
-        for block, block_hash in zip(computed_blocks, request.block_hashes, strict=False):
+        for block, block_hash in zip(computed_blocks, sequence.block_hashes, strict=False):
             assert block.block_hash == block_hash, f"stale prefix hit, block {block.block_id}"

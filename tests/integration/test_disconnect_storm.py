@@ -136,7 +136,7 @@ def test_disconnect_storm_frees_everything_and_counts_aborts(storm_server: Runni
     produced: set[str] = set()
     hooks = engine.fault_hooks
     hooks.on_execute = lambda batch: mid_prefill.update(
-        r.request_id for r in batch if r.num_computed_tokens < r.num_prompt_tokens)
+        r.sequence_id for r in batch if r.num_computed_tokens < r.num_prompt_tokens)
     hooks.on_request_output = lambda request_id, prompt, num_tokens: produced.add(request_id)
     try:
         _storm(storm_server, seed=1234)

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from engine import LLM, SamplingParams
-from engine.request import Request
+from engine.sequence import Sequence
 from tests.integration.conftest import MODEL_NAME, RunningServer, poison_tokenizer, serve
 
 POISON = [7, 7, 7, 7]  # a prompt starting with these token ids is the one a hook breaks
@@ -48,7 +48,7 @@ def _normal_prompt(i: int) -> list[int]:
     return [30 + i, 41, 52 + 2 * i, 63, 74, 85 + i]
 
 
-def _is_poisoned(request: Request) -> bool:
+def _is_poisoned(request: Sequence) -> bool:
     return request.prompt_token_ids[:len(POISON)] == POISON
 
 
@@ -170,7 +170,7 @@ def test_failed_pass_fails_its_culprit_only_and_spares_the_prefix_cache(
     armed = threading.Event()
     armed.set()
 
-    def fail_poisoned_batch(requests: list[Request]) -> None:
+    def fail_poisoned_batch(requests: list[Sequence]) -> None:
         if armed.is_set() and any(_is_poisoned(r) for r in requests):
             raise RuntimeError("injected forward-pass fault")
 
@@ -269,7 +269,7 @@ def test_a_fault_without_a_culprit_ends_the_loop(tiny_llama_dir: Path) -> None:
     """Requests cannot end the loop, but a fault that reproduces with no request at all (the
     health probe after a failed pass) means a broken engine: it stops, loudly."""
     with serve(tiny_llama_dir, num_blocks=64) as running:
-        def always_fail(requests: list[Request]) -> None:
+        def always_fail(requests: list[Sequence]) -> None:
             raise RuntimeError("injected persistent fault")
 
         running.engine.fault_hooks.on_execute = always_fail

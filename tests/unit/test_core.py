@@ -4,24 +4,25 @@ failing pass that fails its culprit alone while every other sequence keeps its t
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from engine.core import EngineCore
 from engine.outputs import EngineCoreOutput
-from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, SequenceStatus
 from tests.fake_runner import fake_core, greedy_tokens
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]  # 10 tokens: two full blocks of 4
 
 
-def _request(request_id: str, prompt: Sequence[int], max_tokens: int = 4,
-             **params: object) -> Request:
+def _request(request_id: str, prompt: abc.Sequence[int], max_tokens: int = 4,
+             **params: object) -> Sequence:
     sampling: dict[str, object] = {"temperature": 0.0, "ignore_eos": True, **params}
-    return Request(request_id=request_id, prompt_token_ids=list(prompt),
+    return Sequence(sequence_id=request_id, prompt_token_ids=list(prompt),
                    sampling_params=SamplingParams(max_tokens=max_tokens, **sampling),  # type: ignore[arg-type]
                    arrival_time=time.monotonic(), max_tokens=max_tokens)
 
@@ -39,17 +40,17 @@ class Run:
         return [o for step in self.steps for o in step if o.sequence_id == sequence_id]
 
 
-def _run(core: EngineCore, requests: Sequence[Request], max_steps: int = 200) -> Run:
+def _run(core: EngineCore, requests: abc.Sequence[Sequence], max_steps: int = 200) -> Run:
     """Step until done, failing the sequences a step names as LLMEngine does."""
     for request in requests:
-        core.add_request(request)
+        core.add_sequence(request)
     run = Run()
-    while core.has_unfinished_requests():
+    while core.has_unfinished_sequences():
         assert len(run.steps) < max_steps, "the core never finished"
         step = core.step()
         run.steps.append(step.outputs)
         run.failed.update(step.failed)
-        core.finish_requests(list(step.failed), RequestStatus.FINISHED_ERROR)
+        core.finish_sequences(list(step.failed), SequenceStatus.FINISHED_ERROR)
     return run
 
 
@@ -126,7 +127,7 @@ def test_chunked_prefill_rows_and_sampling_only_when_caught_up() -> None:
 NORMAL_PROMPTS = {f"r{i}": [30 + i, 41, 52 + 2 * i, 63, 74, 85 + i] for i in range(6)}
 
 
-def _mixed_requests(prompts: dict[str, list[int]]) -> list[Request]:
+def _mixed_requests(prompts: dict[str, list[int]]) -> list[Sequence]:
     """Greedy (even ids) and seeded (odd ids) rows: both must come out as they do without a
     failure. Each row's parameters depend on its id only, not on who else runs."""
     requests = []
@@ -140,9 +141,9 @@ def _mixed_requests(prompts: dict[str, list[int]]) -> list[Request]:
     return requests
 
 
-def _after_tokens(culprits: Sequence[str], num_tokens: int) -> Callable[[Request], bool]:
+def _after_tokens(culprits: abc.Sequence[str], num_tokens: int) -> Callable[[Sequence], bool]:
     """Fail any pass holding a culprit once it has generated `num_tokens` tokens."""
-    return lambda r: r.request_id in culprits and r.num_output_tokens >= num_tokens
+    return lambda r: r.sequence_id in culprits and r.num_output_tokens >= num_tokens
 
 
 @pytest.mark.parametrize("culprits", [["r2"], ["r0", "r5"]])
@@ -210,7 +211,7 @@ def test_when_nothing_passes_the_probe_decides() -> None:
 def test_out_of_memory_ends_the_step_without_retries() -> None:
     core, runner = fake_core()
 
-    def out_of_memory(request: Request) -> bool:
+    def out_of_memory(request: Sequence) -> bool:
         raise MemoryError("fake out of memory")
 
     runner.fail_when = out_of_memory

@@ -16,8 +16,8 @@ from hypothesis.stateful import (
 
 from engine.kv_cache.block_pool import FreeBlockQueue, KVBlock
 from engine.kv_cache.manager import KVCacheManager
-from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 ALPHABET = st.integers(min_value=0, max_value=2)  # tiny, so prefixes collide often
 MAX_SEQ_LEN = 24
@@ -63,11 +63,11 @@ class KVCacheMachine(RuleBasedStateMachine):
         super().__init__()
         self.manager = KVCacheManager(num_blocks=2, block_size=1)
         self.block_size = 1
-        self.waiting: dict[str, Request] = {}
-        self.running: dict[str, Request] = {}
+        self.waiting: dict[str, Sequence] = {}
+        self.running: dict[str, Sequence] = {}
         self.slots: dict[int, dict[int, Slot]] = {}  # block_id -> offset -> content
         self.hash_to_prefix: dict[bytes, Slot] = {}
-        self.num_requests = 0
+        self.num_sequences = 0
 
     @initialize(num_blocks=st.integers(3, 24), block_size=st.sampled_from([1, 2, 4]))
     def make_manager(self, num_blocks: int, block_size: int) -> None:
@@ -77,55 +77,55 @@ class KVCacheMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ rules
 
     @rule(prompt=PROMPTS)
-    def add_request(self, prompt: list[int]) -> None:
-        request_id = f"r{self.num_requests}"
-        self.num_requests += 1
-        self.waiting[request_id] = Request(request_id=request_id, prompt_token_ids=prompt,
+    def add_sequence(self, prompt: list[int]) -> None:
+        sequence_id = f"r{self.num_sequences}"
+        self.num_sequences += 1
+        self.waiting[sequence_id] = Sequence(sequence_id=sequence_id, prompt_token_ids=prompt,
                                            sampling_params=SamplingParams(), arrival_time=0.0,
                                            max_tokens=MAX_SEQ_LEN)
 
     @precondition(lambda self: self.waiting)
     @rule(data=st.data())
     def admit_waiting(self, data: st.DataObject) -> None:
-        request = self.waiting[data.draw(st.sampled_from(sorted(self.waiting)))]
-        expected_hit = self._brute_force_hit(request.all_token_ids)
-        hits, num_hit_tokens = self.manager.get_computed_blocks(request)
-        self._record_hashes(request)
+        sequence = self.waiting[data.draw(st.sampled_from(sorted(self.waiting)))]
+        expected_hit = self._brute_force_hit(sequence.all_token_ids)
+        hits, num_hit_tokens = self.manager.get_computed_blocks(sequence)
+        self._record_hashes(sequence)
         assert num_hit_tokens == expected_hit
-        assert num_hit_tokens <= request.num_tokens - 1
+        assert num_hit_tokens <= sequence.num_tokens - 1
         assert num_hit_tokens == len(hits) * self.block_size
-        remaining = request.num_tokens - num_hit_tokens
+        remaining = sequence.num_tokens - num_hit_tokens
         num_new_tokens = data.draw(st.integers(1, remaining), label="chunk")
-        if self._allocate(request, num_new_tokens, hits, num_hit_tokens):
-            del self.waiting[request.request_id]
-            self.running[request.request_id] = request
-            self._check_slots(request, request.num_computed_tokens + num_hit_tokens)
-            self._compute(request, num_hit_tokens, num_new_tokens)
+        if self._allocate(sequence, num_new_tokens, hits, num_hit_tokens):
+            del self.waiting[sequence.sequence_id]
+            self.running[sequence.sequence_id] = sequence
+            self._check_slots(sequence, sequence.num_computed_tokens + num_hit_tokens)
+            self._compute(sequence, num_hit_tokens, num_new_tokens)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
     def step_running(self, data: st.DataObject) -> None:
-        request = self.running[data.draw(st.sampled_from(sorted(self.running)))]
-        remaining = request.num_tokens - request.num_computed_tokens
+        sequence = self.running[data.draw(st.sampled_from(sorted(self.running)))]
+        remaining = sequence.num_tokens - sequence.num_computed_tokens
         num_new_tokens = data.draw(st.integers(1, remaining), label="chunk")
-        if self._allocate(request, num_new_tokens):
-            self._compute(request, 0, num_new_tokens)
-        else:  # what the scheduler does when a request cannot grow: preempt by recompute
-            self._preempt(request)
+        if self._allocate(sequence, num_new_tokens):
+            self._compute(sequence, 0, num_new_tokens)
+        else:  # what the scheduler does when a sequence cannot grow: preempt by recompute
+            self._preempt(sequence)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
     def finish_running(self, data: st.DataObject) -> None:
-        request = self.running.pop(data.draw(st.sampled_from(sorted(self.running))))
-        self.manager.free(request)
+        sequence = self.running.pop(data.draw(st.sampled_from(sorted(self.running))))
+        self.manager.free(sequence)
 
     @precondition(lambda self: self.running or self.waiting)
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
-        request_id = data.draw(st.sampled_from(sorted({*self.running, *self.waiting})))
-        request = self.running.pop(request_id, None) or self.waiting.pop(request_id)
-        self.manager.free(request)
-        self.manager.free(request)  # freeing twice must be harmless
+        sequence_id = data.draw(st.sampled_from(sorted({*self.running, *self.waiting})))
+        sequence = self.running.pop(sequence_id, None) or self.waiting.pop(sequence_id)
+        self.manager.free(sequence)
+        self.manager.free(sequence)  # freeing twice must be harmless
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
@@ -141,54 +141,54 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ simulation helpers
 
-    def _allocate(self, request: Request, num_new_tokens: int, hits: list[KVBlock] | None = None,
+    def _allocate(self, sequence: Sequence, num_new_tokens: int, hits: list[KVBlock] | None = None,
                   num_hit_tokens: int = 0) -> bool:
         """allocate_slots, checking LRU order on success and no change at all on failure."""
         hit_ids = {block.block_id for block in hits or []}
         queue_ids = [b.block_id for b in self.manager.pool.free_queue if b.block_id not in hit_ids]
-        num_held = len(self.manager.get_block_ids(request.request_id)) + len(hit_ids)
+        num_held = len(self.manager.get_block_ids(sequence.sequence_id)) + len(hit_ids)
         before = self._snapshot()
-        new_blocks = self.manager.allocate_slots(request, num_new_tokens, hits, num_hit_tokens)
+        new_blocks = self.manager.allocate_slots(sequence, num_new_tokens, hits, num_hit_tokens)
         if new_blocks is None:
             assert self._snapshot() == before
-            num_tokens = request.num_computed_tokens + num_hit_tokens + num_new_tokens
+            num_tokens = sequence.num_computed_tokens + num_hit_tokens + num_new_tokens
             needed = self.manager.num_blocks_needed(num_tokens) - num_held
             assert needed > len(queue_ids), "allocation refused although blocks were free"
             return False
-        self._record_hashes(request)
+        self._record_hashes(sequence)
         # the least recently freed blocks are handed out first
         assert [b.block_id for b in new_blocks] == queue_ids[:len(new_blocks)]
         return True
 
-    def _record_hashes(self, request: Request) -> None:
+    def _record_hashes(self, sequence: Sequence) -> None:
         # equal block hashes <=> equal whole prefixes (the chaining property)
-        for index, block_hash in enumerate(request.block_hashes):
-            prefix = tuple(request.all_token_ids[:(index + 1) * self.block_size])
+        for index, block_hash in enumerate(sequence.block_hashes):
+            prefix = tuple(sequence.all_token_ids[:(index + 1) * self.block_size])
             assert self.hash_to_prefix.setdefault(block_hash, prefix) == prefix
 
-    def _compute(self, request: Request, num_hit_tokens: int, num_new_tokens: int) -> None:
+    def _compute(self, sequence: Sequence, num_hit_tokens: int, num_new_tokens: int) -> None:
         """Write the new tokens' K/V into their slots; sample a token when caught up."""
-        start = request.num_computed_tokens + num_hit_tokens
-        block_ids = self.manager.get_block_ids(request.request_id)
+        start = sequence.num_computed_tokens + num_hit_tokens
+        block_ids = self.manager.get_block_ids(sequence.sequence_id)
         for position in range(start, start + num_new_tokens):
             block_id = block_ids[position // self.block_size]
-            content = tuple(request.all_token_ids[:position + 1])
+            content = tuple(sequence.all_token_ids[:position + 1])
             self.slots.setdefault(block_id, {})[position % self.block_size] = content
-        request.num_computed_tokens = start + num_new_tokens
-        if request.num_computed_tokens < request.num_tokens:
+        sequence.num_computed_tokens = start + num_new_tokens
+        if sequence.num_computed_tokens < sequence.num_tokens:
             return
-        if request.num_tokens >= MAX_SEQ_LEN:
-            self.manager.free(request)
-            del self.running[request.request_id]
+        if sequence.num_tokens >= MAX_SEQ_LEN:
+            self.manager.free(sequence)
+            del self.running[sequence.sequence_id]
         else:
-            request.append_output_token_id(request.num_tokens % 3)
+            sequence.append_output_token_id(sequence.num_tokens % 3)
 
-    def _preempt(self, request: Request) -> None:
-        self.manager.free(request)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        del self.running[request.request_id]
-        self.waiting[request.request_id] = request
+    def _preempt(self, sequence: Sequence) -> None:
+        self.manager.free(sequence)
+        sequence.num_computed_tokens = 0
+        sequence.num_preemptions += 1
+        del self.running[sequence.sequence_id]
+        self.waiting[sequence.sequence_id] = sequence
 
     def _snapshot(self) -> tuple[object, ...]:
         pool = self.manager.pool
@@ -206,21 +206,21 @@ class KVCacheMachine(RuleBasedStateMachine):
             num_blocks += 1
         return num_blocks * self.block_size
 
-    def _check_slots(self, request: Request, num_tokens: int) -> None:
-        block_ids = self.manager.get_block_ids(request.request_id)
+    def _check_slots(self, sequence: Sequence, num_tokens: int) -> None:
+        block_ids = self.manager.get_block_ids(sequence.sequence_id)
         for position in range(num_tokens):
             block_id = block_ids[position // self.block_size]
             offset = position % self.block_size
-            expected = tuple(request.all_token_ids[:position + 1])
+            expected = tuple(sequence.all_token_ids[:position + 1])
             assert self.slots.get(block_id, {}).get(offset) == expected, (
-                f"{request.request_id} position {position}: block {block_id} holds other KV")
+                f"{sequence.sequence_id} position {position}: block {block_id} holds other KV")
 
     # ------------------------------------------------------------ invariants
 
     @invariant()
     def hashes_name_prefixes(self) -> None:
-        for request in {**self.running, **self.waiting}.values():
-            self._record_hashes(request)
+        for sequence in {**self.running, **self.waiting}.values():
+            self._record_hashes(sequence)
         assert len(set(self.hash_to_prefix.values())) == len(self.hash_to_prefix)
 
     @invariant()
@@ -234,13 +234,13 @@ class KVCacheMachine(RuleBasedStateMachine):
     @invariant()
     def ref_counts_match_block_tables(self) -> None:
         holders: Counter[int] = Counter()
-        for request_id, request in self.running.items():
-            block_ids = self.manager.get_block_ids(request_id)
+        for sequence_id, sequence in self.running.items():
+            block_ids = self.manager.get_block_ids(sequence_id)
             assert len(set(block_ids)) == len(block_ids)
-            assert len(block_ids) == self.manager.num_blocks_needed(request.num_computed_tokens)
+            assert len(block_ids) == self.manager.num_blocks_needed(sequence.num_computed_tokens)
             holders.update(block_ids)
-        for request_id in self.waiting:
-            assert self.manager.get_block_ids(request_id) == []
+        for sequence_id in self.waiting:
+            assert self.manager.get_block_ids(sequence_id) == []
         pool = self.manager.pool
         assert pool.null_block.block_id not in holders and pool.null_block.ref_count == 0
         for block in pool.blocks:
@@ -263,8 +263,8 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def slots_hold_the_right_kv(self) -> None:
-        for request in self.running.values():
-            self._check_slots(request, request.num_computed_tokens)
+        for sequence in self.running.values():
+            self._check_slots(sequence, sequence.num_computed_tokens)
         # a cached block, referenced or not, holds exactly the KV its hash names
         for block_hash, block in self.manager.pool.cached_blocks.items():
             prefix = self.hash_to_prefix[block_hash]
@@ -273,8 +273,8 @@ class KVCacheMachine(RuleBasedStateMachine):
                 assert self.slots.get(block.block_id, {}).get(offset) == prefix[:end]
 
     def teardown(self) -> None:
-        for request in [*self.running.values(), *self.waiting.values()]:
-            self.manager.free(request)
+        for sequence in [*self.running.values(), *self.waiting.values()]:
+            self.manager.free(sequence)
         pool = self.manager.pool
         assert self.manager.num_free_blocks == self.manager.num_total_blocks
         assert all(b.ref_count == 0 and b in pool.free_queue for b in pool.blocks[1:])

@@ -88,7 +88,7 @@ def test_blocked_import_harness_catches_torch() -> None:
 
 
 def test_kv_cache_imports_without_torch_or_numpy() -> None:
-    result = import_without(DEVICE_PACKAGES, (*KV_CACHE_MODULES, "engine.request"))
+    result = import_without(DEVICE_PACKAGES, (*KV_CACHE_MODULES, "engine.sequence"))
     assert result.returncode == 0, result.stderr
 
 

@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.kv_cache.hashing import get_hash_fn
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.request import Request
+from engine.sequence import Sequence
 
 POISON = [7, 7, 7, 7]
 SHARED_PREFIX = list(range(100, 140))  # 40 tokens: two full 16-token blocks
@@ -45,7 +45,7 @@ def _run(engine: LLMEngine, prompts: dict[str, list[int]],
     return finals
 
 
-def _is_poisoned(request: Request) -> bool:
+def _is_poisoned(request: Sequence) -> bool:
     return request.prompt_token_ids[:len(POISON)] == POISON
 
 
@@ -77,7 +77,7 @@ def test_a_culprit_fails_alone_and_the_others_keep_their_tokens(
                for rid, prompt in NORMAL_PROMPTS.items()}
     calls: list[int] = []
 
-    def fail_poisoned(requests: list[Request]) -> None:
+    def fail_poisoned(requests: list[Sequence]) -> None:
         calls.append(len(requests))
         if any(_is_poisoned(r) and r.num_output_tokens >= 3 for r in requests):
             raise RuntimeError("injected forward-pass fault")  # from the 4th token on
@@ -101,7 +101,7 @@ def test_a_transient_fault_fails_nobody(tiny_llama_dir: Path,
     engine = _engine(tiny_llama_dir)
     armed = [True]
 
-    def fail_once(requests: list[Request]) -> None:
+    def fail_once(requests: list[Sequence]) -> None:
         if armed[0] and any(r.num_output_tokens == 5 for r in requests):
             armed[0] = False
             raise RuntimeError("injected one-off fault")
@@ -126,8 +126,8 @@ def test_a_same_step_prefix_hit_on_a_culprits_blocks_is_recomputed(tiny_llama_di
 
     engine = _engine(tiny_llama_dir)
 
-    def fail_a(requests: list[Request]) -> None:
-        if any(r.request_id == "a" and r.num_output_tokens == 0 for r in requests):
+    def fail_a(requests: list[Sequence]) -> None:
+        if any(r.sequence_id == "a" and r.num_output_tokens == 0 for r in requests):
             raise RuntimeError("injected prefill fault")
 
     engine.fault_hooks.on_execute = fail_a
@@ -147,7 +147,7 @@ def test_a_same_step_prefix_hit_on_a_culprits_blocks_is_recomputed(tiny_llama_di
 def test_a_fault_that_needs_no_request_ends_the_engine(tiny_llama_dir: Path) -> None:
     engine = _engine(tiny_llama_dir)
 
-    def always_fail(requests: list[Request]) -> None:
+    def always_fail(requests: list[Sequence]) -> None:
         raise RuntimeError("injected persistent fault")
 
     engine.fault_hooks.on_execute = always_fail
@@ -160,7 +160,7 @@ def test_out_of_memory_ends_the_engine_at_once(tiny_llama_dir: Path) -> None:
     engine = _engine(tiny_llama_dir)
     calls: list[int] = []
 
-    def out_of_memory(requests: list[Request]) -> None:
+    def out_of_memory(requests: list[Sequence]) -> None:
         calls.append(len(requests))
         raise MemoryError("injected")
 

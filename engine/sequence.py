@@ -1,4 +1,4 @@
-"""Request: one sequence's evolving state inside the engine, from arrival to finish."""
+"""Sequence: one sequence's evolving state inside the engine, from arrival to finish."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from engine.outputs import RequestTiming
 from engine.sampling_params import SamplingParams
 
 
-class RequestStatus(enum.Enum):
+class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
@@ -27,24 +27,24 @@ class RequestStatus(enum.Enum):
         return self.value if self.is_finished else None
 
 
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
+_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                       SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR})
 
 
 @dataclass(slots=True, eq=False)
-class Request:
-    """A single sequence. A user request with n > 1 becomes n Requests that share a parent id.
+class Sequence:
+    """A single sequence. A user request with n > 1 becomes n Sequences that share a parent id.
 
     Invariant: num_computed_tokens <= num_tokens; the tokens in [num_computed_tokens,
     num_tokens) still need a forward pass before the next token can be sampled.
     """
 
-    request_id: str
+    sequence_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time: float
     max_tokens: int  # resolved limit on generated tokens (never None inside the engine)
-    status: RequestStatus = RequestStatus.WAITING
+    status: SequenceStatus = SequenceStatus.WAITING
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 until scheduled
