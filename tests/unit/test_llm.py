@@ -189,8 +189,8 @@ def test_aborts_mid_prefill_and_mid_decode_leak_nothing(tiny_model_dirs: dict[st
                    if 0 < r.num_computed_tokens < r.num_prompt_tokens]
     mid_decode = [r for r in engine.core.scheduler.running if r.num_output_tokens > 0]
     assert mid_prefill and mid_decode
-    for request in mid_prefill + mid_decode + list(engine.core.scheduler.waiting)[:1]:
-        outputs = engine.abort_request(request.request_id)
+    for sequence in mid_prefill + mid_decode + list(engine.core.scheduler.waiting)[:1]:
+        outputs = engine.abort_request(sequence.sequence_id)  # n=1: the request's own id
         assert outputs and outputs[0].finished
         assert outputs[0].outputs[0].finish_reason == "abort"
     while engine.has_unfinished_requests():
