@@ -230,6 +230,11 @@ class AsyncEngine:
         if self.dead_error is not None or self._stopping.is_set():
             raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
 
+    def check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
+        """A token-id prompt checked as admission will check it (for callers that use it
+        before admitting it, e.g. to echo its text)."""
+        return self.llm_engine.check_prompt(prompt_token_ids)
+
     def check_capacity(self, num_sequences: int, param: str = "n") -> None:
         """Raise unless `num_sequences` more sequences fit the waiting queue: InvalidRequestError
         (naming `param`) when they never could, QueueFullError when they cannot now. For a
@@ -304,7 +309,7 @@ class AsyncEngine:
     def _add(self, prepared: PreparedRequest) -> None:
         try:
             self.llm_engine.add_prepared(prepared)
-        except Exception as error:  # queue full or duplicate id: only this request fails
+        except Exception as error:  # a duplicate id: only this request fails
             self.metrics.record_failure(
                 "validation" if isinstance(error, InvalidRequestError) else "error")
             self._deliver_to(prepared.request_id, error)

@@ -28,8 +28,10 @@ class CoreStepOutput:
 
 
 @dataclass(slots=True)
-class _Isolation:
-    """What retrying a failed batch in smaller groups has found so far."""
+class _PassResults:
+    """What the step's passes produced: the tokens and logprobs of the sequences that passed,
+    and, when a pass failed, the sequences that fail alone and the blocks they left
+    unwritten."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
@@ -100,7 +102,7 @@ class EngineCore:
         self.last_stats = stats
         return CoreStepOutput(outputs, result.failed)
 
-    def _execute(self, plan: SchedulerOutput) -> _Isolation:
+    def _execute(self, plan: SchedulerOutput) -> _PassResults:
         """Run the step's batch. When it raises, retry it in smaller groups (order kept) to
         find the sequences that make it fail: they fail alone, the others get the tokens they
         would have got. Errors of the engine itself (out of memory, a lost device, a fault
@@ -108,21 +110,21 @@ class EngineCore:
         sequences = plan.scheduled_sequences
         try:
             output = self._run(sequences, plan)
-            return _Isolation(output.sampled_token_ids, output.logprobs)
+            return _PassResults(output.sampled_token_ids, output.logprobs)
         except Exception as exc:
             if is_fatal_error(exc):
                 raise
             logger.warning("a step of %d sequences failed (%r); retrying them in smaller "
                            "groups to find the cause", len(sequences), exc)
-        isolation = _Isolation()
-        self._isolate(sequences, plan, isolation)
-        if isolation.num_passed == 0:
+        results = _PassResults()
+        self._isolate(sequences, plan, results)
+        if results.num_passed == 0:
             self._probe()  # nothing passed: is it the sequences, or the engine?
-        return isolation
+        return results
 
     def _isolate(self, group: list[Sequence], plan: SchedulerOutput,
-                 isolation: _Isolation) -> None:
-        group = [r for r in group if not self._read_garbage(r, plan, isolation)]
+                 results: _PassResults) -> None:
+        group = [r for r in group if not self._read_garbage(r, plan, results)]
         if not group:
             return
         try:
@@ -131,33 +133,33 @@ class EngineCore:
             if is_fatal_error(exc):
                 raise
             if len(group) == 1:
-                self._quarantine(group[0], plan, isolation, exc)
+                self._quarantine(group[0], plan, results, exc)
                 return
             middle = len(group) // 2
-            self._isolate(group[:middle], plan, isolation)
-            self._isolate(group[middle:], plan, isolation)
+            self._isolate(group[:middle], plan, results)
+            self._isolate(group[middle:], plan, results)
             return
-        isolation.sampled_token_ids.update(output.sampled_token_ids)
-        isolation.logprobs.update(output.logprobs)
-        isolation.num_passed += len(group)
+        results.sampled_token_ids.update(output.sampled_token_ids)
+        results.logprobs.update(output.logprobs)
+        results.num_passed += len(group)
 
-    def _quarantine(self, sequence: Sequence, plan: SchedulerOutput, isolation: _Isolation,
+    def _quarantine(self, sequence: Sequence, plan: SchedulerOutput, results: _PassResults,
                     exc: Exception) -> None:
         logger.error("sequence %s fails the forward pass on its own: %r", sequence.sequence_id,
                      exc)
-        isolation.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
+        results.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
             sequence, _row_start(sequence, plan)))
-        isolation.failed[sequence.sequence_id] = (
+        results.failed[sequence.sequence_id] = (
             f"the engine failed while computing this sequence: {exc!r}")
 
     def _read_garbage(self, sequence: Sequence, plan: SchedulerOutput,
-                      isolation: _Isolation) -> bool:
+                      results: _PassResults) -> bool:
         """A sequence that hit, in this step, a block a failed sequence never wrote goes back
         to the waiting queue to be recomputed (its own new blocks are garbage as well)."""
         block_ids = self.kv_cache_manager.get_block_ids(sequence.sequence_id)
-        if isolation.unwritten_block_ids.isdisjoint(block_ids):
+        if results.unwritten_block_ids.isdisjoint(block_ids):
             return False
-        isolation.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
+        results.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
             sequence, _row_start(sequence, plan)))
         self.scheduler.reschedule(sequence)
         self.runner.release([sequence.sequence_id])

@@ -19,7 +19,6 @@ from engine.sequence import Sequence, SequenceStatus
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class EngineStats:
     """The engine's load at one moment, in sequences and blocks."""
@@ -30,7 +29,6 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     kv_cache_usage: float
-    num_preemptions: int  # since start
 
 
 @dataclass(slots=True)
@@ -93,7 +91,7 @@ class LLMEngine:
         """Validate a user request and split it into n sequences. Raises InvalidRequestError
         (or ContextLengthExceededError) naming the problem; touches no engine state."""
         params.validate(self.vocab_size)
-        prompt = self._check_prompt(prompt_token_ids)
+        prompt = self.check_prompt(prompt_token_ids)
         max_tokens = self._resolve_max_tokens(len(prompt), params.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
@@ -103,7 +101,10 @@ class LLMEngine:
             for index in range(params.n)]
         return PreparedRequest(request_id, sequences, params, arrival)
 
-    def _check_prompt(self, prompt_token_ids: abc.Sequence[int]) -> list[int]:
+    def check_prompt(self, prompt_token_ids: abc.Sequence[int]) -> list[int]:
+        """The prompt as a list, or InvalidRequestError / ContextLengthExceededError: token ids
+        of this vocabulary, at most max_model_len of them. Reads only fixed attributes, so
+        any thread may call it."""
         prompt = list(prompt_token_ids)
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -124,12 +125,6 @@ class LLMEngine:
         # each of the n sequences gets its own seed so they differ yet stay reproducible
         seed = None if params.seed is None else params.seed + index
         return replace(params, n=1, seed=seed, eos_token_ids=self.eos_token_ids)
-
-    @property
-    def num_waiting_sequences(self) -> int:
-        """Sequences admitted but not running: the scheduler's queue and deferred siblings.
-        Plain int reads, so other threads may call it while the engine steps."""
-        return self.core.scheduler.num_waiting + self.num_deferred
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         first, *siblings = prepared.sequences
@@ -213,10 +208,11 @@ class LLMEngine:
         manager = self.core.kv_cache_manager
         return EngineStats(
             num_running=self.core.scheduler.num_running,
-            num_waiting=self.num_waiting_sequences,
+            # waiting: the scheduler's queue and the deferred siblings
+            num_waiting=self.core.scheduler.num_waiting + self.num_deferred,
             num_unfinished_requests=self.output_processor.num_unfinished_requests,
             num_free_blocks=manager.num_free_blocks, num_total_blocks=manager.num_total_blocks,
-            kv_cache_usage=manager.usage, num_preemptions=self.core.scheduler.num_preemptions)
+            kv_cache_usage=manager.usage)
 
 
 def _sequence_id(request_id: str, index: int, n: int) -> str:

@@ -6,18 +6,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from transformers import PreTrainedTokenizerBase
 
-from engine import (
-    ContextLengthExceededError,
-    EngineError,
-    InvalidRequestError,
-    RequestOutput,
-)
+from engine import EngineError, RequestOutput
 from server.errors import from_engine_error
 from server.outputs import CompletionLogprobBuilder, UsageCounter, finish_reason
 from server.protocol import CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse
@@ -48,7 +43,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
     try:
         engine.check_capacity(params.n * len(body.prompts))  # before any tokenizing
         prompts = await asyncio.to_thread(tokenize_prompts, engine.tokenizer, body.prompts,
-                                          engine.max_model_len, engine.vocab_size)
+                                          engine.max_model_len, engine.check_prompt)
     except EngineError as exc:
         raise from_engine_error(exc, "prompt") from exc
     # one engine request per prompt; choice index = prompt_index * n + i, as OpenAI numbers them
@@ -68,22 +63,13 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
-                     prompts: Sequence[str] | Sequence[list[int]],
-                     max_tokens: int, vocab_size: int) -> list[list[int]]:
-    """Text prompts get the tokenizer's special tokens (e.g. BOS); token ids pass as given,
-    once they are known to be ids of this vocabulary (echo decodes them before the engine
-    sees them). ContextLengthExceededError for a prompt over `max_tokens`."""
+                     prompts: Sequence[str] | Sequence[list[int]], max_tokens: int,
+                     check_token_ids: Callable[[list[int]], list[int]]) -> list[list[int]]:
+    """Text prompts get the tokenizer's special tokens (e.g. BOS) and must fit `max_tokens`;
+    token ids pass as given once `check_token_ids` (the engine's own admission check) accepts
+    them: echo decodes them before the engine sees them."""
     return [encode_prompt(tokenizer, prompt, max_tokens) if isinstance(prompt, str)
-            else _checked_token_ids(prompt, max_tokens, vocab_size) for prompt in prompts]
-
-
-def _checked_token_ids(prompt: list[int], max_tokens: int, vocab_size: int) -> list[int]:
-    if len(prompt) > max_tokens:
-        raise ContextLengthExceededError(max_tokens, len(prompt), None)
-    if not all(0 <= token_id < vocab_size for token_id in prompt):
-        raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})",
-                                  param="prompt")
-    return list(prompt)
+            else check_token_ids(prompt) for prompt in prompts]
 
 
 def _echo_texts(tokenizer: PreTrainedTokenizerBase, body: CompletionRequest,
