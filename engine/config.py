@@ -28,7 +28,9 @@ class ModelConfig:
     attention_backend: str | None = None  # None: $PAGEDSERVE_ATTENTION_BACKEND, else "auto"
     enforce_eager: bool = False  # CUDA: no decode graphs
     max_model_len: int | None = None
-    seed: int = 0
+    # seeds the one generator of the sampled rows that bring no seed of their own: the same
+    # seed answers the same requests (in the same order) the same; None: fresh each start
+    seed: int | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -44,6 +46,9 @@ class ModelConfig:
                f"{self.attention_backend!r}")
         _check(self.max_model_len is None or self.max_model_len >= 1,
                f"max_model_len must be >= 1, got {self.max_model_len}")
+        # torch.Generator.manual_seed takes [-2**63, 2**64)
+        _check(self.seed is None or -(2**63) <= self.seed < 2**64,
+               f"seed must be in [-2**63, 2**64), got {self.seed}")
         return self
 
 

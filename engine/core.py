@@ -31,10 +31,11 @@ class CoreStepOutput:
 class _PassResults:
     """What the step's passes produced: the tokens and logprobs of the sequences that passed,
     and, when a pass failed, the sequences that fail alone and the blocks they left
-    unwritten."""
+    unwritten. Only passes that succeeded add here: a failed pass's rows run again."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     unwritten_block_ids: set[int] = field(default_factory=set)  # garbage KV this step
     num_passed: int = 0  # sequences whose pass succeeded
@@ -93,6 +94,7 @@ class EngineCore:
             self.last_stats = self._stats(0, 0, num_preemptions_before, [])
             return CoreStepOutput()
         result = self._execute(plan)
+        _commit_prompt_logprobs(plan, result.prompt_logprobs)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
         self.runner.release([r.sequence_id for r in finished])
         stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
@@ -110,7 +112,8 @@ class EngineCore:
         sequences = plan.scheduled_sequences
         try:
             output = self._run(sequences, plan)
-            return _PassResults(output.sampled_token_ids, output.logprobs)
+            return _PassResults(output.sampled_token_ids, output.logprobs,
+                                output.prompt_logprobs)
         except Exception as exc:
             if is_fatal_error(exc):
                 raise
@@ -141,6 +144,7 @@ class EngineCore:
             return
         results.sampled_token_ids.update(output.sampled_token_ids)
         results.logprobs.update(output.logprobs)
+        results.prompt_logprobs.update(output.prompt_logprobs)
         results.num_passed += len(group)
 
     def _quarantine(self, sequence: Sequence, plan: SchedulerOutput, results: _PassResults,
@@ -202,6 +206,8 @@ class EngineCore:
                 new_logprobs=None if position_logprobs is None else [position_logprobs],
                 finish_reason=sequence.status.finish_reason, stop_reason=sequence.stop_reason,
                 num_cached_tokens=max(sequence.num_cached_tokens, 0),
+                # complete by the first token, and handed out only then
+                prompt_logprobs=sequence.take_prompt_logprobs(),
                 first_scheduled_time=timing.first_scheduled, time=now))
         return outputs
 
@@ -214,6 +220,14 @@ class EngineCore:
             kv_cache_usage=self.kv_cache_manager.usage,
             num_preemptions=self.scheduler.num_preemptions - num_preemptions_before,
             prefix_cache_queries=queries, prefix_cache_hits=hits, finished_sequences=finished)
+
+
+def _commit_prompt_logprobs(plan: SchedulerOutput,
+                            prompt_logprobs: dict[str, list[PositionLogprobs]]) -> None:
+    """Append to each sequence what its successful pass computed: committed only after the
+    step's passes, so a failed pass that is retried leaves nothing twice."""
+    for sequence_id, entries in prompt_logprobs.items():
+        plan.row(sequence_id).sequence.add_prompt_logprobs(entries)
 
 
 def _row_start(sequence: Sequence, plan: SchedulerOutput) -> int:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import cache
+from itertools import groupby
 
 from transformers import PreTrainedTokenizerBase
 
@@ -30,17 +31,27 @@ class IncrementalDetokenizer:
     The text is kept as sent chunks plus the short unsent rest. Stop strings are only looked
     for in the unsent rest: a match cannot start in sent text, because the holdback keeps
     back every tail that could still begin one.
+
+    With special tokens kept and spaces_between_special_tokens, the text is
+    `decode_spaced`'s: one space between a special token and whatever piece is next to it.
+    Its text too grows only at the end as tokens come, so the window's diff still works.
     """
 
-    __slots__ = ("_tokenizer", "_skip_special_tokens", "_stop", "_max_stop_len",
-                 "_include_stop", "_window_ids", "_read_offset", "_context_text",
-                 "_sent_chunks", "_unsent", "_is_stopped", "_is_finished")
+    __slots__ = ("_tokenizer", "_skip_special_tokens", "_special_ids", "_stop",
+                 "_max_stop_len", "_include_stop", "_window_ids", "_read_offset",
+                 "_context_text", "_sent_chunks", "_unsent", "_is_stopped", "_is_finished")
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: Sequence[int],
                  skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False) -> None:
+                 include_stop_str_in_output: bool = False,
+                 spaces_between_special_tokens: bool = False) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        # the ids decode_spaced sets apart; None: plain decoding (also when specials are
+        # skipped, as then no special token shows)
+        self._special_ids = (special_token_ids(tokenizer)
+                             if spaces_between_special_tokens and not skip_special_tokens
+                             else None)
         self._stop = tuple(s for s in stop if s)
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
         self._include_stop = include_stop_str_in_output
@@ -104,6 +115,8 @@ class IncrementalDetokenizer:
         return new_text
 
     def _decode(self, token_ids: Sequence[int]) -> str:
+        if self._special_ids is not None:
+            return decode_spaced(self._tokenizer, token_ids, self._special_ids)
         return decode_text(self._tokenizer, token_ids, self._skip_special_tokens)
 
     def _append(self, new_text: str) -> str | None:
@@ -145,6 +158,27 @@ def decode_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int],
                             clean_up_tokenization_spaces=False)
     assert isinstance(text, str)  # a flat id list decodes to one string
     return text
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The ids a slow tokenizer decodes apart: its added vocabulary, which holds its special
+    tokens (and any token added to it after training)."""
+    return frozenset(tokenizer.added_tokens_decoder)
+
+
+def decode_spaced(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int],
+                  special_ids: Collection[int]) -> str:
+    """The text of `token_ids` with special tokens kept, as transformers' slow tokenizers
+    decode with spaces_between_special_tokens: each special token, and each run of other
+    tokens decoded as one, is a piece; the non-empty pieces are joined by one space."""
+    pieces: list[str] = []
+    for is_special, group in groupby(token_ids, key=special_ids.__contains__):
+        ids = list(group)
+        if is_special:
+            pieces += (decode_text(tokenizer, [token_id], False) for token_id in ids)
+        else:
+            pieces.append(decode_text(tokenizer, ids, False))
+    return " ".join(piece for piece in pieces if piece)
 
 
 def decode_token(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:

@@ -35,7 +35,8 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order."""
+        """Run every prompt to completion; outputs come back in prompt order, each the
+        request's final output as the engine made it (prompt_logprobs included when asked)."""
         prompt_list = _as_prompt_list(prompts)
         # only each request's final output is read: no per-step copies of its tokens
         params_list = [replace(params, output_kind=RequestOutputKind.FINAL_ONLY)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections import abc
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.core import EngineCore, FaultHooks, StepStats
@@ -15,6 +16,9 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
 from engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +95,11 @@ class LLMEngine:
         """Validate a user request and split it into n sequences. Raises InvalidRequestError
         (or ContextLengthExceededError) naming the problem; touches no engine state."""
         params.validate(self.vocab_size)
-        prompt = self.check_prompt(prompt_token_ids)
+        if params.bad_words or params.bad_words_token_ids:  # engine-filled: never the user's
+            params = replace(params, bad_words_token_ids=tokenize_bad_words(
+                self.tokenizer, params.bad_words, self.vocab_size))
+        prompt = self.check_prompt(_truncate_prompt(prompt_token_ids,
+                                                    params.truncate_prompt_tokens))
         max_tokens = self._resolve_max_tokens(len(prompt), params.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
@@ -124,7 +132,11 @@ class LLMEngine:
     def _sequence_params(self, params: SamplingParams, index: int) -> SamplingParams:
         # each of the n sequences gets its own seed so they differ yet stay reproducible
         seed = None if params.seed is None else params.seed + index
-        return replace(params, n=1, seed=seed, eos_token_ids=self.eos_token_ids)
+        # the prompt's logprobs are the same for every sibling: only the first computes them,
+        # so the others still share its prompt blocks through the prefix cache
+        prompt_logprobs = params.prompt_logprobs if index == 0 else None
+        return replace(params, n=1, seed=seed, eos_token_ids=self.eos_token_ids,
+                       prompt_logprobs=prompt_logprobs)
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         first, *siblings = prepared.sequences
@@ -217,6 +229,33 @@ class LLMEngine:
 
 def _sequence_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{index}"
+
+
+def _truncate_prompt(prompt_token_ids: abc.Sequence[int],
+                     truncate_prompt_tokens: int | None) -> abc.Sequence[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (all of it when it is no longer)."""
+    if truncate_prompt_tokens is None or truncate_prompt_tokens >= len(prompt_token_ids):
+        return prompt_token_ids
+    return prompt_token_ids[len(prompt_token_ids) - truncate_prompt_tokens:]
+
+
+def tokenize_bad_words(tokenizer: PreTrainedTokenizerBase, bad_words: abc.Sequence[str],
+                       vocab_size: int) -> tuple[tuple[int, ...], ...]:
+    """Each bad word as token ids, twice: as given with its leading whitespace stripped (a
+    word at the start of the text) and after one space (a word inside it); the spaced form is
+    left out when it tokenizes the same. A form holding an id the model cannot produce can
+    never occur, so it is left out as well."""
+    forms: list[tuple[int, ...]] = []
+    for word in bad_words:
+        bare = _encode_plain(tokenizer, word.lstrip())
+        spaced = _encode_plain(tokenizer, " " + word.lstrip())
+        candidates = [bare] if spaced == bare else [bare, spaced]
+        forms += [ids for ids in candidates if ids and max(ids) < vocab_size]
+    return tuple(forms)
+
+
+def _encode_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _load(config: EngineConfig) -> LoadedModel:

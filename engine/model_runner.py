@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,20 +17,68 @@ from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
 from engine.models.base import KVCaches
 from engine.outputs import PositionLogprobs
-from engine.sampler import SamplerOutput, SamplingMetadata, sample
-from engine.sampling_params import SamplingParams
+from engine.sampler import (
+    SamplerOutput,
+    SamplingMetadata,
+    bad_words_banned_ids,
+    compute_logprobs,
+    gather_logprobs,
+    sample,
+)
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledRow
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+# rows per LM-head slice for prompt logprobs: a long prompt never holds [P, vocab_size] fp32
+# logits at once, only [PROMPT_LOGPROB_SLICE, vocab_size] (150 MiB at a 150k vocabulary)
+PROMPT_LOGPROB_SLICE = 256
+
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Tokens sampled this step, for the sequences whose computed tokens caught up."""
+    """Tokens sampled this step, for the sequences whose computed tokens caught up, and the
+    prompt logprobs this pass's rows computed."""
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, PositionLogprobs]
+    # sequence id -> logprobs of the next prompt tokens with none yet, in prompt order
+    prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PromptLogprobRows:
+    """The hidden-state rows of one batch that predict a prompt token still lacking its
+    logprob, for the sequences that ask for prompt logprobs. Others add nothing here."""
+
+    hidden_indices: list[int] = field(default_factory=list)  # rows of the flattened batch
+    target_token_ids: list[int] = field(default_factory=list)  # the prompt token each predicts
+    spans: list[tuple[str, int, int]] = field(default_factory=list)  # (id, num_rows, num_top)
+
+    def add(self, row: ScheduledRow, offset: int) -> None:
+        """Take the row's positions whose next token is a prompt token with no logprob yet;
+        `offset` is where the row's first token sits in the flattened batch. The row that
+        samples the first output token is not one of them: it predicts no prompt token."""
+        sequence = row.sequence
+        num_top = sequence.sampling_params.prompt_logprobs
+        if num_top is None or not sequence.needs_prompt_logprobs:
+            return
+        # the KV cache holds nothing past the committed logprobs: prefix hits are skipped
+        assert row.start <= sequence.num_prompt_logprobs, "prompt logprobs would have a gap"
+        # position p predicts prompt token p + 1; tokens 1 .. num_prompt_logprobs are done
+        # (a recompute after preemption mid-prefill runs them again, but only for the KV)
+        first = max(row.start, sequence.num_prompt_logprobs)
+        end = min(row.end, sequence.num_prompt_tokens - 1)
+        if first >= end:
+            return
+        self.hidden_indices.extend(range(offset + first - row.start, offset + end - row.start))
+        self.target_token_ids.extend(sequence.prompt_token_ids[first + 1:end + 1])
+        self.spans.append((sequence.sequence_id, end - first, num_top))
+
+    @property
+    def num_top(self) -> int:
+        return max(num_top for _, _, num_top in self.spans)
 
 
 @dataclass(slots=True)
@@ -41,6 +90,7 @@ class StepInputs:
     metadata: AttentionMetadata
     sample_indices: torch.Tensor  # [num_sampling_seqs] int64: rows of hidden states that sample
     sampling_sequences: list[Sequence]
+    prompt_rows: PromptLogprobRows
 
 
 class ModelRunner:
@@ -55,6 +105,9 @@ class ModelRunner:
         self.kv_shape = (self.block_size, spec.num_kv_heads, spec.head_dim)  # per block
         self.num_layers = spec.num_layers
         self.generators: dict[str, torch.Generator] = {}
+        # one generator for every row that brings no seed: from the config's seed, so that
+        # the same requests in the same order get the same answers on every start, or fresh
+        self.unseeded_generator = _unseeded_generator(self.device, config.model.seed)
         bytes_per_token = (spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
                            * self.dtype.itemsize)
         activation_peak = 0
@@ -137,6 +190,10 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         hidden_states = self.model(input_ids, positions, scratch, metadata)
+        # a slice of prompt logprobs: its [slice, vocab_size] logits may outweigh the sampler's
+        num_prompt_rows = min(PROMPT_LOGPROB_SLICE, num_tokens)
+        self._prompt_logprob_slice(hidden_states[:num_prompt_rows],
+                                   input_ids[:num_prompt_rows], MAX_LOGPROBS)
         num_rows = min(max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden_states[-num_rows:])
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1,
@@ -162,14 +219,17 @@ class ModelRunner:
                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
         """Run one forward pass over the rows' tokens [start, end) and sample where a sequence
         caught up. `rows` may be any subset of the step's rows (the core retries a failed batch
-        in groups). A pass that raises leaves the seeded generators as they were, so the same
-        rows can run again and draw the same tokens."""
+        in groups). A pass that raises leaves the generators (the seeded ones and the
+        unseeded rows' one) as they were, so the same rows can run again and draw the same
+        tokens."""
         sequences = [row.sequence for row in rows]
         saved = {r.sequence_id: self.generators[r.sequence_id].get_state() for r in sequences
                  if r.sequence_id in self.generators}
+        unseeded_state = self.unseeded_generator.get_state()
         try:
             return self._execute(rows, block_ids)
         except BaseException:
+            self.unseeded_generator.set_state(unseeded_state)
             for sequence in sequences:
                 state = saved.get(sequence.sequence_id)
                 if state is None:
@@ -188,12 +248,37 @@ class ModelRunner:
         else:
             hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                                        inputs.metadata)  # [num_tokens, hidden_size]
+        prompt_logprobs = self._prompt_logprobs(hidden_states, inputs.prompt_rows)
         if not inputs.sampling_sequences:
-            return ModelRunnerOutput({}, {})
+            return ModelRunnerOutput({}, {}, prompt_logprobs)
         # logits only for the positions that sample: the lm_head is the largest matmul
         logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
         sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_sequences))
-        return _to_runner_output(inputs.sampling_sequences, sampler_output)
+        output = _to_runner_output(inputs.sampling_sequences, sampler_output)
+        output.prompt_logprobs = prompt_logprobs
+        return output
+
+    def _prompt_logprobs(self, hidden_states: torch.Tensor,
+                         rows: PromptLogprobRows) -> dict[str, list[PositionLogprobs]]:
+        """Logprobs of the raw logits at the rows that predict prompt tokens, the LM head run
+        over PROMPT_LOGPROB_SLICE rows at a time; one host sync for them all."""
+        if not rows.spans:
+            return {}
+        indices = torch.tensor(rows.hidden_indices, dtype=torch.long, device=self.device)
+        targets = torch.tensor(rows.target_token_ids, dtype=torch.long, device=self.device)
+        size = PROMPT_LOGPROB_SLICE
+        slices = [self._prompt_logprob_slice(hidden_states[indices[first:first + size]],
+                                             targets[first:first + size], rows.num_top)
+                  for first in range(0, len(rows.hidden_indices), size)]
+        ids, values, ranks = (torch.cat(parts).tolist() for parts in zip(*slices, strict=True))
+        return _split_prompt_logprobs(rows.spans, ids, values, ranks)
+
+    def _prompt_logprob_slice(self, hidden_states: torch.Tensor, target_token_ids: torch.Tensor,
+                              num_top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [n, 1 + num_top], logprobs [n, 1 + num_top], ranks [n]) of n rows: each row's
+        prompt token first, then the top num_top, as sampled-token logprobs are gathered."""
+        logits = self.model.compute_logits(hidden_states)  # [n, vocab_size] float32
+        return gather_logprobs(compute_logprobs(logits), target_token_ids, num_top)
 
     def _prepare_inputs(self, rows: abc.Sequence[ScheduledRow],
                         block_ids: dict[str, list[int]]) -> StepInputs:
@@ -202,8 +287,10 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sampling_sequences: list[Sequence] = []
+        prompt_rows = PromptLogprobRows()
         for row in rows:
             sequence = row.sequence
+            prompt_rows.add(row, len(input_ids))
             input_ids.extend(sequence.all_token_ids[row.start:row.end])
             query_lens.append(row.num_new_tokens)
             seq_lens.append(row.end)  # the context: cached tokens plus this row's
@@ -216,7 +303,7 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
             positions=positions, metadata=metadata,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-            sampling_sequences=sampling_sequences)
+            sampling_sequences=sampling_sequences, prompt_rows=prompt_rows)
 
     def _build_metadata(self, query_lens: list[int], seq_lens: list[int],
                         block_tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
@@ -252,7 +339,8 @@ class ModelRunner:
             prompt_token_ids=[r.prompt_token_ids for r in sequences],
             output_token_ids=[r.output_token_ids for r in sequences],
             generators=[self._generator(r) for r in sequences],
-            banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device)
+            banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device,
+            unseeded_generator=self.unseeded_generator)
 
     def _generator(self, sequence: Sequence) -> torch.Generator | None:
         seed = sequence.sampling_params.seed
@@ -281,13 +369,24 @@ def is_fatal_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
+def _unseeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The runner's generator for rows without a seed; with no seed configured, one from
+    the OS, so that two starts differ (torch's global generator starts the same each time)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _banned_token_ids(sequence: Sequence) -> list[int]:
-    # below min_tokens, neither EOS nor a stop token id may be sampled
+    """This step's bans: a bad word's last token when the output ends with the rest of it;
+    below min_tokens, EOS and the stop token ids as well."""
     params = sequence.sampling_params
-    if sequence.num_output_tokens >= params.min_tokens:
-        return []
-    eos = () if params.ignore_eos else params.eos_token_ids
-    return [*eos, *params.stop_token_ids]
+    banned = (bad_words_banned_ids(params.bad_words_token_ids, sequence.output_token_ids)
+              if params.bad_words_token_ids else [])
+    if sequence.num_output_tokens < params.min_tokens:
+        banned += () if params.ignore_eos else params.eos_token_ids
+        banned += params.stop_token_ids
+    return banned
 
 
 def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
@@ -310,10 +409,29 @@ def _to_runner_output(sequences: list[Sequence], output: SamplerOutput) -> Model
             num_top = sequence.sampling_params.logprobs
             if num_top is None:
                 continue
-            entries = [(ids[row][0], values[row][0], ranks[row])]
-            entries += [(ids[row][k], values[row][k], k) for k in range(1, num_top + 1)]
-            logprobs[sequence.sequence_id] = entries
+            logprobs[sequence.sequence_id] = _position_logprobs(ids[row], values[row],
+                                                                ranks[row], num_top)
     return ModelRunnerOutput(sampled, logprobs)
+
+
+def _position_logprobs(ids: list[int], values: list[float], rank: int,
+                       num_top: int) -> PositionLogprobs:
+    """One position from a gathered row: the chosen token with its rank, then the top
+    num_top (the row may hold more: the batch's largest k), ranked 1 .. num_top."""
+    return [(ids[0], values[0], rank)] + [(ids[k], values[k], k) for k in range(1, num_top + 1)]
+
+
+def _split_prompt_logprobs(spans: list[tuple[str, int, int]], ids: list[list[int]],
+                           values: list[list[float]],
+                           ranks: list[int]) -> dict[str, list[PositionLogprobs]]:
+    """The batch's gathered prompt rows, back to each sequence's positions, in order."""
+    result: dict[str, list[PositionLogprobs]] = {}
+    first = 0
+    for sequence_id, num_rows, num_top in spans:
+        result[sequence_id] = [_position_logprobs(ids[r], values[r], ranks[r], num_top)
+                               for r in range(first, first + num_rows)]
+        first += num_rows
+    return result
 
 
 def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.device,

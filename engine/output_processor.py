@@ -92,6 +92,9 @@ class _UserRequest:
     choices: list[_Choice]
     arrival_time: float
     error: str | None = None
+    # the first choice's prompt logprobs (vLLM's shape), once its first token came; a DELTA
+    # request's only until the output that carries them
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -131,7 +134,8 @@ class OutputProcessor:
                     params: SamplingParams) -> _Choice:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer, prompt_token_ids, params.skip_special_tokens,
-            params.stop, params.include_stop_str_in_output)
+            params.stop, params.include_stop_str_in_output,
+            spaces_between_special_tokens=params.spaces_between_special_tokens)
         return _Choice(index, sequence_id, detokenizer,
                        keeps_all=params.output_kind is not RequestOutputKind.DELTA,
                        wants_logprobs=params.logprobs is not None)
@@ -172,6 +176,9 @@ class OutputProcessor:
                         choice.num_tokens + len(core_output.new_token_ids))
                 if self._apply(choice, core_output):
                     step.stopped.append(core_output.sequence_id)
+                if core_output.prompt_logprobs is not None:
+                    user_request.prompt_logprobs = self._prompt_logprobs(
+                        core_output.prompt_logprobs)
             except Exception as exc:
                 logger.exception("processing the output of %s failed", user_request.request_id)
                 step.failed[user_request.request_id] = f"processing the output failed: {exc!r}"
@@ -199,12 +206,27 @@ class OutputProcessor:
         choice.add(new_ids, logprobs, choice.detokenizer.get_delta(finished=choice.finished))
         return stopped_here
 
-    def _logprobs(self, position: PositionLogprobs) -> TokenLogprobs:
+    def _logprobs(self, position: PositionLogprobs,
+                  texts: dict[int, str] | None = None) -> TokenLogprobs:
+        """One position as {token_id: Logprob}; `texts` memoizes decoded tokens across
+        positions."""
+        texts = {} if texts is None else texts
         entries: TokenLogprobs = {}
         for token_id, logprob, rank in position:
-            if token_id not in entries:  # the sampled token may also be among the top-k
-                entries[token_id] = Logprob(logprob, rank, decode_token(self.tokenizer, token_id))
+            if token_id in entries:  # the sampled token may also be among the top-k
+                continue
+            text = texts.get(token_id)
+            if text is None:
+                text = texts[token_id] = decode_token(self.tokenizer, token_id)
+            entries[token_id] = Logprob(logprob, rank, text)
         return entries
+
+    def _prompt_logprobs(self, positions: list[PositionLogprobs]) -> list[TokenLogprobs | None]:
+        """vLLM's shape: None for the first prompt token (nothing predicts it), then one dict
+        per later token, the prompt token first. Each distinct token is decoded once: across
+        a long prompt's top-k the same ids come back again and again."""
+        texts: dict[int, str] = {}
+        return [None, *(self._logprobs(position, texts) for position in positions)]
 
     def finish_sequences(self, sequence_ids: Iterable[str], reason: str,
                          error: str | None = None) -> list[RequestOutput]:
@@ -239,7 +261,7 @@ class OutputProcessor:
             outputs=[choice.take_output(kind) for choice in user_request.choices],
             finished=user_request.finished, timing=_merged_timing(user_request),
             num_cached_tokens=user_request.choices[0].num_cached_tokens,
-            error=user_request.error)
+            error=user_request.error, prompt_logprobs=_take_prompt_logprobs(user_request))
         if result.finished:
             result.timing.finished = time.monotonic()
             self._forget(user_request)
@@ -254,6 +276,16 @@ class OutputProcessor:
 def _reports(user_request: _UserRequest) -> bool:
     """Whether a step that changed the request produces an output for it."""
     return user_request.output_kind is not RequestOutputKind.FINAL_ONLY or user_request.finished
+
+
+def _take_prompt_logprobs(user_request: _UserRequest) -> list[TokenLogprobs | None] | None:
+    """The prompt logprobs an output carries: every output from the first token on, or for
+    DELTA only the first that has them (the core hands them out once). Never changed once
+    set, so CUMULATIVE outputs may share one list."""
+    prompt_logprobs = user_request.prompt_logprobs
+    if user_request.output_kind is RequestOutputKind.DELTA:
+        user_request.prompt_logprobs = None
+    return prompt_logprobs
 
 
 def _record_times(choice: _Choice, core_output: EngineCoreOutput) -> None:

@@ -67,6 +67,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt: str | None = None
     error: str | None = None  # set when finish_reason == "error"
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
+    # predicts it), each the prompt token itself first, then the top-k alternatives
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True)
@@ -80,5 +83,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    # the prompt's logprobs, for prompt tokens 1 .. P-1 (the first has none): complete, and
+    # only with a sequence's first sampled token
+    prompt_logprobs: list[PositionLogprobs] | None = None
     first_scheduled_time: float | None = None  # time.monotonic() values
     time: float = 0.0  # when this step's tokens were sampled

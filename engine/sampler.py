@@ -29,8 +29,11 @@ class SamplingMetadata:
     prompt_token_ids: Tensor | None  # [num_seqs, max_prompt_len] int64, padded with vocab_size
     output_token_ids: Tensor | None  # [num_seqs, max_output_len] int64, padded with vocab_size
     logit_bias: list[dict[int, float] | None] | None
+    allowed_token_ids: list[tuple[int, ...] | None] | None  # per row; None: every token
     banned_token_ids: list[list[int]] | None  # per row, e.g. EOS while below min_tokens
     generators: dict[int, torch.Generator]  # row -> the request's seeded generator
+    # the rows without a seed draw from this (the runner's); None: torch's global generator
+    unseeded_generator: torch.Generator | None
     max_num_logprobs: int | None  # most top logprobs any row asks for
     all_greedy: bool
     all_random: bool
@@ -45,6 +48,7 @@ class SamplingMetadata:
         banned_token_ids: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device,
+        unseeded_generator: torch.Generator | None = None,
     ) -> SamplingMetadata:
         """Gather the rows' settings into tensors on `device`; unused features stay None so
         that `sample` skips them."""
@@ -73,11 +77,14 @@ class SamplingMetadata:
                               if any_penalty else None),
             logit_bias=[p.logit_bias or None for p in params]
             if any(p.logit_bias for p in params) else None,
+            allowed_token_ids=[p.allowed_token_ids for p in params]
+            if any(p.allowed_token_ids is not None for p in params) else None,
             banned_token_ids=[list(b) for b in banned_token_ids]
             if any(banned_token_ids) else None,
             # greedy rows draw nothing, so their generators are left out
             generators={row: g for row, g in enumerate(generators)
                         if g is not None and not is_greedy[row]},
+            unseeded_generator=unseeded_generator,
             max_num_logprobs=max(logprobs) if logprobs else None,
             all_greedy=all(is_greedy),
             all_random=not any(is_greedy),
@@ -119,6 +126,35 @@ def _row_col_index(rows: Sequence[Sequence[int] | None], device: torch.device
 def compute_logprobs(logits: Tensor) -> Tensor:
     """[num_seqs, vocab_size] log-probabilities of the raw logits (as vLLM reports them)."""
     return torch.log_softmax(logits, dim=-1)
+
+
+def apply_allowed_token_ids(logits: Tensor,
+                            allowed_token_ids: Sequence[Sequence[int] | None]) -> Tensor:
+    """Set every token outside a row's allowed set to -inf; rows with None keep all."""
+    num_seqs = logits.shape[0]
+    restricted = [row for row in range(num_seqs) if allowed_token_ids[row] is not None]
+    masked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    masked[torch.tensor(restricted, dtype=torch.int64, device=logits.device)] = True
+    masked.index_put_(_row_col_index(allowed_token_ids, logits.device),
+                      torch.tensor(False, device=logits.device))
+    return logits.masked_fill(masked, _NEG_INF)
+
+
+def bad_words_banned_ids(bad_words_token_ids: Sequence[Sequence[int]],
+                         output_token_ids: Sequence[int]) -> list[int]:
+    """The tokens that would complete a bad word now: a word's last token when the output
+    ends with all its other tokens (a one-token word: always). Only the output counts, not
+    the prompt, so a word split between the two goes through (as in vLLM)."""
+    banned = []
+    num_output = len(output_token_ids)
+    for word in bad_words_token_ids:
+        num_prefix = len(word) - 1
+        if num_prefix > num_output:
+            continue
+        if all(output_token_ids[num_output - num_prefix + i] == word[i]
+               for i in range(num_prefix)):
+            banned.append(word[-1])
+    return banned
 
 
 def apply_banned_tokens(logits: Tensor, banned_token_ids: Sequence[Sequence[int]]) -> Tensor:
@@ -233,13 +269,15 @@ def _argmax_chunk(vocab_size: int) -> int | None:
     return min(sizes, key=lambda d: abs(d - root)) if sizes else None
 
 
-def random_sample(probs: Tensor, generators: dict[int, torch.Generator]) -> Tensor:
+def random_sample(probs: Tensor, generators: dict[int, torch.Generator],
+                  unseeded_generator: torch.Generator | None = None) -> Tensor:
     """[num_seqs] int64 drawn from `probs` by an exponential race: argmax(probs / q) with
     q ~ Exp(1) picks token i with probability probs[i]. A seeded row draws its whole q row
-    from its own generator, so its tokens do not depend on its batch neighbours or index."""
+    from its own generator, so its tokens do not depend on its batch neighbours or index;
+    the other rows share one draw from `unseeded_generator` (None: torch's global one)."""
     q = torch.empty_like(probs)  # [num_seqs, vocab_size]
     if len(generators) < probs.shape[0]:
-        q.exponential_()  # one batched draw for the unseeded rows
+        q.exponential_(generator=unseeded_generator)  # one batched draw for the unseeded rows
     for row, generator in generators.items():
         q[row].exponential_(generator=generator)
     # an Exp(1) draw of exactly 0 would make probs / q inf or nan; the floor keeps argmax sane
@@ -260,7 +298,10 @@ def gather_logprobs(logprobs: Tensor, token_ids: Tensor, num_logprobs: int
 
 
 def process_logits(logits: Tensor, metadata: SamplingMetadata) -> Tensor:
-    """Bans, logit bias and penalties: what greedy and random rows both see."""
+    """Allowed tokens, bans, logit bias and penalties: what greedy and random rows both see.
+    The allowed set goes first, so that bias and penalties only rank the tokens it keeps."""
+    if metadata.allowed_token_ids is not None:
+        logits = apply_allowed_token_ids(logits, metadata.allowed_token_ids)
     if metadata.banned_token_ids is not None:
         logits = apply_banned_tokens(logits, metadata.banned_token_ids)
     if metadata.logit_bias is not None:
@@ -289,7 +330,8 @@ def sample_random(logits: Tensor, metadata: SamplingMetadata) -> Tensor:
         logits = apply_top_k(logits, metadata.top_k)
     if metadata.top_p is not None:
         logits = apply_top_p(logits, metadata.top_p)
-    return random_sample(torch.softmax(logits, dim=-1), metadata.generators)
+    return random_sample(torch.softmax(logits, dim=-1), metadata.generators,
+                         metadata.unseeded_generator)
 
 
 def sample(logits: Tensor, metadata: SamplingMetadata) -> SamplerOutput:

@@ -13,6 +13,8 @@ MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024  # a stop string longer than any sane completion is a mistake
 MAX_TOKEN_ID_LIST = 1024  # entries in stop_token_ids and in logit_bias
+MAX_BAD_WORDS = 256
+MAX_BAD_WORD_CHARS = 1024
 # a seed is an int64, as in OpenAI's API; sibling i of n seeds its torch.Generator with
 # seed + i, which the generator's 64-bit range [-2**63, 2**64) always holds
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
@@ -31,7 +33,10 @@ class SamplingParams:
 
     temperature below GREEDY_TEMPERATURE (0 included) means greedy. top_k <= 0 (or -1)
     disables top-k. max_tokens None means "up to the context limit". logprobs None means
-    none; k >= 0 means the sampled token's logprob plus the top k alternatives.
+    none; k >= 0 means the sampled token's logprob plus the top k alternatives; prompt_logprobs
+    likewise for every prompt token after the first. allowed_token_ids restricts every step to
+    those tokens; bad_words bans each word (all its tokens in a row) from the output.
+    truncate_prompt_tokens keeps only the prompt's last k tokens.
     """
 
     n: int = 1
@@ -50,11 +55,18 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
+    truncate_prompt_tokens: int | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = False
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # filled by the engine from the generation config, not by users
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # bad_words as token id sequences (each word with and without a leading space)
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         # accept a str or list for stop, a list for stop_token_ids: store immutable tuples
@@ -64,6 +76,14 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        else:
+            object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        object.__setattr__(self, "bad_words_token_ids",
+                           tuple(tuple(ids) for ids in self.bad_words_token_ids))
 
     @property
     def is_greedy(self) -> bool:
@@ -103,7 +123,12 @@ class SamplingParams:
                "min_tokens")
         if self.logprobs is not None:
             _int_in(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _int_in(self.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
+        if self.truncate_prompt_tokens is not None:
+            _int_in(self.truncate_prompt_tokens, "truncate_prompt_tokens", 1, MAX_TOKENS_LIMIT)
         self._validate_stop()
+        self._validate_bad_words()
         self._validate_token_ids(vocab_size)
         return self
 
@@ -116,6 +141,15 @@ class SamplingParams:
                    "characters", "stop")
             _check(_is_encodable(stop), "stop strings must be valid Unicode (no lone "
                    "surrogates)", "stop")
+
+    def _validate_bad_words(self) -> None:
+        _check(len(self.bad_words) <= MAX_BAD_WORDS,
+               f"at most {MAX_BAD_WORDS} bad words are allowed", "bad_words")
+        for word in self.bad_words:
+            _check(isinstance(word, str) and len(word.strip()) > 0 and
+                   len(word) <= MAX_BAD_WORD_CHARS and _is_encodable(word),
+                   f"bad_words must be non-blank strings of at most {MAX_BAD_WORD_CHARS} "
+                   "characters", "bad_words")
 
     def _validate_token_ids(self, vocab_size: int | None) -> None:
         bias = self.logit_bias or {}
@@ -130,6 +164,13 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             _check(_is_token_id(token_id, vocab_size),
                    f"stop_token_ids entry {token_id} is out of vocabulary", "stop_token_ids")
+        if self.allowed_token_ids is not None:
+            _check(len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty",
+                   "allowed_token_ids")
+            for token_id in self.allowed_token_ids:
+                _check(_is_token_id(token_id, vocab_size),
+                       f"allowed_token_ids entry {token_id} is out of vocabulary",
+                       "allowed_token_ids")
 
 
 def _is_token_id(token_id: object, vocab_size: int | None) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestTiming
+from engine.outputs import PositionLogprobs, RequestTiming
 from engine.sampling_params import SamplingParams
 
 
@@ -52,11 +52,15 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # filled by the KV cache manager
     stop_reason: int | str | None = None
     timing: RequestTiming = field(init=False)
+    # logprobs of prompt tokens 1, 2, ... as passes compute them; None when the params do not
+    # ask for them, or once handed out with the first sampled token
+    prompt_logprobs: list[PositionLogprobs] | None = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
         self.timing = RequestTiming(arrival=self.arrival_time)
+        self.prompt_logprobs = [] if self.sampling_params.prompt_logprobs is not None else None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -80,3 +84,32 @@ class Sequence:
 
     def append_output_token_id(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    # ---- prompt logprobs ----------------------------------------------------------------------
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens still lack logprobs: until then every prompt position must
+        run through the model (no prefix-cache hits). False once complete, so a recompute
+        after preemption neither computes them again nor is kept from the prefix cache."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
+
+    @property
+    def num_prompt_logprobs(self) -> int:
+        """Prompt tokens with logprobs so far: those at positions 1 .. num_prompt_logprobs."""
+        return 0 if self.prompt_logprobs is None else len(self.prompt_logprobs)
+
+    def add_prompt_logprobs(self, entries: list[PositionLogprobs]) -> None:
+        """Commit what a successful pass computed for the next prompt positions."""
+        assert self.prompt_logprobs is not None, "this sequence did not ask for prompt logprobs"
+        assert len(self.prompt_logprobs) + len(entries) < self.num_prompt_tokens
+        self.prompt_logprobs.extend(entries)
+
+    def take_prompt_logprobs(self) -> list[PositionLogprobs] | None:
+        """The complete prompt logprobs, once (they go out with the first sampled token);
+        None before they are complete, after they were taken, or when not asked for."""
+        if self.prompt_logprobs is None or self.needs_prompt_logprobs:
+            return None
+        taken, self.prompt_logprobs = self.prompt_logprobs, None
+        return taken

@@ -61,7 +61,10 @@ class KVCacheManager:
         number of tokens they cover. Takes no references: pass the result to allocate_slots
         before anything else allocates, or the blocks may be evicted meanwhile."""
         assert sequence.sequence_id not in self._req_to_blocks, "sequence already holds blocks"
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or sequence.needs_prompt_logprobs:
+            # Prompt logprobs need the logits of every prompt position, and a hit skips its
+            # positions' forward pass: such a sequence recomputes its whole prompt (as vLLM
+            # does). Its full blocks are still registered when allocated, for others to hit.
             return [], 0
         hash_sequence_blocks(sequence, self.block_size, self._hash_fn)
         # hit capped at num_tokens - 1 so the last token still runs and yields logits

@@ -168,6 +168,78 @@ def test_special_tokens_skipped_or_kept(tokenizer: Tok, skip: bool) -> None:
     assert (tokenizer.eos_token in text) is not skip
 
 
+def with_added_special(tokenizer: Tok) -> Tok:
+    """A copy of `tokenizer` with one more special token, added after training."""
+    copy = Tok(tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()),
+               eos_token=tokenizer.eos_token)
+    copy.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    return copy
+
+
+def spaced_reference(tokenizer: Tok, ids: Sequence[int]) -> str:
+    """The slow tokenizers' decode with spaces_between_special_tokens: every added token,
+    and every run of other tokens decoded as one, is a piece; non-empty pieces join with " "."""
+    added = set(tokenizer.added_tokens_decoder)
+    pieces, run = [], []
+    for token_id in ids:
+        if token_id in added:
+            pieces += [decode(tokenizer, run, False), decode(tokenizer, [token_id], False)]
+            run = []
+        else:
+            run.append(token_id)
+    pieces.append(decode(tokenizer, run, False))
+    return " ".join(piece for piece in pieces if piece)
+
+
+@pytest.mark.parametrize("tokenizer", [BYTE_LEVEL, SENTENCEPIECE], ids=["bpe", "sentencepiece"])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_spaces_between_special_tokens_stream_the_joined_full_decode(tokenizer: Tok,
+                                                                     chunk: int) -> None:
+    tokenizer = with_added_special(tokenizer)
+    tool, eos = tokenizer.convert_tokens_to_ids(["<|tool|>", tokenizer.eos_token])
+    words = [tokenizer.encode(w, add_special_tokens=False) for w in ("Hello", " world", " 🙂")]
+    split_chars = byte_token_ids(tokenizer, "日本")  # characters split across tokens
+    ids = [tool, *words[0], eos, tool, *words[1], *split_chars, tool, *words[2], eos]
+    # no context; plain context; context ending in a special token
+    for prompt in ([], tokenizer.encode("The quick"), [*tokenizer.encode("Hi"), tool]):
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=False,
+                                             spaces_between_special_tokens=True)
+        deltas, _ = stream(detokenizer, ids, chunk=chunk)
+        full = spaced_reference(tokenizer, [*prompt, *ids])
+        prompt_text = spaced_reference(tokenizer, prompt)
+        assert full.startswith(prompt_text)
+        assert "".join(deltas) == full[len(prompt_text):] == detokenizer.output_text
+        assert not any(REPLACEMENT_CHAR in delta for delta in deltas)
+
+
+@pytest.mark.parametrize(("tokenizer", "expected"), [
+    (BYTE_LEVEL, "Hello <|im_end|> <|im_end|>  world <|im_end|>"),
+    (SENTENCEPIECE, "Hello </s> </s> world </s>"),  # a run's first "▁" goes, as in a decode
+], ids=["bpe", "sentencepiece"])
+def test_spaces_between_special_tokens_only_when_specials_are_kept(tokenizer: Tok,
+                                                                   expected: str) -> None:
+    eos = tokenizer.eos_token_id
+    words = [tokenizer.encode(w, add_special_tokens=False) for w in ("Hello", " world")]
+    ids = [*words[0], eos, eos, *words[1], eos]
+    spaced, _ = stream(IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False,
+                                              spaces_between_special_tokens=True), ids)
+    assert "".join(spaced) == expected
+    plain, _ = stream(IncrementalDetokenizer(tokenizer, [], skip_special_tokens=False), ids)
+    assert "".join(plain) == decode(tokenizer, ids, skip_special_tokens=False)
+    skipped, _ = stream(IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True,
+                                               spaces_between_special_tokens=True), ids)
+    assert "".join(skipped) == decode(tokenizer, ids)  # nothing to set apart
+
+
+def test_stop_string_spanning_an_inserted_space() -> None:
+    eos = BYTE_LEVEL.eos_token_id
+    ids = [*BYTE_LEVEL.encode("Hello"), eos, *BYTE_LEVEL.encode(" world")]
+    detokenizer = IncrementalDetokenizer(BYTE_LEVEL, [], skip_special_tokens=False,
+                                         stop=["end|>  w"], spaces_between_special_tokens=True)
+    deltas, stop = stream(detokenizer, ids)
+    assert stop == "end|>  w" and "".join(deltas) == "Hello <|im_"
+
+
 # ---- stop strings ---------------------------------------------------------------------------
 
 def test_stop_string_across_tokens_is_cut_and_never_leaks() -> None:

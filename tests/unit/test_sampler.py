@@ -16,6 +16,8 @@ from engine.sampler import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    bad_words_banned_ids,
+    process_logits,
     sample,
     token_counts,
 )
@@ -267,6 +269,58 @@ def test_banned_tokens_are_never_sampled() -> None:
     assert set(tokens[0::2].tolist()) == {1}  # greedy rows take the best allowed token
 
 
+# ---- allowed tokens and bad words -----------------------------------------------------------
+
+def test_allowed_token_ids_mask_other_tokens_and_leave_other_rows() -> None:
+    logits = random_logits(3, 12, seed=11)
+    allowed = (2, 5, 9)
+    params = [SamplingParams(allowed_token_ids=allowed),
+              SamplingParams(temperature=0.0, allowed_token_ids=allowed),
+              SamplingParams(temperature=0.0)]
+    metadata = build(params, 12)
+    assert metadata.allowed_token_ids == [allowed, allowed, None]
+    processed = process_logits(logits, metadata)
+    outside = [t for t in range(12) if t not in allowed]
+    assert torch.isinf(processed[:2, outside]).all()
+    assert torch.equal(processed[:2, list(allowed)], logits[:2, list(allowed)])
+    assert torch.equal(processed[2], logits[2])
+    assert build([SamplingParams()] * 2, 12).allowed_token_ids is None  # no cost when unused
+
+
+def test_allowed_token_ids_bound_every_draw_and_keep_raw_logprobs() -> None:
+    logits = random_logits(1, 50, seed=12).expand(400, 50).contiguous()
+    allowed = (3, 17, 41)
+    params = [SamplingParams(temperature=2.0 if i % 2 else 0.0, allowed_token_ids=allowed,
+                             logprobs=2, logit_bias={0: 100.0}) for i in range(400)]
+    out = sample(logits, build(params, 50))
+    assert set(out.sampled_token_ids.tolist()) <= set(allowed)
+    assert len(set(out.sampled_token_ids[1::2].tolist())) > 1  # random rows still vary
+    # the bias on a forbidden token cannot bring it back; logprobs describe the raw logits
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert out.logprobs is not None and out.logprob_token_ids is not None
+    assert out.logprob_token_ids[0, 1:].tolist() == raw.topk(2).indices.tolist()
+    token = int(out.sampled_token_ids[0])
+    assert math.isclose(out.logprobs[0, 0].item(), raw[token].item(), abs_tol=1e-6)
+
+
+def test_bad_words_ban_single_tokens_always() -> None:
+    words = [(7,), (3,)]
+    assert bad_words_banned_ids(words, []) == [7, 3]
+    assert bad_words_banned_ids(words, [1, 2, 3]) == [7, 3]
+
+
+def test_bad_words_ban_the_last_token_only_after_the_rest_of_the_word() -> None:
+    words = [(4, 5, 6), (9, 6)]
+    assert bad_words_banned_ids(words, []) == []
+    assert bad_words_banned_ids(words, [4]) == []
+    assert bad_words_banned_ids(words, [1, 4, 5]) == [6]
+    assert bad_words_banned_ids(words, [4, 5, 9]) == [6]  # the other word's prefix
+    # the prefix must end the output: earlier occurrences do not count
+    assert bad_words_banned_ids(words, [4, 5, 1]) == []
+    assert bad_words_banned_ids(words, [9, 4]) == []
+    assert bad_words_banned_ids(words, [5]) == []  # a partial prefix is no prefix
+
+
 # ---- seeded generators ----------------------------------------------------------------------
 
 def run_seeded(seed: int, row: int, num_seqs: int, logits_row: torch.Tensor,
@@ -295,6 +349,20 @@ def test_seeded_row_ignores_batch_and_position() -> None:
     assert run_seeded(7, row=3, num_seqs=6, logits_row=logits_row, num_steps=20) == alone
     assert run_seeded(7, row=1, num_seqs=2, logits_row=logits_row, num_steps=20) == alone
     assert run_seeded(8, row=0, num_seqs=1, logits_row=logits_row, num_steps=20) != alone
+
+
+def test_unseeded_rows_draw_from_the_given_generator() -> None:
+    logits = torch.zeros(4, 200)  # uniform: every draw is pure generator randomness
+    params = [SamplingParams(temperature=1.0)] * 4
+
+    def draw(generator_seed: int, global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)  # the global generator must not matter
+        metadata = SamplingMetadata.build(params, [[]] * 4, [[]] * 4, [None] * 4, [[]] * 4,
+                                          200, CPU, unseeded_generator=seeded(generator_seed))
+        return sample(logits, metadata).sampled_token_ids.tolist()
+
+    assert draw(5, global_seed=1) == draw(5, global_seed=2)
+    assert draw(5, global_seed=1) != draw(6, global_seed=1)
 
 
 # ---- logprobs -------------------------------------------------------------------------------
