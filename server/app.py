@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from engine import AsyncEngine, EngineConfig
 from server import __version__
+from server.chat_template import load_chat_template
 from server.errors import install_exception_handlers
 from server.middleware import (
     ApiKeyMiddleware,
@@ -82,6 +83,8 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
                         on_load_failure: LoadFailureHandler | None) -> None:
     settings = state.settings
     try:
+        chat_template = (load_chat_template(settings.chat_template)
+                         if settings.chat_template is not None else None)
         if engine is None:
             logger.info("loading model %s", settings.model or "<embedded default> (converted "
                         "once on first use, then loaded from the cache)")
@@ -89,6 +92,11 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
             engine = await asyncio.to_thread(
                 AsyncEngine, config, served_model_name=settings.served_model_name,
                 strict_max_model_len=settings.strict_max_model_len)
+        if chat_template is not None:
+            engine.tokenizer.chat_template = chat_template
+            logger.info("chat template: %s (replacing the tokenizer's)",
+                        settings.chat_template if len(settings.chat_template or "") < 200
+                        else "inline")
         await engine.start()
     except asyncio.CancelledError:
         raise

@@ -19,6 +19,7 @@ from engine import (
     QueueFullError,
     RequestFailedError,
 )
+from server.fields import UnsupportedFieldError
 from server.protocol import ErrorDetail, ErrorResponse, InvalidTextError
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,12 @@ async def _handle_invalid_text(request: Request, exc: Exception) -> JSONResponse
     return ApiError(400, str(exc), param=exc.param or None, code="invalid_text").to_response()
 
 
+async def _handle_unsupported_field(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UnsupportedFieldError)
+    _count_rejected_generation(request)
+    return ApiError(400, str(exc), param=exc.param, code="unsupported_field").to_response()
+
+
 async def _handle_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     error = _http_error(exc)
@@ -217,6 +224,7 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _handle_api_error)
     app.add_exception_handler(RequestValidationError, _handle_validation)
     app.add_exception_handler(InvalidTextError, _handle_invalid_text)
+    app.add_exception_handler(UnsupportedFieldError, _handle_unsupported_field)
     app.add_exception_handler(StarletteHTTPException, _handle_http)
     app.add_exception_handler(EngineError, _handle_engine)
     app.add_exception_handler(ClientDisconnectedError, _handle_disconnect)

@@ -15,6 +15,8 @@ from server.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
     FinishReason,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     Usage,
     UsageDetails,
@@ -38,10 +40,26 @@ def _clamp(logprob: float) -> float:
     return MIN_LOGPROB if math.isnan(logprob) else max(logprob, MIN_LOGPROB)
 
 
-def _token_text(token_id: int, logprob: Logprob, tokenizer: PreTrainedTokenizerBase) -> str:
-    if logprob.decoded_token is not None:
+def _token_text(token_id: int, logprob: Logprob | None, tokenizer: PreTrainedTokenizerBase,
+                as_token_ids: bool = False) -> str:
+    """A logprob entry's token as text, or as "token_id:N" (vLLM's return_tokens_as_token_ids,
+    for tokens that are not text on their own)."""
+    if as_token_ids:
+        return f"token_id:{token_id}"
+    if logprob is not None and logprob.decoded_token is not None:
         return logprob.decoded_token
     return str(tokenizer.decode([token_id]))
+
+
+def prompt_logprobs_json(entries: Sequence[TokenLogprobs | None],
+                         tokenizer: PreTrainedTokenizerBase,
+                         as_token_ids: bool = False) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: logprob}."""
+    return [None if entry is None else {
+        str(token_id): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
+                                     decoded_token=_token_text(token_id, lp, tokenizer,
+                                                               as_token_ids))
+        for token_id, lp in entry.items()} for entry in entries]
 
 
 def token_bytes(text: str) -> list[int]:
@@ -62,13 +80,13 @@ def _sampled(token_id: int, entry: TokenLogprobs) -> Logprob:
 
 
 def chat_logprobs(token_ids: Sequence[int], entries: Sequence[TokenLogprobs], k: int,
-                  tokenizer: PreTrainedTokenizerBase) -> ChatLogprobs:
+                  tokenizer: PreTrainedTokenizerBase, as_token_ids: bool = False) -> ChatLogprobs:
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         sampled = _sampled(token_id, entry)
-        text = _token_text(token_id, sampled, tokenizer)
-        top = [TopLogprob(token=(t := _token_text(tid, lp, tokenizer)), logprob=_clamp(lp.logprob),
-                          bytes=token_bytes(t))
+        text = _token_text(token_id, sampled, tokenizer, as_token_ids)
+        top = [TopLogprob(token=(t := _token_text(tid, lp, tokenizer, as_token_ids)),
+                          logprob=_clamp(lp.logprob), bytes=token_bytes(t))
                for tid, lp in _ranked(entry, k)]
         content.append(ChatTokenLogprob(token=text, logprob=_clamp(sampled.logprob),
                                         bytes=token_bytes(text), top_logprobs=top))
@@ -81,23 +99,34 @@ class CompletionLogprobBuilder:
 
     k: int
     tokenizer: PreTrainedTokenizerBase
+    as_token_ids: bool = False
     text_offset: int = 0
 
-    def build(self, token_ids: Sequence[int], entries: Sequence[TokenLogprobs]
-              ) -> CompletionLogprobs:
-        result = CompletionLogprobs()
+    def build(self, token_ids: Sequence[int], entries: Sequence[TokenLogprobs | None],
+              result: CompletionLogprobs | None = None) -> CompletionLogprobs:
+        """Entries for `token_ids`, appended to `result` when given. A None entry (the
+        prompt's first token, echoed) has no logprob: null, as OpenAI sends it."""
+        result = CompletionLogprobs() if result is None else result
         for token_id, entry in zip(token_ids, entries, strict=False):
+            if entry is None:
+                text = _token_text(token_id, None, self.tokenizer, self.as_token_ids)
+                self._append(result, text, None, None)
+                continue
             sampled = _sampled(token_id, entry)
-            text = _token_text(token_id, sampled, self.tokenizer)
-            top = {_token_text(tid, lp, self.tokenizer): _clamp(lp.logprob)
+            text = _token_text(token_id, sampled, self.tokenizer, self.as_token_ids)
+            top = {_token_text(tid, lp, self.tokenizer, self.as_token_ids): _clamp(lp.logprob)
                    for tid, lp in _ranked(entry, self.k)}
             top.setdefault(text, _clamp(sampled.logprob))  # OpenAI: the sampled one is always in
-            result.tokens.append(text)
-            result.token_logprobs.append(_clamp(sampled.logprob))
-            result.top_logprobs.append(top)
-            result.text_offset.append(self.text_offset)
-            self.text_offset += len(text)
+            self._append(result, text, _clamp(sampled.logprob), top)
         return result
+
+    def _append(self, result: CompletionLogprobs, text: str, logprob: float | None,
+                top: dict[str, float] | None) -> None:
+        result.tokens.append(text)
+        result.token_logprobs.append(logprob)
+        result.top_logprobs.append(top)
+        result.text_offset.append(self.text_offset)
+        self.text_offset += len(text)
 
 
 @dataclass(slots=True)
@@ -109,9 +138,12 @@ class UsageCounter:
     cached_tokens: dict[int, int] = field(default_factory=dict)
     completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)
 
-    def update(self, prompt_index: int, output: RequestOutput) -> None:
+    def add_prompt(self, prompt_index: int, output: RequestOutput) -> None:
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids)
         self.cached_tokens[prompt_index] = max(output.num_cached_tokens, 0)
+
+    def update(self, prompt_index: int, output: RequestOutput) -> None:
+        self.add_prompt(prompt_index, output)
         for choice in output.outputs:
             self.completion_tokens[(prompt_index, choice.index)] = choice.num_tokens
 

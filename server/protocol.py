@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Literal, cast
+from typing import Annotated, ClassVar, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from server.fields import CHAT, COMPLETIONS, check_fields
+
 logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap on top_logprobs
@@ -26,11 +28,16 @@ MAX_PROMPTS = 1024  # prompts in one /v1/completions request
 MAX_NAME_CHARS = 256  # model, user, message names
 MAX_STOP_STRINGS = 16
 MAX_TOKEN_ID_LIST = 1024  # stop_token_ids, logit_bias entries
+MAX_ALLOWED_TOKEN_IDS = 262_144  # allowed_token_ids: up to a whole large vocabulary
+MAX_BAD_WORDS = 256
+MAX_CHAT_TEMPLATE_CHARS = 131_072  # the largest shipped templates are ~20k characters
+MAX_DOCUMENTS = 256
 
 TokenIds = list[StrictInt]
 # JSON allows 1e999 and Python's json module NaN/Infinity; no sampling field means either
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 ShortStr = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+AllowedTokenIds = Annotated[list[StrictInt], Field(min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)]
 
 
 class InvalidTextError(Exception):
@@ -75,9 +82,10 @@ def _is_encodable(text: str) -> bool:
 
 
 class OpenAIBaseModel(BaseModel):
-    """Requests ignore unknown fields (clients send extras) but log their names at debug."""
+    """Requests ignore unknown fields (clients send extras) but log their names at debug.
+    Strict: "10" is not an integer and 1 is not a bool, as in OpenAI's API."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -126,11 +134,16 @@ class ChatMessage(OpenAIBaseModel):
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage)
 
 
 class SamplingRequest(RequestBody):
     """Fields shared by chat and legacy completions: OpenAI's plus vLLM's extensions. Ranges
-    the engine checks again (SamplingParams.validate) are stated here too, for the schema."""
+    the engine checks again (SamplingParams.validate) are stated here too, for the schema.
+    server/fields.py lists every field of both APIs; refused ones are checked there, on the
+    raw body, and are not fields here (in their neutral value they mean nothing)."""
+
+    endpoint: ClassVar[str]
 
     model: ShortStr | None = None
     n: int = Field(1, ge=1)
@@ -152,21 +165,63 @@ class SamplingRequest(RequestBody):
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[StrictInt], Field(max_length=MAX_TOKEN_ID_LIST)] | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = False
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    allowed_token_ids: AllowedTokenIds | None = None
+    bad_words: Annotated[list[str], Field(max_length=MAX_BAD_WORDS)] | None = None
+    echo: bool = False
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    request_id: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS,
+                                     pattern=r"^[A-Za-z0-9._:-]+$")] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_fields(cls, data: object) -> object:
+        """Refused fields asking for something are a 400 naming them; unknown ones a warning."""
+        if isinstance(data, dict):
+            unknown = check_fields(cls.endpoint, data)
+            if unknown:
+                logger.warning("%s request: ignoring fields unknown to the OpenAI and vLLM "
+                               "APIs: %s", cls.endpoint, ", ".join(sorted(unknown)[:20]))
+        return data
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options
+                                           and self.stream_options.continuous_usage_stats)
+
 
 class ChatCompletionRequest(SamplingRequest):
+    endpoint: ClassVar[str] = CHAT
+
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: Annotated[str, Field(min_length=1,
+                                        max_length=MAX_CHAT_TEMPLATE_CHARS)] | None = None
     chat_template_kwargs: dict[str, object] | None = None
+    documents: Annotated[list[dict[str, str]], Field(max_length=MAX_DOCUMENTS)] | None = None
+    # accepted, no effect on the answer (server/fields.py)
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, object] | None = None
+    parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -175,18 +230,26 @@ class ChatCompletionRequest(SamplingRequest):
         return self
 
     @property
+    def wants_generation_prompt(self) -> bool:
+        """add_generation_prompt, which continue_final_message turns off unless it was set."""
+        if self.continue_final_message and "add_generation_prompt" not in self.model_fields_set:
+            return False
+        return self.add_generation_prompt
+
+    @property
     def max_output_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
 
 
 class CompletionRequest(SamplingRequest):
+    endpoint: ClassVar[str] = COMPLETIONS
+
     prompt: str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds | Annotated[
         list[TokenIds], Field(max_length=MAX_PROMPTS)]
-    max_tokens: int | None = Field(None, ge=1)
-    echo: bool = False
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default, not the rest of the context
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    add_special_tokens: bool = True
 
     @field_validator("prompt")
     @classmethod
@@ -217,6 +280,9 @@ class TokenizeRequest(RequestBody):
     messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Annotated[str, Field(min_length=1,
+                                        max_length=MAX_CHAT_TEMPLATE_CHARS)] | None = None
     chat_template_kwargs: dict[str, object] | None = None
 
     @model_validator(mode="after")
@@ -232,6 +298,31 @@ class DetokenizeRequest(RequestBody):
 
 
 # ---------------------------------------------------------------- responses
+
+
+class OmitsUnsetExtras(BaseModel):
+    """Extension fields (vLLM's prompt_logprobs, token ids) appear only when asked for; OpenAI's
+    own null fields (content, logprobs, finish_reason) are always sent, as OpenAI does."""
+
+    _extras: ClassVar[frozenset[str]] = frozenset({"prompt_logprobs", "prompt_token_ids",
+                                                   "token_ids"})
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {key: value for key, value in handler(self).items()
+                if value is not None or key not in self._extras}
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt logprob entry, keyed by the token id (as a string) in its position's dict."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# one entry per prompt token; the first is null (nothing precedes it)
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class UsageDetails(BaseModel):
@@ -277,24 +368,27 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(OmitsUnsetExtras):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 def _now() -> int:
     return int(time.time())
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(OmitsUnsetExtras):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -308,27 +402,32 @@ class DeltaMessage(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(OmitsUnsetExtras):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    token_ids: list[int] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(OmitsUnsetExtras):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on the first chunks
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(OmitsUnsetExtras):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -44,6 +44,13 @@ class Settings(BaseModel):
     served_model_name: str | None = Field(
         None, description="name clients pass as `model` (default: the model's directory or "
         "file name)")
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template (a file, or the template itself) used instead "
+        "of the tokenizer's")
+    trust_request_chat_template: bool = Field(
+        False, description="let requests bring their own chat_template: a template is code, "
+        "run in the same Jinja sandbox as the model's, which limits what it can reach but not "
+        "how long it runs (off: such requests get 400)")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     api_keys: tuple[str, ...] = Field(
@@ -95,7 +102,10 @@ class Settings(BaseModel):
         2048, ge=1, description="most tokens processed in one step")
     max_queue_len: int | None = Field(
         None, ge=0, description="most requests waiting; beyond it: 429 (default: unbounded)")
-    seed: int = Field(0, description="global random seed")
+    seed: int | None = Field(
+        None, ge=-(2**63), lt=2**64, description="seed of the sampling of requests that "
+        "bring no seed of their own: the same seed answers the same requests, sent in the "
+        "same order, the same on every start (default: a fresh random seed each start)")
     strict_max_model_len: bool = Field(
         False, description="fail at startup when max_model_len does not fit the KV cache, "
         "instead of lowering it with a warning")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -18,6 +19,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.types import Receive
+from transformers import PreTrainedTokenizerBase
 
 from engine import CompletionOutput, EngineError, RequestOutput, SamplingParams
 from server.errors import (
@@ -29,6 +31,7 @@ from server.errors import (
 )
 from server.outputs import (
     CompletionLogprobBuilder,
+    TokenLogprobs,
     UsageCounter,
     chat_logprobs,
     finish_reason,
@@ -91,6 +94,11 @@ class OutputStream:
             await self.aclose()
             raise self._converted(errors[0])
         self._first = [item for item in firsts if isinstance(item, RequestOutput)]
+
+    @property
+    def first_outputs(self) -> list[RequestOutput]:
+        """Each prompt's first output (after start())."""
+        return self._first
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
@@ -226,12 +234,23 @@ class ResponseContext:
     model: str
 
 
+def response_id(prefix: str, client_id: str | None) -> str:
+    """`chatcmpl-<id>`: the client's request_id (vLLM's field) when given, else a fresh one."""
+    return f"{prefix}-{client_id or uuid.uuid4().hex}"
+
+
+def engine_request_id(ctx: ResponseContext, client_id: str | None) -> str:
+    """The engine's id for a response: unique even when clients reuse a request_id."""
+    return f"{ctx.response_id}-{uuid.uuid4().hex[:8]}" if client_id else ctx.response_id
+
+
 class Chunker(Protocol):
-    def start(self, num_choices: int) -> list[str]: ...
+    def start(self, firsts: Sequence[RequestOutput], n: int, usage: Usage | None) -> list[str]:
+        ...
 
-    def delta(self, index: int, choice: CompletionOutput) -> str: ...
+    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> str: ...
 
-    def finish(self, index: int, reason: str) -> str: ...
+    def finish(self, index: int, reason: str, usage: Usage | None) -> str: ...
 
     def usage(self, usage: Usage) -> str: ...
 
@@ -240,31 +259,42 @@ class Chunker(Protocol):
 class ChatChunker:
     ctx: ResponseContext
     top_logprobs: int | None  # None: no logprobs
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
+    as_token_ids: bool = False  # return_tokens_as_token_ids
+    return_token_ids: bool = False
+    echo_text: str | None = None  # chat echo: the last (assistant) message, sent first
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
+               prompt_token_ids: list[int] | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.ctx.response_id, created=self.ctx.created,
-                                    model=self.ctx.model, choices=choices, usage=usage)
+                                    model=self.ctx.model, choices=choices, usage=usage,
+                                    prompt_token_ids=prompt_token_ids)
         return event_json(chunk)
 
-    def start(self, num_choices: int) -> list[str]:
-        return [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
-                                                                         content=""),
-                                             logprobs=None, finish_reason=None)])
-                for i in range(num_choices)]
+    def start(self, firsts: Sequence[RequestOutput], n: int, usage: Usage | None) -> list[str]:
+        prompt_ids = firsts[0].prompt_token_ids if self.return_token_ids else None
+        events = [self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant",
+                                                                           content=""))],
+                              usage, prompt_ids)
+                  for i in range(n)]
+        if self.echo_text:
+            events += [self._chunk([ChatChunkChoice(
+                index=i, delta=DeltaMessage(content=self.echo_text))], usage) for i in range(n)]
+        return events
 
-    def delta(self, index: int, choice: CompletionOutput) -> str:
+    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> str:
         logprobs = None
         if self.top_logprobs is not None and choice.logprobs:
-            logprobs = chat_logprobs(choice.token_ids, choice.logprobs,
-                                     self.top_logprobs, self.tokenizer)  # type: ignore[arg-type]
-        return self._chunk([ChatChunkChoice(index=index,
-                                            delta=DeltaMessage(content=choice.text),
-                                            logprobs=logprobs, finish_reason=None)])
+            logprobs = chat_logprobs(choice.token_ids, choice.logprobs, self.top_logprobs,
+                                     self.tokenizer, self.as_token_ids)
+        return self._chunk([ChatChunkChoice(
+            index=index, delta=DeltaMessage(content=choice.text), logprobs=logprobs,
+            token_ids=list(choice.token_ids) if self.return_token_ids else None)], usage)
 
-    def finish(self, index: int, reason: str) -> str:
-        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), logprobs=None,
-                                            finish_reason=reason)])  # type: ignore[arg-type]
+    def finish(self, index: int, reason: str, usage: Usage | None) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(),
+                                            finish_reason=reason)],  # type: ignore[arg-type]
+                           usage)
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage=usage)
@@ -274,64 +304,95 @@ class ChatChunker:
 class CompletionChunker:
     ctx: ResponseContext
     logprobs: int | None
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     echo_texts: list[str] | None  # per choice: the prompt text to send first
-    _offsets: dict[int, CompletionLogprobBuilder] = field(default_factory=dict)
+    as_token_ids: bool = False
+    return_token_ids: bool = False
+    _builders: dict[int, CompletionLogprobBuilder] = field(default_factory=dict)
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
         chunk = CompletionChunk(id=self.ctx.response_id, created=self.ctx.created,
                                 model=self.ctx.model, choices=choices, usage=usage)
         return event_json(chunk)
 
-    def start(self, num_choices: int) -> list[str]:
-        if not self.echo_texts:
-            return []
-        return [self._chunk([CompletionChoice(index=i, text=text, logprobs=None,
-                                              finish_reason=None)])
-                for i, text in enumerate(self.echo_texts)]
+    def _builder(self, index: int) -> CompletionLogprobBuilder:
+        assert self.logprobs is not None
+        return self._builders.setdefault(index, CompletionLogprobBuilder(
+            self.logprobs, self.tokenizer, self.as_token_ids))
 
-    def delta(self, index: int, choice: CompletionOutput) -> str:
+    def start(self, firsts: Sequence[RequestOutput], n: int, usage: Usage | None) -> list[str]:
+        """Per choice, the echoed prompt (with its logprobs when asked) and, with
+        return_token_ids, the prompt's token ids: before any completion text."""
+        if not self.echo_texts and not self.return_token_ids:
+            return []
+        events = []
+        for prompt_index, first in enumerate(firsts):
+            for index in range(prompt_index * n, (prompt_index + 1) * n):
+                text = self.echo_texts[index] if self.echo_texts else ""
+                logprobs = None
+                if self.echo_texts and self.logprobs is not None:
+                    logprobs = self._builder(index).build(first.prompt_token_ids,
+                                                          echo_logprobs(first))
+                events.append(self._chunk([CompletionChoice(
+                    index=index, text=text, logprobs=logprobs,
+                    prompt_token_ids=first.prompt_token_ids if self.return_token_ids else None)],
+                    usage))
+        return events
+
+    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> str:
         logprobs = None
         if self.logprobs is not None and choice.logprobs:
-            builder = self._offsets.setdefault(
-                index, CompletionLogprobBuilder(self.logprobs, self.tokenizer))  # type: ignore[arg-type]
-            logprobs = builder.build(choice.token_ids, choice.logprobs)
-        return self._chunk([CompletionChoice(index=index, text=choice.text,
-                                             logprobs=logprobs, finish_reason=None)])
+            logprobs = self._builder(index).build(choice.token_ids, choice.logprobs)
+        return self._chunk([CompletionChoice(
+            index=index, text=choice.text, logprobs=logprobs,
+            token_ids=list(choice.token_ids) if self.return_token_ids else None)], usage)
 
-    def finish(self, index: int, reason: str) -> str:
-        return self._chunk([CompletionChoice(index=index, text="", logprobs=None,
-                                             finish_reason=reason)])  # type: ignore[arg-type]
+    def finish(self, index: int, reason: str, usage: Usage | None) -> str:
+        return self._chunk([CompletionChoice(index=index, text="",
+                                             finish_reason=reason)],  # type: ignore[arg-type]
+                           usage)
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage=usage)
 
 
+def echo_logprobs(output: RequestOutput) -> list[TokenLogprobs | None]:
+    """The echoed prompt's logprob entries: the engine's prompt logprobs (the first None)."""
+    entries = output.prompt_logprobs
+    assert entries is not None, "echo with logprobs asks the engine for prompt logprobs"
+    return list(entries)
+
+
 def _step_events(chunker: Chunker, n: int, prompt_index: int, output: RequestOutput,
-                 finished: set[int]) -> Iterator[str]:
+                 finished: set[int], usage: Usage | None) -> Iterator[str]:
     for choice in output.outputs:
         index = prompt_index * n + choice.index
         if index in finished:
             continue
         if choice.text or choice.logprobs:  # a delta: this step's part only
-            yield chunker.delta(index, choice)
+            yield chunker.delta(index, choice, usage)
         if choice.finish_reason is not None:
             finished.add(index)
-            yield chunker.finish(index, finish_reason(choice))
+            yield chunker.finish(index, finish_reason(choice), usage)
 
 
-async def sse_events(stream: OutputStream, chunker: Chunker, n: int, num_prompts: int,
-                     include_usage: bool, prompt_param: str) -> AsyncIterator[str]:
-    """Role/echo chunks, deltas, finish chunks, the usage chunk, then [DONE]; a failure after
-    the start is one error event and then [DONE]. Closing the iterator aborts the requests."""
+async def sse_events(stream: OutputStream, chunker: Chunker, n: int, include_usage: bool,
+                     continuous_usage: bool, prompt_param: str) -> AsyncIterator[str]:
+    """Start chunks (role, echo), deltas, finish chunks, the usage chunk, then [DONE]; with
+    continuous_usage every chunk carries the usage so far. A failure after the start is one
+    error event and then [DONE]. Closing the iterator aborts the requests."""
     counter = UsageCounter()
     finished: set[int] = set()
     try:
-        for event in chunker.start(n * num_prompts):
+        firsts = stream.first_outputs
+        for prompt_index, first in enumerate(firsts):
+            counter.add_prompt(prompt_index, first)
+        for event in chunker.start(firsts, n, counter.usage() if continuous_usage else None):
             yield event
         async for prompt_index, output in stream:
             counter.update(prompt_index, output)
-            for event in _step_events(chunker, n, prompt_index, output, finished):
+            usage = counter.usage() if continuous_usage else None
+            for event in _step_events(chunker, n, prompt_index, output, finished, usage):
                 yield event
         if include_usage:
             yield chunker.usage(counter.usage())

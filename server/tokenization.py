@@ -18,10 +18,14 @@ _CUT_SEARCH_CHARS = 1024  # how far back from a piece's end to look for whitespa
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int,
-                  add_special_tokens: bool = True) -> list[int]:
+                  add_special_tokens: bool = True, keep_last: int | None = None) -> list[int]:
     """The token ids of `text`; ContextLengthExceededError when there are more than
     `max_tokens` of them. Long texts are first counted piece by piece, stopping as soon as
-    a lower bound on their length passes `max_tokens`."""
+    a lower bound on their length passes `max_tokens`. With `keep_last` (a request's
+    truncate_prompt_tokens) only the last keep_last tokens are kept instead, and only about
+    that many tokens' worth of the text's end is tokenized."""
+    if keep_last is not None:
+        return _encode_tail(tokenizer, text, keep_last, add_special_tokens)
     if len(text) > PIECE_CHARS:
         lower_bound = 0
         for piece in _pieces(text):
@@ -33,6 +37,20 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int
     if len(token_ids) > max_tokens:
         raise ContextLengthExceededError(max_tokens, len(token_ids), None)
     return token_ids
+
+
+def _encode_tail(tokenizer: PreTrainedTokenizerBase, text: str, keep_last: int,
+                 add_special_tokens: bool) -> list[int]:
+    """The last `keep_last` token ids of `text`, as if the whole text had been tokenized: ever
+    longer tails are tokenized until one holds CUT_SLACK tokens more than are kept, so the
+    tokens at the tail's ragged start are dropped."""
+    num_chars = PIECE_CHARS
+    while True:
+        tail = text if num_chars >= len(text) else text[-num_chars:]
+        token_ids = list(tokenizer.encode(tail, add_special_tokens=add_special_tokens))
+        if tail is text or len(token_ids) >= keep_last + CUT_SLACK:
+            return token_ids[-keep_last:]
+        num_chars *= 2
 
 
 def _pieces(text: str) -> Iterator[str]:

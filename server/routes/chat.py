@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine import AsyncEngine, EngineError, RequestOutput
-from server.chat_template import apply_chat_template
+from server.chat_template import TemplateOptions, apply_chat_template, check_request_template
 from server.errors import from_engine_error
-from server.outputs import UsageCounter, chat_logprobs, finish_reason
+from server.outputs import UsageCounter, chat_logprobs, finish_reason, prompt_logprobs_json
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -28,7 +27,9 @@ from server.streaming import (
     ChatChunker,
     OutputStream,
     ResponseContext,
+    engine_request_id,
     respond,
+    response_id,
     sse_events,
 )
 
@@ -41,39 +42,64 @@ router = APIRouter(tags=["openai"])
              responses={**ERROR_RESPONSES, 200: SSE_RESPONSE(ChatCompletionChunk)})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  state: StateDep, engine: EngineDep) -> Response:
-    ctx = ResponseContext(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()),
+    ctx = ResponseContext(response_id("chatcmpl", body.request_id), int(time.time()),
                           state.model_name_for(body.model))
-    params = chat_sampling_params(body, engine.generation_defaults)
+    params = chat_sampling_params(body, engine.generation_defaults, engine.max_model_len)
+    check_request_template(body.chat_template, state.settings.trust_request_chat_template)
+    options = TemplateOptions(
+        add_generation_prompt=body.wants_generation_prompt,
+        continue_final_message=body.continue_final_message, chat_template=body.chat_template,
+        chat_template_kwargs=body.chat_template_kwargs, documents=body.documents,
+        add_special_tokens=body.add_special_tokens, keep_last=params.truncate_prompt_tokens)
     try:
-        prompt_ids = await asyncio.to_thread(
-            apply_chat_template, engine.tokenizer, body.messages, engine.max_model_len,
-            body.add_generation_prompt, body.chat_template_kwargs)
+        prompt_ids = await asyncio.to_thread(apply_chat_template, engine.tokenizer,
+                                             body.messages, engine.max_model_len, options)
     except EngineError as exc:
         raise from_engine_error(exc, "messages") from exc
     logger.info("%s: chat, %d prompt tokens, n=%d, max_tokens=%s, stream=%s", ctx.response_id,
                 len(prompt_ids), body.n, params.max_tokens, body.stream)
-    stream = OutputStream(engine, [ctx.response_id], [prompt_ids], params,
-                          arrival_time(request), state.settings.request_timeout)
-    chunker = ChatChunker(ctx, params.logprobs, engine.tokenizer)
-    events = (lambda: sse_events(stream, chunker, body.n, 1, body.include_usage, "messages")
-              ) if body.stream else None
+    stream = OutputStream(engine, [engine_request_id(ctx, body.request_id)], [prompt_ids],
+                          params, arrival_time(request), state.settings.request_timeout)
+    chunker = ChatChunker(ctx, params.logprobs, engine.tokenizer,
+                          as_token_ids=body.return_tokens_as_token_ids,
+                          return_token_ids=body.return_token_ids, echo_text=_echo_text(body))
+    events = (lambda: sse_events(stream, chunker, body.n, body.include_usage,
+                                 body.continuous_usage, "messages")) if body.stream else None
     return await respond(request, stream, "messages", events,
-                         lambda finals: _response(ctx, finals[0], params.logprobs, engine))
+                         lambda finals: _response(ctx, finals[0], body, params.logprobs, engine))
 
 
-def _response(ctx: ResponseContext, final: RequestOutput, top_logprobs: int | None,
-              engine: AsyncEngine) -> ChatCompletionResponse:
+def _echo_text(body: ChatCompletionRequest) -> str | None:
+    """vLLM's chat echo: the last message's text goes first when it is the assistant's own
+    (with continue_final_message, the answer then reads as one whole message)."""
+    last = body.messages[-1]
+    if not body.echo or last.role != "assistant" or not last.content:
+        return None
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(part.text or "" for part in last.content)
+
+
+def _response(ctx: ResponseContext, final: RequestOutput, body: ChatCompletionRequest,
+              top_logprobs: int | None, engine: AsyncEngine) -> ChatCompletionResponse:
     counter = UsageCounter()
     counter.update(0, final)
+    prefix = _echo_text(body) or ""
     choices = []
     for choice in final.outputs:
         logprobs = None
         if top_logprobs is not None and choice.logprobs is not None:
             logprobs = chat_logprobs(choice.token_ids, choice.logprobs, top_logprobs,
-                                     engine.tokenizer)
-        choices.append(ChatChoice(index=choice.index,
-                                  message=AssistantMessage(content=choice.text),
-                                  logprobs=logprobs,
-                                  finish_reason=finish_reason(choice)))
-    return ChatCompletionResponse(id=ctx.response_id, created=ctx.created, model=ctx.model,
-                                  choices=choices, usage=counter.usage())
+                                     engine.tokenizer, body.return_tokens_as_token_ids)
+        choices.append(ChatChoice(
+            index=choice.index, message=AssistantMessage(content=prefix + choice.text),
+            logprobs=logprobs, finish_reason=finish_reason(choice),
+            token_ids=list(choice.token_ids) if body.return_token_ids else None))
+    prompt_logprobs = None
+    if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
+        prompt_logprobs = prompt_logprobs_json(final.prompt_logprobs, engine.tokenizer,
+                                               body.return_tokens_as_token_ids)
+    return ChatCompletionResponse(
+        id=ctx.response_id, created=ctx.created, model=ctx.model, choices=choices,
+        usage=counter.usage(), prompt_logprobs=prompt_logprobs,
+        prompt_token_ids=final.prompt_token_ids if body.return_token_ids else None)

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter
 
 from engine import EngineError
-from server.chat_template import apply_chat_template
+from server.chat_template import TemplateOptions, apply_chat_template, check_request_template
 from server.errors import ApiError, from_engine_error
 from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.routes import ERROR_RESPONSES
@@ -24,9 +24,14 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) ->
     state.model_name_for(body.model)
     try:
         if body.messages is not None:
-            tokens = await asyncio.to_thread(
-                apply_chat_template, engine.tokenizer, body.messages, engine.max_model_len,
-                body.add_generation_prompt, body.chat_template_kwargs)
+            check_request_template(body.chat_template,
+                                   state.settings.trust_request_chat_template)
+            options = TemplateOptions(
+                add_generation_prompt=body.add_generation_prompt and not
+                body.continue_final_message, continue_final_message=body.continue_final_message,
+                chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs)
+            tokens = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
+                                             engine.max_model_len, options)
         else:
             tokens = await asyncio.to_thread(encode_prompt, engine.tokenizer, body.prompt or "",
                                              engine.max_model_len, body.add_special_tokens)

@@ -139,13 +139,13 @@ def test_malformed_json_error() -> None:
 
 def test_chat_sampling_params_request_wins_then_model_defaults() -> None:
     defaults = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-    params = chat_sampling_params(_chat(temperature=0.0, min_p=0.05), defaults)
+    params = chat_sampling_params(_chat(temperature=0.0, min_p=0.05), defaults, 4096)
     assert params.temperature == 0.0  # an explicit 0 is not "unset"
     assert (params.top_p, params.top_k, params.repetition_penalty) == (0.8, 20, 1.05)
     assert params.min_p == 0.05
     assert params.max_tokens is None  # absent: up to the context limit
     assert params.logprobs is None
-    plain = chat_sampling_params(_chat(), {})
+    plain = chat_sampling_params(_chat(), {}, 4096)
     assert plain.temperature == SamplingParams().temperature
     plain.validate(vocab_size=100)
 
@@ -154,11 +154,11 @@ def test_chat_sampling_params_mapping() -> None:
     params = chat_sampling_params(_chat(
         max_tokens=5, max_completion_tokens=8, logprobs=True, top_logprobs=3, stop="x",
         logit_bias={"7": -100}, seed=3, n=2, stop_token_ids=[4], ignore_eos=True,
-        min_tokens=2), {})
+        min_tokens=2), {}, 4096)
     assert params.max_tokens == 8 and params.logprobs == 3 and params.stop == ("x",)
     assert params.logit_bias == {7: -100.0} and params.seed == 3 and params.n == 2
     assert params.stop_token_ids == (4,) and params.ignore_eos and params.min_tokens == 2
-    assert chat_sampling_params(_chat(logprobs=True), {}).logprobs == 0
+    assert chat_sampling_params(_chat(logprobs=True), {}, 4096).logprobs == 0
     params.validate(vocab_size=100)
 
 
@@ -169,27 +169,26 @@ def test_bad_chat_sampling_fields(fields: dict[str, object], param: str) -> None
     from server.errors import ApiError
 
     with pytest.raises(ApiError) as info:
-        chat_sampling_params(_chat(**fields), {})
+        chat_sampling_params(_chat(**fields), {}, 4096)
     assert info.value.status == 400 and info.value.param == param
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"suffix": "tail"}, "suffix"),
-    ({"echo": True, "logprobs": 2}, "echo"),
     ({"best_of": 3}, "best_of"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
 ])
 def test_unsupported_completion_fields_rejected(fields: dict[str, object], param: str) -> None:
     from server.errors import ApiError
 
     request = CompletionRequest.model_validate({"prompt": "p", **fields})
     with pytest.raises(ApiError) as info:
-        completion_sampling_params(request, {})
+        completion_sampling_params(request, {}, 4096)
     assert info.value.status == 400 and info.value.param == param
 
 
 def test_completion_sampling_params() -> None:
     request = CompletionRequest.model_validate({"prompt": "p", "logprobs": 2, "max_tokens": 4})
-    params = completion_sampling_params(request, {"temperature": 0.3})
+    params = completion_sampling_params(request, {"temperature": 0.3}, 4096)
     assert params.logprobs == 2 and params.max_tokens == 4 and params.temperature == 0.3
 
 
@@ -294,8 +293,8 @@ def test_stream_chunks_parse_as_openai_types() -> None:
     ctx = ResponseContext("chatcmpl-1", 123, "m")
     chat = ChatChunker(ctx, None, _Tokenizer())
     output = _request_output(["hi"], True)
-    events = [*chat.start(2), chat.delta(1, output.outputs[0]), chat.finish(1, "length"),
-              chat.usage(UsageCounter().usage())]
+    events = [*chat.start([output], 2, None), chat.delta(1, output.outputs[0], None),
+              chat.finish(1, "length", None), chat.usage(UsageCounter().usage())]
     chunks = [openai_chat.ChatCompletionChunk.model_validate_json(e) for e in events]
     assert [c.choices[0].delta.role for c in chunks[:2]] == ["assistant", "assistant"]
     assert [c.choices[0].index for c in chunks[:4]] == [0, 1, 1, 1]
@@ -308,7 +307,8 @@ def test_stream_chunks_parse_as_openai_types() -> None:
 
     legacy = CompletionChunker(ResponseContext("cmpl-1", 5, "m"), None, _Tokenizer(),
                                echo_texts=["p"])
-    events = [*legacy.start(1), legacy.delta(0, output.outputs[0]), legacy.finish(0, "stop")]
+    events = [*legacy.start([output], 1, None), legacy.delta(0, output.outputs[0], None),
+              legacy.finish(0, "stop", None)]
     # the SDK's Completion type insists on a finish reason, which only the last chunk has
     final = openai_types.Completion.model_validate_json(events[-1])
     assert final.choices[0].finish_reason == "stop" and final.object == "text_completion"

@@ -12,7 +12,7 @@ import pytest
 
 import server.middleware as middleware
 from engine import EngineConfig
-from server.chat_template import apply_chat_template
+from server.chat_template import TemplateOptions, apply_chat_template
 from server.errors import ApiError
 from server.middleware import ApiKeyMiddleware, key_matches
 from server.protocol import ChatMessage
@@ -109,7 +109,7 @@ def test_chat_template_kwargs_cannot_swap_the_template() -> None:
     tokenizer = build_tokenizer()
     with pytest.raises(ApiError, match="chat_template"):
         apply_chat_template(tokenizer, [ChatMessage(role="user", content="hi")], 512,
-                            chat_template_kwargs={"chat_template": "{{ 1 }}"})
+                            TemplateOptions(chat_template_kwargs={"chat_template": "{{ 1 }}"}))
 
 
 def test_checkpoint_code_is_not_run_without_trust_remote_code(tiny_llama_dir: Path,

@@ -56,10 +56,11 @@ def _stream(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParam
 
 
 async def _events(stream: OutputStream, chunker: Chunker, n: int, num_prompts: int,
-                  include_usage: bool = True) -> list[str]:
+                  include_usage: bool = True, continuous_usage: bool = False) -> list[str]:
     await stream.start()
-    return [event async for event in sse_events(stream, chunker, n, num_prompts,
-                                                include_usage, "messages")]
+    assert len(stream.first_outputs) == num_prompts
+    return [event async for event in sse_events(stream, chunker, n, include_usage,
+                                                continuous_usage, "messages")]
 
 
 def _chunks(events: list[str]) -> list[Chunk]:
@@ -224,7 +225,7 @@ def test_a_client_that_leaves_aborts_its_requests() -> None:
         async with running(engine, runner):
             stream = _stream(engine, [PROMPT], _params(100))
             await stream.start()
-            events = sse_events(stream, ChatChunker(CTX, None, tokenizer()), 1, 1, True,
+            events = sse_events(stream, ChatChunker(CTX, None, tokenizer()), 1, True, False,
                                 "messages")
             assert _kind(json.loads(await anext(events))) == "role"
             assert _kind(json.loads(await anext(events))) == "content"

@@ -1,0 +1,459 @@
+"""Every request field honoured or refused (server/fields.py), against a real server: the table
+test over every field of both APIs, then the fields that change the answer, each through the
+openai SDK's extra_body as a client sends them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import transformers
+
+from server.fields import CHAT, COMPLETIONS, Support, fields_for
+from tests.integration.conftest import API_KEY, MODEL_NAME, RunningServer, serve, serve_process
+
+MESSAGES = [{"role": "user", "content": "Paged attention stores keys and values"}]
+ASSISTANT_START = "Continuous batching lets"
+CUSTOM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}[assistant]{% endif %}")
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+# per field: extra body fields that use it validly (some need a partner field)
+SERVED_SAMPLES: dict[str, dict[str, dict[str, object]]] = {
+    "common": {
+        "model": {"model": MODEL_NAME}, "frequency_penalty": {"frequency_penalty": 0.5},
+        "presence_penalty": {"presence_penalty": 0.5}, "logit_bias": {"logit_bias": {"5": 1}},
+        "max_tokens": {"max_tokens": 3}, "n": {"n": 2}, "seed": {"seed": 3},
+        "stop": {"stop": ["zz"]}, "stream": {"stream": True},
+        "stream_options": {"stream": True, "stream_options": {
+            "include_usage": True, "continuous_usage_stats": True}},
+        "temperature": {"temperature": 0.5}, "top_p": {"top_p": 0.9}, "user": {"user": "u1"},
+        "echo": {"echo": True}, "top_k": {"top_k": 5}, "min_p": {"min_p": 0.1},
+        "repetition_penalty": {"repetition_penalty": 1.1}, "min_tokens": {"min_tokens": 1},
+        "ignore_eos": {"ignore_eos": True}, "stop_token_ids": {"stop_token_ids": [3]},
+        "include_stop_str_in_output": {"include_stop_str_in_output": True},
+        "skip_special_tokens": {"skip_special_tokens": False},
+        "spaces_between_special_tokens": {"spaces_between_special_tokens": True},
+        "truncate_prompt_tokens": {"truncate_prompt_tokens": 3},
+        "prompt_logprobs": {"prompt_logprobs": 1},
+        "allowed_token_ids": {"allowed_token_ids": [5, 6]},
+        "bad_words": {"bad_words": ["hello"]},
+        "return_token_ids": {"return_token_ids": True},
+        "request_id": {"request_id": "client-id-1"},
+        "add_special_tokens": {"add_special_tokens": True},
+    },
+    CHAT: {
+        "messages": {"messages": MESSAGES}, "logprobs": {"logprobs": True},
+        "max_completion_tokens": {"max_completion_tokens": 3},
+        "top_logprobs": {"logprobs": True, "top_logprobs": 2},
+        "return_tokens_as_token_ids": {"logprobs": True, "return_tokens_as_token_ids": True},
+        "metadata": {"metadata": {"k": "v"}}, "store": {"store": True},
+        "service_tier": {"service_tier": "default"}, "prompt_cache_key": {"prompt_cache_key": "k"},
+        "safety_identifier": {"safety_identifier": "s"},
+        "prediction": {"prediction": {"type": "content", "content": "x"}},
+        "parallel_tool_calls": {"parallel_tool_calls": False},
+        "add_generation_prompt": {"add_generation_prompt": False},
+        "continue_final_message": {"continue_final_message": True, "messages": [
+            *MESSAGES, {"role": "assistant", "content": ASSISTANT_START}]},
+        "chat_template_kwargs": {"chat_template_kwargs": {"unused_variable": 1}},
+        "documents": {"documents": [{"title": "t", "text": "x"}]},
+        "include_reasoning": {"include_reasoning": False},
+    },
+    COMPLETIONS: {
+        "prompt": {"prompt": "hello"}, "logprobs": {"logprobs": 2},
+        "return_tokens_as_token_ids": {"logprobs": 1, "return_tokens_as_token_ids": True},
+        "best_of": {"best_of": 2, "n": 2},
+    },
+}
+REFUSED_SAMPLES: dict[str, object] = {
+    "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"},
+    "response_format": {"type": "json_object"}, "tools": [TOOL], "tool_choice": "required",
+    "functions": [{"name": "f"}], "function_call": {"name": "f"}, "reasoning_effort": "low",
+    "verbosity": "low", "web_search_options": {}, "suffix": "tail", "use_beam_search": True,
+    "length_penalty": 0.5, "priority": 1, "logits_processors": ["x"], "vllm_xargs": {"a": 1},
+    "cache_salt": "salt", "kv_transfer_params": {"a": 1}, "guided_json": {"type": "object"},
+    "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": "root ::= \"a\"",
+    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ",
+    "structural_tag": {"type": "structural_tag"}, "structured_outputs": {"choice": ["a"]},
+    "prompt_embeds": "AAAA", "mm_processor_kwargs": {"a": 1},
+}
+# served, but off unless the server allows it: its own tests below run on such a server
+NEEDS_SERVER_FLAG = {"chat_template": "trust_request_chat_template"}
+PATHS = {CHAT: "/v1/chat/completions", COMPLETIONS: "/v1/completions"}
+BASE_BODIES: dict[str, dict[str, object]] = {
+    CHAT: {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2},
+    COMPLETIONS: {"model": MODEL_NAME, "prompt": "Paged attention", "max_tokens": 2},
+}
+
+
+def _post(server: RunningServer, endpoint: str, **fields: object) -> httpx.Response:
+    body = {**BASE_BODIES[endpoint], **fields}
+    return server.http().post(PATHS[endpoint], json=body)
+
+
+def _served_sample(endpoint: str, name: str) -> dict[str, object]:
+    return SERVED_SAMPLES[endpoint].get(name) or SERVED_SAMPLES["common"][name]
+
+
+# ---------------------------------------------------------------- the table
+
+
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS])
+def test_every_field_has_a_sample(endpoint: str) -> None:
+    for name, spec in fields_for(endpoint).items():
+        if spec.support is Support.REFUSED:
+            assert name in REFUSED_SAMPLES, name
+        elif name not in NEEDS_SERVER_FLAG:
+            assert _served_sample(endpoint, name), name
+
+
+@pytest.mark.parametrize("endpoint", [CHAT, COMPLETIONS])
+def test_field_table(server: RunningServer, endpoint: str,
+                     caplog: pytest.LogCaptureFixture) -> None:
+    """Each served field works (200, no unknown-field warning); each refused one asking for
+    something is a 400 naming it, and is accepted in its neutral value."""
+    failures = []
+    with caplog.at_level(logging.WARNING, logger="server.protocol"):
+        for name, spec in fields_for(endpoint).items():
+            if name in NEEDS_SERVER_FLAG:
+                response = _post(server, endpoint, **{name: CUSTOM_TEMPLATE})
+                if response.status_code != 400 or response.json()["error"]["param"] != name:
+                    failures.append((name, response.status_code, response.text[:200]))
+                continue
+            if spec.support is Support.REFUSED:
+                response = _post(server, endpoint, **{name: REFUSED_SAMPLES[name]})
+                error = response.json().get("error", {})
+                if (response.status_code != 400 or error.get("param") != name
+                        or error.get("code") != "unsupported_field"):
+                    failures.append((name, response.status_code, response.text[:200]))
+                response = _post(server, endpoint, **{name: None})
+            else:
+                response = _post(server, endpoint, **_served_sample(endpoint, name))
+            if response.status_code != 200:
+                failures.append((name, response.status_code, response.text[:200]))
+    assert not failures
+    assert not [r for r in caplog.records if "unknown to the OpenAI and vLLM" in r.message]
+
+
+def test_made_up_fields_succeed_with_one_warning(server: RunningServer,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="server.protocol"):
+        response = _post(server, CHAT, frobnicate=True, zorp={"a": 1})
+    assert response.status_code == 200
+    warnings = [r.message for r in caplog.records if "unknown to the OpenAI and vLLM" in r.message]
+    assert warnings == ["chat request: ignoring fields unknown to the OpenAI and vLLM APIs: "
+                        "frobnicate, zorp"]
+
+
+def test_refused_fields_refuse_through_the_sdk(server: RunningServer) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
+                                                tools=[TOOL])  # type: ignore[list-item]
+    assert info.value.body["param"] == "tools"  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- API odds and ends
+
+
+def test_strings_are_not_numbers(server: RunningServer) -> None:
+    response = _post(server, COMPLETIONS, max_tokens="10")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_tokens"
+
+
+def test_stream_options_need_stream(server: RunningServer) -> None:
+    response = _post(server, CHAT, stream_options={"include_usage": True})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream_options"
+
+
+def test_completions_default_to_16_tokens(server: RunningServer) -> None:
+    body = {key: value for key, value in BASE_BODIES[COMPLETIONS].items() if key != "max_tokens"}
+    response = server.http().post("/v1/completions", json={**body, **GREEDY})
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 16
+
+
+def test_max_completion_tokens_wins_over_max_tokens(server: RunningServer) -> None:
+    response = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=9, max_completion_tokens=4,
+        temperature=0.0, extra_body={"ignore_eos": True})
+    assert response.usage is not None and response.usage.completion_tokens == 4
+
+
+def test_request_id_names_the_response(server: RunningServer) -> None:
+    for _ in range(2):  # a reused id is still a fine request
+        response = server.client().chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=2,
+            extra_body={"request_id": "client-42"})
+        assert response.id == "chatcmpl-client-42"
+
+
+# ---------------------------------------------------------------- sampling fields
+
+
+def test_allowed_token_ids(server: RunningServer) -> None:
+    allowed = [7, 11, 13, 17, 19]
+    response = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=24, temperature=1.0,
+        extra_body={"allowed_token_ids": allowed, "ignore_eos": True, "return_token_ids": True})
+    token_ids = response.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert len(token_ids) == 24 and set(token_ids) <= set(allowed)
+    assert len(set(token_ids)) > 1  # sampled, not one forced token
+
+
+def test_bad_words(server: RunningServer, tokenizer: transformers.PreTrainedTokenizerBase
+                   ) -> None:
+    client = server.client()
+    plain = client.completions.create(model=MODEL_NAME, prompt="Paged attention", max_tokens=12,
+                                      temperature=0.0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    token_ids = plain.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    # a word the greedy output produces whose text tokenizes back to that same token
+    word, token_id = next((text.strip(), token) for token in token_ids
+                          if (text := tokenizer.decode([token])).strip()
+                          and token in _word_token_ids(tokenizer, text.strip()))
+    banned = client.completions.create(model=MODEL_NAME, prompt="Paged attention",
+                                       max_tokens=12, temperature=0.0,
+                                       extra_body={"ignore_eos": True, "return_token_ids": True,
+                                                   "bad_words": [word]})
+    new_ids = banned.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert token_id in token_ids and token_id not in new_ids
+    assert new_ids[:token_ids.index(token_id)] == token_ids[:token_ids.index(token_id)]
+
+
+def _word_token_ids(tokenizer: transformers.PreTrainedTokenizerBase, word: str) -> set[int]:
+    """Single-token spellings of `word`, with and without a leading space."""
+    spellings = [tokenizer.encode(text, add_special_tokens=False) for text in (word, " " + word)]
+    return {ids[0] for ids in spellings if len(ids) == 1}
+
+
+def test_truncate_prompt_tokens(server: RunningServer,
+                                tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    client = server.client()
+    text = "Paged attention stores keys and values in fixed-size blocks. " * 60
+    ids = tokenizer.encode(text)
+    assert len(ids) > server.engine.max_model_len  # refused whole, served truncated
+    truncated = client.completions.create(model=MODEL_NAME, prompt=text, max_tokens=6,
+                                          extra_body={**GREEDY, "truncate_prompt_tokens": 100})
+    assert truncated.usage is not None and truncated.usage.prompt_tokens == 100
+    direct = client.completions.create(model=MODEL_NAME, prompt=ids[-100:], max_tokens=6,
+                                       extra_body=GREEDY)
+    assert truncated.choices[0].text == direct.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": text}], max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 50})
+    assert chat.usage is not None and chat.usage.prompt_tokens == 50
+
+
+def test_continuous_usage_stats(server: RunningServer) -> None:
+    stream = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=8, stream=True, temperature=0.0,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert all(chunk.usage is not None for chunk in chunks)
+    completion_counts = [chunk.usage.completion_tokens for chunk in chunks if chunk.usage]
+    assert completion_counts == sorted(completion_counts) and completion_counts[-1] == 8
+    assert completion_counts[0] == 0  # the role chunk: nothing generated yet
+    assert len({chunk.usage.prompt_tokens for chunk in chunks if chunk.usage}) == 1
+    plain = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=8, stream=True,
+        stream_options={"include_usage": True})
+    assert [chunk.usage is not None for chunk in plain][-1:] == [True]
+
+
+# ---------------------------------------------------------------- chat-template controls
+
+
+def test_continue_final_message(server: RunningServer,
+                                tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    messages = [*MESSAGES, {"role": "assistant", "content": ASSISTANT_START}]
+    client = server.client()
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=6,  # type: ignore[arg-type]
+        extra_body={**GREEDY, "continue_final_message": True, "echo": True})
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False,
+                                           continue_final_message=True)
+    assert str(prompt).endswith(ASSISTANT_START)  # no end-of-turn after the last message
+    reference = client.completions.create(
+        model=MODEL_NAME, prompt=tokenizer.encode(str(prompt), add_special_tokens=False),
+        max_tokens=6, extra_body=GREEDY)
+    content = response.choices[0].message.content or ""
+    assert content == ASSISTANT_START + reference.choices[0].text  # echo: one whole message
+    both = server.http().post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": messages, "continue_final_message": True,
+        "add_generation_prompt": True})
+    assert both.status_code == 400
+    assert both.json()["error"]["param"] == "continue_final_message"
+
+
+@pytest.fixture(scope="module")
+def trusting_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
+    with serve(tiny_llama_dir, {"trust_request_chat_template": True}, num_blocks=128) as running:
+        yield running
+
+
+def _render_custom(messages: list[dict[str, str]]) -> str:
+    return "".join(f"[{m['role']}] {m['content']}\n" for m in messages) + "[assistant]"
+
+
+def test_request_chat_template(trusting_server: RunningServer,
+                               tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    client = trusting_server.client()
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=6,  # type: ignore[arg-type]
+        extra_body={**GREEDY, "chat_template": CUSTOM_TEMPLATE})
+    prompt_ids = tokenizer.encode(_render_custom(MESSAGES), add_special_tokens=False)
+    reference = client.completions.create(model=MODEL_NAME, prompt=prompt_ids, max_tokens=6,
+                                          extra_body=GREEDY)
+    assert response.usage is not None and response.usage.prompt_tokens == len(prompt_ids)
+    assert response.choices[0].message.content == reference.choices[0].text
+    # the sandbox holds: a template cannot reach Python internals
+    escape = trusting_server.http().post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2,
+        "chat_template": "{{ messages.__class__.__mro__[1].__subclasses__() }}"})
+    assert escape.status_code == 400 and escape.json()["error"]["param"] == "chat_template"
+    broken = trusting_server.http().post("/v1/chat/completions", json={
+        "model": MODEL_NAME, "messages": MESSAGES, "chat_template": "{% for %}"})
+    assert broken.status_code == 400 and broken.json()["error"]["param"] == "chat_template"
+
+
+def test_server_chat_template_file(tiny_llama_dir: Path, tmp_path: Path,
+                                   tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text(CUSTOM_TEMPLATE, encoding="utf-8")
+    with serve(tiny_llama_dir, {"chat_template": str(template)}, num_blocks=64) as running:
+        response = running.client().chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=2)  # type: ignore[arg-type]
+        tokenized = running.http().post("/tokenize", json={"model": MODEL_NAME,
+                                                           "messages": MESSAGES})
+    prompt_ids = tokenizer.encode(_render_custom(MESSAGES), add_special_tokens=False)
+    assert response.usage is not None and response.usage.prompt_tokens == len(prompt_ids)
+    assert tokenized.json()["tokens"] == prompt_ids
+
+
+# ---------------------------------------------------------------- prompt logprobs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(server: RunningServer) -> transformers.PreTrainedTokenizerBase:
+    return transformers.AutoTokenizer.from_pretrained(server.model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference_logprobs(server: RunningServer) -> torch.Tensor:
+    """transformers' log-softmax at every position of PROMPT_IDS (fp32)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(server.model_dir,
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT_IDS])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+PROMPT_IDS = [40, 71, 5, 300, 12, 99, 150, 7, 61, 250, 33, 18, 44, 400, 2, 90, 91, 9]
+
+
+def test_prompt_logprobs_match_transformers(server: RunningServer,
+                                            reference_logprobs: torch.Tensor) -> None:
+    response = server.http().post("/v1/completions", json={
+        "model": MODEL_NAME, "prompt": PROMPT_IDS, "max_tokens": 1, "prompt_logprobs": 3})
+    assert response.status_code == 200, response.text
+    entries = response.json()["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(PROMPT_IDS) and entries[0] is None
+    for position, entry in enumerate(entries[1:], start=1):
+        expected = reference_logprobs[position - 1]
+        own = entry[str(PROMPT_IDS[position])]
+        assert own["logprob"] == pytest.approx(float(expected[PROMPT_IDS[position]]), abs=1e-3)
+        assert own["rank"] == int((expected > expected[PROMPT_IDS[position]]).sum()) + 1
+        top_ids = expected.topk(3).indices.tolist()
+        ranked = sorted((v["rank"], int(k)) for k, v in entry.items() if v["rank"] <= 3)
+        assert [token for _, token in ranked] == top_ids
+    chat = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    chat_entries = chat.model_extra["prompt_logprobs"]  # type: ignore[index]
+    assert chat.usage is not None and len(chat_entries) == chat.usage.prompt_tokens
+    streamed = server.http().post("/v1/completions", json={
+        "model": MODEL_NAME, "prompt": PROMPT_IDS, "stream": True, "prompt_logprobs": 1})
+    assert streamed.status_code == 400
+    assert streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_echo_with_logprobs_in_the_legacy_format(server: RunningServer,
+                                                 reference_logprobs: torch.Tensor) -> None:
+    client = server.client()
+    echoed = client.completions.create(model=MODEL_NAME, prompt=PROMPT_IDS, max_tokens=3,
+                                       echo=True, logprobs=2, extra_body=GREEDY)
+    logprobs = echoed.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    assert logprobs.token_logprobs is not None and logprobs.top_logprobs is not None
+    assert len(logprobs.tokens) == len(PROMPT_IDS) + 3
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for position in range(1, len(PROMPT_IDS)):
+        expected = float(reference_logprobs[position - 1, PROMPT_IDS[position]])
+        assert logprobs.token_logprobs[position] == pytest.approx(expected, abs=1e-3)
+        assert 2 <= len(logprobs.top_logprobs[position] or {}) <= 3
+    offsets = logprobs.text_offset or []
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    plain = client.completions.create(model=MODEL_NAME, prompt=PROMPT_IDS, max_tokens=3,
+                                      logprobs=2, extra_body=GREEDY)
+    assert plain.choices[0].logprobs is not None
+    # the same tokens; logprobs equal up to the batch shape's rounding
+    assert logprobs.tokens[-3:] == plain.choices[0].logprobs.tokens
+    assert logprobs.token_logprobs[-3:] == pytest.approx(
+        plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPT_IDS, max_tokens=3,
+                                       echo=True, logprobs=2, stream=True, extra_body=GREEDY)
+    streamed_logprobs: list[float | None] = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed_logprobs += chunk.choices[0].logprobs.token_logprobs or []
+    assert streamed_logprobs == logprobs.token_logprobs
+
+
+def test_return_tokens_as_token_ids(server: RunningServer) -> None:
+    response = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=3, logprobs=True, top_logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    content = response.choices[0].logprobs.content  # type: ignore[union-attr]
+    token_ids = response.choices[0].model_extra["token_ids"]  # type: ignore[index]
+    assert content is not None
+    assert [entry.token for entry in content] == [f"token_id:{t}" for t in token_ids]
+    assert all(top.token.startswith("token_id:") for e in content for top in e.top_logprobs)
+    assert response.model_extra["prompt_token_ids"]  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- --seed
+
+
+def _unseeded_texts(base_url: str) -> list[str]:
+    texts = []
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60) as client:
+        for prompt in ("Paged attention", "The quick brown fox", "def fibonacci(n):"):
+            response = client.post("/v1/completions", json={
+                "model": MODEL_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 1.0,
+                "ignore_eos": True})
+            assert response.status_code == 200, response.text
+            texts.append(json.dumps(response.json()["choices"][0]["text"]))
+    return texts
+
+
+def test_server_seed_makes_unseeded_requests_repeat(tiny_llama_dir: Path,
+                                                    tmp_path: Path) -> None:
+    runs = {}
+    for name, args in (("seeded-a", ("--seed", "7")), ("seeded-b", ("--seed", "7")),
+                       ("fresh-a", ()), ("fresh-b", ())):
+        with serve_process(tiny_llama_dir, tmp_path / f"{name}.log", *args) as running:
+            runs[name] = _unseeded_texts(running.base_url)
+    assert runs["seeded-a"] == runs["seeded-b"]
+    assert runs["fresh-a"] != runs["fresh-b"]
+    assert runs["seeded-a"] != runs["fresh-a"]
