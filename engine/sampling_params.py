@@ -59,6 +59,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words: tuple[str, ...] = ()
     truncate_prompt_tokens: int | None = None
+    cache_salt: str | None = None  # prefix-cache hits only between requests with this salt
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = False
     include_stop_str_in_output: bool = False
@@ -129,6 +130,10 @@ class SamplingParams:
             _int_in(self.truncate_prompt_tokens, "truncate_prompt_tokens", 1, MAX_TOKENS_LIMIT)
         self._validate_stop()
         self._validate_bad_words()
+        _check(self.cache_salt is None or (isinstance(self.cache_salt, str) and
+                                           0 < len(self.cache_salt) <= MAX_STOP_STRING_CHARS),
+               f"cache_salt must be a non-empty string of at most {MAX_STOP_STRING_CHARS} "
+               "characters", "cache_salt")
         self._validate_token_ids(vocab_size)
         return self
 

@@ -174,6 +174,7 @@ class SamplingRequest(RequestBody):
     echo: bool = False
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool = False
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
     request_id: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS,
                                      pattern=r"^[A-Za-z0-9._:-]+$")] | None = None
 

@@ -74,6 +74,7 @@ def _build(request: SamplingRequest, defaults: Mapping[str, float | int], max_mo
         bad_words=tuple(request.bad_words or ()),
         truncate_prompt_tokens=_truncation(request.truncate_prompt_tokens, max_model_len),
         spaces_between_special_tokens=request.spaces_between_special_tokens,
+        cache_salt=request.cache_salt,
         **kwargs,  # type: ignore[arg-type]
     )
 

@@ -70,7 +70,9 @@ def hash_sequence_blocks(sequence: Sequence, block_size: int,
     """Extend sequence.block_hashes to cover every full block of sequence.all_token_ids.
 
     Only full blocks are hashed; a partial last block waits until it fills. Returns the hashes
-    added by this call. Token ids are only ever appended, so earlier hashes stay valid.
+    added by this call. Token ids are only ever appended, so earlier hashes stay valid. A
+    request's cache_salt goes into the first block's hash, so through the chain into every
+    hash: only requests with the same salt share cached blocks.
     """
     hashes = sequence.block_hashes
     num_full_blocks = sequence.num_tokens // block_size
@@ -78,8 +80,10 @@ def hash_sequence_blocks(sequence: Sequence, block_size: int,
     parent = hashes[-1] if hashes else None
     for index in range(len(hashes), num_full_blocks):
         start = index * block_size
+        salt = sequence.sampling_params.cache_salt
+        extra_keys: tuple[object, ...] = (salt,) if index == 0 and salt else ()
         parent = hash_block_tokens(parent, sequence.all_token_ids[start:start + block_size],
-                                   hash_fn=hash_fn)
+                                   extra_keys, hash_fn=hash_fn)
         added.append(parent)
     hashes.extend(added)
     return added

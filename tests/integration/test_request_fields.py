@@ -47,6 +47,7 @@ SERVED_SAMPLES: dict[str, dict[str, dict[str, object]]] = {
         "return_token_ids": {"return_token_ids": True},
         "request_id": {"request_id": "client-id-1"},
         "add_special_tokens": {"add_special_tokens": True},
+        "cache_salt": {"cache_salt": "tenant-a"},
     },
     CHAT: {
         "messages": {"messages": MESSAGES}, "logprobs": {"logprobs": True},
@@ -77,7 +78,7 @@ REFUSED_SAMPLES: dict[str, object] = {
     "functions": [{"name": "f"}], "function_call": {"name": "f"}, "reasoning_effort": "low",
     "verbosity": "low", "web_search_options": {}, "suffix": "tail", "use_beam_search": True,
     "length_penalty": 0.5, "priority": 1, "logits_processors": ["x"], "vllm_xargs": {"a": 1},
-    "cache_salt": "salt", "kv_transfer_params": {"a": 1}, "guided_json": {"type": "object"},
+    "kv_transfer_params": {"a": 1}, "guided_json": {"type": "object"},
     "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": "root ::= \"a\"",
     "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ",
     "structural_tag": {"type": "structural_tag"}, "structured_outputs": {"choice": ["a"]},
@@ -457,3 +458,19 @@ def test_server_seed_makes_unseeded_requests_repeat(tiny_llama_dir: Path,
     assert runs["seeded-a"] == runs["seeded-b"]
     assert runs["fresh-a"] != runs["fresh-b"]
     assert runs["seeded-a"] != runs["fresh-a"]
+
+
+def test_cache_salt_isolates_the_prefix_cache(server: RunningServer) -> None:
+    prompt = [(7 * i + 3) % 400 + 20 for i in range(80)]  # five full blocks
+
+    def cached_tokens(**fields: object) -> int:
+        response = server.http().post("/v1/completions", json={
+            "model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, **fields})
+        assert response.status_code == 200, response.text
+        return int(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    assert cached_tokens(cache_salt="tenant-a") == 0
+    assert cached_tokens(cache_salt="tenant-a") >= 64  # the same tenant shares its prefix
+    assert cached_tokens(cache_salt="tenant-b") == 0  # another tenant does not see it
+    assert cached_tokens() == 0  # nor does a request without a salt
+    assert cached_tokens() >= 64
