@@ -1,11 +1,14 @@
-"""The HTTP routes, one router per concern: `all_routers()` is what the app factory mounts;
-ERROR_RESPONSES and SSE_RESPONSE describe their responses in the OpenAPI schema."""
+"""The HTTP routes, one router per concern: `all_routers()` is what the app factory mounts
+(with a HEAD twin of every GET route); ERROR_RESPONSES and SSE_RESPONSE describe their
+responses in the OpenAPI schema."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from server.protocol import ErrorResponse
@@ -35,5 +38,23 @@ def SSE_RESPONSE(chunk: type[BaseModel]) -> dict[str, Any]:  # noqa: N802 - read
 def all_routers() -> list[APIRouter]:
     from server.routes import chat, completions, health, metrics, models, tokenize
 
-    return [chat.router, completions.router, models.router, tokenize.router, health.router,
-            metrics.router]
+    routers = [chat.router, completions.router, models.router, tokenize.router, health.router,
+               metrics.router]
+    return [*routers, head_router(routers)]
+
+
+def head_router(routers: Sequence[APIRouter]) -> APIRouter:
+    """A HEAD twin of every GET route in `routers`: load balancers and uptime checks probe with
+    HEAD, and FastAPI, unlike Starlette, does not add it. A twin runs the same endpoint and
+    dependencies, so it answers the status and headers GET would (uvicorn sends no body for
+    HEAD). Twins stay out of the OpenAPI schema, which documents GET only, and live on a new
+    router per call so building several apps never adds a route twice."""
+    head = APIRouter(include_in_schema=False)
+    for router in routers:
+        for route in router.routes:
+            if isinstance(route, APIRoute) and "GET" in (route.methods or ()):
+                head.add_api_route(
+                    route.path, route.endpoint, methods=["HEAD"], name=f"{route.name}_head",
+                    response_model=route.response_model, status_code=route.status_code,
+                    response_class=route.response_class, dependencies=route.dependencies)
+    return head
