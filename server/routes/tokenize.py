@@ -29,7 +29,10 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) ->
             options = TemplateOptions(
                 add_generation_prompt=body.add_generation_prompt and not
                 body.continue_final_message, continue_final_message=body.continue_final_message,
-                chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs)
+                chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs,
+                # a rendered template has its special tokens: more only when asked for
+                add_special_tokens=("add_special_tokens" in body.model_fields_set
+                                    and body.add_special_tokens))
             tokens = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
                                              engine.max_model_len, options)
         else:

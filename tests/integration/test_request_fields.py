@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +15,18 @@ import httpx
 import pytest
 import torch
 import transformers
+from tokenizers import processors
 
-from server.fields import CHAT, COMPLETIONS, Support, fields_for
-from tests.integration.conftest import API_KEY, MODEL_NAME, RunningServer, serve, serve_process
+from server.fields import CHAT, COMPLETIONS, FIELDS, Support, fields_for
+from tests.integration.conftest import (
+    API_KEY,
+    MODEL_NAME,
+    REPO,
+    RunningServer,
+    serve,
+    serve_process,
+)
+from tests.tiny_models import build_tokenizer
 
 MESSAGES = [{"role": "user", "content": "Paged attention stores keys and values"}]
 ASSISTANT_START = "Continuous batching lets"
@@ -474,3 +485,299 @@ def test_cache_salt_isolates_the_prefix_cache(server: RunningServer) -> None:
     assert cached_tokens(cache_salt="tenant-b") == 0  # another tenant does not see it
     assert cached_tokens() == 0  # nor does a request without a salt
     assert cached_tokens() >= 64
+
+
+# ---------------------------------------------------------------- fields tested nowhere else
+
+
+def _choice(response: httpx.Response) -> dict[str, object]:
+    assert response.status_code == 200, response.text
+    choice: dict[str, object] = response.json()["choices"][0]
+    return choice
+
+
+def _text(choice: dict[str, object]) -> str:
+    message = choice.get("message")
+    return str(message["content"] if isinstance(message, dict) else choice["text"])
+
+
+def test_model_is_the_served_name(server: RunningServer) -> None:
+    for endpoint in (CHAT, COMPLETIONS):
+        named = _post(server, endpoint)
+        assert named.status_code == 200 and named.json()["model"] == MODEL_NAME
+        unnamed_body = {k: v for k, v in BASE_BODIES[endpoint].items() if k != "model"}
+        unnamed = server.http().post(PATHS[endpoint], json=unnamed_body)
+        assert unnamed.status_code == 200 and unnamed.json()["model"] == MODEL_NAME
+        other = _post(server, endpoint, model="gpt-4o")
+        assert other.status_code == 404
+        assert other.json()["error"]["param"] == "model"
+        assert other.json()["error"]["code"] == "model_not_found"
+
+
+def test_max_tokens_caps_the_completion(server: RunningServer) -> None:
+    """The first max_tokens tokens of a longer answer, finishing with "length". (The defaults
+    are tested apart: test_completions_default_to_16_tokens, and for chat
+    test_openai_api.py::test_chat_max_tokens_absent_runs_to_context_limit.)"""
+    for endpoint in (CHAT, COMPLETIONS):
+        long = _choice(_post(server, endpoint, max_tokens=9, return_token_ids=True, **GREEDY))
+        short_response = _post(server, endpoint, max_tokens=4, return_token_ids=True, **GREEDY)
+        short = _choice(short_response)
+        assert short_response.json()["usage"]["completion_tokens"] == 4
+        assert short["finish_reason"] == "length"
+        assert short["token_ids"] == long["token_ids"][:4]  # type: ignore[index]
+
+
+def test_echo_on_both_endpoints(server: RunningServer,
+                                tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    """Chat (vLLM): a last assistant message is sent first, also without
+    continue_final_message (the template then closes it and opens a new turn); completions:
+    the prompt is sent first."""
+    client = server.client()
+    messages = [*MESSAGES, {"role": "assistant", "content": ASSISTANT_START}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    reference = client.completions.create(
+        model=MODEL_NAME, prompt=tokenizer.encode(str(prompt), add_special_tokens=False),
+        max_tokens=6, extra_body=GREEDY).choices[0].text
+    echoed = _choice(_post(server, CHAT, messages=messages, max_tokens=6, echo=True, **GREEDY))
+    assert _text(echoed) == ASSISTANT_START + reference
+    plain = _choice(_post(server, CHAT, messages=messages, max_tokens=6, **GREEDY))
+    assert _text(plain) == reference
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=6, stream=True,  # type: ignore[arg-type]
+        extra_body={**GREEDY, "echo": True})
+    deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]  # type: ignore[union-attr]
+    assert ASSISTANT_START in deltas[:2] and "".join(deltas) == _text(echoed)
+    # the last message is the user's: nothing to echo
+    user_last = _choice(_post(server, CHAT, max_tokens=4, echo=True, **GREEDY))
+    assert _text(user_last) == _text(_choice(_post(server, CHAT, max_tokens=4, **GREEDY)))
+    completion = _choice(_post(server, COMPLETIONS, max_tokens=4, echo=True, **GREEDY))
+    bare = _choice(_post(server, COMPLETIONS, max_tokens=4, **GREEDY))
+    assert _text(completion) == str(BASE_BODIES[COMPLETIONS]["prompt"]) + _text(bare)
+
+
+def test_best_of_equal_to_n(server: RunningServer) -> None:
+    sampled = {"temperature": 1.0, "seed": 5, "ignore_eos": True, "max_tokens": 6, "n": 2}
+    with_best_of = _post(server, COMPLETIONS, best_of=2, **sampled)
+    without = _post(server, COMPLETIONS, **sampled)
+    assert with_best_of.status_code == 200, with_best_of.text
+    texts = [choice["text"] for choice in with_best_of.json()["choices"]]
+    assert len(texts) == 2 and texts == [c["text"] for c in without.json()["choices"]]
+    refused = _post(server, COMPLETIONS, best_of=3, n=2)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "best_of"
+
+
+def test_special_tokens_in_the_text(server: RunningServer) -> None:
+    """skip_special_tokens and spaces_between_special_tokens through the server: an answer of
+    three <|im_end|> tokens (forced by logit_bias, generated through by ignore_eos)."""
+    eos = "<|im_end|>"
+    forced = {"max_tokens": 3, "logit_bias": {"2": 100}, "return_token_ids": True, **GREEDY}
+    # spaced as in a full decode of prompt and answer: both prompts end in plain text, which
+    # the first special token is set apart from too
+    spaced = f" {eos} {eos} {eos}"
+    cases = [({}, ""), ({"skip_special_tokens": False}, eos * 3),
+             ({"skip_special_tokens": False, "spaces_between_special_tokens": True}, spaced),
+             ({"spaces_between_special_tokens": True}, "")]  # nothing kept, nothing spaced
+    for endpoint in (CHAT, COMPLETIONS):
+        for fields, expected in cases:
+            choice = _choice(_post(server, endpoint, **forced, **fields))
+            assert choice["token_ids"] == [2, 2, 2]
+            assert _text(choice) == expected, (endpoint, fields)
+    stream = server.client().completions.create(
+        model=MODEL_NAME, prompt="Paged attention", max_tokens=3, stream=True,
+        extra_body={**forced, "skip_special_tokens": False,
+                    "spaces_between_special_tokens": True})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == spaced
+
+
+def test_return_token_ids(server: RunningServer,
+                          tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    completion = _post(server, COMPLETIONS, max_tokens=5, return_token_ids=True, **GREEDY)
+    choice = _choice(completion)
+    assert choice["prompt_token_ids"] == tokenizer.encode(str(BASE_BODIES[COMPLETIONS]["prompt"]))
+    token_ids = choice["token_ids"]
+    assert isinstance(token_ids, list) and len(token_ids) == 5
+    assert tokenizer.decode(token_ids, skip_special_tokens=True) == choice["text"]
+    chat = _post(server, CHAT, max_tokens=5, return_token_ids=True, **GREEDY)
+    tokenized = server.http().post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert chat.json()["prompt_token_ids"] == tokenized
+    chat_ids = _choice(chat)["token_ids"]
+    assert isinstance(chat_ids, list) and len(chat_ids) == 5
+    assert tokenizer.decode(chat_ids, skip_special_tokens=True) == _text(_choice(chat))
+    # not asked, not sent
+    for endpoint in (CHAT, COMPLETIONS):
+        response = _post(server, endpoint, max_tokens=2)
+        assert "prompt_token_ids" not in response.json()
+        assert not {"token_ids", "prompt_token_ids"} & set(_choice(response))
+
+
+def _with_bos_token(model_dir: Path, into: Path) -> Path:
+    """A copy of the tiny checkpoint whose tokenizer puts <|endoftext|> (id 0) before every
+    text it encodes with special tokens, as Llama's BOS: the tiny tokenizer adds none, so
+    add_special_tokens could not show anything there."""
+    shutil.copytree(model_dir, into)
+    tokenizer = build_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|endoftext|> $A", pair="<|endoftext|> $A $B",
+                                      special_tokens=[("<|endoftext|>", 0)])])
+    tokenizer.bos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(into)
+    return into
+
+
+def test_add_special_tokens(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Completions add the tokenizer's special tokens by default; chat does not (the template
+    writes its own), unless asked."""
+    model_dir = _with_bos_token(tiny_llama_dir, tmp_path / "bos-llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = str(BASE_BODIES[COMPLETIONS]["prompt"])
+    bare_ids = tokenizer.encode(text, add_special_tokens=False)
+    chat_text = str(tokenizer.apply_chat_template(MESSAGES, tokenize=False,
+                                                  add_generation_prompt=True))
+    chat_ids = tokenizer.encode(chat_text, add_special_tokens=False)
+    assert tokenizer.encode(text) == [0, *bare_ids]  # the copy really has a BOS
+    with serve(model_dir, num_blocks=64) as running:
+        def prompt_ids(endpoint: str, **fields: object) -> list[int]:
+            response = _post(running, endpoint, return_token_ids=True, **fields)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            ids = body["prompt_token_ids"] if endpoint == CHAT else body["choices"][0][
+                "prompt_token_ids"]
+            assert body["usage"]["prompt_tokens"] == len(ids)
+            return list(ids)
+
+        assert prompt_ids(COMPLETIONS) == [0, *bare_ids]
+        assert prompt_ids(COMPLETIONS, add_special_tokens=False) == bare_ids
+        assert prompt_ids(CHAT) == chat_ids
+        assert prompt_ids(CHAT, add_special_tokens=True) == [0, *chat_ids]
+
+
+def _greedy_reference(server: RunningServer, prompt_ids: list[int], num_tokens: int) -> str:
+    return server.client().completions.create(model=MODEL_NAME, prompt=prompt_ids,
+                                              max_tokens=num_tokens,
+                                              extra_body=GREEDY).choices[0].text
+
+
+def test_add_generation_prompt(server: RunningServer,
+                               tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    def template_ids(add_generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(MESSAGES, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+        return list(tokenizer.encode(str(text), add_special_tokens=False))
+
+    with_prompt, without = template_ids(True), template_ids(False)
+    assert with_prompt[:len(without)] == without and len(with_prompt) > len(without)
+    for flag, expected_ids in ((True, with_prompt), (False, without)):
+        response = _post(server, CHAT, max_tokens=6, add_generation_prompt=flag,
+                         return_token_ids=True, **GREEDY)
+        assert response.json()["prompt_token_ids"] == expected_ids
+        assert _text(_choice(response)) == _greedy_reference(server, expected_ids, 6)
+
+
+PERSONA_TEMPLATE = "{% if persona %}[system] {{ persona }}\n{% endif %}" + CUSTOM_TEMPLATE
+DOCUMENTS_TEMPLATE = ("{% if documents %}{% for d in documents %}[document] {{ d['title'] }}: "
+                      "{{ d['text'] }}\n{% endfor %}{% endif %}" + CUSTOM_TEMPLATE)
+
+
+def _templated(server: RunningServer, tokenizer: transformers.PreTrainedTokenizerBase,
+               rendered: str, **fields: object) -> None:
+    """A chat request with these template fields reads `rendered` as its prompt: the same
+    prompt tokens, and the same greedy answer as completions on them."""
+    prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
+    response = _post(server, CHAT, max_tokens=6, return_token_ids=True, **GREEDY, **fields)
+    assert response.status_code == 200, response.text
+    assert response.json()["prompt_token_ids"] == prompt_ids
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert _text(_choice(response)) == _greedy_reference(server, prompt_ids, 6)
+
+
+def test_chat_template_kwargs(trusting_server: RunningServer,
+                              tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    _templated(trusting_server, tokenizer, "[system] be terse\n" + _render_custom(MESSAGES),
+               chat_template=PERSONA_TEMPLATE, chat_template_kwargs={"persona": "be terse"})
+    _templated(trusting_server, tokenizer, _render_custom(MESSAGES),
+               chat_template=PERSONA_TEMPLATE)
+
+
+def test_documents(trusting_server: RunningServer,
+                   tokenizer: transformers.PreTrainedTokenizerBase) -> None:
+    documents = [{"title": "Paging", "text": "blocks hold 16 tokens"},
+                 {"title": "Batching", "text": "requests join every step"}]
+    rendered = ("[document] Paging: blocks hold 16 tokens\n"
+                "[document] Batching: requests join every step\n" + _render_custom(MESSAGES))
+    _templated(trusting_server, tokenizer, rendered, chat_template=DOCUMENTS_TEMPLATE,
+               documents=documents)
+    _templated(trusting_server, tokenizer, _render_custom(MESSAGES),
+               chat_template=DOCUMENTS_TEMPLATE)
+
+
+# ---------------------------------------------------------------- each served field's own test
+
+# every SUPPORTED field (server/fields.py) → the test that shows it changing the answer as its
+# note says; a test here must exercise the effect, not just send the field
+_UNIT = "tests/unit"
+_API = "tests/integration/test_openai_api.py"
+_HERE = "tests/integration/test_request_fields.py"
+BEHAVIOUR_TESTS: dict[str, str] = {
+    "model": f"{_HERE}::test_model_is_the_served_name",
+    "frequency_penalty":
+        f"{_UNIT}/test_sampler.py::test_frequency_and_presence_penalties_match_openai_formula",
+    "presence_penalty":
+        f"{_UNIT}/test_sampler.py::test_frequency_and_presence_penalties_match_openai_formula",
+    "logit_bias": f"{_UNIT}/test_sampler.py::test_logit_bias_forces_a_token",
+    "logprobs": f"{_API}::test_completion_echo_and_logprobs",
+    "max_tokens": f"{_HERE}::test_max_tokens_caps_the_completion",
+    "n": f"{_API}::test_completion_several_prompts_and_n",
+    "seed": f"{_API}::test_chat_n2_indexes_and_seed",
+    "stop": f"{_API}::test_chat_stop_string_excluded",
+    "stream": f"{_API}::test_chat_stream_equals_non_stream",
+    "stream_options": f"{_HERE}::test_continuous_usage_stats",
+    "temperature": f"{_UNIT}/test_sampler.py::test_temperature_sampling_matches_softmax",
+    "top_p": f"{_UNIT}/test_sampler.py::test_top_p_keeps_smallest_nucleus",
+    "messages": f"{_API}::test_chat_greedy_matches_transformers",
+    "max_completion_tokens": f"{_HERE}::test_max_completion_tokens_wins_over_max_tokens",
+    "top_logprobs": f"{_API}::test_chat_greedy_matches_transformers",
+    "prompt": f"{_API}::test_completion_greedy_matches_transformers_and_stream",
+    "echo": f"{_HERE}::test_echo_on_both_endpoints",
+    "best_of": f"{_HERE}::test_best_of_equal_to_n",
+    "top_k": f"{_UNIT}/test_sampler.py::test_filtered_sampling_follows_renormalised_distribution",
+    "min_p": f"{_UNIT}/test_sampler.py::test_min_p_sampling_never_picks_dropped_tokens",
+    "repetition_penalty": f"{_UNIT}/test_sampler.py::test_repetition_penalty_matches_reference",
+    "min_tokens": f"{_UNIT}/test_llm.py::test_stop_token_ids_max_tokens_and_min_tokens",
+    "ignore_eos": f"{_UNIT}/test_llm.py::test_eos_stops_unless_ignored",
+    "stop_token_ids": f"{_UNIT}/test_llm.py::test_stop_token_ids_max_tokens_and_min_tokens",
+    "include_stop_str_in_output":
+        f"{_UNIT}/test_llm.py::test_stop_string_spanning_tokens_is_excluded",
+    "skip_special_tokens": f"{_HERE}::test_special_tokens_in_the_text",
+    "spaces_between_special_tokens": f"{_HERE}::test_special_tokens_in_the_text",
+    "truncate_prompt_tokens": f"{_HERE}::test_truncate_prompt_tokens",
+    "prompt_logprobs": f"{_HERE}::test_prompt_logprobs_match_transformers",
+    "allowed_token_ids": f"{_HERE}::test_allowed_token_ids",
+    "bad_words": f"{_HERE}::test_bad_words",
+    "return_tokens_as_token_ids": f"{_HERE}::test_return_tokens_as_token_ids",
+    "return_token_ids": f"{_HERE}::test_return_token_ids",
+    "request_id": f"{_HERE}::test_request_id_names_the_response",
+    "add_special_tokens": f"{_HERE}::test_add_special_tokens",
+    "cache_salt": f"{_HERE}::test_cache_salt_isolates_the_prefix_cache",
+    "add_generation_prompt": f"{_HERE}::test_add_generation_prompt",
+    "continue_final_message": f"{_HERE}::test_continue_final_message",
+    "chat_template": f"{_HERE}::test_request_chat_template",
+    "chat_template_kwargs": f"{_HERE}::test_chat_template_kwargs",
+    "documents": f"{_HERE}::test_documents",
+}
+
+
+def test_every_served_field_has_a_behaviour_test() -> None:
+    served = {spec.name for spec in FIELDS if spec.support is Support.SUPPORTED}
+    assert set(BEHAVIOUR_TESTS) == served
+    missing = []
+    for name, reference in BEHAVIOUR_TESTS.items():
+        path, _, test_name = reference.partition("::")
+        source = REPO / path
+        # a top-level test function of that name (read as text: test modules are not imported)
+        pattern = rf"^(async )?def {re.escape(test_name)}\("
+        if (not path.startswith("tests/") or not test_name.startswith("test_")
+                or not source.is_file()
+                or not re.search(pattern, source.read_text(encoding="utf-8"), re.MULTILINE)):
+            missing.append((name, reference))
+    assert not missing
