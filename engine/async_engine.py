@@ -230,10 +230,11 @@ class AsyncEngine:
         if self.dead_error is not None or self._stopping.is_set():
             raise EngineDeadError(f"the engine is not running ({self.dead_error or 'stopped'})")
 
-    def check_prompt(self, prompt_token_ids: list[int]) -> list[int]:
-        """A token-id prompt checked as admission will check it (for callers that use it
-        before admitting it, e.g. to echo its text)."""
-        return self.llm_engine.check_prompt(prompt_token_ids)
+    def check_prompt(self, prompt_token_ids: list[int],
+                     truncate_prompt_tokens: int | None = None) -> list[int]:
+        """A token-id prompt checked (and truncated) as admission will check it, for callers
+        that use it before admitting it, e.g. to echo its text."""
+        return self.llm_engine.check_prompt(prompt_token_ids, truncate_prompt_tokens)
 
     def check_capacity(self, num_sequences: int, param: str = "n") -> None:
         """Raise unless `num_sequences` more sequences fit the waiting queue: InvalidRequestError

@@ -98,8 +98,7 @@ class LLMEngine:
         if params.bad_words or params.bad_words_token_ids:  # engine-filled: never the user's
             params = replace(params, bad_words_token_ids=tokenize_bad_words(
                 self.tokenizer, params.bad_words, self.vocab_size))
-        prompt = self.check_prompt(_truncate_prompt(prompt_token_ids,
-                                                    params.truncate_prompt_tokens))
+        prompt = self.check_prompt(prompt_token_ids, params.truncate_prompt_tokens)
         max_tokens = self._resolve_max_tokens(len(prompt), params.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
@@ -109,11 +108,12 @@ class LLMEngine:
             for index in range(params.n)]
         return PreparedRequest(request_id, sequences, params, arrival)
 
-    def check_prompt(self, prompt_token_ids: abc.Sequence[int]) -> list[int]:
-        """The prompt as a list, or InvalidRequestError / ContextLengthExceededError: token ids
-        of this vocabulary, at most max_model_len of them. Reads only fixed attributes, so
-        any thread may call it."""
-        prompt = list(prompt_token_ids)
+    def check_prompt(self, prompt_token_ids: abc.Sequence[int],
+                     truncate_prompt_tokens: int | None = None) -> list[int]:
+        """The prompt as a list (only its last `truncate_prompt_tokens` tokens, when given), or
+        InvalidRequestError / ContextLengthExceededError: token ids of this vocabulary, at
+        most max_model_len of them. Reads only fixed attributes, so any thread may call it."""
+        prompt = list(_truncate_prompt(prompt_token_ids, truncate_prompt_tokens))
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if len(prompt) > self.max_model_len:  # before the scan: a huge list fails fast

@@ -81,7 +81,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: St
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
                      prompts: Sequence[str] | Sequence[list[int]], max_tokens: int,
-                     check_token_ids: Callable[[list[int]], list[int]],
+                     check_token_ids: Callable[[list[int], int | None], list[int]],
                      add_special_tokens: bool = True,
                      keep_last: int | None = None) -> list[list[int]]:
     """Text prompts get the tokenizer's special tokens (e.g. BOS) unless add_special_tokens is
@@ -94,7 +94,7 @@ def tokenize_prompts(tokenizer: PreTrainedTokenizerBase,
             encoded.append(encode_prompt(tokenizer, prompt, max_tokens, add_special_tokens,
                                          keep_last))
         else:
-            encoded.append(check_token_ids(prompt[-keep_last:] if keep_last else prompt))
+            encoded.append(check_token_ids(prompt, keep_last))
     return encoded
 
 
