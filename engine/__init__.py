@@ -18,6 +18,7 @@ _EXPORTS = {
     "ModelConfig": "engine.config",
     "SchedulerConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.structured.params",
     "CompletionOutput": "engine.outputs",
     "Logprob": "engine.outputs",
     "RequestOutput": "engine.outputs",
@@ -66,3 +67,4 @@ if TYPE_CHECKING:
         RequestTiming,
     )
     from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
+    from engine.structured.params import StructuredOutputsParams

@@ -28,6 +28,7 @@ from engine.llm_engine import LLMEngine, PreparedRequest
 from engine.metrics import MetricsLogger, engine_config_info
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +158,8 @@ class AsyncEngine:
         the engine raises RequestFailedError (a passed `deadline`, in time.monotonic(),
         RequestTimeoutError; a dead engine EngineDeadError). Leaving the loop early aborts the
         request in the engine."""
+        if params.structured_outputs is not None:
+            await self.compile_grammar(params.structured_outputs)
         prepared = self._admit(request_id, prompt_token_ids, params, arrival_time)
         await self.start()
         assert self._loop is not None
@@ -180,6 +183,13 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def compile_grammar(self, params: StructuredOutputsParams) -> None:
+        """Compile a constraint in a worker thread (llguidance releases the GIL), so neither
+        the event loop nor the engine's steps wait for it; cached, so admission then finds it.
+        InvalidRequestError, naming the field, when it does not compile."""
+        with self._counting_refusals():
+            await asyncio.to_thread(self.llm_engine.grammars.compile, params)
 
     def abort(self, request_id: str) -> None:
         """Finish a request from any thread; idempotent. Its blocks are freed within a step."""

@@ -16,6 +16,7 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
 from engine.sequence import Sequence, SequenceStatus
+from engine.structured.grammar import CompiledGrammar, GrammarCompiler
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -56,6 +57,7 @@ class LLMEngine:
         self.vocab_size = int(self.loaded.hf_config.vocab_size)
         self.eos_token_ids = _eos_token_ids(self.loaded)
         self.generation_defaults = _generation_defaults(self.loaded)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         model_limit = _model_max_len(self.loaded, config.model.max_model_len)
         # the core sizes the KV pool; max_model_len is then capped to what the pool can hold
         self.core = EngineCore(config, self.loaded, model_limit)
@@ -100,12 +102,17 @@ class LLMEngine:
                 self.tokenizer, params.bad_words, self.vocab_size))
         prompt = self.check_prompt(prompt_token_ids, params.truncate_prompt_tokens)
         max_tokens = self._resolve_max_tokens(len(prompt), params.max_tokens)
+        # cached after the first time: the server compiles off the event loop beforehand
+        grammar = (self.grammars.compile(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
             Sequence(sequence_id=_sequence_id(request_id, index, params.n), prompt_token_ids=prompt,
                     sampling_params=self._sequence_params(params, index), arrival_time=arrival,
                     max_tokens=max_tokens)
             for index in range(params.n)]
+        if grammar is not None:
+            _attach_grammar(sequences, grammar)
         return PreparedRequest(request_id, sequences, params, arrival)
 
     def check_prompt(self, prompt_token_ids: abc.Sequence[int],
@@ -225,6 +232,14 @@ class LLMEngine:
             num_unfinished_requests=self.output_processor.num_unfinished_requests,
             num_free_blocks=manager.num_free_blocks, num_total_blocks=manager.num_total_blocks,
             kv_cache_usage=manager.usage)
+
+
+def _attach_grammar(sequences: list[Sequence], grammar: CompiledGrammar) -> None:
+    """Each sequence (each of n) walks the grammar on its own."""
+    for sequence in sequences:
+        matcher = grammar.new_matcher()
+        matcher.sequence_id = sequence.sequence_id
+        sequence.grammar = matcher
 
 
 def _sequence_id(request_id: str, index: int, n: int) -> str:

@@ -6,6 +6,7 @@ import logging
 import os
 from collections import abc
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -28,6 +29,7 @@ from engine.sampler import (
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledRow
 from engine.sequence import Sequence
+from engine.structured.grammar import GrammarMatcher, fill_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -334,13 +336,17 @@ class ModelRunner:
 
     def _sampling_metadata(self, sequences: list[Sequence]) -> SamplingMetadata:
         banned = [_banned_token_ids(r) for r in sequences]
+        grammar_rows = [row for row, r in enumerate(sequences) if r.grammar is not None]
+        matchers = [cast(GrammarMatcher, sequences[row].grammar) for row in grammar_rows]
         return SamplingMetadata.build(
             params=[r.sampling_params for r in sequences],
             prompt_token_ids=[r.prompt_token_ids for r in sequences],
             output_token_ids=[r.output_token_ids for r in sequences],
             generators=[self._generator(r) for r in sequences],
             banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device,
-            unseeded_generator=self.unseeded_generator)
+            unseeded_generator=self.unseeded_generator,
+            grammar_bitmask=fill_bitmask(matchers, self.vocab_size) if matchers else None,
+            grammar_rows=grammar_rows)
 
     def _generator(self, sequence: Sequence) -> torch.Generator | None:
         seed = sequence.sampling_params.seed

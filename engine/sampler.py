@@ -31,6 +31,10 @@ class SamplingMetadata:
     logit_bias: list[dict[int, float] | None] | None
     allowed_token_ids: list[tuple[int, ...] | None] | None  # per row; None: every token
     banned_token_ids: list[list[int]] | None  # per row, e.g. EOS while below min_tokens
+    # structured outputs: [num_constrained, ceil(vocab_size / 32)] int32 allowed-token bits
+    # (bit j of word w: token 32 * w + j) for the rows in grammar_rows [num_constrained] int64
+    grammar_bitmask: Tensor | None
+    grammar_rows: Tensor | None
     generators: dict[int, torch.Generator]  # row -> the request's seeded generator
     # the rows without a seed draw from this (the runner's); None: torch's global generator
     unseeded_generator: torch.Generator | None
@@ -49,6 +53,8 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device,
         unseeded_generator: torch.Generator | None = None,
+        grammar_bitmask: Tensor | None = None,
+        grammar_rows: Sequence[int] = (),
     ) -> SamplingMetadata:
         """Gather the rows' settings into tensors on `device`; unused features stay None so
         that `sample` skips them."""
@@ -81,6 +87,10 @@ class SamplingMetadata:
             if any(p.allowed_token_ids is not None for p in params) else None,
             banned_token_ids=[list(b) for b in banned_token_ids]
             if any(banned_token_ids) else None,
+            grammar_bitmask=(grammar_bitmask.to(device, non_blocking=True)
+                             if grammar_bitmask is not None else None),
+            grammar_rows=(torch.tensor(grammar_rows, dtype=torch.int64, device=device)
+                          if grammar_bitmask is not None else None),
             # greedy rows draw nothing, so their generators are left out
             generators={row: g for row, g in enumerate(generators)
                         if g is not None and not is_greedy[row]},
@@ -155,6 +165,15 @@ def bad_words_banned_ids(bad_words_token_ids: Sequence[Sequence[int]],
                for i in range(num_prefix)):
             banned.append(word[-1])
     return banned
+
+
+def apply_grammar_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> Tensor:
+    """Set every token a row's grammar does not allow to -inf; rows not in `rows` keep all."""
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [num_constrained, num_words, 32]
+    allowed = bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, _NEG_INF))
 
 
 def apply_banned_tokens(logits: Tensor, banned_token_ids: Sequence[Sequence[int]]) -> Tensor:
@@ -298,8 +317,12 @@ def gather_logprobs(logprobs: Tensor, token_ids: Tensor, num_logprobs: int
 
 
 def process_logits(logits: Tensor, metadata: SamplingMetadata) -> Tensor:
-    """Allowed tokens, bans, logit bias and penalties: what greedy and random rows both see.
-    The allowed set goes first, so that bias and penalties only rank the tokens it keeps."""
+    """Grammar, allowed tokens, bans, logit bias and penalties: what greedy and random rows
+    both see. The grammar and the allowed set go first, so that bias and penalties only rank
+    the tokens they keep, and always before temperature."""
+    if metadata.grammar_bitmask is not None:
+        assert metadata.grammar_rows is not None
+        logits = apply_grammar_bitmask(logits, metadata.grammar_bitmask, metadata.grammar_rows)
     if metadata.allowed_token_ids is not None:
         logits = apply_allowed_token_ids(logits, metadata.allowed_token_ids)
     if metadata.banned_token_ids is not None:

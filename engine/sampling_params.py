@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutputKind
+from engine.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # OpenAI caps top_logprobs at 20
 MAX_N = 16
@@ -36,7 +37,8 @@ class SamplingParams:
     none; k >= 0 means the sampled token's logprob plus the top k alternatives; prompt_logprobs
     likewise for every prompt token after the first. allowed_token_ids restricts every step to
     those tokens; bad_words bans each word (all its tokens in a row) from the output.
-    truncate_prompt_tokens keeps only the prompt's last k tokens.
+    truncate_prompt_tokens keeps only the prompt's last k tokens. structured_outputs constrains
+    the output to a JSON schema, regex, choice or grammar (engine/structured/).
     """
 
     n: int = 1
@@ -60,6 +62,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] = ()
     truncate_prompt_tokens: int | None = None
     cache_salt: str | None = None  # prefix-cache hits only between requests with this salt
+    structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = False
     include_stop_str_in_output: bool = False
@@ -135,6 +138,8 @@ class SamplingParams:
                f"cache_salt must be a non-empty string of at most {MAX_STOP_STRING_CHARS} "
                "characters", "cache_salt")
         self._validate_token_ids(vocab_size)
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         return self
 
     def _validate_stop(self) -> None:

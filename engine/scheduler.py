@@ -225,6 +225,11 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 sequence.stop_reason = token_id
                 return SequenceStatus.FINISHED_STOPPED
+        if sequence.grammar is not None and sequence.grammar.is_finished:
+            # the output is complete (only end-of-sequence could follow), whatever min_tokens
+            # or ignore_eos say: the grammar allows nothing else
+            sequence.stop_reason = None
+            return SequenceStatus.FINISHED_STOPPED
         if sequence.num_output_tokens >= sequence.max_tokens:
             return SequenceStatus.FINISHED_LENGTH
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.outputs import PositionLogprobs, RequestTiming
 from engine.sampling_params import SamplingParams
@@ -31,6 +32,15 @@ _FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_
                        SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR})
 
 
+class TokenConstraint(Protocol):
+    """What the scheduler sees of a sequence's grammar (engine/structured/grammar.py)."""
+
+    def accept(self, token_id: int) -> bool: ...
+
+    @property
+    def is_finished(self) -> bool: ...
+
+
 @dataclass(slots=True, eq=False)
 class Sequence:
     """A single sequence. A user request with n > 1 becomes n Sequences that share a parent id.
@@ -51,6 +61,8 @@ class Sequence:
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # filled by the KV cache manager
     stop_reason: int | str | None = None
+    # the grammar its output must match (structured outputs), advanced with every token
+    grammar: TokenConstraint | None = None
     timing: RequestTiming = field(init=False)
     # logprobs of prompt tokens 1, 2, ... as passes compute them; None when the params do not
     # ask for them, or once handed out with the first sampled token
@@ -84,6 +96,8 @@ class Sequence:
 
     def append_output_token_id(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
 
     # ---- prompt logprobs ----------------------------------------------------------------------
 
