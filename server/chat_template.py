@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class TemplateOptions:
     documents: Sequence[Mapping[str, str]] | None = None
     add_special_tokens: bool = False  # the template writes them; True adds the tokenizer's too
     keep_last: int | None = None  # truncate_prompt_tokens
+    tools: Sequence[Mapping[str, object]] | None = None  # OpenAI-shaped, for the template
 
 
 def load_chat_template(source: str) -> str:
@@ -63,12 +65,28 @@ def render_messages(messages: Sequence[ChatMessage]) -> list[dict[str, object]]:
             "role": "system" if message.role == "developer" else message.role,
             "content": _text_of(message.content, index),
         }
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             value = getattr(message, key)
             if value is not None:
                 item[key] = value
+        if message.tool_calls is not None:
+            item["tool_calls"] = [_template_tool_call(call) for call in message.tool_calls]
         rendered.append(item)
     return rendered
+
+
+def _template_tool_call(call: Mapping[str, object]) -> dict[str, object]:
+    """OpenAI sends a call's arguments as JSON text; templates write them with `tojson`, so
+    they get the parsed object (as transformers' and vLLM's do), else the text would be
+    quoted twice."""
+    function = call.get("function")
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return dict(call)
+    try:
+        arguments = json.loads(str(function["arguments"]))
+    except ValueError:
+        return dict(call)
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
@@ -111,6 +129,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[C
                        "continue", param="continue_final_message")
     if options.documents is not None:
         extra["documents"] = [dict(document) for document in options.documents]
+    if options.tools:
+        extra["tools"] = [dict(tool) for tool in options.tools]
     try:
         conversation: list[dict[str, Any]] = render_messages(messages)
         text = tokenizer.apply_chat_template(

@@ -28,6 +28,8 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--served-model-name", "served_model_name", {}),
     ("--chat-template", "chat_template", {"metavar": "FILE"}),
     ("--trust-request-chat-template", "trust_request_chat_template", {"action": "store_true"}),
+    ("--tool-call-parser", "tool_call_parser", {}),
+    ("--reasoning-parser", "reasoning_parser", {}),
     ("--api-key", "api_keys", {"action": "append", "metavar": "KEY"}),
     ("--api-key-file", "api_key_file", {"metavar": "PATH"}),
     ("--allowed-origins", "allowed_origins", {"action": "append", "metavar": "ORIGINS"}),

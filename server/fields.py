@@ -62,22 +62,12 @@ def _is_zero(value: object) -> bool:
                              and value == 0)
 
 
-def _is_text_format(value: object) -> bool:
-    return value is None or (isinstance(value, Mapping) and value.get("type") == "text")
-
-
 def _is_text_only(value: object) -> bool:
     return value is None or value == ["text"]
 
 
-def _is_no_tool_choice(value: object) -> bool:
-    # without tools, "none" and "auto" both mean: answer in text
-    return value is None or value in ("none", "auto")
-
-
 _BOTH = ENDPOINTS
-_TOOLS_LATER = "tool calling is not served yet"
-_GUIDED_LATER = "guided decoding is not served yet"
+_ONE_CONSTRAINT = "one constraint per request (response_format, guided_*, structured_outputs)"
 
 # (name, endpoints, origin, support, note[, neutral]) in the order of the APIs' references
 FIELDS: tuple[RequestField, ...] = tuple(RequestField(*spec) for spec in (
@@ -115,20 +105,19 @@ FIELDS: tuple[RequestField, ...] = tuple(RequestField(*spec) for spec in (
     ("safety_identifier", (CHAT,), "OpenAI", Support.NO_EFFECT, "logged only"),
     ("prediction", (CHAT,), "OpenAI", Support.NO_EFFECT,
      "a predicted output only speeds OpenAI's answer up; it never changes it"),
-    ("parallel_tool_calls", (CHAT,), "OpenAI", Support.NO_EFFECT,
-     "meaningless without tools, which are refused"),
+    ("parallel_tool_calls", (CHAT,), "OpenAI", Support.SUPPORTED,
+     "false: at most one call (enforced by the grammar with required or a named tool)"),
     ("modalities", (CHAT,), "OpenAI", Support.REFUSED, "text only: [\"text\"] is accepted",
      _is_text_only),
     ("audio", (CHAT,), "OpenAI", Support.REFUSED, "text-only models", _is_null),
-    ("response_format", _BOTH, "OpenAI", Support.REFUSED,
-     f"{_GUIDED_LATER}; {{\"type\": \"text\"}} is accepted", _is_text_format),
-    ("tools", (CHAT,), "OpenAI", Support.REFUSED, f"{_TOOLS_LATER}; [] is accepted",
-     _is_empty),
-    ("tool_choice", (CHAT,), "OpenAI", Support.REFUSED,
-     f"{_TOOLS_LATER}; \"none\" and \"auto\" are accepted", _is_no_tool_choice),
-    ("functions", (CHAT,), "OpenAI", Support.REFUSED, _TOOLS_LATER, _is_empty),
-    ("function_call", (CHAT,), "OpenAI", Support.REFUSED,
-     f"{_TOOLS_LATER}; \"none\" and \"auto\" are accepted", _is_no_tool_choice),
+    ("response_format", _BOTH, "OpenAI", Support.SUPPORTED,
+     "text, json_object, json_schema: enforced by a grammar (llguidance) on every token"),
+    ("tools", (CHAT,), "OpenAI", Support.SUPPORTED,
+     "functions, rendered by the chat template; calls parsed from the model's own format"),
+    ("tool_choice", (CHAT,), "OpenAI", Support.SUPPORTED,
+     "none, auto (parsed), required and a named function (forced by a grammar)"),
+    ("functions", (CHAT,), "OpenAI", Support.SUPPORTED, "legacy: served as tools"),
+    ("function_call", (CHAT,), "OpenAI", Support.SUPPORTED, "legacy: served as tool_choice"),
     ("reasoning_effort", (CHAT,), "OpenAI", Support.REFUSED,
      "no reasoning models are served", _is_null),
     ("verbosity", (CHAT,), "OpenAI", Support.REFUSED, "no verbosity control", _is_null),
@@ -180,14 +169,19 @@ FIELDS: tuple[RequestField, ...] = tuple(RequestField(*spec) for spec in (
      "prefix-cache hits only between requests with the same salt (per-tenant isolation)"),
     ("kv_transfer_params", _BOTH, "vLLM", Support.REFUSED, "no disaggregated prefill",
      _is_empty),
-    ("guided_json", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("guided_regex", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("guided_choice", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("guided_grammar", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("guided_decoding_backend", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("guided_whitespace_pattern", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("structural_tag", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
-    ("structured_outputs", _BOTH, "vLLM", Support.REFUSED, _GUIDED_LATER, _is_null),
+    ("guided_json", _BOTH, "vLLM", Support.SUPPORTED, f"a JSON schema; {_ONE_CONSTRAINT}"),
+    ("guided_regex", _BOTH, "vLLM", Support.SUPPORTED, "the output matches the regex"),
+    ("guided_choice", _BOTH, "vLLM", Support.SUPPORTED, "the output is one of the strings"),
+    ("guided_grammar", _BOTH, "vLLM", Support.SUPPORTED,
+     "a Lark grammar (llguidance's dialect) or GBNF"),
+    ("guided_decoding_backend", _BOTH, "vLLM", Support.NO_EFFECT,
+     "one backend (llguidance) serves every constraint"),
+    ("guided_whitespace_pattern", _BOTH, "vLLM", Support.REFUSED,
+     "JSON is generated without optional whitespace", _is_null),
+    ("structural_tag", _BOTH, "vLLM", Support.REFUSED, "not served; use guided_grammar",
+     _is_null),
+    ("structured_outputs", _BOTH, "vLLM", Support.SUPPORTED,
+     "vLLM's newer form: one of json, regex, choice, grammar, json_object"),
     ("prompt_embeds", (COMPLETIONS,), "vLLM", Support.REFUSED, "token or text prompts only",
      _is_empty),
     # ---- vLLM's chat-template controls
@@ -200,8 +194,8 @@ FIELDS: tuple[RequestField, ...] = tuple(RequestField(*spec) for spec in (
     ("chat_template_kwargs", (CHAT,), "vLLM", Support.SUPPORTED,
      "extra template variables (e.g. enable_thinking)"),
     ("documents", (CHAT,), "vLLM", Support.SUPPORTED, "passed to RAG-aware templates"),
-    ("include_reasoning", (CHAT,), "vLLM", Support.NO_EFFECT,
-     "no reasoning parser: reasoning stays in content"),
+    ("include_reasoning", (CHAT,), "vLLM", Support.SUPPORTED,
+     "with --reasoning-parser: false leaves reasoning_content out"),
     ("mm_processor_kwargs", (CHAT,), "vLLM", Support.REFUSED, "text-only models", _is_empty),
 ))
 

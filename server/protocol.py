@@ -32,6 +32,7 @@ MAX_ALLOWED_TOKEN_IDS = 262_144  # allowed_token_ids: up to a whole large vocabu
 MAX_BAD_WORDS = 256
 MAX_CHAT_TEMPLATE_CHARS = 131_072  # the largest shipped templates are ~20k characters
 MAX_DOCUMENTS = 256
+MAX_TOOLS = 256
 
 TokenIds = list[StrictInt]
 # JSON allows 1e999 and Python's json module NaN/Infinity; no sampling field means either
@@ -132,6 +133,66 @@ class ChatMessage(OpenAIBaseModel):
         return self
 
 
+# ---------------------------------------------------------------- structured outputs and tools
+
+JsonSchema = dict[str, object]
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute; the JSON key is still "schema"
+    schema_: JsonSchema | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format of type "json_schema" needs json_schema')
+        return self
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: JsonSchema | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: JsonSchema | None = None
+    strict: bool | None = None
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionNameRef(OpenAIBaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionNameRef
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+FunctionCallChoice = Literal["none", "auto"] | FunctionNameRef  # legacy function_call
+
+
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage)
@@ -177,6 +238,14 @@ class SamplingRequest(RequestBody):
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
     request_id: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS,
                                      pattern=r"^[A-Za-z0-9._:-]+$")] | None = None
+    # structured outputs (server/structured.py): at most one of these per request
+    response_format: ResponseFormat | None = None
+    guided_json: JsonSchema | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_decoding_backend: ShortStr | None = None  # one backend here: no effect
 
     @model_validator(mode="before")
     @classmethod
@@ -221,8 +290,12 @@ class ChatCompletionRequest(SamplingRequest):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: dict[str, object] | None = None
-    parallel_tool_calls: bool | None = None
     include_reasoning: bool = True
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Annotated[list[FunctionDefinition], Field(max_length=MAX_TOOLS)] | None = None
+    function_call: FunctionCallChoice | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -361,12 +434,33 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = None  # vLLM: with --reasoning-parser
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # reasoning_content only from a reasoning parser, as vLLM sends it
+        data = handler(self)
+        if data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
 
 
 class ChatChoice(OmitsUnsetExtras):
@@ -392,11 +486,35 @@ class ChatCompletionResponse(OmitsUnsetExtras):
     prompt_token_ids: list[int] | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed call: index, id, type and name first, then argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
 class DeltaMessage(BaseModel):
     """A stream delta carries only what changed: OpenAI sends `{}` with the finish reason."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from engine import GENERATION_DEFAULT_FIELDS, RequestOutputKind, SamplingParams
 from server.errors import ApiError
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from server.structured import output_constraint
 
 
 def check_combinations(request: SamplingRequest) -> None:
@@ -74,7 +75,7 @@ def _build(request: SamplingRequest, defaults: Mapping[str, float | int], max_mo
         bad_words=tuple(request.bad_words or ()),
         truncate_prompt_tokens=_truncation(request.truncate_prompt_tokens, max_model_len),
         spaces_between_special_tokens=request.spaces_between_special_tokens,
-        cache_salt=request.cache_salt,
+        cache_salt=request.cache_salt, structured_outputs=output_constraint(request),
         **kwargs,  # type: ignore[arg-type]
     )
 

@@ -51,6 +51,12 @@ class Settings(BaseModel):
         False, description="let requests bring their own chat_template: a template is code, "
         "run in the same Jinja sandbox as the model's, which limits what it can reach but not "
         "how long it runs (off: such requests get 400)")
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
+        None, description="the model's tool-call format, parsed into tool_calls when "
+        "tool_choice is auto (default: recognised from the chat template)")
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
+        None, description="models that think in <think>...</think>: the thinking goes to "
+        "reasoning_content (default: none, it stays in content)")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
     api_keys: tuple[str, ...] = Field(

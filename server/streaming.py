@@ -29,6 +29,7 @@ from server.errors import (
     internal_error,
     request_timed_out,
 )
+from server.message_parsing import DeltaParts, MessageStreamer, OutputParsers
 from server.outputs import (
     CompletionLogprobBuilder,
     TokenLogprobs,
@@ -248,9 +249,9 @@ class Chunker(Protocol):
     def start(self, firsts: Sequence[RequestOutput], n: int, usage: Usage | None) -> list[str]:
         ...
 
-    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> str: ...
+    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> list[str]: ...
 
-    def finish(self, index: int, reason: str, usage: Usage | None) -> str: ...
+    def finish(self, index: int, reason: str, usage: Usage | None) -> list[str]: ...
 
     def usage(self, usage: Usage) -> str: ...
 
@@ -263,6 +264,8 @@ class ChatChunker:
     as_token_ids: bool = False  # return_tokens_as_token_ids
     return_token_ids: bool = False
     echo_text: str | None = None  # chat echo: the last (assistant) message, sent first
+    parsers: OutputParsers = field(default_factory=OutputParsers)  # reasoning, tool calls
+    _streamers: dict[int, MessageStreamer] = field(default_factory=dict)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
                prompt_token_ids: list[int] | None = None) -> str:
@@ -282,19 +285,41 @@ class ChatChunker:
                 index=i, delta=DeltaMessage(content=self.echo_text))], usage) for i in range(n)]
         return events
 
-    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> str:
+    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> list[str]:
         logprobs = None
         if self.top_logprobs is not None and choice.logprobs:
             logprobs = chat_logprobs(choice.token_ids, choice.logprobs, self.top_logprobs,
                                      self.tokenizer, self.as_token_ids)
-        return self._chunk([ChatChunkChoice(
-            index=index, delta=DeltaMessage(content=choice.text), logprobs=logprobs,
-            token_ids=list(choice.token_ids) if self.return_token_ids else None)], usage)
+        delta = DeltaMessage(content=choice.text)
+        if self.parsers.is_active:
+            parts = self._streamer(index).feed(choice.text)
+            if parts.is_empty and logprobs is None and not self.return_token_ids:
+                return []  # held back: it may be the start of a tool call or a tag
+            delta = _delta_message(parts)
+        return [self._chunk([ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs,
+            token_ids=list(choice.token_ids) if self.return_token_ids else None)], usage)]
 
-    def finish(self, index: int, reason: str, usage: Usage | None) -> str:
-        return self._chunk([ChatChunkChoice(index=index, delta=DeltaMessage(),
-                                            finish_reason=reason)],  # type: ignore[arg-type]
-                           usage)
+    def finish(self, index: int, reason: str, usage: Usage | None) -> list[str]:
+        events = []
+        if self.parsers.is_active:
+            streamer = self._streamer(index)
+            parts = streamer.finish()
+            if not parts.is_empty:
+                events.append(self._chunk([ChatChunkChoice(index=index,
+                                                           delta=_delta_message(parts))], usage))
+            if streamer.num_calls and reason == "stop":
+                reason = "tool_calls"
+        events.append(self._chunk([ChatChunkChoice(
+            index=index, delta=DeltaMessage(),
+            finish_reason=reason)], usage))  # type: ignore[arg-type]
+        return events
+
+    def _streamer(self, index: int) -> MessageStreamer:
+        streamer = self._streamers.get(index)
+        if streamer is None:
+            streamer = self._streamers[index] = self.parsers.streamer()
+        return streamer
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage=usage)
@@ -339,18 +364,18 @@ class CompletionChunker:
                     usage))
         return events
 
-    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> str:
+    def delta(self, index: int, choice: CompletionOutput, usage: Usage | None) -> list[str]:
         logprobs = None
         if self.logprobs is not None and choice.logprobs:
             logprobs = self._builder(index).build(choice.token_ids, choice.logprobs)
-        return self._chunk([CompletionChoice(
+        return [self._chunk([CompletionChoice(
             index=index, text=choice.text, logprobs=logprobs,
-            token_ids=list(choice.token_ids) if self.return_token_ids else None)], usage)
+            token_ids=list(choice.token_ids) if self.return_token_ids else None)], usage)]
 
-    def finish(self, index: int, reason: str, usage: Usage | None) -> str:
-        return self._chunk([CompletionChoice(index=index, text="",
-                                             finish_reason=reason)],  # type: ignore[arg-type]
-                           usage)
+    def finish(self, index: int, reason: str, usage: Usage | None) -> list[str]:
+        return [self._chunk([CompletionChoice(index=index, text="",
+                                              finish_reason=reason)],  # type: ignore[arg-type]
+                            usage)]
 
     def usage(self, usage: Usage) -> str:
         return self._chunk([], usage=usage)
@@ -370,10 +395,10 @@ def _step_events(chunker: Chunker, n: int, prompt_index: int, output: RequestOut
         if index in finished:
             continue
         if choice.text or choice.logprobs:  # a delta: this step's part only
-            yield chunker.delta(index, choice, usage)
+            yield from chunker.delta(index, choice, usage)
         if choice.finish_reason is not None:
             finished.add(index)
-            yield chunker.finish(index, finish_reason(choice), usage)
+            yield from chunker.finish(index, finish_reason(choice), usage)
 
 
 async def sse_events(stream: OutputStream, chunker: Chunker, n: int, include_usage: bool,
@@ -408,6 +433,11 @@ async def sse_events(stream: OutputStream, chunker: Chunker, n: int, include_usa
     finally:
         await stream.aclose()
     yield "[DONE]"
+
+
+def _delta_message(parts: DeltaParts) -> DeltaMessage:
+    return DeltaMessage(content=parts.content or None, reasoning_content=parts.reasoning or None,
+                        tool_calls=parts.tool_calls or None)
 
 
 def event_json(payload: BaseModel) -> str:

@@ -59,6 +59,12 @@ SERVED_SAMPLES: dict[str, dict[str, dict[str, object]]] = {
         "request_id": {"request_id": "client-id-1"},
         "add_special_tokens": {"add_special_tokens": True},
         "cache_salt": {"cache_salt": "tenant-a"},
+        "response_format": {"response_format": {"type": "json_object"}},
+        "guided_json": {"guided_json": {"type": "object"}},
+        "guided_regex": {"guided_regex": "a+"}, "guided_choice": {"guided_choice": ["a"]},
+        "guided_grammar": {"guided_grammar": 'root ::= "a"'},
+        "guided_decoding_backend": {"guided_decoding_backend": "guidance"},
+        "structured_outputs": {"structured_outputs": {"choice": ["a"]}},
     },
     CHAT: {
         "messages": {"messages": MESSAGES}, "logprobs": {"logprobs": True},
@@ -76,6 +82,12 @@ SERVED_SAMPLES: dict[str, dict[str, dict[str, object]]] = {
         "chat_template_kwargs": {"chat_template_kwargs": {"unused_variable": 1}},
         "documents": {"documents": [{"title": "t", "text": "x"}]},
         "include_reasoning": {"include_reasoning": False},
+        # the tiny model's template shows no tool format: "auto" would be a 400 (no parser)
+        "tools": {"tools": [TOOL], "tool_choice": "required"},
+        "tool_choice": {"tools": [TOOL], "tool_choice": {"type": "function",
+                                                         "function": {"name": "f"}}},
+        "functions": {"functions": [TOOL["function"]], "function_call": {"name": "f"}},
+        "function_call": {"functions": [TOOL["function"]], "function_call": {"name": "f"}},
     },
     COMPLETIONS: {
         "prompt": {"prompt": "hello"}, "logprobs": {"logprobs": 2},
@@ -85,14 +97,11 @@ SERVED_SAMPLES: dict[str, dict[str, dict[str, object]]] = {
 }
 REFUSED_SAMPLES: dict[str, object] = {
     "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"},
-    "response_format": {"type": "json_object"}, "tools": [TOOL], "tool_choice": "required",
-    "functions": [{"name": "f"}], "function_call": {"name": "f"}, "reasoning_effort": "low",
+    "reasoning_effort": "low",
     "verbosity": "low", "web_search_options": {}, "suffix": "tail", "use_beam_search": True,
     "length_penalty": 0.5, "priority": 1, "logits_processors": ["x"], "vllm_xargs": {"a": 1},
-    "kv_transfer_params": {"a": 1}, "guided_json": {"type": "object"},
-    "guided_regex": "a+", "guided_choice": ["a"], "guided_grammar": "root ::= \"a\"",
-    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ",
-    "structural_tag": {"type": "structural_tag"}, "structured_outputs": {"choice": ["a"]},
+    "kv_transfer_params": {"a": 1}, "guided_whitespace_pattern": " ",
+    "structural_tag": {"type": "structural_tag"},
     "prompt_embeds": "AAAA", "mm_processor_kwargs": {"a": 1},
 }
 # served, but off unless the server allows it: its own tests below run on such a server
@@ -168,8 +177,33 @@ def test_refused_fields_refuse_through_the_sdk(server: RunningServer) -> None:
 
     with pytest.raises(openai.BadRequestError) as info:
         server.client().chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
-                                                tools=[TOOL])  # type: ignore[list-item]
-    assert info.value.body["param"] == "tools"  # type: ignore[index]
+                                                reasoning_effort="low")
+    assert info.value.body["param"] == "reasoning_effort"  # type: ignore[index]
+
+
+def test_reasoning_content_and_include_reasoning(tiny_llama_dir: Path) -> None:
+    """--reasoning-parser qwen3: <think>...</think> goes to reasoning_content (a grammar makes
+    the random model write it), the rest to content; include_reasoning false leaves it out."""
+    regex = {"guided_regex": "<think>[a-z]{4}</think>[a-z]{3}"}
+    with serve(tiny_llama_dir, {"reasoning_parser": "qwen3"}) as reasoning_server:
+        body = {**BASE_BODIES[CHAT], "max_tokens": 40, "temperature": 0.0, **regex}
+        message = reasoning_server.http().post(PATHS[CHAT], json=body).json()[
+            "choices"][0]["message"]
+        assert re.fullmatch("[a-z]{4}", message["reasoning_content"])
+        assert re.fullmatch("[a-z]{3}", message["content"])
+        hidden = reasoning_server.http().post(
+            PATHS[CHAT], json={**body, "include_reasoning": False}).json()["choices"][0]
+        assert "reasoning_content" not in hidden["message"]
+        assert hidden["message"]["content"] == message["content"]
+        stream = reasoning_server.client().chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=40, stream=True, temperature=0.0,
+            extra_body=regex)
+        reasoning, content = "", ""
+        for chunk in stream:
+            delta = chunk.choices[0].delta if chunk.choices else None
+            reasoning += getattr(delta, "reasoning_content", None) or ""
+            content += (delta.content or "") if delta is not None else ""
+        assert (reasoning, content) == (message["reasoning_content"], message["content"])
 
 
 # ---------------------------------------------------------------- API odds and ends
@@ -718,6 +752,8 @@ def test_documents(trusting_server: RunningServer,
 _UNIT = "tests/unit"
 _API = "tests/integration/test_openai_api.py"
 _HERE = "tests/integration/test_request_fields.py"
+_STRUCTURED = "tests/integration/test_structured_outputs.py"
+_TOOLS = "tests/integration/test_tools.py"
 BEHAVIOUR_TESTS: dict[str, str] = {
     "model": f"{_HERE}::test_model_is_the_served_name",
     "frequency_penalty":
@@ -764,6 +800,18 @@ BEHAVIOUR_TESTS: dict[str, str] = {
     "chat_template": f"{_HERE}::test_request_chat_template",
     "chat_template_kwargs": f"{_HERE}::test_chat_template_kwargs",
     "documents": f"{_HERE}::test_documents",
+    "include_reasoning": f"{_HERE}::test_reasoning_content_and_include_reasoning",
+    "response_format": f"{_STRUCTURED}::test_every_drawn_schema_is_followed",
+    "guided_json": f"{_STRUCTURED}::test_guided_json_as_object_and_as_string",
+    "guided_regex": f"{_STRUCTURED}::test_guided_regex_and_grammar",
+    "guided_grammar": f"{_STRUCTURED}::test_guided_regex_and_grammar",
+    "guided_choice": f"{_STRUCTURED}::test_guided_choice",
+    "structured_outputs": f"{_STRUCTURED}::test_structured_outputs_object",
+    "tools": f"{_TOOLS}::test_forced_calls_are_valid_tool_calls",
+    "tool_choice": f"{_TOOLS}::test_forced_calls_are_valid_tool_calls",
+    "parallel_tool_calls": f"{_TOOLS}::test_forced_calls_are_valid_tool_calls",
+    "functions": f"{_TOOLS}::test_legacy_functions_behave_like_tools",
+    "function_call": f"{_TOOLS}::test_legacy_functions_behave_like_tools",
 }
 
 
