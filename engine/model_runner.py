@@ -336,8 +336,7 @@ class ModelRunner:
 
     def _sampling_metadata(self, sequences: list[Sequence]) -> SamplingMetadata:
         banned = [_banned_token_ids(r) for r in sequences]
-        grammar_rows = [row for row, r in enumerate(sequences) if r.grammar is not None]
-        matchers = [cast(GrammarMatcher, sequences[row].grammar) for row in grammar_rows]
+        matchers = [cast(GrammarMatcher | None, r.grammar) for r in sequences]
         return SamplingMetadata.build(
             params=[r.sampling_params for r in sequences],
             prompt_token_ids=[r.prompt_token_ids for r in sequences],
@@ -345,8 +344,8 @@ class ModelRunner:
             generators=[self._generator(r) for r in sequences],
             banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device,
             unseeded_generator=self.unseeded_generator,
-            grammar_bitmask=fill_bitmask(matchers, self.vocab_size) if matchers else None,
-            grammar_rows=grammar_rows)
+            grammar_bitmask=(fill_bitmask(matchers, self.vocab_size)
+                             if any(m is not None for m in matchers) else None))
 
     def _generator(self, sequence: Sequence) -> torch.Generator | None:
         seed = sequence.sampling_params.seed

@@ -31,10 +31,9 @@ class SamplingMetadata:
     logit_bias: list[dict[int, float] | None] | None
     allowed_token_ids: list[tuple[int, ...] | None] | None  # per row; None: every token
     banned_token_ids: list[list[int]] | None  # per row, e.g. EOS while below min_tokens
-    # structured outputs: [num_constrained, ceil(vocab_size / 32)] int32 allowed-token bits
-    # (bit j of word w: token 32 * w + j) for the rows in grammar_rows [num_constrained] int64
+    # structured outputs: [num_seqs, ceil(vocab_size / 32)] int32 allowed-token bits (bit j of
+    # word w: token 32 * w + j); all ones in rows without a grammar
     grammar_bitmask: Tensor | None
-    grammar_rows: Tensor | None
     generators: dict[int, torch.Generator]  # row -> the request's seeded generator
     # the rows without a seed draw from this (the runner's); None: torch's global generator
     unseeded_generator: torch.Generator | None
@@ -54,7 +53,6 @@ class SamplingMetadata:
         device: torch.device,
         unseeded_generator: torch.Generator | None = None,
         grammar_bitmask: Tensor | None = None,
-        grammar_rows: Sequence[int] = (),
     ) -> SamplingMetadata:
         """Gather the rows' settings into tensors on `device`; unused features stay None so
         that `sample` skips them."""
@@ -89,8 +87,6 @@ class SamplingMetadata:
             if any(banned_token_ids) else None,
             grammar_bitmask=(grammar_bitmask.to(device, non_blocking=True)
                              if grammar_bitmask is not None else None),
-            grammar_rows=(torch.tensor(grammar_rows, dtype=torch.int64, device=device)
-                          if grammar_bitmask is not None else None),
             # greedy rows draw nothing, so their generators are left out
             generators={row: g for row, g in enumerate(generators)
                         if g is not None and not is_greedy[row]},
@@ -167,13 +163,23 @@ def bad_words_banned_ids(bad_words_token_ids: Sequence[Sequence[int]],
     return banned
 
 
-def apply_grammar_bitmask(logits: Tensor, bitmask: Tensor, rows: Tensor) -> Tensor:
-    """Set every token a row's grammar does not allow to -inf; rows not in `rows` keep all."""
+def apply_grammar_bitmask(logits: Tensor, bitmask: Tensor) -> Tensor:
+    """Set every token a row's grammar does not allow to -inf (a row of all ones keeps all).
+    Each byte of the bitmask picks its 8 tokens' penalties (0 or -inf) from a 256-entry table:
+    one gather and one add over the batch, several times faster on CPU than unpacking the
+    bits into a boolean mask, or than picking out the constrained rows and putting them back."""
     vocab_size = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [num_constrained, num_words, 32]
-    allowed = bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
-    return logits.index_put((rows,), logits[rows].masked_fill(~allowed, _NEG_INF))
+    index = bitmask.view(torch.uint8).view(-1).to(torch.int64)  # little-endian: token order
+    table = _bit_penalties(logits.device, logits.dtype)
+    penalties = table.index_select(0, index).view(bitmask.shape[0], -1)[:, :vocab_size]
+    return logits + penalties
+
+
+@functools.cache
+def _bit_penalties(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[256, 8]: entry [b, j] is 0 where bit j of byte b is set (allowed), else -inf."""
+    is_set = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()
+    return torch.zeros(256, 8, dtype=dtype).masked_fill_(~is_set, _NEG_INF).to(device)
 
 
 def apply_banned_tokens(logits: Tensor, banned_token_ids: Sequence[Sequence[int]]) -> Tensor:
@@ -321,8 +327,7 @@ def process_logits(logits: Tensor, metadata: SamplingMetadata) -> Tensor:
     both see. The grammar and the allowed set go first, so that bias and penalties only rank
     the tokens they keep, and always before temperature."""
     if metadata.grammar_bitmask is not None:
-        assert metadata.grammar_rows is not None
-        logits = apply_grammar_bitmask(logits, metadata.grammar_bitmask, metadata.grammar_rows)
+        logits = apply_grammar_bitmask(logits, metadata.grammar_bitmask)
     if metadata.allowed_token_ids is not None:
         logits = apply_allowed_token_ids(logits, metadata.allowed_token_ids)
     if metadata.banned_token_ids is not None:

@@ -502,6 +502,8 @@ class ToolParser(ABC):
     name: ClassVar[str]
     syntax: ClassVar[CallSyntax]
     shape: ClassVar[GrammarShape]
+    # the format's marker is a special token, so the text must keep special tokens
+    keeps_special_tokens: ClassVar[bool] = False
 
     def extract(self, text: str) -> ExtractedCalls:
         streamer = ToolCallStreamer(self.syntax, is_eager=False)
@@ -581,6 +583,7 @@ class MistralParser(ToolParser):
     """Mistral: [TOOL_CALLS] then a JSON array of {"name": ..., "arguments": {...}}."""
 
     name = "mistral"
+    keeps_special_tokens = True
     syntax = CallSyntax(marker="[TOOL_CALLS]", is_anchored=False, prefixes=(), list_open="[",
                         separator=",", list_close="]")
     # "[TOOL_CALLS]" as text: a grammar has no token ids to name the special token by

@@ -177,12 +177,14 @@ def _mask_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
-def fill_bitmask(matchers: Sequence[GrammarMatcher], vocab_size: int) -> torch.Tensor:
-    """[len(matchers), ceil(vocab_size / 32)] int32 on the CPU, one row per matcher, all
-    filled in one call: bit j of word w allows token 32 * w + j."""
+def fill_bitmask(matchers: Sequence[GrammarMatcher | None], vocab_size: int) -> torch.Tensor:
+    """[num_seqs, ceil(vocab_size / 32)] int32 on the CPU: bit j of word w allows token
+    32 * w + j. Rows without a matcher allow everything; the others are filled in one call."""
     bitmask = torch.full((len(matchers), (vocab_size + _BITS - 1) // _BITS), -1,
                          dtype=torch.int32)
-    rows = [(m.matcher, row) for row, m in enumerate(matchers)]
-    matchers[0].executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), bitmask.shape[1] * 4,
-                                     bitmask.shape[0])
+    rows = [(m.matcher, row) for row, m in enumerate(matchers) if m is not None]
+    if rows:
+        executor = next(m for m in matchers if m is not None).executor
+        executor.unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                         bitmask.shape[0])
     return bitmask

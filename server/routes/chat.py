@@ -88,6 +88,9 @@ async def _apply_tool_plan(engine: AsyncEngine, params: SamplingParams,
         return params
     for constraint in parameter_constraints(plan):
         await engine.compile_grammar(constraint)
+    if plan.parser.keeps_special_tokens and params.skip_special_tokens:
+        # Mistral's [TOOL_CALLS] is a special token: skipped, no call could be found
+        params = dataclasses.replace(params, skip_special_tokens=False)
     if plan.constraint is None:
         return params
     if params.structured_outputs is not None:

@@ -122,6 +122,20 @@ BOOL = Field(st.booleans(), (0, 1, "true", None))
 MAX_TOKENS = Field(st.integers(1, 8), (0, -1, MAX_MODEL_LEN, MAX_MODEL_LEN + 1, 2**31, 2**63,
                                        2**64, 1.0, 1.5))
 
+SMALL_SCHEMA = st.sampled_from((
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+     "required": ["a"], "additionalProperties": False},
+    {"type": "string", "maxLength": 3}, {"enum": ["x", "y"]}, {"type": "boolean"},
+    {"type": "frobnicate"}, {"type": "object", "properties": 5}, {"anyOf": []}))
+TOOL = st.fixed_dictionaries(
+    {"type": st.just("function"),
+     "function": st.fixed_dictionaries({"name": st.sampled_from(("f", "g", "get_weather"))},
+                                       optional={"description": SHORT_TEXT,
+                                                 "parameters": SMALL_SCHEMA})})
+TOOL_CHOICE = st.one_of(st.sampled_from(("none", "auto", "required")),
+                        st.sampled_from(("f", "g", "zzz")).map(
+                            lambda name: {"type": "function", "function": {"name": name}}))
+
 SAMPLING_FIELDS: dict[str, Field] = {
     "model": Field(st.just(MODEL_NAME), ("gpt-4o", "", "../../etc/passwd", "\ud800")),
     "n": Field(_weighted((4, st.integers(1, 4)), (1, st.integers(5, 16))),
@@ -171,6 +185,23 @@ SAMPLING_FIELDS: dict[str, Field] = {
     "cache_salt": Field(SHORT_TEXT, ("", "\ud800", "x" * 300)),
     "add_special_tokens": BOOL,
     "priority": Field(st.just(0), (1, -1, 2**63)),  # refused unless 0
+    # constraints: valid ones make the tiny model's rows constrained; broken ones are a 400
+    "guided_json": Field(SMALL_SCHEMA, ("{", [1], {"type": 5})),
+    "guided_regex": Field(st.one_of(st.sampled_from(("a+", "[0-9]{1,3}", "x|yz")), SHORT_TEXT),
+                          ("(a", "[", "\ud800")),
+    "guided_choice": Field(st.lists(SHORT_TEXT, min_size=1, max_size=3), ([], [""], [1])),
+    "guided_grammar": Field(st.sampled_from(('root ::= "a" | "bc"', 'start: "x"+')),
+                            ("start: missing", "root ::= (", "")),
+    "structured_outputs": Field(st.one_of(
+        st.fixed_dictionaries({"choice": st.lists(SHORT_TEXT, min_size=1, max_size=3)}),
+        st.fixed_dictionaries({"json": SMALL_SCHEMA}), st.just({"json_object": True})),
+        ({}, {"regex": "a", "choice": ["b"]}, {"json": "{"})),
+    "response_format": Field(st.one_of(
+        st.sampled_from(({"type": "text"}, {"type": "json_object"})),
+        SMALL_SCHEMA.map(lambda schema: {"type": "json_schema",
+                                         "json_schema": {"name": "s", "schema": schema}})),
+        ({"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {
+            "name": "s", "schema": 5}})),
     # a field no schema knows: ignored, whatever its value (mutations add more, any name)
     "frobnicate": Field(JSON_ANY),
 }
@@ -217,8 +248,11 @@ CHAT_FIELDS: dict[str, Field] = {
     "chat_template": Field(st.just("{{ messages }}"), ("{% for %}", "", "\ud800")),
     "metadata": Field(st.dictionaries(SHORT_TEXT, SHORT_TEXT, max_size=2)),
     "store": BOOL,
-    "tools": Field(JSON_ANY),
-    "response_format": Field(JSON_ANY),
+    "tools": Field(st.lists(TOOL, max_size=2),
+                   ([{}], [{"type": "function"}], [{"type": "function",
+                                                    "function": {"name": "a b"}}])),
+    "tool_choice": Field(TOOL_CHOICE, ("bogus", {"type": "function"})),
+    "parallel_tool_calls": BOOL,
 }
 PROMPT = st.one_of(SHORT_TEXT, st.lists(SHORT_TEXT, min_size=1, max_size=4), TOKEN_IDS,
                    st.lists(TOKEN_IDS, min_size=1, max_size=4))

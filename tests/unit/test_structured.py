@@ -92,7 +92,7 @@ def test_bad_constraints_name_their_field(compiler: GrammarCompiler,
 def test_bitmask_allows_exactly_the_grammars_next_tokens(compiler: GrammarCompiler) -> None:
     tokenizer = build_tokenizer()
     matcher = compiler.compile(StructuredOutputsParams(regex="[a-z]{1,12}")).new_matcher()
-    allowed = allowed_tokens(fill_bitmask([matcher], VOCAB_SIZE)[0], VOCAB_SIZE)
+    allowed = allowed_tokens(fill_bitmask([None, matcher], VOCAB_SIZE)[1], VOCAB_SIZE)
     expected = {t for t in range(len(tokenizer))
                 if re.fullmatch("[a-z]+", tokenizer.decode([t]))
                 and not tokenizer.convert_ids_to_tokens(t).startswith("<|")}
@@ -124,17 +124,30 @@ def test_choice_quotes_any_string(compiler: GrammarCompiler) -> None:
 def test_bitmask_masks_only_the_constrained_rows() -> None:
     vocab_size = 70  # not a multiple of 32: the last word is partly padding
     logits = torch.randn(3, vocab_size)
-    bitmask = torch.zeros(1, 3, dtype=torch.int32)
-    bitmask[0, 1] = 1 << 5  # token 37 only
-    masked = apply_grammar_bitmask(logits, bitmask, torch.tensor([1]))
+    bitmask = torch.full((3, 3), -1, dtype=torch.int32)  # rows 0 and 2: no grammar
+    bitmask[1] = 0
+    bitmask[1, 1] = 1 << 5  # token 37 only
+    masked = apply_grammar_bitmask(logits, bitmask)
     assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
     assert masked[1].isfinite().nonzero().flatten().tolist() == [37]
+    assert masked[1, 37] == logits[1, 37]
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, seed=3)]
     metadata = SamplingMetadata.build(params, [[], []], [[], []], [None, torch.Generator()],
                                       [[], []], vocab_size, torch.device("cpu"),
-                                      grammar_bitmask=bitmask, grammar_rows=[1])
+                                      grammar_bitmask=bitmask[:2])
     tokens = sample(logits[:2], metadata).sampled_token_ids.tolist()
     assert tokens == [int(logits[0].argmax()), 37]
+
+
+def test_bits_map_to_tokens_in_order() -> None:
+    """Bit j of word w is token 32 * w + j, for every bit position."""
+    vocab_size = 96
+    for token_id in range(vocab_size):
+        bitmask = torch.zeros(1, 3, dtype=torch.int32)
+        word, bit = divmod(token_id, 32)
+        bitmask[0, word] = torch.tensor(1 << bit).to(torch.int32)  # bit 31: the sign bit
+        masked = apply_grammar_bitmask(torch.zeros(1, vocab_size), bitmask)
+        assert masked[0].isfinite().nonzero().flatten().tolist() == [token_id]
 
 
 # ---- the engine ------------------------------------------------------------------------------
