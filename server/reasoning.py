@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from server.text_stream import StrippedText, partial_suffix
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 
@@ -13,35 +15,6 @@ THINK_END = "</think>"
 class ReasoningSplit:
     reasoning: str | None
     content: str | None
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that could be the start of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
-
-
-class _Stripped:
-    """Text with its leading and trailing whitespace dropped, streamably: whitespace is held
-    until something else follows it, and dropped if nothing does."""
-
-    def __init__(self) -> None:
-        self._has_text = False
-        self._held = ""
-
-    def push(self, text: str) -> str:
-        if not self._has_text:
-            text = text.lstrip()
-            self._has_text = bool(text)
-        body = text.rstrip()
-        if not body:
-            self._held += text
-            return ""
-        out = self._held + text[:len(body)]
-        self._held = text[len(body):]
-        return out
 
 
 class _LeftStripped:
@@ -72,7 +45,7 @@ class ReasoningStreamer:
         self._starts_in_reasoning = starts_in_reasoning
         self._state = "before"
         self._buf = ""
-        self._reasoning = _Stripped()
+        self._reasoning = StrippedText()
         self._content = _LeftStripped()
         self._out_reasoning: list[str] = []
         self._out_content: list[str] = []
@@ -140,7 +113,7 @@ class ReasoningStreamer:
         if found >= 0:
             head, self._buf = self._buf[:found], self._buf[found + len(tag):]
             return head, True
-        keep = 0 if is_final else _partial_suffix(self._buf, tag)
+        keep = 0 if is_final else partial_suffix(self._buf, tag)
         cut = len(self._buf) - keep
         head, self._buf = self._buf[:cut], self._buf[cut:]
         return head, False

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from server.text_stream import StrippedText, partial_suffix
+
 
 @dataclass(frozen=True, slots=True)
 class FunctionSpec:
@@ -261,35 +263,6 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-class _ContentSink:
-    """Content text with the output's leading and trailing whitespace dropped, streamably:
-    whitespace is held until non-whitespace follows it."""
-
-    def __init__(self) -> None:
-        self._has_text = False
-        self._held = ""
-
-    def push(self, text: str) -> str:
-        if not self._has_text:
-            text = text.lstrip()
-            self._has_text = bool(text)
-        body = text.rstrip()
-        if not body:
-            self._held += text
-            return ""
-        out = self._held + text[:len(body)]
-        self._held = text[len(body):]
-        return out
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that could be the start of `marker`."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
-
-
 class ToolCallStreamer:
     """Finds the calls of one format in output text fed piece by piece.
 
@@ -305,7 +278,7 @@ class ToolCallStreamer:
         self._buf = ""  # received, not yet scanned
         self._pending = ""  # scanned syntax of a block not yet committed: content if it fails
         self._scanner: _ObjectScanner | None = None
-        self._sink = _ContentSink()
+        self._sink = StrippedText()
         self._index = 0
         self._is_call_open = False  # the current object's name has been sent
         self._num_args_sent = 0
@@ -351,7 +324,7 @@ class ToolCallStreamer:
             self._pending, self._buf = marker, self._buf[found + len(marker):]
             self._state = "open"
             return True
-        keep = 0 if is_final else _partial_suffix(self._buf, marker)
+        keep = 0 if is_final else partial_suffix(self._buf, marker)
         self._emit_content(self._buf[:len(self._buf) - keep])
         self._buf = self._buf[len(self._buf) - keep:]
         return False
