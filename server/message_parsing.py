@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from server.protocol import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from server.reasoning import ReasoningParser, ReasoningStreamer
-from server.tool_parsers import ToolCallDelta, ToolCallStreamer, ToolParser, new_call_id
+from server.tool_parsers import ToolCall as ParsedCall
+from server.tool_parsers import (
+    ToolCallDelta,
+    ToolCallStreamer,
+    ToolParser,
+    bare_json_calls,
+    could_be_bare_json_call,
+    new_call_id,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,12 +27,15 @@ class MessageParts:
 
 @dataclass(frozen=True, slots=True)
 class OutputParsers:
-    """What to read out of a chat answer's text. `parallel` False keeps only the first call."""
+    """What to read out of a chat answer's text. `parallel` False keeps only the first call.
+    `bare_call_names`: with tool_choice "auto", an answer that is nothing but JSON calls of
+    these tools, without the format's markers, counts as calls too."""
 
     reasoning: ReasoningParser | None = None
     tools: ToolParser | None = None
     include_reasoning: bool = True
     parallel: bool = True
+    bare_call_names: frozenset[str] = frozenset()
 
     @property
     def is_active(self) -> bool:
@@ -39,8 +50,12 @@ class OutputParsers:
         if self.tools is not None:
             extracted = self.tools.extract(content)
             content = extracted.content or ""
+            found = extracted.calls
+            bare = None if found else self.bare_calls(content)
+            if bare:
+                found, content = bare, ""
             calls = [ToolCall(id=new_call_id(), function=FunctionCall(
-                name=call.name, arguments=call.arguments)) for call in extracted.calls]
+                name=call.name, arguments=call.arguments)) for call in found]
             if not self.parallel:
                 calls = calls[:1]
         # OpenAI: a message that only calls tools has null content
@@ -49,6 +64,11 @@ class OutputParsers:
 
     def streamer(self) -> MessageStreamer:
         return MessageStreamer(self)
+
+    def bare_calls(self, content: str) -> list[ParsedCall] | None:
+        if not self.bare_call_names:
+            return None
+        return bare_json_calls(content, self.bare_call_names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +93,9 @@ class MessageStreamer:
         self._tools: ToolCallStreamer | None = (
             parsers.tools.streamer() if parsers.tools is not None else None)
         self.num_calls = 0  # calls whose first delta went out
+        # content held back while it may still be bare JSON calls (OutputParsers.bare_calls)
+        self._maybe_bare = bool(parsers.bare_call_names)
+        self._held = ""
 
     def feed(self, text: str) -> DeltaParts:
         if self._reasoning is None:
@@ -98,7 +121,26 @@ class MessageStreamer:
         if final:
             pieces.append(self._tools.finish())
         calls = [call for piece in pieces for call in piece.tool_calls]
-        return DeltaParts("".join(p.content for p in pieces), "", self._tool_deltas(calls))
+        content = "".join(p.content for p in pieces)
+        if self._maybe_bare:
+            content, calls = self._hold_bare(content, calls, final)
+        return DeltaParts(content, "", self._tool_deltas(calls))
+
+    def _hold_bare(self, content: str, calls: list[ToolCallDelta], final: bool
+                   ) -> tuple[str, list[ToolCallDelta]]:
+        """Hold content back while it may be bare JSON calls; at the end, calls or content."""
+        self._held += content
+        if calls or not could_be_bare_json_call(self._held):
+            self._maybe_bare = False
+            return self._held, calls
+        if not final:
+            return "", calls
+        self._maybe_bare = False
+        found = self._parsers.bare_calls(self._held)
+        if not found:
+            return self._held, calls
+        return "", [ToolCallDelta(index, call.name, call.arguments)
+                    for index, call in enumerate(found)]
 
     def _tool_deltas(self, calls: list[ToolCallDelta]) -> list[DeltaToolCall]:
         deltas = []

@@ -4,7 +4,7 @@ parsed, and the grammar that forces a call for tool_choice "required" or a named
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,14 +90,20 @@ def _structured_outputs(value: StructuredOutputsRequest, name: str) -> Structure
 
 @dataclass(frozen=True, slots=True)
 class ToolPlan:
-    """How one chat request uses its tools. `constraint` forces a call (required, named);
-    `parser` reads calls back out of the text in every mode."""
+    """How one chat request uses its tools. The template shows them in every mode (as vLLM
+    does); `constraint` forces a call (required, named); `parser` reads calls back out of the
+    text (None with "none": the answer is text). `param` is the field the tools came in."""
 
     functions: tuple[FunctionSpec, ...]
-    mode: Literal["auto", "required", "named"]
-    parser: ToolParser
+    mode: Literal["none", "auto", "required", "named"]
+    parser: ToolParser | None
     parallel: bool
     constraint: StructuredOutputsParams | None
+    param: str = "tools"
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.functions)
 
     @property
     def template_tools(self) -> list[dict[str, object]]:
@@ -108,17 +114,19 @@ class ToolPlan:
 
 
 def plan_tools(request: ChatCompletionRequest, parser_name: str | None,
-               chat_template: str | None) -> ToolPlan | None:
-    """None when the request has no tools or tool_choice is "none": a plain text answer."""
+               chat_template: str | None, added_tokens: Mapping[str, int]) -> ToolPlan | None:
+    """None when the request has no tools. `added_tokens` (the tokenizer's added tokens, text
+    to id) tells the forced grammar which of the format's markers are tokens of their own."""
     functions, choice, choice_param = _tools_and_choice(request)
+    tools_param = "functions" if choice_param == "function_call" else "tools"
     if not functions:
         if choice not in (None, "none", "auto"):
             raise ApiError(400, f"{choice_param} needs tools to choose from",
                            param=choice_param)
         return None
-    if choice == "none":
-        return None
     parallel = request.parallel_tool_calls is not False
+    if choice == "none":
+        return ToolPlan(functions, "none", None, parallel, None, tools_param)
     if choice in (None, "auto"):
         name = parser_name or parser_for_template(chat_template)
         if name is None:
@@ -126,7 +134,7 @@ def plan_tools(request: ChatCompletionRequest, parser_name: str | None,
                            "its chat template shows none that pagedserve knows: start the "
                            "server with --tool-call-parser, or use tool_choice \"required\" "
                            "or a named function", param=choice_param)
-        return ToolPlan(functions, "auto", PARSERS[name](), parallel, None)
+        return ToolPlan(functions, "auto", PARSERS[name](), parallel, None, tools_param)
     parser = PARSERS[parser_name or parser_for_template(chat_template) or FALLBACK_TOOL_FORMAT]()
     if choice == "required":
         forced = functions
@@ -137,9 +145,10 @@ def plan_tools(request: ChatCompletionRequest, parser_name: str | None,
             raise ApiError(400, f"{choice_param} names the function {choice!r}, which is not "
                            "among the tools", param=choice_param)
         mode, parallel = "named", False
-    grammar = parser.forced_grammar(forced, parallel)
+    markers = {m: added_tokens[m] for m in parser.markers if m in added_tokens}
+    grammar = parser.forced_grammar(forced, parallel, markers)
     return ToolPlan(functions, mode, parser, parallel,
-                    StructuredOutputsParams(grammar=grammar, param="tools"))
+                    StructuredOutputsParams(grammar=grammar, param=tools_param), tools_param)
 
 
 def _tools_and_choice(request: ChatCompletionRequest
@@ -177,4 +186,5 @@ def _specs(functions: Sequence[FunctionDefinition], param: str) -> tuple[Functio
 def parameter_constraints(plan: ToolPlan) -> list[StructuredOutputsParams]:
     """Each tool's parameters as a constraint: compiling them is how a schema is checked, so
     a tool whose parameters are not a schema is a 400 in every mode, as in OpenAI's API."""
-    return [StructuredOutputsParams.from_schema(f.parameters, "tools") for f in plan.functions]
+    return [StructuredOutputsParams.from_schema(f.parameters, plan.param)
+            for f in plan.functions]

@@ -8,7 +8,7 @@ import re
 import secrets
 import string
 from abc import ABC
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -475,6 +475,7 @@ class ToolParser(ABC):
     name: ClassVar[str]
     syntax: ClassVar[CallSyntax]
     shape: ClassVar[GrammarShape]
+    markers: ClassVar[tuple[str, ...]] = ()  # texts a tokenizer may have as tokens of their own
     # the format's marker is a special token, so the text must keep special tokens
     keeps_special_tokens: ClassVar[bool] = False
 
@@ -489,27 +490,35 @@ class ToolParser(ABC):
     def streamer(self) -> ToolCallStreamer:
         return ToolCallStreamer(self.syntax)
 
-    def forced_grammar(self, tools: Sequence[FunctionSpec], parallel: bool) -> str:
+    def forced_grammar(self, tools: Sequence[FunctionSpec], parallel: bool,
+                       marker_tokens: Mapping[str, int] | None = None) -> str:
         """A Lark grammar (llguidance dialect): the whole output is one call of `tools` in this
-        format, or one or more when `parallel`, each call's arguments matching its schema."""
+        format, or one or more when `parallel`, each call's arguments matching its schema.
+        `marker_tokens` maps the format's markers that are single added tokens of the model's
+        tokenizer (Qwen's <tool_call>) to their ids: the grammar names those tokens, since a
+        grammar engine never spells an added token's text out of ordinary ones."""
         if not tools:
             raise ValueError("forced_grammar needs at least one tool")
-        shape = self.shape
-        calls = f"call ({_lark_str(shape.joiner)} call)*" if parallel else "call"
-        start = [_lark_str(shape.prefix) if shape.prefix else "", calls,
-                 _lark_str(shape.suffix) if shape.suffix else ""]
+        shape, markers = self.shape, dict(marker_tokens or {})
+        joiner = _lark_text(shape.joiner, markers)
+        calls = f"call ({joiner} call)*" if parallel else "call"
+        if parallel and not shape.joiner.strip() and not shape.suffix:
+            # a model that writes the joiner (a newline) after a call may still mean to stop
+            calls += f" {joiner}?"
+        start = [_lark_text(shape.prefix, markers), calls, _lark_text(shape.suffix, markers)]
         lines = ["start: " + " ".join(part for part in start if part),
                  "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
         for i, tool in enumerate(tools):
-            lines += self._call_rules(f"call_{i}", f"args_{i}", tool)
+            lines += self._call_rules(f"call_{i}", f"args_{i}", tool, markers)
         return "\n".join(lines) + "\n"
 
-    def _call_rules(self, call: str, args: str, tool: FunctionSpec) -> list[str]:
+    def _call_rules(self, call: str, args: str, tool: FunctionSpec,
+                    markers: Mapping[str, int]) -> list[str]:
         """One tool's call, written as the chat template writes it, with its name fixed."""
         shape = self.shape
         opening = f'{shape.call_open}{{"name": {_json_str(tool.name)}, "{shape.args_key}": '
         closing = "}" + shape.call_close
-        return [f"{call}: {_lark_str(opening)} {args} {_lark_str(closing)}",
+        return [f"{call}: {_lark_text(opening, markers)} {args} {_lark_text(closing, markers)}",
                 f"{args}: %json {json.dumps(_arguments_schema(tool.parameters))}"]
 
 
@@ -520,6 +529,19 @@ def _json_str(text: str) -> str:
 def _lark_str(text: str) -> str:
     # llguidance's Lark reads string literals with JSON escapes
     return _json_str(text)
+
+
+def _lark_text(text: str, markers: Mapping[str, int]) -> str:
+    """`text` as a sequence of Lark items: string literals, and `<[id]>` (one token) for
+    each marker that is a token of its own."""
+    if not text:
+        return ""
+    for marker, token_id in markers.items():
+        before, found, after = text.partition(marker)
+        if found:
+            parts = [_lark_text(before, markers), f"<[{token_id}]>", _lark_text(after, markers)]
+            return " ".join(part for part in parts if part)
+    return _lark_str(text)
 
 
 def _arguments_schema(parameters: dict[str, object]) -> dict[str, object]:
@@ -535,6 +557,7 @@ class HermesParser(ToolParser):
     """Qwen2.5, Qwen3, Hermes: <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>."""
 
     name = "hermes"
+    markers = ("<tool_call>", "</tool_call>")
     syntax = CallSyntax(marker="<tool_call>", is_anchored=False, prefixes=(), list_open="",
                         separator="", list_close="</tool_call>")
     # what Qwen's chat template writes for an assistant's calls, "\n" between them
@@ -556,6 +579,7 @@ class MistralParser(ToolParser):
     """Mistral: [TOOL_CALLS] then a JSON array of {"name": ..., "arguments": {...}}."""
 
     name = "mistral"
+    markers = ("[TOOL_CALLS]",)
     keeps_special_tokens = True
     syntax = CallSyntax(marker="[TOOL_CALLS]", is_anchored=False, prefixes=(), list_open="[",
                         separator=",", list_close="]")
@@ -605,3 +629,53 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 def new_call_id() -> str:
     """An OpenAI-style tool call id: "call_" and 24 random alphanumerics."""
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def bare_json_calls(text: str, names: Collection[str]) -> list[ToolCall] | None:
+    """A whole answer that is nothing but calls written as JSON, without the format's markers
+    (small models do this: `{"name": "f", "arguments": {...}}`, one per line or in a list,
+    possibly in a ```json fence), when every name is one of the request's tools; else None."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    if fenced:
+        body = fenced.group(1)
+    items = _json_documents(body)
+    if not items:
+        return None
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return None
+        arguments: object = next((item[key] for key in _ARGS_KEYS if key in item), {})
+        if not isinstance(arguments, dict):
+            return None
+        calls.append(ToolCall(str(item["name"]), json.dumps(arguments, ensure_ascii=False)))
+    return calls
+
+
+def _json_documents(text: str) -> list[object] | None:
+    """The values of one or more JSON documents separated by whitespace (a model writing one
+    call per line), lists flattened; None unless the whole text is such documents."""
+    decoder, items, position = json.JSONDecoder(), [], 0
+    while position < len(text):
+        if text[position] not in "{[":
+            return None
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except _JSON_ERRORS:
+            return None
+        items.extend(value if isinstance(value, list) and value else [value])
+        while position < len(text) and text[position] in _WHITESPACE:
+            position += 1
+    return items or None
+
+
+def could_be_bare_json_call(text: str) -> bool:
+    """Whether streamed content so far may still turn out to be bare JSON calls."""
+    head = text.lstrip()
+    if len(head) < 3:
+        return not head or head[0] in "{[" or "```".startswith(head)
+    return head.startswith(("{", "[", "```"))

@@ -58,8 +58,9 @@ class GrammarMatcher:
         does not allow it, which only happens when other settings banned every allowed token."""
         if self._matcher.consume_token(token_id):
             return True
+        error = (self._matcher.get_error().strip().splitlines() or ["no detail"])[0]
         logger.warning("sequence %s: token %d breaks its grammar (%s); finishing it",
-                       self.sequence_id, token_id, self._matcher.get_error())
+                       self.sequence_id, token_id, error[:200])
         return False
 
     @property

@@ -51,7 +51,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     params = chat_sampling_params(body, engine.generation_defaults, engine.max_model_len)
     check_request_template(body.chat_template, state.settings.trust_request_chat_template)
     plan = plan_tools(body, state.settings.tool_call_parser,
-                      body.chat_template or getattr(engine.tokenizer, "chat_template", None))
+                      body.chat_template or getattr(engine.tokenizer, "chat_template", None),
+                      engine.tokenizer.get_added_vocab())
     params = await _apply_tool_plan(engine, params, plan)
     options = TemplateOptions(
         add_generation_prompt=body.wants_generation_prompt,
@@ -88,7 +89,8 @@ async def _apply_tool_plan(engine: AsyncEngine, params: SamplingParams,
         return params
     for constraint in parameter_constraints(plan):
         await engine.compile_grammar(constraint)
-    if plan.parser.keeps_special_tokens and params.skip_special_tokens:
+    if plan.parser is not None and plan.parser.keeps_special_tokens and \
+            params.skip_special_tokens:
         # Mistral's [TOOL_CALLS] is a special token: skipped, no call could be found
         params = dataclasses.replace(params, skip_special_tokens=False)
     if plan.constraint is None:
@@ -104,7 +106,10 @@ def _output_parsers(body: ChatCompletionRequest, plan: ToolPlan | None,
     reasoning = REASONING_PARSERS[reasoning_parser]() if reasoning_parser else None
     if plan is None:
         return OutputParsers(reasoning, None, body.include_reasoning)
-    return OutputParsers(reasoning, plan.parser, body.include_reasoning, plan.parallel)
+    # small models often answer "auto" with bare JSON calls, without the format's markers
+    bare_call_names = plan.names if plan.mode == "auto" else frozenset()
+    return OutputParsers(reasoning, plan.parser, body.include_reasoning, plan.parallel,
+                         bare_call_names)
 
 
 def _echo_text(body: ChatCompletionRequest) -> str | None:

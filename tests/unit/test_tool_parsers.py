@@ -21,9 +21,12 @@ from server.tool_parsers import (
     PARSERS,
     ExtractedCalls,
     FunctionSpec,
+    HermesParser,
     ToolCall,
     ToolCallDelta,
     ToolParser,
+    bare_json_calls,
+    could_be_bare_json_call,
     new_call_id,
     parser_for_template,
 )
@@ -539,3 +542,43 @@ def test_random_walks_parse_into_valid_calls(name: str, parallel: bool,
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
         content, calls, _ = stream(parser, list(text))
         assert (content, calls) == ("", extracted.calls)
+
+
+# ---- markers that are tokens, bare JSON calls ---------------------------------------------
+
+def test_forced_grammar_names_marker_tokens_by_id() -> None:
+    tools = [FunctionSpec("f", None, {"type": "object", "properties": {}})]
+    grammar = HermesParser().forced_grammar(tools, False, {"<tool_call>": 7, "</tool_call>": 8})
+    assert "<[7]>" in grammar and "<[8]>" in grammar and '"<tool_call>' not in grammar
+    plain = HermesParser().forced_grammar(tools, False)
+    assert "<[" not in plain and "<tool_call>" in plain
+
+
+def test_parallel_forced_grammar_lets_a_trailing_newline_end_the_calls() -> None:
+    tools = [FunctionSpec("f", None, {"type": "object", "properties": {}})]
+    start = HermesParser().forced_grammar(tools, True).splitlines()[0]
+    assert start == 'start: call ("\\n" call)* "\\n"?'
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"name": "f", "arguments": {"a": 1}}', [("f", '{"a": 1}')]),
+    ('```json\n{"name": "f", "parameters": {}}\n```', [("f", "{}")]),
+    ('[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"b": "é"}}]',
+     [("f", "{}"), ("g", '{"b": "é"}')]),
+    ('{"name": "f", "arguments": {}}\n{"name": "g", "arguments": {}}', [("f", "{}"), ("g", "{}")]),
+    ('{"name": "f", "arguments": {}}\nand then', None),
+    ('{"name": "unknown", "arguments": {}}', None),
+    ('{"name": "f", "arguments": "not an object"}', None),
+    ("The answer is 4.", None), ("{not json", None), ("[]", None),
+])
+def test_bare_json_calls(text: str, expected: list[tuple[str, str]] | None) -> None:
+    calls = bare_json_calls(text, {"f", "g"})
+    assert (None if calls is None else [(c.name, c.arguments) for c in calls]) == expected
+
+
+@pytest.mark.parametrize("text, possible", [
+    ("", True), ("  ", True), ("{", True), ("[{", True), ("`", True), ("``", True),
+    ("```js", True), ("The", False), ("a{", False), ("`x", False),
+])
+def test_could_be_bare_json_call(text: str, possible: bool) -> None:
+    assert could_be_bare_json_call(text) is possible
