@@ -358,6 +358,7 @@ class TokenizeRequest(RequestBody):
     chat_template: Annotated[str, Field(min_length=1,
                                         max_length=MAX_CHAT_TEMPLATE_CHARS)] | None = None
     chat_template_kwargs: dict[str, object] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None  # with messages
 
     @model_validator(mode="after")
     def _exactly_one_input(self) -> TokenizeRequest:

@@ -32,7 +32,8 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) ->
                 chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs,
                 # a rendered template has its special tokens: more only when asked for
                 add_special_tokens=("add_special_tokens" in body.model_fields_set
-                                    and body.add_special_tokens))
+                                    and body.add_special_tokens),
+                tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()])
             tokens = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
                                              engine.max_model_len, options)
         else:

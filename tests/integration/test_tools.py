@@ -289,6 +289,11 @@ def test_tools_are_rendered_in_the_prompt(tools_server: RunningServer) -> None:
         prompt_tokens.append(response.usage.prompt_tokens)
     listing = "# Tools\n<tools>\n" + "\n".join(f"{name}: the {name} tool" for name in SCHEMAS)
     assert prompt_tokens[0] - prompt_tokens[1] > len(listing) // 4, prompt_tokens
+    # /tokenize renders the same prompt when given the same tools
+    rendered = tools_server.http().post("/tokenize", json={
+        "model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS})
+    assert rendered.status_code == 200, rendered.text
+    assert rendered.json()["count"] == prompt_tokens[0]
 
 
 # ---------------------------------------------------------------- legacy functions
