@@ -96,6 +96,7 @@ class EngineCore:
         result = self._execute(plan)
         _commit_prompt_logprobs(plan, result.prompt_logprobs)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
+        result.failed.update(_broken_grammars(plan, result.sampled_token_ids))
         self.runner.release([r.sequence_id for r in finished])
         stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
                             num_preemptions_before, finished)
@@ -228,6 +229,20 @@ def _commit_prompt_logprobs(plan: SchedulerOutput,
     step's passes, so a failed pass that is retried leaves nothing twice."""
     for sequence_id, entries in prompt_logprobs.items():
         plan.row(sequence_id).sequence.add_prompt_logprobs(entries)
+
+
+def _broken_grammars(plan: SchedulerOutput, sampled: dict[str, int]) -> dict[str, str]:
+    """Sequences whose token broke their grammar: only possible when the request's other
+    settings (allowed_token_ids, bad_words, min_tokens) banned every token it allowed. They
+    fail rather than stop: their output does not match the constraint."""
+    failed = {}
+    for sequence_id in sampled:
+        grammar = plan.row(sequence_id).sequence.grammar
+        if grammar is not None and grammar.is_broken:
+            failed[sequence_id] = (
+                "the output cannot go on under its constraint: the request's other settings "
+                "(allowed_token_ids, bad_words, min_tokens) ban every token it allows")
+    return failed
 
 
 def _row_start(sequence: Sequence, plan: SchedulerOutput) -> int:

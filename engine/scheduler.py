@@ -225,9 +225,11 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 sequence.stop_reason = token_id
                 return SequenceStatus.FINISHED_STOPPED
-        if sequence.grammar is not None and sequence.grammar.is_finished:
+        grammar = sequence.grammar
+        if grammar is not None and grammar.is_finished and not grammar.is_broken:
             # the output is complete (only end-of-sequence could follow), whatever min_tokens
-            # or ignore_eos say: the grammar allows nothing else
+            # or ignore_eos say: the grammar allows nothing else. A broken grammar is not a
+            # stop: the core fails that sequence (its output does not match)
             sequence.stop_reason = None
             return SequenceStatus.FINISHED_STOPPED
         if sequence.num_output_tokens >= sequence.max_tokens:

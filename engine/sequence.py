@@ -40,6 +40,9 @@ class TokenConstraint(Protocol):
     @property
     def is_finished(self) -> bool: ...
 
+    @property
+    def is_broken(self) -> bool: ...
+
 
 @dataclass(slots=True, eq=False)
 class Sequence:

@@ -583,7 +583,7 @@ class MistralParser(ToolParser):
     keeps_special_tokens = True
     syntax = CallSyntax(marker="[TOOL_CALLS]", is_anchored=False, prefixes=(), list_open="[",
                         separator=",", list_close="]")
-    # "[TOOL_CALLS]" as text: a grammar has no token ids to name the special token by
+    # forced grammars name [TOOL_CALLS] by token id where the tokenizer has it as a token
     shape = GrammarShape(prefix="[TOOL_CALLS][", call_open="", args_key="arguments",
                          call_close="", joiner=", ", suffix="]")
 
@@ -678,4 +678,7 @@ def could_be_bare_json_call(text: str) -> bool:
     head = text.lstrip()
     if len(head) < 3:
         return not head or head[0] in "{[" or "```".startswith(head)
-    return head.startswith(("{", "[", "```"))
+    if head.startswith("```"):
+        info, newline, _ = head[3:].partition("\n")
+        return not newline or info.strip() in ("", "json")  # ```python is code, not a call
+    return head.startswith(("{", "["))

@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 # may pad with whitespace can pad forever, and never finishes within max_tokens
 JSON_OPTIONS: JsonCompileOptions = {
     "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-GRAMMAR_CACHE_SIZE = 256
+# more than the tools one request may bring (server/protocol.py: 256), so that checking one
+# request's tools never evicts the grammars of requests being admitted beside it
+GRAMMAR_CACHE_SIZE = 1024
 _BITS = 32  # tokens per bitmask word
 
 
@@ -58,15 +60,20 @@ class GrammarMatcher:
         does not allow it, which only happens when other settings banned every allowed token."""
         if self._matcher.consume_token(token_id):
             return True
-        error = (self._matcher.get_error().strip().splitlines() or ["no detail"])[0]
         logger.warning("sequence %s: token %d breaks its grammar (%s); finishing it",
-                       self.sequence_id, token_id, error[:200])
+                       self.sequence_id, token_id, _first_line(self._matcher.get_error()))
         return False
 
     @property
     def is_finished(self) -> bool:
-        """Nothing but end-of-sequence can follow (or the grammar broke): stop here."""
+        """Nothing but end-of-sequence can follow: the output is complete, or the grammar
+        broke (is_broken), and it cannot go on either way."""
         return self._matcher.is_stopped()
+
+    @property
+    def is_broken(self) -> bool:
+        """A token the grammar does not allow was accepted: the output does not match."""
+        return self._matcher.is_error()
 
     @property
     def matcher(self) -> llguidance.LLMatcher:
@@ -98,7 +105,8 @@ class GrammarCompiler:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache
+        self._tokenizer_lock = threading.Lock()  # held while the index is built (~1 s)
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[tuple[str, str], CompiledGrammar | str] = OrderedDict()
         self.executor = llguidance.LLExecutor(num_threads=_mask_threads())
@@ -117,28 +125,35 @@ class GrammarCompiler:
                 while len(self._cache) > GRAMMAR_CACHE_SIZE:
                     self._cache.popitem(last=False)
         if isinstance(cached, str):  # a constraint that failed before fails the same way
-            raise InvalidRequestError(cached, param=params.param)
+            raise InvalidRequestError(f"{params.param} {cached}", param=params.param)
         return cached
 
     def _compile(self, params: StructuredOutputsParams) -> CompiledGrammar | str:
+        """The compiled constraint, or what is wrong with it (to follow the field's name)."""
         tokenizer = self._llg_tokenizer()
         start = time.perf_counter()
         try:
             grammar = _to_llguidance(params)
         except (ValueError, GbnfToLarkError) as exc:
-            return f"{params.param}: {exc}"
+            return f"is malformed: {exc}"
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
-            return f"{params.param} does not compile: {error.strip()}"
+            return f"does not compile: {error.strip()}"
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        # llguidance builds its lexer lazily: the first mask, computed here in the compiling
+        # thread, builds it (copies share it), so no step waits for it; it also finds
+        # grammars that validate but can match nothing (e.g. `start: a` with `a: a`)
+        matcher.compute_bitmask()
         if matcher.is_error():
-            return f"{params.param} does not compile: {matcher.get_error().strip()}"
+            return f"does not compile: {_first_line(matcher.get_error())}"
+        if matcher.is_stopped() and not matcher.is_accepting():
+            return "matches no text"
         logger.info("compiled a %s constraint (%d chars) in %.1f ms", params.kind,
                     len(params.key[1]), (time.perf_counter() - start) * 1e3)
         return CompiledGrammar(matcher, params.kind, self.executor)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
+        with self._tokenizer_lock:  # not the cache's lock: cached lookups go on meanwhile
             if self._tokenizer is None:
                 self._tokenizer = self._build_tokenizer()
             return self._tokenizer
@@ -153,6 +168,11 @@ class GrammarCompiler:
         logger.info("structured outputs: indexed %d tokens for grammars in %.1f s",
                     self.vocab_size, time.perf_counter() - start)
         return tokenizer
+
+
+def _first_line(error: str) -> str:
+    """llguidance's errors go on to dump the parser's state: the first line says what."""
+    return (error.strip().splitlines() or ["no detail"])[0][:300]
 
 
 def _to_llguidance(params: StructuredOutputsParams) -> str:

@@ -52,7 +52,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     check_request_template(body.chat_template, state.settings.trust_request_chat_template)
     plan = plan_tools(body, state.settings.tool_call_parser,
                       body.chat_template or getattr(engine.tokenizer, "chat_template", None),
-                      engine.tokenizer.get_added_vocab())
+                      engine.tokenizer.get_added_vocab() if body.tools or body.functions else {})
     params = await _apply_tool_plan(engine, params, plan)
     options = TemplateOptions(
         add_generation_prompt=body.wants_generation_prompt,
@@ -69,7 +69,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                 len(prompt_ids), body.n, params.max_tokens, body.stream)
     stream = OutputStream(engine, [engine_request_id(ctx, body.request_id)], [prompt_ids],
                           params, arrival_time(request), state.settings.request_timeout)
-    parsers = _output_parsers(body, plan, state.settings.reasoning_parser)
+    parsers = _output_parsers(body, plan, state.settings.reasoning_parser,
+                              params.structured_outputs is not None)
     chunker = ChatChunker(ctx, params.logprobs, engine.tokenizer,
                           as_token_ids=body.return_tokens_as_token_ids,
                           return_token_ids=body.return_token_ids, echo_text=_echo_text(body),
@@ -102,8 +103,12 @@ async def _apply_tool_plan(engine: AsyncEngine, params: SamplingParams,
 
 
 def _output_parsers(body: ChatCompletionRequest, plan: ToolPlan | None,
-                    reasoning_parser: str | None) -> OutputParsers:
+                    reasoning_parser: str | None, is_constrained: bool) -> OutputParsers:
     reasoning = REASONING_PARSERS[reasoning_parser]() if reasoning_parser else None
+    if reasoning is not None and is_constrained and reasoning.starts_in_reasoning:
+        # a constraint holds from the first token, so the answer never opens with thinking
+        # that the template started: all of it is content
+        reasoning = None
     if plan is None:
         return OutputParsers(reasoning, None, body.include_reasoning)
     # small models often answer "auto" with bare JSON calls, without the format's markers

@@ -202,3 +202,25 @@ def test_a_finished_grammar_stops_even_with_ignore_eos(llm: LLM) -> None:
                             structured_outputs=StructuredOutputsParams(choice=("yes", "no")))
     choice = llm.generate([[5, 6]], params)[0].outputs[0]
     assert choice.text in ("yes", "no") and choice.finish_reason == "stop"
+
+
+def test_a_grammar_its_other_settings_break_fails_alone(llm: LLM) -> None:
+    """allowed_token_ids that exclude every token the grammar allows: that request fails (its
+    output could not match), it does not "stop" with text that does not; others go on."""
+    tokenizer = build_tokenizer()
+    broken = SamplingParams(temperature=0.0, max_tokens=10,
+                            allowed_token_ids=tuple(tokenizer.encode("x")),
+                            structured_outputs=StructuredOutputsParams(choice=("yes", "no")))
+    fine = SamplingParams(temperature=0.0, max_tokens=10,
+                          structured_outputs=StructuredOutputsParams(choice=("yes", "no")))
+    outputs = llm.generate([[5, 6], [5, 6]], [broken, fine])
+    assert outputs[0].outputs[0].finish_reason == "error"
+    assert outputs[1].outputs[0].finish_reason == "stop"
+    assert outputs[1].outputs[0].text in ("yes", "no")
+    assert llm.llm_engine.core.kv_cache_manager.usage == 0.0
+
+
+def test_a_grammar_that_matches_nothing_is_refused(compiler: GrammarCompiler) -> None:
+    with pytest.raises(InvalidRequestError, match="does not compile") as info:
+        compiler.compile(StructuredOutputsParams(grammar="start: a\na: a", param="guided_grammar"))
+    assert info.value.param == "guided_grammar"

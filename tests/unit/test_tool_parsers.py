@@ -578,7 +578,8 @@ def test_bare_json_calls(text: str, expected: list[tuple[str, str]] | None) -> N
 
 @pytest.mark.parametrize("text, possible", [
     ("", True), ("  ", True), ("{", True), ("[{", True), ("`", True), ("``", True),
-    ("```js", True), ("The", False), ("a{", False), ("`x", False),
+    ("```js", True), ("```json\n{", True), ("```\n[", True), ("```python\ndef", False),
+    ("The", False), ("a{", False), ("`x", False),
 ])
 def test_could_be_bare_json_call(text: str, possible: bool) -> None:
     assert could_be_bare_json_call(text) is possible
