@@ -1,4 +1,4 @@
-"""server/tool_parsers.py: each format's calls found in whole outputs (lenient where models are
+"""server/tool_parsers/: each format's calls found in whole outputs (lenient where models are
 sloppy, never losing text), streamed pieces that join to the same calls and content however the
 output is cut, and forced grammars that llguidance compiles, that accept exactly the format's
 calls of the given tools, and whose random walks parse back into schema-valid calls."""

@@ -1,95 +1,23 @@
-"""Tool calls in model output: per-format parsers (whole and streamed) and forced-call grammars."""
+"""One state machine for every format: finds calls in output text, whole or streamed, and
+sends each call's name first and then its arguments as they grow."""
 
 from __future__ import annotations
 
 import bisect
 import json
-import re
-import secrets
-import string
-from abc import ABC
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable
 
 from server.text_stream import StrippedText, partial_suffix
-
-
-@dataclass(frozen=True, slots=True)
-class FunctionSpec:
-    """One tool from the request's `tools` (type "function")."""
-
-    name: str
-    description: str | None
-    parameters: dict[str, object]  # a JSON schema, already validated by the caller
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    name: str
-    arguments: str  # JSON text, exactly as the stream sent it
-
-
-@dataclass(frozen=True, slots=True)
-class ExtractedCalls:
-    content: str | None  # text outside the calls; None when nothing but whitespace
-    calls: list[ToolCall]  # empty: the model answered in text
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallDelta:
-    """One piece of a streamed call, as OpenAI's delta.tool_calls[i]."""
-
-    index: int
-    name: str | None  # set in the first delta of a call only
-    arguments: str
-
-
-@dataclass(frozen=True, slots=True)
-class StreamDelta:
-    content: str
-    tool_calls: list[ToolCallDelta]
-
-
-@dataclass(frozen=True, slots=True)
-class CallSyntax:
-    """How a format lays out its calls, enough to find them in text.
-
-    A block starts at `marker` (searched anywhere) or, when `is_anchored`, only at the start
-    of the output (after whitespace and one of `prefixes`). Inside a block: `list_open`, call
-    objects separated by `separator` ("" = whitespace only), then `list_close`.
-    """
-
-    marker: str
-    is_anchored: bool
-    prefixes: tuple[str, ...]
-    list_open: str
-    separator: str
-    list_close: str
-
-
-@dataclass(frozen=True, slots=True)
-class GrammarShape:
-    """How a format writes forced calls: prefix call (joiner call)* suffix, each call wrapped."""
-
-    prefix: str
-    call_open: str
-    args_key: str
-    call_close: str
-    joiner: str
-    suffix: str
-
-
-_WHITESPACE = " \t\r\n"
-_STRING_STOP = re.compile(r'["\\]')
-_ARGS_KEYS = ("arguments", "parameters")
-# json.loads raises RecursionError on deeply nested input: invalid like any other bad JSON
-_JSON_ERRORS = (ValueError, RecursionError)
-# compact but with the spaces of Python's json.dumps, which the chat templates' tojson writes,
-# so forced output stays close to what the model saw in training; bounded, so generation ends
-JSON_OPTIONS: dict[str, object] = {
-    "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
-}
+from server.tool_parsers.types import (
+    ARGS_KEYS,
+    JSON_ERRORS,
+    STRING_STOP,
+    WHITESPACE,
+    CallSyntax,
+    StreamDelta,
+    ToolCall,
+    ToolCallDelta,
+)
 
 
 class _ObjectScanner:
@@ -152,7 +80,7 @@ class _ObjectScanner:
     def _step(self, chunk: str, i: int, base: int) -> int:
         """Scans from chunk[i]; returns where to go on. Offsets are base + index in chunk."""
         if self._in_string:
-            match = _STRING_STOP.search(chunk, i)
+            match = STRING_STOP.search(chunk, i)
             if match is None:
                 return len(chunk)
             if match.group() == "\\":
@@ -189,7 +117,7 @@ class _ObjectScanner:
         elif ch == ",":
             self._end_primitive(i)
             self._phase, self._key = "key", None
-        elif ch not in _WHITESPACE and self._phase == "value":
+        elif ch not in WHITESPACE and self._phase == "value":
             self._start_value(i, ch)
             self._phase = "primitive"
 
@@ -206,7 +134,7 @@ class _ObjectScanner:
         self._value_start = i
         key = self._key
         # the first "name" and the first arguments key win; later duplicates are ignored
-        if key in _ARGS_KEYS and not self._seen_keys.intersection(_ARGS_KEYS):
+        if key in ARGS_KEYS and not self._seen_keys.intersection(ARGS_KEYS):
             self.args_start, self.args_is_object = i, ch == "{"
         elif key == "name" and key not in self._seen_keys:
             self._name_start = i
@@ -223,13 +151,13 @@ class _ObjectScanner:
     def _end_primitive(self, end: int) -> None:
         if self._phase == "primitive":
             raw = self.slice(self._value_start, end)
-            self._end_value(self._value_start + len(raw.rstrip(_WHITESPACE)))
+            self._end_value(self._value_start + len(raw.rstrip(WHITESPACE)))
 
     def result(self) -> ToolCall | None:
         """The call this object makes, or None when it is not a valid call."""
         try:
             json.loads(self.text)
-        except _JSON_ERRORS:
+        except JSON_ERRORS:
             return None
         if self.name is None:
             return None
@@ -251,7 +179,7 @@ class _ObjectScanner:
 def _loads_str(raw: str) -> str | None:
     try:
         value = json.loads(raw)
-    except _JSON_ERRORS:
+    except JSON_ERRORS:
         return None
     return value if isinstance(value, str) else None
 
@@ -259,7 +187,7 @@ def _loads_str(raw: str) -> str | None:
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except _JSON_ERRORS:
+    except JSON_ERRORS:
         return False
 
 
@@ -401,7 +329,7 @@ class ToolCallStreamer:
 
     def _skip_whitespace(self) -> bool:
         """Moves leading whitespace of _buf to _pending; True if text remains to look at."""
-        rest = self._buf.lstrip(_WHITESPACE)
+        rest = self._buf.lstrip(WHITESPACE)
         self._pending += self._buf[:len(self._buf) - len(rest)]
         self._buf = rest
         return bool(rest)
@@ -467,218 +395,3 @@ class ToolCallStreamer:
         out = self._sink.push(text)
         if out:
             self._content.append(out)
-
-
-class ToolParser(ABC):
-    """One tool-call format: its syntax for parsing and its shape for forced grammars."""
-
-    name: ClassVar[str]
-    syntax: ClassVar[CallSyntax]
-    shape: ClassVar[GrammarShape]
-    markers: ClassVar[tuple[str, ...]] = ()  # texts a tokenizer may have as tokens of their own
-    # the format's marker is a special token, so the text must keep special tokens
-    keeps_special_tokens: ClassVar[bool] = False
-
-    def extract(self, text: str) -> ExtractedCalls:
-        streamer = ToolCallStreamer(self.syntax, is_eager=False)
-        pieces = [streamer.feed(text), streamer.finish()]
-        # not eager: each call comes whole, in one delta with its name
-        calls = [ToolCall(d.name or "", d.arguments) for p in pieces for d in p.tool_calls]
-        content = "".join(p.content for p in pieces)
-        return ExtractedCalls(content or None, calls)
-
-    def streamer(self) -> ToolCallStreamer:
-        return ToolCallStreamer(self.syntax)
-
-    def forced_grammar(self, tools: Sequence[FunctionSpec], parallel: bool,
-                       marker_tokens: Mapping[str, int] | None = None) -> str:
-        """A Lark grammar (llguidance dialect): the whole output is one call of `tools` in this
-        format, or one or more when `parallel`, each call's arguments matching its schema.
-        `marker_tokens` maps the format's markers that are single added tokens of the model's
-        tokenizer (Qwen's <tool_call>) to their ids: the grammar names those tokens, since a
-        grammar engine never spells an added token's text out of ordinary ones."""
-        if not tools:
-            raise ValueError("forced_grammar needs at least one tool")
-        shape, markers = self.shape, dict(marker_tokens or {})
-        joiner = _lark_text(shape.joiner, markers)
-        calls = f"call ({joiner} call)*" if parallel else "call"
-        if parallel and not shape.joiner.strip() and not shape.suffix:
-            # a model that writes the joiner (a newline) after a call may still mean to stop
-            calls += f" {joiner}?"
-        start = [_lark_text(shape.prefix, markers), calls, _lark_text(shape.suffix, markers)]
-        lines = ["start: " + " ".join(part for part in start if part),
-                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
-        for i, tool in enumerate(tools):
-            lines += self._call_rules(f"call_{i}", f"args_{i}", tool, markers)
-        return "\n".join(lines) + "\n"
-
-    def _call_rules(self, call: str, args: str, tool: FunctionSpec,
-                    markers: Mapping[str, int]) -> list[str]:
-        """One tool's call, written as the chat template writes it, with its name fixed."""
-        shape = self.shape
-        opening = f'{shape.call_open}{{"name": {_json_str(tool.name)}, "{shape.args_key}": '
-        closing = "}" + shape.call_close
-        return [f"{call}: {_lark_text(opening, markers)} {args} {_lark_text(closing, markers)}",
-                f"{args}: %json {json.dumps(_arguments_schema(tool.parameters))}"]
-
-
-def _json_str(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _lark_str(text: str) -> str:
-    # llguidance's Lark reads string literals with JSON escapes
-    return _json_str(text)
-
-
-def _lark_text(text: str, markers: Mapping[str, int]) -> str:
-    """`text` as a sequence of Lark items: string literals, and `<[id]>` (one token) for
-    each marker that is a token of its own."""
-    if not text:
-        return ""
-    for marker, token_id in markers.items():
-        before, found, after = text.partition(marker)
-        if found:
-            parts = [_lark_text(before, markers), f"<[{token_id}]>", _lark_text(after, markers)]
-            return " ".join(part for part in parts if part)
-    return _lark_str(text)
-
-
-def _arguments_schema(parameters: dict[str, object]) -> dict[str, object]:
-    """The tool's schema, made to accept objects only (what `extract` takes for arguments),
-    with llguidance's whitespace options."""
-    schema = dict(parameters)
-    schema.setdefault("type", "object")
-    schema["x-guidance"] = JSON_OPTIONS
-    return schema
-
-
-class HermesParser(ToolParser):
-    """Qwen2.5, Qwen3, Hermes: <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>."""
-
-    name = "hermes"
-    markers = ("<tool_call>", "</tool_call>")
-    syntax = CallSyntax(marker="<tool_call>", is_anchored=False, prefixes=(), list_open="",
-                        separator="", list_close="</tool_call>")
-    # what Qwen's chat template writes for an assistant's calls, "\n" between them
-    shape = GrammarShape(prefix="", call_open="<tool_call>\n", args_key="arguments",
-                         call_close="\n</tool_call>", joiner="\n", suffix="")
-
-
-class Llama3JsonParser(ToolParser):
-    """Llama 3.1/3.2: the output is {"name": ..., "parameters": {...}}, several joined by "; "."""
-
-    name = "llama3_json"
-    syntax = CallSyntax(marker="", is_anchored=True, prefixes=("<|python_tag|>",), list_open="",
-                        separator=";", list_close="")
-    shape = GrammarShape(prefix="", call_open="", args_key="parameters", call_close="",
-                         joiner="; ", suffix="")
-
-
-class MistralParser(ToolParser):
-    """Mistral: [TOOL_CALLS] then a JSON array of {"name": ..., "arguments": {...}}."""
-
-    name = "mistral"
-    markers = ("[TOOL_CALLS]",)
-    keeps_special_tokens = True
-    syntax = CallSyntax(marker="[TOOL_CALLS]", is_anchored=False, prefixes=(), list_open="[",
-                        separator=",", list_close="]")
-    # forced grammars name [TOOL_CALLS] by token id where the tokenizer has it as a token
-    shape = GrammarShape(prefix="[TOOL_CALLS][", call_open="", args_key="arguments",
-                         call_close="", joiner=", ", suffix="]")
-
-
-class JsonArrayParser(ToolParser):
-    """Fallback for templates with no known format, for forced calls only: the whole output
-    is a JSON array of {"name": ..., "arguments": {...}}."""
-
-    name = "json_array"
-    syntax = CallSyntax(marker="", is_anchored=True, prefixes=(), list_open="[",
-                        separator=",", list_close="]")
-    shape = GrammarShape(prefix="[", call_open="", args_key="arguments", call_close="",
-                         joiner=", ", suffix="]")
-
-
-PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser
-    for parser in (HermesParser, Llama3JsonParser, MistralParser, JsonArrayParser)
-}
-
-# template markers, most specific first
-_TEMPLATE_MARKERS = (
-    ("<tool_call>", "hermes"),
-    ("[TOOL_CALLS]", "mistral"),
-    ("<|python_tag|>", "llama3_json"),
-    ("ipython", "llama3_json"),
-)
-
-
-def parser_for_template(chat_template: str | None) -> str | None:
-    """The tool-call format a chat template writes, from its markers; None if none is known."""
-    if not chat_template:
-        return None
-    for marker, name in _TEMPLATE_MARKERS:
-        if marker in chat_template:
-            return name
-    return None
-
-
-_ID_ALPHABET = string.ascii_letters + string.digits
-
-
-def new_call_id() -> str:
-    """An OpenAI-style tool call id: "call_" and 24 random alphanumerics."""
-    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
-
-
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-
-
-def bare_json_calls(text: str, names: Collection[str]) -> list[ToolCall] | None:
-    """A whole answer that is nothing but calls written as JSON, without the format's markers
-    (small models do this: `{"name": "f", "arguments": {...}}`, one per line or in a list,
-    possibly in a ```json fence), when every name is one of the request's tools; else None."""
-    body = text.strip()
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
-    items = _json_documents(body)
-    if not items:
-        return None
-    calls = []
-    for item in items:
-        if not isinstance(item, dict) or item.get("name") not in names:
-            return None
-        arguments: object = next((item[key] for key in _ARGS_KEYS if key in item), {})
-        if not isinstance(arguments, dict):
-            return None
-        calls.append(ToolCall(str(item["name"]), json.dumps(arguments, ensure_ascii=False)))
-    return calls
-
-
-def _json_documents(text: str) -> list[object] | None:
-    """The values of one or more JSON documents separated by whitespace (a model writing one
-    call per line), lists flattened; None unless the whole text is such documents."""
-    decoder, items, position = json.JSONDecoder(), [], 0
-    while position < len(text):
-        if text[position] not in "{[":
-            return None
-        try:
-            value, position = decoder.raw_decode(text, position)
-        except _JSON_ERRORS:
-            return None
-        items.extend(value if isinstance(value, list) and value else [value])
-        while position < len(text) and text[position] in _WHITESPACE:
-            position += 1
-    return items or None
-
-
-def could_be_bare_json_call(text: str) -> bool:
-    """Whether streamed content so far may still turn out to be bare JSON calls."""
-    head = text.lstrip()
-    if len(head) < 3:
-        return not head or head[0] in "{[" or "```".startswith(head)
-    if head.startswith("```"):
-        info, newline, _ = head[3:].partition("\n")
-        return not newline or info.strip() in ("", "json")  # ```python is code, not a call
-    return head.startswith(("{", "["))
