@@ -51,11 +51,26 @@ def _json_documents(text: str) -> list[object] | None:
 
 
 def could_be_bare_json_call(text: str) -> bool:
-    """Whether streamed content so far may still turn out to be bare JSON calls."""
+    """Whether streamed content so far may still turn out to be bare JSON calls: a json fence
+    or nothing yet, then `{"name"` or `[{"name"` as far as it has come (so "[1] First, ..."
+    or a JSON answer of other keys streams at once)."""
     head = text.lstrip()
-    if len(head) < 3:
-        return not head or head[0] in "{[" or "```".startswith(head)
     if head.startswith("```"):
-        info, newline, _ = head[3:].partition("\n")
-        return not newline or info.strip() in ("", "json")  # ```python is code, not a call
-    return head.startswith(("{", "["))
+        info, newline, rest = head[3:].partition("\n")
+        if not newline:
+            return True
+        if info.strip() not in ("", "json"):
+            return False  # ```python is code, not a call
+        head = rest.lstrip()
+    elif "```".startswith(head):
+        return True
+    return _could_open_a_call(head)
+
+
+def _could_open_a_call(head: str) -> bool:
+    """`head` is a prefix of `{"name"` or `[{"name"` (whitespace allowed between), or goes on
+    past one."""
+    compact = "".join(head[:64].split())  # the opening is short; whitespace may separate it
+    opening = '[{"name"' if compact.startswith("[") else '{"name"'
+    size = min(len(compact), len(opening))
+    return compact[:size] == opening[:size]

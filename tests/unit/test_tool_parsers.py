@@ -579,7 +579,9 @@ def test_bare_json_calls(text: str, expected: list[tuple[str, str]] | None) -> N
 @pytest.mark.parametrize("text, possible", [
     ("", True), ("  ", True), ("{", True), ("[{", True), ("`", True), ("``", True),
     ("```js", True), ("```json\n{", True), ("```\n[", True), ("```python\ndef", False),
-    ("The", False), ("a{", False), ("`x", False),
+    ("The", False), ("a{", False), ("`x", False), ('{"na', True), ('{ "name": "f"', True),
+    ('[{"name"', True), ("[1] First", False), ('{"answer": 4}', False), ("[ {", True),
+    ('```json\n{"result"', False),
 ])
 def test_could_be_bare_json_call(text: str, possible: bool) -> None:
     assert could_be_bare_json_call(text) is possible
