@@ -140,6 +140,12 @@ class SamplingParams:
         self._validate_token_ids(vocab_size)
         if self.structured_outputs is not None:
             self.structured_outputs.validate()
+            # the grammar decides which tokens may come; a second say could ban all of them
+            # mid-answer, where only a failure (not a 400) could report it
+            for param, value in (("allowed_token_ids", self.allowed_token_ids),
+                                 ("bad_words", self.bad_words)):
+                _check(not value, f"{param} cannot be combined with {self.structured_outputs.param}"
+                       ": the constraint decides which tokens may come", param)
         return self
 
     def _validate_stop(self) -> None:

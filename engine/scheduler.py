@@ -218,6 +218,9 @@ class Scheduler:
 
     def _check_stop(self, sequence: Sequence, token_id: int) -> SequenceStatus | None:
         params = sequence.sampling_params
+        grammar = sequence.grammar
+        if grammar is not None and grammar.is_broken:
+            return None  # not a stop of any kind: the core fails it (its output cannot match)
         if sequence.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in params.eos_token_ids:
                 sequence.stop_reason = None  # EOS is reported as a plain "stop"
@@ -225,11 +228,9 @@ class Scheduler:
             if token_id in params.stop_token_ids:
                 sequence.stop_reason = token_id
                 return SequenceStatus.FINISHED_STOPPED
-        grammar = sequence.grammar
-        if grammar is not None and grammar.is_finished and not grammar.is_broken:
+        if grammar is not None and grammar.is_finished:
             # the output is complete (only end-of-sequence could follow), whatever min_tokens
-            # or ignore_eos say: the grammar allows nothing else. A broken grammar is not a
-            # stop: the core fails that sequence (its output does not match)
+            # or ignore_eos say: the grammar allows nothing else
             sequence.stop_reason = None
             return SequenceStatus.FINISHED_STOPPED
         if sequence.num_output_tokens >= sequence.max_tokens:

@@ -204,20 +204,36 @@ def test_a_finished_grammar_stops_even_with_ignore_eos(llm: LLM) -> None:
     assert choice.text in ("yes", "no") and choice.finish_reason == "stop"
 
 
-def test_a_grammar_its_other_settings_break_fails_alone(llm: LLM) -> None:
-    """allowed_token_ids that exclude every token the grammar allows: that request fails (its
-    output could not match), it does not "stop" with text that does not; others go on."""
-    tokenizer = build_tokenizer()
-    broken = SamplingParams(temperature=0.0, max_tokens=10,
-                            allowed_token_ids=tuple(tokenizer.encode("x")),
-                            structured_outputs=StructuredOutputsParams(choice=("yes", "no")))
-    fine = SamplingParams(temperature=0.0, max_tokens=10,
-                          structured_outputs=StructuredOutputsParams(choice=("yes", "no")))
-    outputs = llm.generate([[5, 6], [5, 6]], [broken, fine])
-    assert outputs[0].outputs[0].finish_reason == "error"
-    assert outputs[1].outputs[0].finish_reason == "stop"
-    assert outputs[1].outputs[0].text in ("yes", "no")
-    assert llm.llm_engine.core.kv_cache_manager.usage == 0.0
+def test_other_token_restrictions_are_refused_beside_a_constraint(llm: LLM) -> None:
+    """allowed_token_ids or bad_words could ban every token a grammar allows, mid-answer:
+    refused up front, naming the field."""
+    choice = StructuredOutputsParams(choice=("yes", "no"), param="guided_choice")
+    for field, value in (("allowed_token_ids", (5,)), ("bad_words", ("yes",))):
+        params = SamplingParams(max_tokens=10, structured_outputs=choice, **{field: value})
+        with pytest.raises(InvalidRequestError, match="cannot be combined") as info:
+            llm.generate([[5, 6]], params)
+        assert info.value.param == field
+
+
+def test_a_broken_grammar_fails_its_request_alone(llm: LLM) -> None:
+    """Should a token ever break a grammar, that request fails (its output could not match);
+    it does not "stop" with text that does not. Others go on."""
+    engine = llm.llm_engine
+    choice = StructuredOutputsParams(choice=("yes", "no"))
+    for request_id in ("broken", "fine"):
+        engine.add_request(request_id, [5, 6], SamplingParams(temperature=0.0, max_tokens=10,
+                                                               structured_outputs=choice))
+    broken = engine.core.scheduler.sequences["broken"]
+    assert broken.grammar is not None
+    broken.grammar.accept(build_tokenizer().encode("x")[0])  # a token the grammar forbids
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0]
+    assert finished["broken"].finish_reason == "error"
+    assert finished["fine"].finish_reason == "stop" and finished["fine"].text in ("yes", "no")
+    assert engine.core.kv_cache_manager.usage == 0.0
 
 
 def test_a_grammar_that_matches_nothing_is_refused(compiler: GrammarCompiler) -> None:
