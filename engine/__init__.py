@@ -19,6 +19,7 @@ _EXPORTS = {
     "SchedulerConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.structured.params",
+    "JSON_FORMAT": "engine.structured.params",
     "CompletionOutput": "engine.outputs",
     "Logprob": "engine.outputs",
     "RequestOutput": "engine.outputs",
@@ -67,4 +68,4 @@ if TYPE_CHECKING:
         RequestTiming,
     )
     from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
-    from engine.structured.params import StructuredOutputsParams
+    from engine.structured.params import JSON_FORMAT, StructuredOutputsParams

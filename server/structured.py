@@ -18,6 +18,7 @@ from server.protocol import (
     ResponseFormat,
     SamplingRequest,
     StructuredOutputsRequest,
+    Tool,
 )
 from server.tool_parsers import PARSERS, FunctionSpec, ToolParser, parser_for_template
 
@@ -75,12 +76,10 @@ def _constraint(name: str, value: object) -> StructuredOutputsParams:
 
 
 def _structured_outputs(value: StructuredOutputsRequest, name: str) -> StructuredOutputsParams:
-    if value.json_ is not None:
-        if value.regex or value.choice or value.grammar or value.json_object:
-            raise InvalidRequestError(f"{name} must set exactly one constraint", param=name)
-        return StructuredOutputsParams.from_schema(value.json_, name)
-    return StructuredOutputsParams(
-        json_object=bool(value.json_object), regex=value.regex,
+    schema = (StructuredOutputsParams.from_schema(value.json_, name).json
+              if value.json_ is not None else None)
+    return StructuredOutputsParams(  # validate() then checks that exactly one is set
+        json=schema, json_object=bool(value.json_object), regex=value.regex,
         choice=tuple(value.choice) if value.choice is not None else None,
         grammar=value.grammar, param=name)
 
@@ -107,10 +106,18 @@ class ToolPlan:
 
     @property
     def template_tools(self) -> list[dict[str, object]]:
-        """The tools as chat templates expect them (OpenAI's shape)."""
-        return [{"type": "function", "function": {
-            "name": f.name, "description": f.description or "", "parameters": f.parameters}}
-            for f in self.functions]
+        return template_tools(self.functions)
+
+
+def template_tools(functions: Sequence[FunctionSpec]) -> list[dict[str, object]]:
+    """The tools as chat templates expect them (OpenAI's shape); /tokenize renders the same."""
+    return [{"type": "function", "function": {
+        "name": f.name, "description": f.description or "", "parameters": f.parameters}}
+        for f in functions]
+
+
+def function_specs(tools: Sequence[Tool]) -> tuple[FunctionSpec, ...]:
+    return _specs([tool.function for tool in tools], "tools")
 
 
 def plan_tools(request: ChatCompletionRequest, parser_name: str | None,
@@ -161,8 +168,8 @@ def _tools_and_choice(request: ChatCompletionRequest
                            param="functions")
         return (_specs(request.functions, "functions"), _choice_name(request.function_call),
                 "function_call")
-    tools = [tool.function for tool in request.tools or ()]
-    return _specs(tools, "tools"), _choice_name(request.tool_choice), "tool_choice"
+    return (function_specs(request.tools or ()), _choice_name(request.tool_choice),
+            "tool_choice")
 
 
 def _choice_name(choice: str | NamedToolChoice | FunctionNameRef | None) -> str | None:

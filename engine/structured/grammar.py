@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import llguidance
 import llguidance.hf
@@ -26,17 +26,14 @@ from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from engine.errors import InvalidRequestError
-from engine.structured.params import StructuredOutputsParams
+from engine.structured.params import JSON_FORMAT, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # a TypedDict of the type stubs only
 
 logger = logging.getLogger(__name__)
 
-# JSON as models write it (`{"a": 1, "b": [2, 3]}`), with no optional whitespace: a model that
-# may pad with whitespace can pad forever, and never finishes within max_tokens
-JSON_OPTIONS: JsonCompileOptions = {
-    "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS = cast("JsonCompileOptions", JSON_FORMAT)
 # more than the tools one request may bring (server/protocol.py: 256), so that checking one
 # request's tools never evicts the grammars of requests being admitted beside it
 GRAMMAR_CACHE_SIZE = 1024
@@ -83,13 +80,11 @@ class GrammarMatcher:
 class CompiledGrammar:
     """A validated grammar; new matchers are copies of a pristine one (cheaper than parsing)."""
 
-    __slots__ = ("_pristine", "_executor", "kind")
+    __slots__ = ("_pristine", "_executor")
 
-    def __init__(self, pristine: llguidance.LLMatcher, kind: str,
-                 executor: llguidance.LLExecutor) -> None:
+    def __init__(self, pristine: llguidance.LLMatcher, executor: llguidance.LLExecutor) -> None:
         self._pristine = pristine
         self._executor = executor
-        self.kind = kind
 
     def new_matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self._pristine.deep_copy(), self._executor)
@@ -150,7 +145,7 @@ class GrammarCompiler:
             return "matches no text"
         logger.info("compiled a %s constraint (%d chars) in %.1f ms", params.kind,
                     len(params.key[1]), (time.perf_counter() - start) * 1e3)
-        return CompiledGrammar(matcher, params.kind, self.executor)
+        return CompiledGrammar(matcher, self.executor)
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
         with self._tokenizer_lock:  # not the cache's lock: cached lookups go on meanwhile

@@ -10,6 +10,11 @@ from engine.errors import InvalidRequestError
 MAX_CONSTRAINT_CHARS = 256 * 1024  # a schema, regex or grammar; larger is a mistake or an attack
 MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 4096
+# how constrained JSON is written (llguidance's JSON options), here and in the server's forced
+# tool-call grammars: compact with the spaces of Python's json.dumps, which chat templates'
+# tojson writes too, and no optional whitespace, which a model could pad with forever
+JSON_FORMAT: dict[str, object] = {
+    "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True, slots=True)

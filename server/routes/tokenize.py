@@ -12,6 +12,7 @@ from server.errors import ApiError, from_engine_error
 from server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.routes import ERROR_RESPONSES
 from server.state import EngineDep, StateDep
+from server.structured import function_specs, template_tools
 from server.tokenization import encode_prompt
 
 router = APIRouter(tags=["tokenizer"])
@@ -33,7 +34,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep) ->
                 # a rendered template has its special tokens: more only when asked for
                 add_special_tokens=("add_special_tokens" in body.model_fields_set
                                     and body.add_special_tokens),
-                tools=[tool.model_dump(exclude_none=True) for tool in body.tools or ()])
+                tools=template_tools(function_specs(body.tools or ())))
             tokens = await asyncio.to_thread(apply_chat_template, engine.tokenizer, body.messages,
                                              engine.max_model_len, options)
         else:

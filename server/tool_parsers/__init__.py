@@ -15,7 +15,6 @@ from server.tool_parsers.formats import (
 )
 from server.tool_parsers.streamer import ToolCallStreamer
 from server.tool_parsers.types import (
-    JSON_OPTIONS,
     CallSyntax,
     ExtractedCalls,
     FunctionSpec,
@@ -26,7 +25,7 @@ from server.tool_parsers.types import (
 )
 
 __all__ = [
-    "JSON_OPTIONS", "PARSERS", "CallSyntax", "ExtractedCalls", "FunctionSpec", "GrammarShape",
+    "PARSERS", "CallSyntax", "ExtractedCalls", "FunctionSpec", "GrammarShape",
     "HermesParser", "JsonArrayParser", "Llama3JsonParser", "MistralParser", "StreamDelta",
     "ToolCall", "ToolCallDelta", "ToolCallStreamer", "ToolParser", "bare_json_calls",
     "could_be_bare_json_call", "new_call_id", "parser_for_template",

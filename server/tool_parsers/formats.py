@@ -10,9 +10,9 @@ from abc import ABC
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
+from engine import JSON_FORMAT
 from server.tool_parsers.streamer import ToolCallStreamer
 from server.tool_parsers.types import (
-    JSON_OPTIONS,
     CallSyntax,
     ExtractedCalls,
     FunctionSpec,
@@ -101,7 +101,7 @@ def _arguments_schema(parameters: dict[str, object]) -> dict[str, object]:
     with llguidance's whitespace options."""
     schema = dict(parameters)
     schema.setdefault("type", "object")
-    schema["x-guidance"] = JSON_OPTIONS
+    schema["x-guidance"] = JSON_FORMAT  # the engine's JSON, inside a Lark grammar
     return schema
 
 

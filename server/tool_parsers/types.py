@@ -76,8 +76,3 @@ STRING_STOP = re.compile(r'["\\]')
 ARGS_KEYS = ("arguments", "parameters")
 # json.loads raises RecursionError on deeply nested input: invalid like any other bad JSON
 JSON_ERRORS = (ValueError, RecursionError)
-# compact but with the spaces of Python's json.dumps, which the chat templates' tojson writes,
-# so forced output stays close to what the model saw in training; bounded, so generation ends
-JSON_OPTIONS: dict[str, object] = {
-    "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
-}
