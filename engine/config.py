@@ -95,16 +95,74 @@ class SchedulerConfig:
         return self
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+_SPECULATIVE_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min",
+                     "prompt_lookup_max", "disable_by_batch_size")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's terms: `{"method": "ngram", "num_speculative_tokens":
+    5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}`, or `{"model": DIR,
+    "num_speculative_tokens": 4}` for a draft model. Speculation pauses while more than
+    `disable_by_batch_size` sequences run (None: never)."""
+
+    method: str = "ngram"
+    model: str | None = None  # the draft model (method "draft_model")
+    num_speculative_tokens: int = 5
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    disable_by_batch_size: int | None = 4
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> SpeculativeConfig:
+        """From the --speculative-config object: a `model` without a method means a draft
+        model; unknown keys are an error."""
+        unknown = sorted(set(values) - set(_SPECULATIVE_KEYS))
+        _check(not unknown, f"speculative config: unknown keys {unknown}; known: "
+               f"{list(_SPECULATIVE_KEYS)}")
+        values = dict(values)
+        if "method" not in values and values.get("model") is not None:
+            values["method"] = "draft_model"
+        return cls(**values).validate()  # type: ignore[arg-type]
+
+    def validate(self) -> SpeculativeConfig:
+        _check(self.method in SPECULATIVE_METHODS,
+               f"speculative config: method must be one of {SPECULATIVE_METHODS}, got "
+               f"{self.method!r}")
+        _check((self.model is not None) == (self.method == "draft_model"),
+               "speculative config: a draft model needs `model` (a directory), and only it")
+        _check(isinstance(self.num_speculative_tokens, int)
+               and 1 <= self.num_speculative_tokens <= 16,
+               "speculative config: num_speculative_tokens must be in [1, 16], got "
+               f"{self.num_speculative_tokens!r}")
+        _check(isinstance(self.prompt_lookup_min, int) and isinstance(self.prompt_lookup_max, int)
+               and 1 <= self.prompt_lookup_min <= self.prompt_lookup_max,
+               "speculative config: need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+               f"{self.prompt_lookup_min!r} and {self.prompt_lookup_max!r}")
+        _check(self.disable_by_batch_size is None or (
+               isinstance(self.disable_by_batch_size, int) and self.disable_by_batch_size >= 1),
+               "speculative config: disable_by_batch_size must be >= 1 or null, got "
+               f"{self.disable_by_batch_size!r}")
+        return self
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **engine_args: object) -> EngineConfig:
         """Build from flat engine args (`block_size=16, dtype="float32", ...`), as LLM() and
-        the CLI take them. Unknown names are an error, not silently ignored."""
+        the CLI take them. Unknown names are an error, not silently ignored.
+        `speculative_config` takes the --speculative-config object (a dict) or None."""
+        speculative = engine_args.pop("speculative_config", None)
+        if speculative is not None and not isinstance(speculative, (dict, SpeculativeConfig)):
+            raise InvalidRequestError("speculative_config must be an object, got "
+                                      f"{type(speculative).__name__}", param="speculative_config")
         parts: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
                                                "scheduler": {}}
         owners = {f.name: part for part, klass in _PARTS.items() for f in fields(klass)}
@@ -114,13 +172,17 @@ class EngineConfig:
             parts[owners[name]][name] = value
         config = cls(model=ModelConfig(**parts["model"]),  # type: ignore[arg-type]
                      cache=CacheConfig(**parts["cache"]),  # type: ignore[arg-type]
-                     scheduler=SchedulerConfig(**parts["scheduler"]))  # type: ignore[arg-type]
+                     scheduler=SchedulerConfig(**parts["scheduler"]),  # type: ignore[arg-type]
+                     speculative=(SpeculativeConfig.from_dict(speculative)
+                                  if isinstance(speculative, dict) else speculative))
         return config.validate()
 
     def validate(self) -> EngineConfig:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        if self.speculative is not None:
+            self.speculative.validate()
         return self
 
 

@@ -14,6 +14,7 @@ from engine.model_runner import ModelRunner, ModelRunnerOutput, is_fatal_error
 from engine.outputs import EngineCoreOutput, PositionLogprobs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec_decode.proposer import Proposer, SpecDecodeStats, build_proposer
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ class _PassResults:
     and, when a pass failed, the sequences that fail alone and the blocks they left
     unwritten. Only passes that succeeded add here: a failed pass's rows run again."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     unwritten_block_ids: set[int] = field(default_factory=set)  # garbage KV this step
@@ -58,6 +59,7 @@ class StepStats:
     time_to_first_tokens: list[float] = field(default_factory=list)
     inter_token_latencies: list[float] = field(default_factory=list)
     finished_sequences: list[Sequence] = field(default_factory=list)
+    spec: SpecDecodeStats | None = None  # this step's verifications (speculative decoding)
 
 
 class EngineCore:
@@ -73,6 +75,7 @@ class EngineCore:
             enable_prefix_caching=config.cache.enable_prefix_caching,
             hash_algorithm=config.cache.prefix_caching_hash_algo)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.proposer: Proposer | None = build_proposer(config.speculative)
         self.last_stats = StepStats()
         self.fault_hooks = FaultHooks()
 
@@ -80,26 +83,29 @@ class EngineCore:
         self.scheduler.add_sequence(sequence)
 
     def finish_sequences(self, sequence_ids: list[str], status: SequenceStatus) -> list[Sequence]:
-        finished = self.scheduler.finish_sequences(sequence_ids, status)
-        self.runner.release([r.sequence_id for r in finished])
-        return finished
+        return self.scheduler.finish_sequences(sequence_ids, status)
 
     def has_unfinished_sequences(self) -> bool:
         return self.scheduler.has_unfinished_sequences()
 
     def step(self) -> CoreStepOutput:
         num_preemptions_before = self.scheduler.num_preemptions
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self.last_stats = self._stats(0, 0, num_preemptions_before, [])
             return CoreStepOutput()
         result = self._execute(plan)
         _commit_prompt_logprobs(plan, result.prompt_logprobs)
+        spec_stats = (SpecDecodeStats.of_step(plan.rows, result.sampled_token_ids)
+                      if self.proposer is not None else None)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
         result.failed.update(_broken_grammars(plan, result.sampled_token_ids))
-        self.runner.release([r.sequence_id for r in finished])
-        stats = self._stats(_num_prompt_tokens(plan), len(result.sampled_token_ids),
+        stats = self._stats(_num_prompt_tokens(plan),
+                            sum(len(t) for t in result.sampled_token_ids.values()),
                             num_preemptions_before, finished)
+        stats.spec = spec_stats
         outputs = self._outputs(plan.scheduled_sequences, result.sampled_token_ids,
                                 result.logprobs, stats)
         self.last_stats = stats
@@ -167,7 +173,6 @@ class EngineCore:
         results.unwritten_block_ids.update(self.kv_cache_manager.forget_unwritten_blocks(
             sequence, _row_start(sequence, plan)))
         self.scheduler.reschedule(sequence)
-        self.runner.release([sequence.sequence_id])
         return True
 
     def _run(self, sequences: list[Sequence], plan: SchedulerOutput) -> ModelRunnerOutput:
@@ -185,13 +190,14 @@ class EngineCore:
         self.runner.probe()
 
     @staticmethod
-    def _outputs(sequences: list[Sequence], sampled: dict[str, int],
-                 logprobs: dict[str, PositionLogprobs], stats: StepStats) -> list[EngineCoreOutput]:
+    def _outputs(sequences: list[Sequence], sampled: dict[str, list[int]],
+                 logprobs: dict[str, list[PositionLogprobs]],
+                 stats: StepStats) -> list[EngineCoreOutput]:
         now = time.monotonic()
         outputs = []
         for sequence in sequences:
-            token_id = sampled.get(sequence.sequence_id)
-            if token_id is None:
+            token_ids = sampled.get(sequence.sequence_id)
+            if token_ids is None:
                 continue  # a prefill chunk that has not caught up yet
             timing = sequence.timing
             if timing.first_token is None:
@@ -203,8 +209,10 @@ class EngineCore:
             timing.last_token = now
             position_logprobs = logprobs.get(sequence.sequence_id)
             outputs.append(EngineCoreOutput(
-                sequence_id=sequence.sequence_id, new_token_ids=[token_id],
-                new_logprobs=None if position_logprobs is None else [position_logprobs],
+                sequence_id=sequence.sequence_id, new_token_ids=token_ids,
+                # as many as the tokens the sequence kept (see update_from_output)
+                new_logprobs=(None if position_logprobs is None
+                              else position_logprobs[:len(token_ids)]),
                 finish_reason=sequence.status.finish_reason, stop_reason=sequence.stop_reason,
                 num_cached_tokens=max(sequence.num_cached_tokens, 0),
                 # complete by the first token, and handed out only then
@@ -231,7 +239,8 @@ def _commit_prompt_logprobs(plan: SchedulerOutput,
         plan.row(sequence_id).sequence.add_prompt_logprobs(entries)
 
 
-def _broken_grammars(plan: SchedulerOutput, sampled: dict[str, int]) -> dict[str, str]:
+def _broken_grammars(plan: SchedulerOutput,
+                     sampled: dict[str, list[int]]) -> dict[str, str]:
     """Sequences whose token broke their grammar: only possible when the request's other
     settings (allowed_token_ids, bad_words, min_tokens) banned every token it allowed. They
     fail rather than stop: their output does not match the constraint."""

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from engine.core import StepStats
     from engine.llm_engine import LLMEngine
     from engine.outputs import RequestOutput
+    from engine.spec_decode.proposer import SpecDecodeStats
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class _Families:
     preemptions: Counter
     prefix_cache_queries: Counter
     prefix_cache_hits: Counter
+    spec_decode_drafts: Counter
+    spec_decode_draft_tokens: Counter
+    spec_decode_accepted_tokens: Counter
+    spec_decode_accepted_per_position: Counter
     num_running: Gauge
     num_waiting: Gauge
     kv_cache_usage: Gauge
@@ -123,6 +128,19 @@ def _create_families(registry: CollectorRegistry) -> _Families:
         prefix_cache_hits=Counter(PREFIX + "prefix_cache_hits", "Tokens found in the prefix "
                                   "cache (their KV was reused, not computed).", labels,
                                   registry=registry),
+        spec_decode_drafts=Counter(PREFIX + "spec_decode_num_drafts", "Speculative decoding: "
+                                   "verifications of a sequence's proposals.", labels,
+                                   registry=registry),
+        spec_decode_draft_tokens=Counter(PREFIX + "spec_decode_num_draft_tokens", "Speculative "
+                                         "decoding: tokens proposed and verified.", labels,
+                                         registry=registry),
+        spec_decode_accepted_tokens=Counter(PREFIX + "spec_decode_num_accepted_tokens",
+                                            "Speculative decoding: proposed tokens the target "
+                                            "model accepted.", labels, registry=registry),
+        spec_decode_accepted_per_position=Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos", "Speculative decoding: "
+            "accepted proposals by their position in the draft (0: the first).",
+            labels + ["position"], registry=registry),
         num_running=Gauge(PREFIX + "num_requests_running", "Sequences in the running batch.",
                           labels, registry=registry),
         num_waiting=Gauge(PREFIX + "num_requests_waiting", "Sequences waiting to be scheduled "
@@ -144,6 +162,8 @@ class _IntervalTotals:
     num_generation_tokens: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    spec_decode_draft_tokens: int = 0
+    spec_decode_accepted_tokens: int = 0
 
 
 class MetricsLogger:
@@ -175,7 +195,9 @@ class MetricsLogger:
                        families.iteration_tokens, families.prompt_tokens,
                        families.generation_tokens, families.preemptions,
                        families.prefix_cache_queries, families.prefix_cache_hits,
-                       families.num_running, families.num_waiting, families.kv_cache_usage):
+                       families.spec_decode_drafts, families.spec_decode_draft_tokens,
+                       families.spec_decode_accepted_tokens, families.num_running,
+                       families.num_waiting, families.kv_cache_usage):
             family.labels(name)
 
     def record_engine_info(self, info: Mapping[str, str]) -> None:
@@ -196,9 +218,19 @@ class MetricsLogger:
             families.iteration_tokens.labels(name).observe(num_step_tokens)
         _observe_all(families.ttft.labels(name), stats.time_to_first_tokens)
         _observe_all(families.itl.labels(name), stats.inter_token_latencies)
+        if stats.spec is not None:
+            self._record_spec_decode(stats.spec)
         self.set_load(stats.num_running, stats.num_waiting, stats.kv_cache_usage)
         self.record_finished(outputs)
         self._accumulate(stats)
+
+    def _record_spec_decode(self, spec: SpecDecodeStats) -> None:
+        families, name = self._families, self.model_name
+        families.spec_decode_drafts.labels(name).inc(spec.num_drafts)
+        families.spec_decode_draft_tokens.labels(name).inc(spec.num_draft_tokens)
+        families.spec_decode_accepted_tokens.labels(name).inc(spec.num_accepted_tokens)
+        for position, count in enumerate(spec.accepted_per_position):
+            families.spec_decode_accepted_per_position.labels(name, str(position)).inc(count)
 
     def set_load(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
         """The gauges; also called when the engine goes idle, since requests finished outside
@@ -259,6 +291,9 @@ class MetricsLogger:
         interval.num_generation_tokens += stats.num_generation_tokens
         interval.prefix_cache_queries += stats.prefix_cache_queries
         interval.prefix_cache_hits += stats.prefix_cache_hits
+        if stats.spec is not None:
+            interval.spec_decode_draft_tokens += stats.spec.num_draft_tokens
+            interval.spec_decode_accepted_tokens += stats.spec.num_accepted_tokens
         now = self._clock()
         if now - interval.start >= self.log_interval_s:
             # only steps call this, so the line appears only while the engine is busy
@@ -275,12 +310,20 @@ def _log_interval(interval: _IntervalTotals, elapsed: float, stats: StepStats) -
     elapsed = max(elapsed, 1e-9)
     hit_rate = (100.0 * interval.prefix_cache_hits / interval.prefix_cache_queries
                 if interval.prefix_cache_queries else 0.0)
+    spec = ""
+    extra: dict[str, object] = {}
+    if interval.spec_decode_draft_tokens:
+        acceptance = interval.spec_decode_accepted_tokens / interval.spec_decode_draft_tokens
+        spec = (f", spec decode acceptance {100.0 * acceptance:.1f}% of "
+                f"{interval.spec_decode_draft_tokens} proposed tokens")
+        extra = {"spec_decode_acceptance_rate": round(acceptance, 6),
+                 "spec_decode_draft_tokens": interval.spec_decode_draft_tokens}
     logger.info(
         "engine: prompt %.1f tokens/s, generation %.1f tokens/s, running %d, waiting %d, "
-        "KV cache %.1f%%, prefix-cache hit rate %.1f%%",
+        "KV cache %.1f%%, prefix-cache hit rate %.1f%%%s",
         interval.num_prompt_tokens / elapsed, interval.num_generation_tokens / elapsed,
-        stats.num_running, stats.num_waiting, 100.0 * stats.kv_cache_usage, hit_rate,
-        extra={"prompt_tokens_per_s": round(interval.num_prompt_tokens / elapsed, 3),
+        stats.num_running, stats.num_waiting, 100.0 * stats.kv_cache_usage, hit_rate, spec,
+        extra={**extra, "prompt_tokens_per_s": round(interval.num_prompt_tokens / elapsed, 3),
                "generation_tokens_per_s": round(interval.num_generation_tokens / elapsed, 3),
                "num_running": stats.num_running, "num_waiting": stats.num_waiting,
                "kv_cache_usage": round(stats.kv_cache_usage, 6),
@@ -323,4 +366,6 @@ def engine_config_info(engine: LLMEngine) -> dict[str, str]:
         "max_num_seqs": str(config.scheduler.max_num_seqs),
         "max_num_batched_tokens": str(config.scheduler.max_num_batched_tokens),
         "enable_prefix_caching": str(config.cache.enable_prefix_caching).lower(),
+        "speculative": ("none" if (spec := config.speculative) is None
+                        else f"{spec.method} k={spec.num_speculative_tokens}"),
     }

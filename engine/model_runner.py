@@ -28,7 +28,6 @@ from engine.sampler import (
 )
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from engine.scheduler import ScheduledRow
-from engine.sequence import Sequence
 from engine.structured.grammar import GrammarMatcher, fill_bitmask
 
 logger = logging.getLogger(__name__)
@@ -40,11 +39,12 @@ PROMPT_LOGPROB_SLICE = 256
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """Tokens sampled this step, for the sequences whose computed tokens caught up, and the
-    prompt logprobs this pass's rows computed."""
+    """Tokens sampled this step, for the sequences whose computed tokens caught up (one each,
+    or with speculation the accepted proposals and the token sampled after them), their
+    logprobs when asked for, and the prompt logprobs this pass's rows computed."""
 
-    sampled_token_ids: dict[str, int]
-    logprobs: dict[str, PositionLogprobs]
+    sampled_token_ids: dict[str, list[int]]
+    logprobs: dict[str, list[PositionLogprobs]]
     # sequence id -> logprobs of the next prompt tokens with none yet, in prompt order
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
 
@@ -90,8 +90,10 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
-    sample_indices: torch.Tensor  # [num_sampling_seqs] int64: rows of hidden states that sample
-    sampling_sequences: list[Sequence]
+    # rows of hidden states that sample: one per sampling row, 1 + k for a row verifying k
+    # proposals (the target's distributions after each accepted-so-far prefix)
+    sample_indices: torch.Tensor  # [num_samples] int64
+    sampling_rows: list[ScheduledRow]
     prompt_rows: PromptLogprobRows
 
 
@@ -106,7 +108,6 @@ class ModelRunner:
         spec = kv_cache_spec(loaded.hf_config)
         self.kv_shape = (self.block_size, spec.num_kv_heads, spec.head_dim)  # per block
         self.num_layers = spec.num_layers
-        self.generators: dict[str, torch.Generator] = {}
         # one generator for every row that brings no seed: from the config's seed, so that
         # the same requests in the same order get the same answers on every start, or fresh
         self.unseeded_generator = _unseeded_generator(self.device, config.model.seed)
@@ -221,23 +222,14 @@ class ModelRunner:
                 block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
         """Run one forward pass over the rows' tokens [start, end) and sample where a sequence
         caught up. `rows` may be any subset of the step's rows (the core retries a failed batch
-        in groups). A pass that raises leaves the generators (the seeded ones and the
-        unseeded rows' one) as they were, so the same rows can run again and draw the same
-        tokens."""
-        sequences = [row.sequence for row in rows]
-        saved = {r.sequence_id: self.generators[r.sequence_id].get_state() for r in sequences
-                 if r.sequence_id in self.generators}
+        in groups). A pass that raises leaves the unseeded rows' generator as it was (seeded
+        rows keep no state: see _seeded_generator), so the same rows can run again and draw
+        the same tokens."""
         unseeded_state = self.unseeded_generator.get_state()
         try:
             return self._execute(rows, block_ids)
         except BaseException:
             self.unseeded_generator.set_state(unseeded_state)
-            for sequence in sequences:
-                state = saved.get(sequence.sequence_id)
-                if state is None:
-                    self.generators.pop(sequence.sequence_id, None)  # seeded again on retry
-                else:
-                    self.generators[sequence.sequence_id].set_state(state)
             raise
 
     @torch.inference_mode()
@@ -251,12 +243,12 @@ class ModelRunner:
             hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
                                        inputs.metadata)  # [num_tokens, hidden_size]
         prompt_logprobs = self._prompt_logprobs(hidden_states, inputs.prompt_rows)
-        if not inputs.sampling_sequences:
+        if not inputs.sampling_rows:
             return ModelRunnerOutput({}, {}, prompt_logprobs)
         # logits only for the positions that sample: the lm_head is the largest matmul
         logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
-        sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_sequences))
-        output = _to_runner_output(inputs.sampling_sequences, sampler_output)
+        sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_rows))
+        output = _to_runner_output(inputs.sampling_rows, sampler_output)
         output.prompt_logprobs = prompt_logprobs
         return output
 
@@ -288,24 +280,26 @@ class ModelRunner:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
-        sampling_sequences: list[Sequence] = []
+        sampling_rows: list[ScheduledRow] = []
         prompt_rows = PromptLogprobRows()
         for row in rows:
             sequence = row.sequence
             prompt_rows.add(row, len(input_ids))
-            input_ids.extend(sequence.all_token_ids[row.start:row.end])
+            input_ids.extend(row.token_ids)
             query_lens.append(row.num_new_tokens)
             seq_lens.append(row.end)  # the context: cached tokens plus this row's
-            if row.end == sequence.num_tokens:  # caught up: this chunk's last row samples
-                sample_rows.append(len(input_ids) - 1)
-                sampling_sequences.append(sequence)
+            num_samples = 1 + len(row.spec_token_ids)
+            if row.end == sequence.num_tokens + num_samples - 1:
+                # caught up: the chunk's last token samples, and so does each proposal
+                sample_rows.extend(range(len(input_ids) - num_samples, len(input_ids)))
+                sampling_rows.append(row)
         block_tables = _pad_block_tables([block_ids[row.sequence.sequence_id] for row in rows])
         metadata, positions = self._build_metadata(query_lens, seq_lens, block_tables)
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
             positions=positions, metadata=metadata,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
-            sampling_sequences=sampling_sequences, prompt_rows=prompt_rows)
+            sampling_rows=sampling_rows, prompt_rows=prompt_rows)
 
     def _build_metadata(self, query_lens: list[int], seq_lens: list[int],
                         block_tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
@@ -334,33 +328,44 @@ class ModelRunner:
         # once per step, here, rather than in the first layer: every layer reads this plan
         return self.model.attn_backend.plan_decode(metadata, k_cache)
 
-    def _sampling_metadata(self, sequences: list[Sequence]) -> SamplingMetadata:
-        banned = [_banned_token_ids(r) for r in sequences]
-        matchers = [cast(GrammarMatcher | None, r.grammar) for r in sequences]
+    def _sampling_metadata(self, rows: list[ScheduledRow]) -> SamplingMetadata:
+        """One sampler row per sample: a row verifying k proposals has 1 + k, the j-th seeing
+        the output as if the first j proposals were accepted (penalties, bans, min_tokens
+        and seeds apply to the target's distribution exactly as without speculation)."""
+        params: list[SamplingParams] = []
+        prompts: list[list[int]] = []
+        outputs: list[list[int]] = []
+        generators: list[torch.Generator | None] = []
+        banned: list[list[int]] = []
+        matchers: list[GrammarMatcher | None] = []
+        for row in rows:
+            sequence = row.sequence
+            assert sequence.grammar is None or not row.spec_token_ids, "constrained rows verify"
+            for num_accepted in range(1 + len(row.spec_token_ids)):
+                output = sequence.output_token_ids + list(row.spec_token_ids[:num_accepted])
+                params.append(sequence.sampling_params)
+                prompts.append(sequence.prompt_token_ids)
+                outputs.append(output)
+                generators.append(self._seeded_generator(sequence.sampling_params, len(output)))
+                banned.append(_banned_token_ids(sequence.sampling_params, output))
+                matchers.append(cast(GrammarMatcher | None, sequence.grammar))
         return SamplingMetadata.build(
-            params=[r.sampling_params for r in sequences],
-            prompt_token_ids=[r.prompt_token_ids for r in sequences],
-            output_token_ids=[r.output_token_ids for r in sequences],
-            generators=[self._generator(r) for r in sequences],
-            banned_token_ids=banned, vocab_size=self.vocab_size, device=self.device,
-            unseeded_generator=self.unseeded_generator,
+            params=params, prompt_token_ids=prompts, output_token_ids=outputs,
+            generators=generators, banned_token_ids=banned, vocab_size=self.vocab_size,
+            device=self.device, unseeded_generator=self.unseeded_generator,
             grammar_bitmask=(fill_bitmask(matchers, self.vocab_size)
                              if any(m is not None for m in matchers) else None))
 
-    def _generator(self, sequence: Sequence) -> torch.Generator | None:
-        seed = sequence.sampling_params.seed
-        if seed is None or sequence.sampling_params.is_greedy:
+    def _seeded_generator(self, params: SamplingParams,
+                          position: int) -> torch.Generator | None:
+        """A seeded request's generator for its output token at `position`: seeded from the
+        request's seed and the position alone, so the token drawn there is the same whatever
+        the batch, however often the pass is retried, and whether or not the tokens before
+        it came as verified proposals."""
+        if params.seed is None or params.is_greedy:
             return None
-        generator = self.generators.get(sequence.sequence_id)
-        if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-            self.generators[sequence.sequence_id] = generator
-        return generator
-
-    def release(self, sequence_ids: abc.Sequence[str]) -> None:
-        """Forget per-sequence state (seeded generators) of finished sequences."""
-        for sequence_id in sequence_ids:
-            self.generators.pop(sequence_id, None)
+        return torch.Generator(device=self.device).manual_seed(position_seed(params.seed,
+                                                                             position))
 
 
 def is_fatal_error(exc: BaseException) -> bool:
@@ -382,13 +387,24 @@ def _unseeded_generator(device: torch.device, seed: int | None) -> torch.Generat
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _banned_token_ids(sequence: Sequence) -> list[int]:
-    """This step's bans: a bad word's last token when the output ends with the rest of it;
-    below min_tokens, EOS and the stop token ids as well."""
-    params = sequence.sampling_params
-    banned = (bad_words_banned_ids(params.bad_words_token_ids, sequence.output_token_ids)
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for output position `position` of a request seeded `seed`: splitmix64 of
+    the pair, so that neighbouring seeds and positions give unrelated streams."""
+    value = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _banned_token_ids(params: SamplingParams, output_token_ids: list[int]) -> list[int]:
+    """The bans on the token after `output_token_ids`: a bad word's last token when the output
+    ends with the rest of it; below min_tokens, EOS and the stop token ids as well."""
+    banned = (bad_words_banned_ids(params.bad_words_token_ids, output_token_ids)
               if params.bad_words_token_ids else [])
-    if sequence.num_output_tokens < params.min_tokens:
+    if len(output_token_ids) < params.min_tokens:
         banned += () if params.ignore_eos else params.eos_token_ids
         banned += params.stop_token_ids
     return banned
@@ -402,21 +418,45 @@ def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
     return padded
 
 
-def _to_runner_output(sequences: list[Sequence], output: SamplerOutput) -> ModelRunnerOutput:
+def _to_runner_output(rows: list[ScheduledRow], output: SamplerOutput) -> ModelRunnerOutput:
+    """Each row's new tokens. A row verifying proposals keeps them while each equals the token
+    sampled where it stands, then the first sampled token that differs (or the one after
+    the last proposal). With a one-hot draft (n-gram), this is the exact rejection sampler:
+    proposal x is accepted with probability p(x), and a rejection leaves a token drawn from
+    p without x, renormalised (engine/spec_decode/rejection.py). Greedy rows thus get the
+    target's argmax at every position."""
     token_ids = output.sampled_token_ids.tolist()  # the step's one host sync
-    sampled = {r.sequence_id: t for r, t in zip(sequences, token_ids, strict=True)}
-    logprobs: dict[str, PositionLogprobs] = {}
+    sampled: dict[str, list[int]] = {}
+    first_samples: list[int] = []
+    first = 0
+    for row in rows:
+        drawn = token_ids[first:first + 1 + len(row.spec_token_ids)]
+        sampled[row.sequence.sequence_id] = drawn[:num_accepted(row.spec_token_ids, drawn) + 1]
+        first_samples.append(first)
+        first += len(drawn)
+    logprobs: dict[str, list[PositionLogprobs]] = {}
     if output.logprobs is not None:
         assert output.logprob_token_ids is not None and output.sampled_token_ranks is not None
         ids, values = output.logprob_token_ids.tolist(), output.logprobs.tolist()
         ranks = output.sampled_token_ranks.tolist()
-        for row, sequence in enumerate(sequences):
-            num_top = sequence.sampling_params.logprobs
+        for row, first in zip(rows, first_samples, strict=True):
+            num_top = row.sequence.sampling_params.logprobs
             if num_top is None:
                 continue
-            logprobs[sequence.sequence_id] = _position_logprobs(ids[row], values[row],
-                                                                ranks[row], num_top)
+            samples = range(first, first + len(sampled[row.sequence.sequence_id]))
+            logprobs[row.sequence.sequence_id] = [
+                _position_logprobs(ids[i], values[i], ranks[i], num_top) for i in samples]
     return ModelRunnerOutput(sampled, logprobs)
+
+
+def num_accepted(proposals: abc.Sequence[int], drawn: abc.Sequence[int]) -> int:
+    """How many leading proposals the target drew where they stand."""
+    count = 0
+    for proposal, token_id in zip(proposals, drawn, strict=False):
+        if proposal != token_id:
+            break
+        count += 1
+    return count
 
 
 def _position_logprobs(ids: list[int], values: list[float], rank: int,

@@ -196,7 +196,13 @@ class OutputProcessor:
         new_ids = core_output.new_token_ids
         logprobs = ([self._logprobs(p) for p in core_output.new_logprobs]
                     if choice.wants_logprobs and core_output.new_logprobs else [])
-        stop_string = choice.detokenizer.update(new_ids) if new_ids else None
+        stop_string = None
+        for num_kept, token_id in enumerate(new_ids, 1):
+            stop_string = choice.detokenizer.update((token_id,))
+            if stop_string is not None:
+                # a step brings several tokens with speculation: those after the stop go
+                new_ids, logprobs = new_ids[:num_kept], logprobs[:num_kept]
+                break
         stopped_here = stop_string is not None and core_output.finish_reason is None
         if stop_string is not None:
             choice.finish_reason, choice.stop_reason = "stop", stop_string

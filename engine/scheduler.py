@@ -4,6 +4,11 @@ One rule covers prefill, chunked prefill and decode: each step, every scheduled 
 computed tokens catch up towards its total tokens, as far as the token budget allows. Running
 sequences go first (oldest first), then waiting ones. When the KV pool cannot hold a running
 sequence's next tokens, the newest running sequence is preempted by recompute.
+
+Speculative decoding: a decoding sequence that carries proposals (spec_token_ids) asks for
+1 + k slots, k cut to the token budget and to its max_tokens; proposals never preempt
+anything (without room they are dropped). After verification the sequence keeps the accepted
+tokens and gives back the slots and blocks of the rejected ones.
 """
 
 from __future__ import annotations
@@ -24,11 +29,21 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class ScheduledRow:
     """One sequence's share of a step: it computes the tokens at [start, end) of its
-    all_token_ids. start is what its KV cache already holds (prefix-cache hits included)."""
+    all_token_ids followed by spec_token_ids (proposals to verify, only on decode rows: then
+    end = num_tokens + len(spec_token_ids)). start is what its KV cache already holds
+    (prefix-cache hits included)."""
 
     sequence: Sequence
     start: int
     end: int
+    spec_token_ids: tuple[int, ...] = ()
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this row computes."""
+        if not self.spec_token_ids:
+            return self.sequence.all_token_ids[self.start:self.end]
+        return [*self.sequence.all_token_ids[self.start:], *self.spec_token_ids]
 
     @property
     def num_new_tokens(self) -> int:
@@ -140,12 +155,29 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
             num_new_tokens = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(sequence, num_new_tokens, output):
+            spec_token_ids = self._spec_token_ids(sequence, budget)
+            if spec_token_ids and self.kv_cache_manager.allocate_slots(
+                    sequence, num_new_tokens + len(spec_token_ids)) is None:
+                spec_token_ids = ()  # no room to speculate: proposals never preempt anyone
+            if not spec_token_ids and not self._allocate_or_preempt(sequence, num_new_tokens,
+                                                                    output):
                 break  # the sequence itself was preempted: nothing newer is left to run
-            self._add_scheduled(output, sequence, sequence.num_computed_tokens, num_new_tokens)
-            budget -= num_new_tokens
+            self._add_scheduled(output, sequence, sequence.num_computed_tokens,
+                                num_new_tokens + len(spec_token_ids), spec_token_ids)
+            budget -= num_new_tokens + len(spec_token_ids)
             index += 1
         return budget
+
+    @staticmethod
+    def _spec_token_ids(sequence: Sequence, budget: int) -> tuple[int, ...]:
+        """The proposals this step verifies: taken off the sequence (a proposal is offered
+        once), only on a decode row, cut so that the row fits the token budget and every
+        accepted token plus the one sampled after them fits max_tokens."""
+        proposals, sequence.spec_token_ids = sequence.spec_token_ids, []
+        if not proposals or sequence.num_tokens - sequence.num_computed_tokens != 1:
+            return ()
+        room = min(budget - 1, sequence.max_tokens - sequence.num_output_tokens - 1)
+        return tuple(proposals[:max(room, 0)])
 
     def _allocate_or_preempt(self, sequence: Sequence, num_new_tokens: int,
                              output: SchedulerOutput) -> bool:
@@ -170,6 +202,7 @@ class Scheduler:
         self.kv_cache_manager.free(sequence)
         sequence.status = SequenceStatus.PREEMPTED
         sequence.num_computed_tokens = 0
+        sequence.spec_token_ids = []
         sequence.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(sequence)
@@ -199,22 +232,37 @@ class Scheduler:
 
     @staticmethod
     def _add_scheduled(output: SchedulerOutput, sequence: Sequence, start: int,
-                       num_new_tokens: int) -> None:
-        output.add(ScheduledRow(sequence, start, start + num_new_tokens))
+                       num_new_tokens: int, spec_token_ids: tuple[int, ...] = ()) -> None:
+        output.add(ScheduledRow(sequence, start, start + num_new_tokens, spec_token_ids))
 
     # ---- after the step -------------------------------------------------------------------
 
-    def update_from_output(self, sampled_token_ids: dict[str, int]) -> list[Sequence]:
-        """Append each sampled token, then finish sequences that hit EOS, a stop token id,
-        max_tokens or the context limit. Returns the sequences finished this step."""
+    def update_from_output(self, sampled_token_ids: dict[str, list[int]]) -> list[Sequence]:
+        """Append each sequence's new tokens (one, or with speculation the accepted proposals
+        and the token sampled after them), finishing it at the first that hits EOS, a stop
+        token id, max_tokens or the context limit: later ones are dropped (cut from the list
+        in `sampled_token_ids`, which then holds the tokens each sequence kept). Returns the
+        sequences finished this step."""
         finished = []
-        for sequence_id, token_id in sampled_token_ids.items():
+        for sequence_id, token_ids in sampled_token_ids.items():
             sequence = self.sequences[sequence_id]
-            sequence.append_output_token_id(token_id)
-            status = self._check_stop(sequence, token_id)
-            if status is not None:
-                finished.extend(self.finish_sequences([sequence_id], status))
+            for index, token_id in enumerate(token_ids):
+                sequence.append_output_token_id(token_id)
+                status = self._check_stop(sequence, token_id)
+                if status is not None:
+                    finished.extend(self.finish_sequences([sequence_id], status))
+                    del token_ids[index + 1:]
+                    break
+            else:
+                self._settle(sequence)
         return finished
+
+    def _settle(self, sequence: Sequence) -> None:
+        """After a sampling pass: the KV holds every token but the newest (accepted proposals
+        included); the slots and blocks of rejected proposals go back to the pool."""
+        if sequence.num_computed_tokens >= sequence.num_tokens:
+            sequence.num_computed_tokens = sequence.num_tokens - 1
+            self.kv_cache_manager.trim(sequence, sequence.num_tokens)
 
     def _check_stop(self, sequence: Sequence, token_id: int) -> SequenceStatus | None:
         params = sequence.sampling_params

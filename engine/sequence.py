@@ -66,6 +66,9 @@ class Sequence:
     stop_reason: int | str | None = None
     # the grammar its output must match (structured outputs), advanced with every token
     grammar: TokenConstraint | None = None
+    # speculative decoding: tokens proposed to follow all_token_ids, verified by the next
+    # pass. Never part of all_token_ids (nor hashed) until accepted; the scheduler takes them
+    spec_token_ids: list[int] = field(default_factory=list)
     timing: RequestTiming = field(init=False)
     # logprobs of prompt tokens 1, 2, ... as passes compute them; None when the params do not
     # ask for them, or once handed out with the first sampled token
@@ -96,6 +99,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_decoding(self) -> bool:
+        """Running with every token but the last computed: its next pass is one decode token
+        (plus any speculative ones)."""
+        return (self.status == SequenceStatus.RUNNING
+                and self.num_computed_tokens == self.num_tokens - 1)
 
     def append_output_token_id(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)

@@ -81,21 +81,21 @@ def fake_logprobs(token_id: int, num_top: int) -> PositionLogprobs:
 
 class FakeModelRunner:
     """ModelRunner's surface as EngineCore uses it: num_blocks, kv_cache_bytes,
-    execute(rows, block_ids), release(ids), probe(), generators.
+    execute(rows, block_ids), probe().
 
-    Greedy rows take next_token_id; seeded rows draw from a random.Random per sequence. A
-    pass that raises draws nothing, so a retried row draws what it would have (ModelRunner
-    restores its torch generators to the same end). `fail_when(request)` makes every pass
-    holding that request raise (or raises itself); `hold()` parks passes until
-    `release_hold()`. `passes` records each attempted pass as (sequence id, start, end) rows."""
+    Greedy rows take next_token_id; seeded rows draw from a random.Random seeded by the
+    request's seed and the output position (as ModelRunner seeds its torch generators), so a
+    retried row draws what it would have. A row verifying proposals keeps them while each is
+    what the fake samples where it stands, then the first token that differs.
+    `fail_when(request)` makes every pass holding that request raise (or raises itself);
+    `hold()` parks passes until `release_hold()`. `passes` records each attempted pass as
+    (sequence id, start, end) rows."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.kv_cache_bytes = 0
-        self.generators: dict[str, random.Random] = {}
         self.unseeded = random.Random(0)
         self.passes: list[list[tuple[str, int, int]]] = []
-        self.released: list[str] = []
         self.fail_when: Callable[[Sequence], bool] | None = None
         self.probe_error: Exception | None = None  # probe() raises it: a broken engine
         self.num_probes = 0
@@ -114,23 +114,18 @@ class FakeModelRunner:
             assert row.sequence.sequence_id in block_ids, "every row has its block table"
             if self.fail_when is not None and self.fail_when(row.sequence):
                 raise RuntimeError(f"fake pass failed on {row.sequence.sequence_id}")
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, PositionLogprobs] = {}
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list[PositionLogprobs]] = {}
         for row in rows:
             request = row.sequence
-            if row.end != request.num_tokens:
+            if row.end != request.num_tokens + len(row.spec_token_ids):
                 continue  # a prefill chunk that has not caught up: nothing to sample
-            token_id = self._sample(request, row.end)
-            sampled[request.sequence_id] = token_id
+            token_ids = self._verify(request, row.spec_token_ids)
+            sampled[request.sequence_id] = token_ids
             num_top = request.sampling_params.logprobs
             if num_top is not None:
-                logprobs[request.sequence_id] = fake_logprobs(token_id, num_top)
+                logprobs[request.sequence_id] = [fake_logprobs(t, num_top) for t in token_ids]
         return ModelRunnerOutput(sampled, logprobs)
-
-    def release(self, sequence_ids: abc.Sequence[str]) -> None:
-        self.released.extend(sequence_ids)
-        for sequence_id in sequence_ids:
-            self.generators.pop(sequence_id, None)
 
     def probe(self) -> None:
         self.num_probes += 1
@@ -158,27 +153,35 @@ class FakeModelRunner:
 
     # ---- sampling -------------------------------------------------------------------------
 
-    def _sample(self, request: Sequence, end: int) -> int:
-        token_ids = request.all_token_ids[:end]
+    def _verify(self, request: Sequence, proposals: abc.Sequence[int]) -> list[int]:
+        token_ids = list(request.all_token_ids)
+        drawn: list[int] = []
+        for proposal in [*proposals, None]:
+            drawn.append(self._sample(request, token_ids))
+            if drawn[-1] != proposal:
+                break
+            token_ids.append(proposal)
+        return drawn
+
+    def _sample(self, request: Sequence, token_ids: list[int]) -> int:
         params = request.sampling_params
-        token_id = next_token_id(token_ids) if params.is_greedy else self._draw(request)
-        banned = _banned_token_ids(request)
+        num_output_tokens = len(token_ids) - request.num_prompt_tokens
+        token_id = (next_token_id(token_ids) if params.is_greedy
+                    else self._draw(request, num_output_tokens))
+        banned = _banned_token_ids(request, num_output_tokens)
         while token_id in banned:  # below min_tokens: the next text token that may be sampled
             token_id = _following(token_id, 1)
         return token_id
 
-    def _draw(self, request: Sequence) -> int:
+    def _draw(self, request: Sequence, position: int) -> int:
         seed = request.sampling_params.seed
-        if seed is None:
-            generator = self.unseeded
-        else:
-            generator = self.generators.setdefault(request.sequence_id, random.Random(seed))
+        generator = self.unseeded if seed is None else random.Random(seed * 1_000_003 + position)
         return generator.choice(text_token_ids())
 
 
-def _banned_token_ids(request: Sequence) -> set[int]:
+def _banned_token_ids(request: Sequence, num_output_tokens: int) -> set[int]:
     params = request.sampling_params
-    if request.num_output_tokens >= params.min_tokens:
+    if num_output_tokens >= params.min_tokens:
         return set()
     eos = () if params.ignore_eos else params.eos_token_ids
     return {*eos, *params.stop_token_ids}

@@ -121,6 +121,19 @@ class KVCacheManager:
         # first, since a cached suffix is useless once the prefix before it is gone
         self.pool.free_blocks(reversed(blocks))
 
+    def trim(self, sequence: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past those the first `num_tokens` tokens need: after
+        speculative decoding, the slots of rejected proposals. Those blocks were never hashed:
+        only full blocks of a sequence's own (accepted) tokens ever are."""
+        blocks = self._req_to_blocks.get(sequence.sequence_id)
+        keep = self.num_blocks_needed(num_tokens)
+        if blocks is None or len(blocks) <= keep:
+            return
+        surplus = blocks[keep:]
+        del blocks[keep:]
+        assert all(block.block_hash is None for block in surplus), "trimmed a hashed block"
+        self.pool.free_blocks(reversed(surplus))
+
     def forget_unwritten_blocks(self, sequence: Sequence, num_written_tokens: int) -> list[int]:
         """After a failed forward pass: forget the hashes of the sequence's blocks from the one
         holding token `num_written_tokens` on (blocks are hashed when allocated, before the

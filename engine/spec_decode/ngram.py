@@ -6,45 +6,27 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 _ITEM = 4  # bytes per token id in the search buffer
 
 
-@dataclass(frozen=True, slots=True)
-class NgramConfig:
-    """vLLM's names: up to `num_speculative_tokens` proposals from the longest suffix of
-    between `prompt_lookup_min` and `prompt_lookup_max` tokens seen earlier."""
-
-    num_speculative_tokens: int = 5
-    prompt_lookup_min: int = 2
-    prompt_lookup_max: int = 4
-
-    def validate(self) -> NgramConfig:
-        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ValueError("speculative config: need 1 <= prompt_lookup_min <= "
-                             f"prompt_lookup_max, got {self.prompt_lookup_min} and "
-                             f"{self.prompt_lookup_max}")
-        if self.num_speculative_tokens < 1:
-            raise ValueError("speculative config: num_speculative_tokens must be >= 1")
-        return self
-
-
-def propose_ngram(token_ids: Sequence[int], config: NgramConfig) -> list[int]:
-    """Proposals for the tokens after `token_ids` (prompt and output so far); [] when no
-    suffix of prompt_lookup_min..max tokens occurred before. Longer suffixes win; among
-    occurrences of one suffix, the latest (the nearest text is the likeliest to repeat)."""
+def propose_ngram(token_ids: Sequence[int], max_proposals: int, min_n: int,
+                  max_n: int) -> list[int]:
+    """Up to `max_proposals` proposals for the tokens after `token_ids` (prompt and output so
+    far): what followed the latest earlier occurrence of their longest suffix of min_n..max_n
+    tokens (vLLM's prompt_lookup_min and _max); [] when none occurred before. Longer suffixes
+    win; among occurrences of one suffix, the latest (the nearest text is the likeliest to
+    repeat)."""
     num_tokens = len(token_ids)
-    if num_tokens <= config.prompt_lookup_min:
+    if num_tokens <= min_n or max_proposals < 1:
         return []
     # ids as fixed-width bytes, so bytes.rfind does the search in C; int32 holds any vocab id
     haystack = array("i", token_ids).tobytes()
-    for n in range(min(config.prompt_lookup_max, num_tokens - 1),
-                   config.prompt_lookup_min - 1, -1):
+    for n in range(min(max_n, num_tokens - 1), min_n - 1, -1):
         start = _latest_earlier_occurrence(haystack, num_tokens, n)
         if start is not None:
             follow = start + n
-            return list(token_ids[follow:follow + config.num_speculative_tokens])
+            return list(token_ids[follow:follow + max_proposals])
     return []
 
 

@@ -134,7 +134,6 @@ def test_leaving_early_aborts_the_request_and_frees_its_blocks() -> None:
             await until(lambda: _failures(registry, "abort") == 1, "the abort counted")
 
     asyncio.run(run())
-    assert "left" in runner.released
     assert engine.llm_engine.stats().num_unfinished_requests == 0
 
 

@@ -42,7 +42,9 @@ EXPECTED_FAMILIES = {
     "pagedserve_request_success", "pagedserve_request_failure", "pagedserve_num_preemptions",
     "pagedserve_prefix_cache_queries", "pagedserve_prefix_cache_hits",
     "pagedserve_num_requests_running", "pagedserve_num_requests_waiting",
-    "pagedserve_kv_cache_usage_ratio",
+    "pagedserve_kv_cache_usage_ratio", "pagedserve_spec_decode_num_drafts",
+    "pagedserve_spec_decode_num_draft_tokens", "pagedserve_spec_decode_num_accepted_tokens",
+    "pagedserve_spec_decode_num_accepted_tokens_per_pos",
 }
 INFO_FAMILY = "pagedserve_engine_config"  # an info metric: "..._info", a gauge, in the text format
 

@@ -34,7 +34,7 @@ def make_scheduler(num_blocks: int, max_num_seqs: int = 8, max_num_batched_token
 def fake_step(scheduler: Scheduler) -> tuple[SchedulerOutput, list[Sequence]]:
     """Schedule, then 'sample' token (num_tokens % 50) for each sequence that caught up."""
     plan = scheduler.schedule()
-    sampled = {r.sequence_id: r.num_tokens % 50 for r in plan.scheduled_sequences
+    sampled = {r.sequence_id: [r.num_tokens % 50] for r in plan.scheduled_sequences
                if r.num_computed_tokens == r.num_tokens}
     return plan, scheduler.update_from_output(sampled)
 

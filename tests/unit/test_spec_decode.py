@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.spec_decode.ngram import NgramConfig, propose_ngram
+from engine.config import SpeculativeConfig
+from engine.errors import InvalidRequestError
+from engine.spec_decode.ngram import propose_ngram
 from engine.spec_decode.rejection import (
     acceptance_probs,
     residual_probs,
@@ -27,15 +29,15 @@ VOCAB_SIZE = 5
     ([1, 2, 3], []), ([4, 4], []), ([1, 2, 3, 4], []),
 ])
 def test_ngram_proposals(tokens: list[int], expected: list[int]) -> None:
-    assert propose_ngram(tokens, NgramConfig(num_speculative_tokens=5)) == expected
+    assert propose_ngram(tokens, 5, min_n=2, max_n=4) == expected
 
 
 def test_longer_suffixes_win_and_proposals_are_capped() -> None:
     # [2, 3] last occurred at 5 (followed by 9), but [1, 2, 3] only at 0 (followed by 4)
     tokens = [1, 2, 3, 4, 0, 2, 3, 9, 1, 2, 3]
-    assert propose_ngram(tokens, NgramConfig(3, prompt_lookup_min=2, prompt_lookup_max=3)) == [
+    assert propose_ngram(tokens, 3, min_n=2, max_n=3) == [
         4, 0, 2]
-    assert propose_ngram(tokens, NgramConfig(3, prompt_lookup_min=2, prompt_lookup_max=2)) == [
+    assert propose_ngram(tokens, 3, min_n=2, max_n=2) == [
         9, 1, 2]
 
 
@@ -43,15 +45,23 @@ def test_matches_never_straddle_token_boundaries() -> None:
     # as int32 bytes, 256 = 00 01 00 00 and 1 = 01 00 00 00: [256, 0] holds the bytes of [1]
     # at an odd offset; only whole tokens may match
     tokens = [256, 0, 7, 5, 1, 0]
-    assert propose_ngram(tokens, NgramConfig(2, prompt_lookup_min=2, prompt_lookup_max=2)) == []
-    assert propose_ngram([300_000, 9, 300_000], NgramConfig(2, 1, 1)) == [9, 300_000]
+    assert propose_ngram(tokens, 2, min_n=2, max_n=2) == []
+    assert propose_ngram([300_000, 9, 300_000], 2, min_n=1, max_n=1) == [9, 300_000]
 
 
-def test_ngram_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="prompt_lookup_min"):
-        NgramConfig(prompt_lookup_min=3, prompt_lookup_max=2).validate()
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
-        NgramConfig(num_speculative_tokens=0).validate()
+def test_speculative_config_is_checked() -> None:
+    with pytest.raises(InvalidRequestError, match="prompt_lookup_min"):
+        SpeculativeConfig.from_dict({"method": "ngram", "prompt_lookup_min": 3,
+                                     "prompt_lookup_max": 2})
+    with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+        SpeculativeConfig.from_dict({"num_speculative_tokens": 0})
+    with pytest.raises(InvalidRequestError, match="unknown keys"):
+        SpeculativeConfig.from_dict({"method": "ngram", "num_lookahead": 3})
+    with pytest.raises(InvalidRequestError, match="needs `model`"):
+        SpeculativeConfig.from_dict({"method": "draft_model"})
+    # vLLM's shorthand: a model without a method is a draft model
+    assert SpeculativeConfig.from_dict({"model": "/m", "num_speculative_tokens": 4}).method == (
+        "draft_model")
 
 
 # ---- the rejection sampler -------------------------------------------------------------------

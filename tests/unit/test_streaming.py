@@ -236,7 +236,6 @@ def test_a_client_that_leaves_aborts_its_requests() -> None:
             await until(lambda: all_blocks_free(engine), "its blocks free")
 
     asyncio.run(run())
-    assert "req" in runner.released
     aborted = registry.get_sample_value("pagedserve_request_failure_total",
                                         {"model_name": "fake", "reason": "abort"})
     assert aborted == 1  # aborted, not run to its 100 tokens
