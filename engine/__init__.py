@@ -17,6 +17,7 @@ _EXPORTS = {
     "EngineConfig": "engine.config",
     "ModelConfig": "engine.config",
     "SchedulerConfig": "engine.config",
+    "SpeculativeConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.structured.params",
     "JSON_FORMAT": "engine.structured.params",
@@ -47,7 +48,13 @@ def __getattr__(name: str) -> object:
 
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine
-    from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from engine.config import (
+        CacheConfig,
+        EngineConfig,
+        ModelConfig,
+        SchedulerConfig,
+        SpeculativeConfig,
+    )
     from engine.errors import (
         ContextLengthExceededError,
         EngineDeadError,

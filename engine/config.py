@@ -97,7 +97,7 @@ class SchedulerConfig:
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 _SPECULATIVE_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min",
-                     "prompt_lookup_max", "disable_by_batch_size")
+                     "prompt_lookup_max", "disable_by_batch_size", "adaptive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +105,9 @@ class SpeculativeConfig:
     """Speculative decoding, in vLLM's terms: `{"method": "ngram", "num_speculative_tokens":
     5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}`, or `{"model": DIR,
     "num_speculative_tokens": 4}` for a draft model. Speculation pauses while more than
-    `disable_by_batch_size` sequences run (None: never)."""
+    `disable_by_batch_size` sequences run (None: never). `adaptive` sizes each sequence's
+    proposals to its recent acceptance (engine/spec_decode/policy.py); off, every decoding
+    sequence verifies the full count whenever the proposer has them."""
 
     method: str = "ngram"
     model: str | None = None  # the draft model (method "draft_model")
@@ -113,6 +115,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     disable_by_batch_size: int | None = 4
+    adaptive: bool = True
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> SpeculativeConfig:
@@ -144,6 +147,8 @@ class SpeculativeConfig:
                isinstance(self.disable_by_batch_size, int) and self.disable_by_batch_size >= 1),
                "speculative config: disable_by_batch_size must be >= 1 or null, got "
                f"{self.disable_by_batch_size!r}")
+        _check(isinstance(self.adaptive, bool),
+               f"speculative config: adaptive must be true or false, got {self.adaptive!r}")
         return self
 
 

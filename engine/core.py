@@ -10,11 +10,16 @@ from engine.config import EngineConfig
 from engine.fault_hooks import FaultHooks
 from engine.kv_cache.manager import KVCacheManager
 from engine.loader import LoadedModel
-from engine.model_runner import ModelRunner, ModelRunnerOutput, is_fatal_error
+from engine.model_runner import (
+    ModelRunner,
+    ModelRunnerOutput,
+    is_fatal_error,
+    kv_bytes_per_token,
+)
 from engine.outputs import EngineCoreOutput, PositionLogprobs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
-from engine.spec_decode.proposer import Proposer, SpecDecodeStats, build_proposer
+from engine.spec_decode.proposer import Proposer, SpecDecodeStats, build_proposer, load_draft
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +74,16 @@ class EngineCore:
         the KV pool is sized from whichever runner is used."""
         self.config = config
         self.max_model_len = max_model_len
-        self.runner = runner if runner is not None else ModelRunner(loaded, config, max_model_len)
+        draft = load_draft(config, loaded)
+        self.runner = runner if runner is not None else ModelRunner(
+            loaded, config, max_model_len,
+            extra_kv_bytes_per_token=0 if draft is None else kv_bytes_per_token(draft))
         self.kv_cache_manager = KVCacheManager(
             num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
             hash_algorithm=config.cache.prefix_caching_hash_algo)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
-        self.proposer: Proposer | None = build_proposer(config.speculative)
+        self.proposer: Proposer | None = build_proposer(config, draft, self.runner)
         self.last_stats = StepStats()
         self.fault_hooks = FaultHooks()
 
@@ -98,8 +106,10 @@ class EngineCore:
             return CoreStepOutput()
         result = self._execute(plan)
         _commit_prompt_logprobs(plan, result.prompt_logprobs)
-        spec_stats = (SpecDecodeStats.of_step(plan.rows, result.sampled_token_ids)
-                      if self.proposer is not None else None)
+        spec_stats = None
+        if self.proposer is not None:  # before stops cut the tokens: what verification gave
+            self.proposer.observe(plan.rows, result.sampled_token_ids)
+            spec_stats = SpecDecodeStats.of_step(plan.rows, result.sampled_token_ids)
         finished = self.scheduler.update_from_output(result.sampled_token_ids)
         result.failed.update(_broken_grammars(plan, result.sampled_token_ids))
         stats = self._stats(_num_prompt_tokens(plan),

@@ -288,11 +288,9 @@ def _load(config: EngineConfig) -> LoadedModel:
 
 
 def _model_max_len(loaded: LoadedModel, requested: int | None) -> int:
-    hf_config = loaded.hf_config
-    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(
-        hf_config, "n_positions", None) or 2048
+    limit = loaded.max_positions
     if requested is None:
-        return int(limit)
+        return limit
     if requested > limit:
         raise InvalidRequestError(
             f"max_model_len {requested} exceeds the model's limit of {limit} positions",

@@ -47,6 +47,14 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def max_positions(self) -> int:
+        """The positions the checkpoint has (its context limit); 2048 when its config names
+        none."""
+        config = self.hf_config
+        return int(getattr(config, "max_position_embeddings", None)
+                   or getattr(config, "n_positions", None) or 2048)
+
 
 def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pickle: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,

@@ -98,7 +98,10 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, max_model_len: int, *,
+                 extra_kv_bytes_per_token: int = 0) -> None:
+        """`extra_kv_bytes_per_token`: the KV bytes per token of another cache with as many
+        blocks as this one (a draft model's), paid from the same memory budget."""
         cache_config = config.cache
         self.model = loaded.model
         self.device = loaded.device
@@ -111,8 +114,7 @@ class ModelRunner:
         # one generator for every row that brings no seed: from the config's seed, so that
         # the same requests in the same order get the same answers on every start, or fresh
         self.unseeded_generator = _unseeded_generator(self.device, config.model.seed)
-        bytes_per_token = (spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim
-                           * self.dtype.itemsize)
+        bytes_per_token = kv_bytes_per_token(loaded) + extra_kv_bytes_per_token
         activation_peak = 0
         if self.device.type == "cuda" and cache_config.num_blocks is None:
             activation_peak = self.profile_activation_peak(config.scheduler, max_model_len)
@@ -236,12 +238,7 @@ class ModelRunner:
     def _execute(self, rows: abc.Sequence[ScheduledRow],
                  block_ids: dict[str, list[int]]) -> ModelRunnerOutput:
         inputs = self._prepare_inputs(rows, block_ids)
-        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.metadata):
-            hidden_states = self.decode_graphs.run(inputs.input_ids, inputs.positions,
-                                                   inputs.metadata)
-        else:
-            hidden_states = self.model(inputs.input_ids, inputs.positions, self.kv_caches,
-                                       inputs.metadata)  # [num_tokens, hidden_size]
+        hidden_states = self.forward(inputs.input_ids, inputs.positions, inputs.metadata)
         prompt_logprobs = self._prompt_logprobs(hidden_states, inputs.prompt_rows)
         if not inputs.sampling_rows:
             return ModelRunnerOutput({}, {}, prompt_logprobs)
@@ -251,6 +248,14 @@ class ModelRunner:
         output = _to_runner_output(inputs.sampling_rows, sampler_output)
         output.prompt_logprobs = prompt_logprobs
         return output
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        """The model over one flattened batch, on this runner's KV cache: a captured decode
+        graph when one fits, else eagerly. Returns [num_tokens, hidden_size]."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(metadata):
+            return self.decode_graphs.run(input_ids, positions, metadata)
+        return self.model(input_ids, positions, self.kv_caches, metadata)
 
     def _prompt_logprobs(self, hidden_states: torch.Tensor,
                          rows: PromptLogprobRows) -> dict[str, list[PositionLogprobs]]:
@@ -293,16 +298,18 @@ class ModelRunner:
                 # caught up: the chunk's last token samples, and so does each proposal
                 sample_rows.extend(range(len(input_ids) - num_samples, len(input_ids)))
                 sampling_rows.append(row)
-        block_tables = _pad_block_tables([block_ids[row.sequence.sequence_id] for row in rows])
-        metadata, positions = self._build_metadata(query_lens, seq_lens, block_tables)
+        block_tables = pad_block_tables([block_ids[row.sequence.sequence_id] for row in rows])
+        metadata, positions = self.build_metadata(query_lens, seq_lens, block_tables)
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
             positions=positions, metadata=metadata,
             sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
             sampling_rows=sampling_rows, prompt_rows=prompt_rows)
 
-    def _build_metadata(self, query_lens: list[int], seq_lens: list[int],
-                        block_tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
+    def build_metadata(self, query_lens: list[int], seq_lens: list[int],
+                       block_tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
+        """Attention metadata and positions [num_tokens] of a batch whose sequence i computes
+        its last query_lens[i] of seq_lens[i] tokens, in the blocks of block_tables[i]."""
         query_lens_t = torch.tensor(query_lens, dtype=torch.long)
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.long)
         cu_seqlens_q = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
@@ -410,7 +417,8 @@ def _banned_token_ids(params: SamplingParams, output_token_ids: list[int]) -> li
     return banned
 
 
-def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
+def pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """The sequences' block tables as one tensor, padded with the null block 0."""
     width = max(len(t) for t in tables)
     padded = torch.zeros(len(tables), width, dtype=torch.int32)  # [num_seqs, max_num_blocks]
     for row, table in enumerate(tables):
@@ -477,6 +485,12 @@ def _split_prompt_logprobs(spans: list[tuple[str, int, int]], ids: list[list[int
                                for r in range(first, first + num_rows)]
         first += num_rows
     return result
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    """Bytes of K and V per token, over every layer, in the model's dtype."""
+    spec = kv_cache_spec(loaded.hf_config)
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * loaded.dtype.itemsize
 
 
 def _num_kv_blocks(config: CacheConfig, bytes_per_token: int, device: torch.device,

@@ -49,7 +49,9 @@ class Sequence:
     """A single sequence. A user request with n > 1 becomes n Sequences that share a parent id.
 
     Invariant: num_computed_tokens <= num_tokens; the tokens in [num_computed_tokens,
-    num_tokens) still need a forward pass before the next token can be sampled.
+    num_tokens) still need a forward pass before the next token can be sampled. (While a pass
+    verifies proposals, num_computed_tokens counts them too; Scheduler.update_from_output
+    brings it back to the accepted tokens.)
     """
 
     sequence_id: str

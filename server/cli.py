@@ -53,6 +53,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--prefix-caching-hash-algo", "prefix_caching_hash_algo", {}),
     ("--max-queue-len", "max_queue_len", {"type": int}),
     ("--seed", "seed", {"type": int}),
+    ("--speculative-config", "speculative_config", {"metavar": "JSON"}),
     ("--strict-max-model-len", "strict_max_model_len", {"action": "store_true"}),
     ("--allow-pickle", "allow_pickle", {"action": "store_true"}),
     ("--trust-remote-code", "trust_remote_code", {"action": "store_true"}),

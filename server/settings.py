@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine import InvalidRequestError, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,7 @@ ENGINE_FIELDS = (
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
     "quantization", "attention_backend", "enforce_eager", "prefix_caching_hash_algo",
+    "speculative_config",
 )
 
 
@@ -112,6 +116,13 @@ class Settings(BaseModel):
         None, ge=-(2**63), lt=2**64, description="seed of the sampling of requests that "
         "bring no seed of their own: the same seed answers the same requests, sent in the "
         "same order, the same on every start (default: a fresh random seed each start)")
+    speculative_config: dict[str, Any] | None = Field(
+        None, description="speculative decoding, as a JSON object (a mapping in YAML), with "
+        "vLLM's keys: {\"method\": \"ngram\", \"num_speculative_tokens\": 5, "
+        "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 4} proposes tokens by prompt "
+        "lookup; {\"model\": DIR, \"num_speculative_tokens\": 4} by a draft model with the "
+        "same tokenizer. \"disable_by_batch_size\" (default 4) pauses it while more "
+        "sequences run (default: off)")
     strict_max_model_len: bool = Field(
         False, description="fail at startup when max_model_len does not fit the KV cache, "
         "instead of lowering it with a warning")
@@ -131,6 +142,26 @@ class Settings(BaseModel):
     engine_stall_timeout: float = Field(
         30.0, gt=0, description="/health answers 503 once the engine loop has made no "
         "progress for this many seconds (a hung step)")
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _speculative_config(cls, value: object) -> object:
+        """A flag or env var brings JSON text; either way the engine checks the keys now, so a
+        typo fails at startup, not at the first request."""
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError("must be an object, e.g. {\"method\": \"ngram\"}")
+        try:
+            SpeculativeConfig.from_dict(value)
+        except InvalidRequestError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
     def engine_kwargs(self) -> dict[str, object]:
         """Engine arguments besides `model`: EngineConfig.from_kwargs(s.model, **these)."""

@@ -94,6 +94,7 @@ class FakeModelRunner:
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.kv_cache_bytes = 0
+        self.device = torch.device("cpu")
         self.unseeded = random.Random(0)
         self.passes: list[list[tuple[str, int, int]]] = []
         self.fail_when: Callable[[Sequence], bool] | None = None

@@ -1,2 +1,2 @@
-"""Speculative decoding: proposers (n-gram prompt lookup; a draft model next) and the exact
+"""Speculative decoding: proposers (n-gram prompt lookup, a greedy draft model) and the exact
 rejection sampler that keeps the target model's distribution."""

@@ -1,5 +1,5 @@
-"""Proposers: before each step, offer the running sequences tokens to verify, and the figures
-of what the verifications accepted."""
+"""Proposers: before each step, offer the running sequences tokens to verify; after it, learn
+what the verifications accepted (the policy in policy.py sizes the next proposals by it)."""
 
 from __future__ import annotations
 
@@ -7,44 +7,114 @@ from collections.abc import Sequence as Sequences
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.config import SpeculativeConfig
+from engine.config import EngineConfig, SpeculativeConfig
+from engine.loader import LoadedModel
+from engine.model_runner import ModelRunner
 from engine.scheduler import ScheduledRow
 from engine.sequence import Sequence
+from engine.spec_decode.draft_model import DraftModel, load_draft_model
 from engine.spec_decode.ngram import propose_ngram
+from engine.spec_decode.policy import VERIFY_TOKEN_COST, ProposalBudget
 
 
 class Proposer(Protocol):
     def propose(self, running: Sequences[Sequence]) -> None:
         """Set every running sequence's spec_token_ids ([] for none) for the next step."""
 
+    def observe(self, rows: Sequences[ScheduledRow],
+                sampled_token_ids: dict[str, list[int]]) -> None:
+        """After the step's pass: what each verifying row accepted."""
 
-class NgramProposer:
-    """Prompt lookup for each decoding sequence, while the batch is small enough that verifying
-    k more tokens per row is nearly free (disable_by_batch_size). Constrained sequences
+
+class _Drafting:
+    """Who proposes this step, and how many tokens each: the decoding sequences, while the
+    batch is no larger than disable_by_batch_size (past it, verifying k more tokens per row
+    costs real compute), each as many as the policy gives it. Constrained sequences
     (structured outputs) get none: their grammar advances only on committed tokens."""
 
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, device_type: str) -> None:
         self.config = config
+        self.budget = ProposalBudget(config.num_speculative_tokens,
+                                     VERIFY_TOKEN_COST.get(device_type, VERIFY_TOKEN_COST["cuda"]),
+                                     adaptive=config.adaptive)
+
+    def select(self, running: Sequences[Sequence]) -> list[tuple[Sequence, int]]:
+        """Clear every running sequence's proposals; return (sequence, most proposals) for
+        those to propose for."""
+        for sequence in running:
+            sequence.spec_token_ids = []
+        self.budget.forget_all_but({sequence.sequence_id for sequence in running})
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(running) > limit:
+            return []
+        chosen = []
+        for sequence in running:
+            if sequence.is_decoding and sequence.grammar is None:
+                num_proposals = self.budget.num_proposals(sequence.sequence_id)
+                if num_proposals:
+                    chosen.append((sequence, num_proposals))
+        return chosen
+
+    def observe(self, rows: Sequences[ScheduledRow],
+                sampled_token_ids: dict[str, list[int]]) -> None:
+        for row in rows:
+            token_ids = sampled_token_ids.get(row.sequence.sequence_id)
+            if row.spec_token_ids and token_ids is not None:
+                self.budget.observe(row.sequence.sequence_id, len(row.spec_token_ids),
+                                    len(token_ids) - 1)
+
+
+class NgramProposer(_Drafting):
+    """Prompt lookup (ngram.py) for each drafting sequence."""
 
     def propose(self, running: Sequences[Sequence]) -> None:
         config = self.config
-        enabled = (config.disable_by_batch_size is None
-                   or len(running) <= config.disable_by_batch_size)
-        for sequence in running:
-            if enabled and sequence.is_decoding and sequence.grammar is None:
-                sequence.spec_token_ids = propose_ngram(
-                    sequence.all_token_ids, config.num_speculative_tokens,
-                    config.prompt_lookup_min, config.prompt_lookup_max)
-            else:
-                sequence.spec_token_ids = []
+        for sequence, num_proposals in self.select(running):
+            sequence.spec_token_ids = propose_ngram(
+                sequence.all_token_ids, num_proposals, config.prompt_lookup_min,
+                config.prompt_lookup_max)
 
 
-def build_proposer(config: SpeculativeConfig | None) -> Proposer | None:
-    if config is None:
+class DraftModelProposer(_Drafting):
+    """A draft model's greedy proposals for each drafting sequence (see draft_model.py for
+    why greedy keeps verification exact)."""
+
+    def __init__(self, config: SpeculativeConfig, device_type: str, draft: DraftModel) -> None:
+        super().__init__(config, device_type)
+        self.draft = draft
+
+    def propose(self, running: Sequences[Sequence]) -> None:
+        self.draft.release(running)
+        chosen = self.select(running)
+        if not chosen:
+            return
+        sequences = [sequence for sequence, _ in chosen]
+        proposals = self.draft.propose(sequences, max(num for _, num in chosen))
+        for (sequence, num_proposals), drafted in zip(chosen, proposals, strict=True):
+            sequence.spec_token_ids = drafted[:num_proposals]
+
+
+def load_draft(config: EngineConfig, target: LoadedModel) -> LoadedModel | None:
+    """The draft model, when the method has one. Loaded before the target's KV pool is
+    sized, which pays for the draft's cache (as many blocks) from the same budget."""
+    if config.speculative is None or config.speculative.method != "draft_model":
         return None
-    if config.method == "ngram":
-        return NgramProposer(config)
-    raise NotImplementedError(f"speculative method {config.method!r}")
+    return load_draft_model(config, target)
+
+
+def build_proposer(config: EngineConfig, draft: LoadedModel | None,
+                   target: ModelRunner) -> Proposer | None:
+    """The configured proposer; `draft` from load_draft, `target` the target's runner (the
+    draft's pool gets as many blocks, its proposals stay within the target's vocabulary)."""
+    speculative = config.speculative
+    if speculative is None:
+        return None
+    device_type = target.device.type
+    if speculative.method == "ngram":
+        return NgramProposer(speculative, device_type)
+    assert speculative.method == "draft_model" and draft is not None, "load_draft comes first"
+    return DraftModelProposer(speculative, device_type, DraftModel(
+        draft, config, target.num_blocks, target.vocab_size))
 
 
 @dataclass(slots=True)

@@ -25,11 +25,18 @@ MAX_TOKENS = 2000  # no request can finish on its own while the storm lasts
 PREFILL_WAIT_S = 2.0  # a long-prompt client still queued after this gives up anyway
 
 
-@pytest.fixture(scope="module")
-def storm_server(long_context_llama_dir: Path) -> Iterator[RunningServer]:
+# with speculation: every decoding row verifies proposals (rows with and without them mix,
+# aborts land mid-verification)
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+               "prompt_lookup_max": 3, "disable_by_batch_size": None, "adaptive": False}
+
+
+@pytest.fixture(scope="module", params=[None, SPECULATIVE], ids=["plain", "speculative"])
+def storm_server(long_context_llama_dir: Path,
+                 request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     # a small token budget: a long prompt's prefill spans several steps, a window to drop in
     with serve(long_context_llama_dir, num_blocks=2400, max_num_seqs=32,
-               max_num_batched_tokens=256) as running:
+               max_num_batched_tokens=256, speculative_config=request.param) as running:
         yield running
 
 
@@ -138,6 +145,7 @@ def test_disconnect_storm_frees_everything_and_counts_aborts(storm_server: Runni
     hooks.on_execute = lambda batch: mid_prefill.update(
         r.sequence_id for r in batch if r.num_computed_tokens < r.num_prompt_tokens)
     hooks.on_request_output = lambda request_id, prompt, num_tokens: produced.add(request_id)
+    drafted_before = _counter("pagedserve_spec_decode_num_draft_tokens_total")
     try:
         _storm(storm_server, seed=1234)
         all_gone_at = time.monotonic()
@@ -155,6 +163,8 @@ def test_disconnect_storm_frees_everything_and_counts_aborts(storm_server: Runni
     assert num_admitted - len(produced) >= 10
     assert len(mid_prefill - produced) >= 3
     assert len(produced) >= NUM_CLIENTS // 3
+    if engine.llm_engine.config.speculative is not None:  # aborts hit verifying rows too
+        assert _counter("pagedserve_spec_decode_num_draft_tokens_total") > drafted_before
 
 
 def test_server_serves_normally_after_the_storm(storm_server: RunningServer) -> None:

@@ -25,12 +25,18 @@ NUM_SMALL_POOL_BLOCKS = 40  # x 16 tokens: room for ~4 of the 32 requests at ful
 # greedy picks between two tokens whose logprobs agree this closely depend on float rounding,
 # which differs between a recomputed prefill and step-by-step decoding
 TIE_TOLERANCE = 1e-4
+# every decoding row verifies proposals, whatever the batch size or acceptance: the small
+# random model's outputs loop, so one-token lookups find proposals nearly every step
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+               "prompt_lookup_max": 3, "disable_by_batch_size": None, "adaptive": False}
+
+
+def _counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name, {"model_name": MODEL_NAME}) or 0.0
 
 
 def _preemptions() -> float:
-    value = REGISTRY.get_sample_value("pagedserve_num_preemptions_total",
-                                      {"model_name": MODEL_NAME})
-    return value or 0.0
+    return _counter("pagedserve_num_preemptions_total")
 
 
 def _body(i: int) -> dict[str, object]:
@@ -66,6 +72,13 @@ def small_pool_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def small_pool_speculating_server(tiny_llama_dir: Path) -> Iterator[RunningServer]:
+    with serve(tiny_llama_dir, num_blocks=NUM_SMALL_POOL_BLOCKS, max_num_seqs=32,
+               speculative_config=SPECULATIVE) as running:
+        yield running
+
+
 def test_preemption_under_kv_pressure_keeps_greedy_outputs(
         small_pool_server: RunningServer, server: RunningServer) -> None:
     before = _preemptions()
@@ -73,6 +86,28 @@ def test_preemption_under_kv_pressure_keeps_greedy_outputs(
     assert _preemptions() - before > 0, "the small pool never had to preempt"
     small_pool_server.wait_idle()
     roomy = _run_all(server)  # the shared server: 512 blocks, no preemption needed
+    _assert_same_greedy_outputs(squeezed, roomy)
+
+
+def test_speculation_under_kv_pressure_keeps_greedy_outputs_and_frees_every_block(
+        small_pool_speculating_server: RunningServer, server: RunningServer) -> None:
+    """Speculative rows ask for 1 + k slots and give back the rejected ones; under a pool that
+    forces preemptions the outputs stay the plain greedy ones and no block leaks."""
+    before = _preemptions()
+    drafted = _counter("pagedserve_spec_decode_num_draft_tokens_total")
+    accepted = _counter("pagedserve_spec_decode_num_accepted_tokens_total")
+    squeezed = _run_all(small_pool_speculating_server)
+    assert _preemptions() - before > 0, "the small pool never had to preempt"
+    num_drafted = _counter("pagedserve_spec_decode_num_draft_tokens_total") - drafted
+    num_accepted = _counter("pagedserve_spec_decode_num_accepted_tokens_total") - accepted
+    assert num_drafted > 1000 and 0 < num_accepted < num_drafted, (num_drafted, num_accepted)
+    small_pool_speculating_server.wait_idle()
+    engine = small_pool_speculating_server.engine
+    assert engine.num_free_blocks == engine.num_total_blocks
+    _assert_same_greedy_outputs(squeezed, _run_all(server))
+
+
+def _assert_same_greedy_outputs(squeezed: list[Logprobs], roomy: list[Logprobs]) -> None:
     assert all(len(output["tokens"]) == MAX_TOKENS for output in squeezed)
     num_ties = sum(not _same_up_to_a_tie(a, b) for a, b in zip(squeezed, roomy, strict=True))
     assert num_ties <= 2, "greedy outputs changed under preemption"
