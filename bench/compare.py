@@ -1,18 +1,31 @@
-"""Side-by-side serving benchmark: pagedserve and a peer server under the same load, one run.
+"""Side-by-side serving benchmark: pagedserve (in variants) and a peer server under the same
+load, one run.
 
     python bench/compare.py [--peer-cmd "CMD" --peer-port 8100 | --peer-url URL]
-        [--ours-variant int8='--quantization int8'] [--scenarios 1:4,16:32]
-        [--prompt-tokens 230] [--output-tokens 128] [--offline] [--json OUT]
+        [--ours-variant base= --ours-variant "ngram=--speculative-config '{...}'"]
+        [--scenarios edit:1:8,1:4,16:32] [--prompt-tokens 230] [--file-tokens 300]
+        [--output-tokens N] [--offline] [--json OUT]
 
 Starts pagedserve (--ours-cmd, default `python -m server serve --dtype bfloat16`), waits until
-it serves, runs every scenario (CONCURRENCY:NUM_REQUESTS) with bench/serve.py's load generator,
-stops it; then the same for the peer: a command it starts (--peer-cmd, listening on
---peer-port) or a server already running (--peer-url, RSS from --peer-pid if given). Both get
-identical seeded prompts. Prints one table (time to ready, tokens/s, TTFT and ITL p50, CPU ms
-per output token, peak RSS of the server's process tree over its whole life) and the ratios.
+it serves, runs every scenario ([WORKLOAD:]CONCURRENCY:NUM_REQUESTS, WORKLOAD chat or edit as
+in bench/serve.py) with bench/serve.py's load generator, stops it; then the same for each
+--ours-variant NAME=FLAGS (the command plus FLAGS, split like a shell would: put a JSON value
+in single quotes), and for the peer: a command it starts (--peer-cmd, listening on
+--peer-port) or a server already running (--peer-url, RSS from --peer-pid if given). Without a
+variant of empty flags (`base=`) the plain command runs first as "pagedserve"; with one, that
+variant is the plain run. Every server gets identical seeded prompts.
+
+Before any server starts it measures the read bandwidth (a sum over --bandwidth-gib of fp32
+on the server's thread count, best of 5) and the batch-1 decode roofline: bandwidth / bf16
+weight bytes read per token (from --model's config.json, or --weights-bytes). It prints a table
+per server and scenario (tokens/s, which counts the prefill too; tokens per request; TTFT, ITL
+and TPOT; tokens per chunk; CPU ms per output token; the spec-decode acceptance and mean
+accepted length from the server's /metrics; at 1 stream, the decode rate 1 / TPOT over the
+roofline: above 1 only speculation can get), the servers' time to ready and peak RSS, and the
+ratios: each pagedserve run against the peers, each variant against the first pagedserve run.
 CPU per token counts work rather than waiting, so it stays comparable under other load.
---offline also runs the same prompts through LLM.generate in this process (max_num_seqs =
-the scenario's concurrency): the ratio of served to offline tokens/s is the server overhead.
+--offline also runs the same prompts through LLM.generate in this process (max_num_seqs = the
+scenario's concurrency): the ratio of served to offline tokens/s is the server overhead.
 Machines shared with other work are noisy: compare ratios from one run, not across runs.
 """
 
@@ -33,15 +46,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from bench.roofline import ModelShape, decode_weight_bytes, read_bandwidth  # noqa: E402
 from bench.serve import (  # noqa: E402
+    WORKLOADS,
     LoadConfig,
     RssSampler,
+    build_prompts,
+    default_output_tokens,
+    format_spec_decode,
     load_tokenizer,
     run_load,
-    synthetic_prompts,
     warm_up,
 )
 
@@ -58,13 +76,26 @@ class ServerRun:
     scenarios: dict[str, dict[str, object]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One load: which workload, how many streams, how many requests."""
+
+    workload: str
+    concurrency: int
+    num_requests: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload} c{self.concurrency}"
+
+
 class StartedServer:
     """A server command started in its own process group, stopped with SIGINT then SIGKILL;
     a thread samples the RSS of its process tree for its whole life."""
 
-    def __init__(self, command: str, log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path) -> None:
         self.log = log_path.open("w")
-        self.process = subprocess.Popen(shlex.split(command), stdout=self.log,
+        self.process = subprocess.Popen(argv, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.sampler = RssSampler(self.process.pid)
         self._stop = threading.Event()
@@ -107,39 +138,78 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout_s: flo
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
 
 
-def parse_scenarios(text: str) -> list[tuple[int, int]]:
-    """"1:4,16:32" -> [(1, 4), (16, 32)]: (concurrency, number of requests)."""
-    pairs = []
+def parse_scenarios(text: str, default_workload: str = "chat") -> list[Scenario]:
+    """"edit:1:8,1:4,16" -> edit at 1 stream 8 requests, chat at 1 stream 4 requests, chat at 16
+    streams 64 requests: [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS], NUM_REQUESTS defaulting to 4x
+    the concurrency."""
+    scenarios: list[Scenario] = []
     for item in text.split(","):
-        concurrency, _, num = item.partition(":")
-        pairs.append((int(concurrency), int(num or 4 * int(concurrency))))
-    return pairs
+        parts = item.strip().split(":")
+        workload = parts.pop(0) if parts[0] in WORKLOADS else default_workload
+        if not 1 <= len(parts) <= 2 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"scenario {item!r}: expected [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS]"
+                             f" with WORKLOAD one of {WORKLOADS}")
+        concurrency = int(parts[0])
+        scenario = Scenario(workload, concurrency,
+                            int(parts[1]) if len(parts) == 2 else 4 * concurrency)
+        if any(other.key == scenario.key for other in scenarios):
+            raise ValueError(f"scenario {item!r}: {scenario.key} given twice")
+        scenarios.append(scenario)
+    return scenarios
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """"NAME=FLAGS" -> (NAME, FLAGS split like a shell would): a JSON value goes in single
+    quotes, "ngram=--speculative-config '{\"method\": \"ngram\"}'"."""
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--ours-variant {text!r}: expected NAME=FLAGS (FLAGS may be empty)")
+    return name.strip(), shlex.split(flags)
+
+
+def our_servers(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, argv) of each pagedserve run, in order: the plain command unless a variant
+    with no flags stands for it, then the variants."""
+    base = shlex.split(args.ours_cmd) if args.ours_cmd else [
+        sys.executable, "-m", "server", "serve", "--dtype", "bfloat16", "--port", str(args.port)]
+    variants = [parse_variant(text) for text in args.ours_variant]
+    if all(flags for _, flags in variants):
+        variants.insert(0, ("", []))
+    return [(f"pagedserve {name}".rstrip(), base + flags) for name, flags in variants]
+
+
+def load_config(scenario: Scenario, url: str, pid: int | None,
+                args: argparse.Namespace) -> LoadConfig:
+    return LoadConfig(url=url, num_requests=scenario.num_requests,
+                      concurrency=scenario.concurrency, workload=scenario.workload,
+                      prompt_tokens=args.prompt_tokens, file_tokens=args.file_tokens,
+                      output_tokens=default_output_tokens(scenario.workload, args.output_tokens),
+                      seed=args.seed, pid=pid, endpoint=args.endpoint)
 
 
 def run_scenarios(name: str, url: str, pid: int | None, args: argparse.Namespace,
                   tokenizer) -> ServerRun:  # noqa: ANN001
     run = ServerRun(name)
-    for concurrency, num in parse_scenarios(args.scenarios):
-        config = LoadConfig(url=url, num_requests=num, concurrency=concurrency,
-                            prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
-                            seed=args.seed, pid=pid, endpoint=args.endpoint)
-        prompts = synthetic_prompts(tokenizer, num, args.prompt_tokens, args.seed,
-                                    args.endpoint == "chat")
+    for scenario in parse_scenarios(args.scenarios, args.workload):
+        config = load_config(scenario, url, pid, args)
+        prompts = build_prompts(tokenizer, config)
         asyncio.run(warm_up(config, tokenizer, args.warmup))
         summary = asyncio.run(run_load(config, prompts))
-        run.scenarios[f"c{concurrency}"] = summary
-        logger.warning("%s, %d streams: %.1f output tok/s, TTFT p50 %.2f s, ITL p50 %.1f ms, "
-                       "%d failed", name, concurrency, summary["output_tok_s"],
-                       summary["ttft_s"]["p50"], summary["itl_s"]["p50"] * 1e3,  # type: ignore[index]
-                       summary["num_failed"])
+        run.scenarios[scenario.key] = summary
+        logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
+                       "TPOT mean %.1f ms, %s, %d failed", name, scenario.key,
+                       summary["output_tok_s"], summary["mean_output_tokens"],
+                       summary["ttft_s"]["p50"], summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
+                       format_spec_decode(summary["spec_decode"]), summary["num_failed"])
     return run
 
 
-def bench_started(name: str, command: str, url: str, args: argparse.Namespace,
+def bench_started(name: str, argv: list[str], url: str, args: argparse.Namespace,
                   tokenizer) -> ServerRun:  # noqa: ANN001
-    log_path = Path(args.log_dir) / f"{name}.log"
-    logger.warning("starting %s: %s (log: %s)", name, command, log_path)
-    server = StartedServer(command, log_path)
+    log_path = Path(args.log_dir) / f"{name.replace(' ', '-')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.warning("starting %s: %s (log: %s)", name, shlex.join(argv), log_path)
+    server = StartedServer(argv, log_path)
     try:
         ready_s = wait_ready(url, server.process, args.ready_timeout)
         logger.warning("%s ready in %.1f s", name, ready_s)
@@ -156,49 +226,94 @@ def bench_offline(args: argparse.Namespace, tokenizer) -> ServerRun:  # noqa: AN
     from engine import LLM, SamplingParams
 
     run = ServerRun("offline LLM.generate")
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens,
-                            min_tokens=args.output_tokens, ignore_eos=True)
-    for concurrency, num in parse_scenarios(args.scenarios):
-        llm = LLM(args.model, dtype="bfloat16", max_num_seqs=concurrency)
-        texts = synthetic_prompts(tokenizer, num, args.prompt_tokens, args.seed, True)
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}],
+    for scenario in parse_scenarios(args.scenarios, args.workload):
+        llm = LLM(args.model, dtype="bfloat16", max_num_seqs=scenario.concurrency)
+        requests = build_prompts(tokenizer, load_config(scenario, "", None, args))
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r.text}],
                                                  add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False) for t in texts]
+                                                 return_dict=False) for r in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens,
+                                 min_tokens=r.max_tokens if r.is_forced else 0,
+                                 ignore_eos=r.is_forced) for r in requests]
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
         cpu_start, start = time.process_time(), time.perf_counter()
         outputs = llm.generate(prompts, params)
         duration = time.perf_counter() - start
         cpu_seconds = time.process_time() - cpu_start
         num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        run.scenarios[f"c{concurrency}"] = {
+        run.scenarios[scenario.key] = {
             "output_tok_s": num_tokens / duration, "duration_s": duration,
+            "mean_output_tokens": num_tokens / len(outputs),
             "server_cpu_ms_per_output_token": 1e3 * cpu_seconds / num_tokens}
         del llm
     return run
+
+
+def measure_roofline(args: argparse.Namespace) -> dict[str, float | None] | None:
+    """Read bandwidth now, with no server running, and the batch-1 decode bound it puts on a
+    model whose bf16 weights are read once per token."""
+    if args.bandwidth_gib <= 0:
+        return None
+    threads = args.bandwidth_threads
+    bandwidth = read_bandwidth(int(args.bandwidth_gib * (1 << 30)), threads)
+    weight_bytes = args.weights_bytes
+    if weight_bytes is None:
+        try:
+            weight_bytes = decode_weight_bytes(ModelShape.from_config(Path(args.model)),
+                                               torch.bfloat16)
+        except (OSError, KeyError, ValueError) as exc:
+            logger.warning("no weight bytes from %s (%s): pass --weights-bytes", args.model, exc)
+    bound = bandwidth * 1e9 / weight_bytes if weight_bytes else None
+    logger.warning("read bandwidth %.1f GB/s on %d threads; decode roofline %s tok/s",
+                   bandwidth, threads, _fmt(bound, ".1f"))
+    return {"read_gb_s": bandwidth, "threads": threads, "weight_bytes": weight_bytes,
+            "decode_roofline_tok_s": bound}
 
 
 def _fmt(value: object, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(runs: list[ServerRun], scenario_keys: list[str]) -> str:
-    header = ["server", "ready s"]
-    for key in scenario_keys:
-        header += [f"{key} tok/s", f"{key} TTFT p50 s", f"{key} ITL p50 ms",
-                   f"{key} CPU ms/tok"]
-    header.append("peak RSS GB")
+def _roofline_ratio(summary: dict[str, object], concurrency: int,
+                    roofline: dict[str, float | None] | None) -> float | None:
+    """Decode tokens/s (1 / mean TPOT: the prefill, which both sides pay alike, left out) over
+    the batch-1 decode bound; at 1 stream only, where that bound holds."""
+    bound = roofline and roofline["decode_roofline_tok_s"]
+    tpot = (summary.get("tpot_s") or {}).get("mean")  # type: ignore[attr-defined]
+    return 1 / tpot / bound if concurrency == 1 and bound and tpot else None
+
+
+def table(runs: list[ServerRun], scenarios: list[Scenario],
+          roofline: dict[str, float | None] | None) -> str:
+    """One row per server and scenario."""
+    header = ["server", "scenario", "tok/s", "out tok/req", "TTFT p50 s", "ITL p50 ms",
+              "TPOT ms", "tok/chunk", "CPU ms/tok", "accept", "acc len", "x roofline"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for run in runs:
-        cells = [run.name, _fmt(run.ready_s, ".1f")]
-        for key in scenario_keys:
-            summary = run.scenarios.get(key, {})
-            ttft, itl = summary.get("ttft_s"), summary.get("itl_s")
-            cells += [_fmt(summary.get("output_tok_s"), ".1f"),
-                      _fmt(ttft["p50"] if ttft else None, ".2f"),  # type: ignore[index]
-                      _fmt(itl["p50"] * 1e3 if itl else None, ".1f"),  # type: ignore[index]
-                      _fmt(summary.get("server_cpu_ms_per_output_token"), ".1f")]
-        cells.append(_fmt(run.peak_rss_gb, ".2f"))
-        lines.append(" | ".join(cells))
+        for scenario in scenarios:
+            summary = run.scenarios.get(scenario.key)
+            if summary is None:
+                continue
+            ttft, itl, tpot = (summary.get(name) or {} for name in ("ttft_s", "itl_s", "tpot_s"))
+            spec = summary.get("spec_decode") or {}
+            cells = [run.name, scenario.key, _fmt(summary.get("output_tok_s"), ".1f"),
+                     _fmt(summary.get("mean_output_tokens"), ".0f"),
+                     _fmt(ttft.get("p50"), ".2f"),  # type: ignore[union-attr]
+                     _fmt(itl.get("p50") and itl["p50"] * 1e3, ".1f"),  # type: ignore
+                     _fmt(tpot.get("mean") and tpot["mean"] * 1e3, ".1f"),  # type: ignore
+                     _fmt(summary.get("tokens_per_chunk"), ".2f"),
+                     _fmt(summary.get("server_cpu_ms_per_output_token"), ".1f"),
+                     _fmt(spec.get("acceptance_rate"), ".1%"),  # type: ignore[union-attr]
+                     _fmt(spec.get("mean_accepted_length"), ".2f"),  # type: ignore[union-attr]
+                     _fmt(_roofline_ratio(summary, scenario.concurrency, roofline), ".2f")]
+            lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def server_table(runs: list[ServerRun]) -> str:
+    lines = ["server | ready s | peak RSS GB", "--- | --- | ---"]
+    lines += [f"{run.name} | {_fmt(run.ready_s, '.1f')} | {_fmt(run.peak_rss_gb, '.2f')}"
+              for run in runs]
     return "\n".join(lines)
 
 
@@ -213,14 +328,14 @@ def ratios(ours: ServerRun, other: ServerRun, scenario_keys: list[str]) -> dict[
         cpu = "server_cpu_ms_per_output_token"
         if a.get(cpu) and b.get(cpu):
             result[f"{key} CPU per token (other/ours)"] = b[cpu] / a[cpu]  # type: ignore[operator]
-        for metric in ("ttft_s", "itl_s"):
+        for metric, stat in (("ttft_s", "p50"), ("itl_s", "p50"), ("tpot_s", "mean")):
             if metric in a and metric in b:
-                result[f"{key} {metric[:-2]} p50 (other/ours)"] = (
-                    b[metric]["p50"] / max(a[metric]["p50"], 1e-9))  # type: ignore[index]
+                result[f"{key} {metric[:-2]} {stat} (other/ours)"] = (
+                    b[metric][stat] / max(a[metric][stat], 1e-9))  # type: ignore[index]
     return result
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=8011, help="pagedserve's port")
@@ -229,7 +344,10 @@ def parse_args() -> argparse.Namespace:
                         "-m server serve --dtype bfloat16 --port PORT)")
     parser.add_argument("--ours-variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="also bench pagedserve started with these extra serve flags, "
-                        "e.g. int8='--quantization int8' (repeatable; same port, in turn)")
+                        "split like a shell would, e.g. int8='--quantization int8' or "
+                        "\"ngram=--speculative-config '{\\\"method\\\": \\\"ngram\\\"}'\" "
+                        "(repeatable; same port, in turn; NAME= with no flags is the plain "
+                        "command, which then does not run again first)")
     parser.add_argument("--skip-ours", action="store_true", help="bench only the peer")
     parser.add_argument("--peer-cmd", default=None, help="command starting the peer server")
     parser.add_argument("--peer-port", type=int, default=8100, help="the peer command's port")
@@ -237,21 +355,43 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--peer-pid", type=int, default=None, help="that peer's PID, for RSS")
     parser.add_argument("--peer-name", default="peer")
     parser.add_argument("--model", default=None,
-                        help="model directory for the tokenizer and --offline (default: the "
-                        "embedded default model)")
+                        help="model directory for the tokenizer, the weight bytes of the "
+                        "roofline and --offline (default: the embedded default model)")
     parser.add_argument("--scenarios", default="1:4,16:32",
-                        help="CONCURRENCY:NUM_REQUESTS pairs, comma-separated")
+                        help="[WORKLOAD:]CONCURRENCY[:NUM_REQUESTS] items, comma-separated, "
+                        "e.g. edit:1:8,chat:1:4,chat:16:32 (WORKLOAD default: --workload)")
+    parser.add_argument("--workload", choices=WORKLOADS, default="chat",
+                        help="workload of the scenarios that name none")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    parser.add_argument("--prompt-tokens", type=int, default=230)
-    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=230,
+                        help="chat workload: tokens per prompt")
+    parser.add_argument("--file-tokens", type=int, default=300,
+                        help="edit workload: tokens per generated Python file")
+    parser.add_argument("--output-tokens", type=int, default=None,
+                        help="exactly this many tokens per answer (default: 128 for chat; "
+                        "edit answers stop on their own, at most 1.3x their file)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2, help="short requests before each run")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--bandwidth-gib", type=float, default=2.0,
+                        help="fp32 buffer summed for the read bandwidth (0: skip the roofline)")
+    parser.add_argument("--bandwidth-threads", type=int, default=torch.get_num_threads(),
+                        help="threads of that sum (default: torch's default, the server's)")
+    parser.add_argument("--weights-bytes", type=int, default=None,
+                        help="weight bytes read per decoded token (default: --model's "
+                        "config.json, in bf16)")
     parser.add_argument("--offline", action="store_true",
                         help="also run the prompts through LLM.generate (server overhead)")
     parser.add_argument("--log-dir", default="/tmp", help="where the servers' logs go")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    try:  # bad scenarios and variants fail here, before any server starts
+        parse_scenarios(args.scenarios, args.workload)
+        for variant in args.ours_variant:
+            parse_variant(variant)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def main() -> None:
@@ -262,18 +402,14 @@ def main() -> None:
 
         args.model = str(ensure_default_model())
     tokenizer = load_tokenizer(args.model)
+    roofline = measure_roofline(args)
     runs: list[ServerRun] = []
     if not args.skip_ours:
-        command = args.ours_cmd or (f"{sys.executable} -m server serve --dtype bfloat16 "
-                                    f"--port {args.port}")
-        runs.append(bench_started("pagedserve", command, f"http://127.0.0.1:{args.port}",
-                                  args, tokenizer))
-        for variant in args.ours_variant:
-            name, _, flags = variant.partition("=")
-            runs.append(bench_started(f"pagedserve {name}", f"{command} {flags}",
-                                      f"http://127.0.0.1:{args.port}", args, tokenizer))
+        url = f"http://127.0.0.1:{args.port}"
+        runs += [bench_started(name, argv, url, args, tokenizer)
+                 for name, argv in our_servers(args)]
     if args.peer_cmd:
-        runs.append(bench_started(args.peer_name, args.peer_cmd,
+        runs.append(bench_started(args.peer_name, shlex.split(args.peer_cmd),
                                   f"http://127.0.0.1:{args.peer_port}", args, tokenizer))
     elif args.peer_url:
         run = run_scenarios(args.peer_name, args.peer_url, args.peer_pid, args, tokenizer)
@@ -282,14 +418,39 @@ def main() -> None:
         runs.append(run)
     if args.offline:
         runs.append(bench_offline(args, tokenizer))
-    report(args, runs)
+    report(args, runs, roofline)
 
 
-def report(args: argparse.Namespace, runs: list[ServerRun]) -> None:
-    keys = [f"c{c}" for c, _ in parse_scenarios(args.scenarios)]
-    print(f"\n{args.prompt_tokens} prompt tokens, {args.output_tokens} output tokens, "
-          f"scenarios {args.scenarios} (streams:requests)\n")
-    print(table(runs, keys))
+def describe(args: argparse.Namespace, scenarios: list[Scenario],
+             roofline: dict[str, float | None] | None) -> str:
+    """What was run, and the machine's bound."""
+    workloads = {scenario.workload for scenario in scenarios}
+    lines = [f"scenarios {args.scenarios} (workload, streams, requests)"]
+    if "chat" in workloads:
+        lines.append(f"chat: {args.prompt_tokens} prompt tokens, "
+                     f"{default_output_tokens('chat', args.output_tokens)} output tokens")
+    if "edit" in workloads:
+        output = (f"exactly {args.output_tokens}" if args.output_tokens
+                  else "until the model stops, at most 1.3x the file")
+        lines.append(f"edit: Python files of ~{args.file_tokens} tokens returned with one "
+                     f"change; output tokens: {output}")
+    if roofline is not None:
+        bound, weights = roofline["decode_roofline_tok_s"], roofline["weight_bytes"]
+        lines.append(f"read bandwidth {roofline['read_gb_s']:.1f} GB/s "
+                     f"({roofline['threads']} threads, {args.bandwidth_gib:g} GiB fp32 sum, "
+                     f"best of 5); decode roofline "
+                     + (f"{bound:.1f} tok/s (bf16 weights {weights / 1e9:.3f} GB read per token)"
+                        if bound else "unknown (no weight bytes)"))
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, runs: list[ServerRun],
+           roofline: dict[str, float | None] | None) -> None:
+    scenarios = parse_scenarios(args.scenarios, args.workload)
+    keys = [scenario.key for scenario in scenarios]
+    print("\n" + describe(args, scenarios, roofline) + "\n")
+    print(table(runs, scenarios, roofline))
+    print("\n" + server_table(runs))
     all_ratios: dict[str, dict[str, float]] = {}
     ours = [run for run in runs if run.name.startswith("pagedserve")]
     for mine in ours:
@@ -300,10 +461,11 @@ def report(args: argparse.Namespace, runs: list[ServerRun]) -> None:
             all_ratios[label] = ratios(mine, other, keys)
             print(f"\n{label} (> 1: {mine.name} better):")
             for name, value in all_ratios[label].items():
-                print(f"  {name:32s} {value:6.2f}")
+                print(f"  {name:36s} {value:6.2f}")
     if args.json is not None:
-        payload = {"runs": [{"name": r.name, "ready_s": r.ready_s, "peak_rss_gb": r.peak_rss_gb,
-                             "scenarios": r.scenarios} for r in runs], "ratios": all_ratios}
+        payload = {"roofline": roofline, "ratios": all_ratios,
+                   "runs": [{"name": r.name, "ready_s": r.ready_s, "peak_rss_gb": r.peak_rss_gb,
+                             "scenarios": r.scenarios} for r in runs]}
         args.json.write_text(json.dumps(payload, indent=2, default=str))
 
 

@@ -4,7 +4,9 @@ a model's decode (bandwidth-bound at batch 1) and on a serving workload (compute
     python bench/roofline.py [--model DIR] [--dtype bfloat16] [--threads N]
                              [--prompt-len 230] [--output-len 128] [--skinny] [--json OUT]
 
-Bandwidth is a large tensor copy, counted as bytes read + bytes written (STREAM "copy").
+Bandwidth is measured twice: a large tensor copy, counted as bytes read + bytes written
+(STREAM "copy"), and a sum over a 2 GiB buffer, bytes read only: decode reads its weights and
+writes next to nothing, so the read figure is the one its bound is made of.
 The matmul rate is a square GEMM (2 * n^3 flops). The model's figures come from config.json
 alone: weight bytes read per decoded token (every weight except the input embedding table;
 the LM head counts, tied or not) and flops per prompt and per output token.
@@ -96,6 +98,32 @@ def copy_bandwidth(num_bytes: int = 512 << 20) -> float:
     return 2 * num_bytes / seconds / 1e9
 
 
+def read_bandwidth(num_bytes: int = 2 << 30, threads: int | None = None,
+                   repeats: int = 5) -> float:
+    """GB/s of summing an fp32 buffer far larger than the caches, best of `repeats`, on
+    `threads` intra-op threads (default: torch's, which is also what the server runs with)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        buffer = torch.ones(num_bytes // 4, dtype=torch.float32)
+        buffer.sum()  # warm-up: page faults and the thread team
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            buffer.sum()
+            best = min(best, time.perf_counter() - start)
+        del buffer
+    finally:
+        torch.set_num_threads(previous)
+    return num_bytes / best / 1e9
+
+
+def decode_weight_bytes(shape: ModelShape, dtype: torch.dtype) -> int:
+    """Weight bytes one batch-1 decode step reads: every matmul weight, the LM head included
+    (the input embedding is a gather of one row)."""
+    return (shape.layer_params + shape.lm_head_params) * dtype.itemsize
+
+
 def gemm_rate(n: int, dtype: torch.dtype) -> float:
     """GFLOP/s of an n x n x n matmul."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
@@ -123,7 +151,7 @@ def model_roofline(shape: ModelShape, dtype: torch.dtype, bandwidth: float, rate
                    prompt_len: int, output_len: int) -> dict[str, float]:
     """Batch-1 decode bound (weights streamed once per token) and the serving bound (every
     flop of the workload done at the GEMM rate), in tokens/s."""
-    weight_bytes = (shape.layer_params + shape.lm_head_params) * dtype.itemsize
+    weight_bytes = decode_weight_bytes(shape, dtype)
     prefill_flops = 2 * shape.layer_params  # per prompt token: logits only for the last
     decode_flops = 2 * (shape.layer_params + shape.lm_head_params)  # per output token
     flops_per_output = prefill_flops * prompt_len / output_len + decode_flops
@@ -159,7 +187,8 @@ def main() -> None:
     dtype = _DTYPES[args.dtype]
     results: dict[str, object] = {"threads": args.threads, "dtype": args.dtype,
                                   "model": str(model_dir), "shape": asdict(shape)}
-    results["copy_gb_s"] = bandwidth = copy_bandwidth()
+    results["copy_gb_s"] = copy_bandwidth()
+    results["read_gb_s"] = bandwidth = read_bandwidth()
     results["gemm_gflops"] = rate = gemm_rate(args.gemm_size, dtype)
     results.update(model_roofline(shape, dtype, bandwidth, rate, args.prompt_len,
                                   args.output_len))

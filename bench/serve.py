@@ -2,19 +2,29 @@
 latency percentiles, throughput and the server's memory.
 
     python bench/serve.py --url http://127.0.0.1:8000 [--concurrency 16 | --request-rate 4]
-        [--num-requests 64] [--prompt-tokens 230] [--output-tokens 128] [--endpoint chat]
-        [--pid PID] [--seed 0] [--json OUT]
+        [--workload chat|edit] [--num-requests 64] [--prompt-tokens 230] [--file-tokens 300]
+        [--output-tokens N] [--endpoint chat] [--pid PID] [--seed 0] [--json OUT]
 
-Prompts are seeded synthetic text built with the model's tokenizer so that each request's
-prompt (after the chat template, for chat) has about --prompt-tokens tokens; every prompt is
-different, so no prefix cache can skip the prefill. Each request asks for exactly
---output-tokens tokens (`ignore_eos` and `min_tokens`, the vLLM extensions pagedserve also
-takes), greedy, streamed with usage. Reported: TTFT (request sent -> first content), ITL (gaps
-between content chunks), TPOT ((e2e - TTFT) / (tokens - 1)), e2e latency, each as mean, p50,
-p90, p99; output and total tokens/s over the wall time of the run; and, for --pid and its
-child processes, the peak RSS (sampled every 50 ms) and the CPU time they used: CPU ms per
-output token measures work done, which stays comparable when other load on the machine
-changes the wall-clock figures.
+Two seeded workloads, built with the model's tokenizer; every prompt is different, so no
+prefix cache can skip the prefill. All requests are greedy and streamed with usage.
+  chat (default): synthetic text of about --prompt-tokens tokens (after the chat template, for
+      chat), each answered with exactly --output-tokens tokens (default 128; `ignore_eos` and
+      `min_tokens`, the vLLM extensions pagedserve also takes).
+  edit: generated Python files of about --file-tokens tokens (bench/edit_workload.py), each with
+      a small change to make, answered with the whole file: the output mostly copies the prompt,
+      which is what n-gram speculation speeds up. Here the model stops on its own, with
+      max_tokens 1.3x the file: forcing a length would time junk after the file (EOS banned,
+      the model rambles, and whatever it makes up no longer copies the prompt). Tokens/s counts
+      the tokens actually generated; `hit max_tokens` tells how many answers ran out of room.
+      Giving --output-tokens forces exactly that many instead, as in chat.
+Reported: TTFT (request sent -> first content), ITL (gaps between content chunks: with
+speculation a chunk can hold several tokens, see tokens per chunk), TPOT ((e2e - TTFT) /
+(tokens - 1)), e2e latency, each as mean, p50, p90, p99; output and total tokens/s over the
+wall time of the run; the server's speculative-decoding acceptance over the run, from its
+/metrics counters before and after (none when it exposes no such counters); and, for --pid and
+its child processes, the peak RSS (sampled every 50 ms) and the CPU time they used: CPU ms per
+output token measures work done, which stays comparable when other load on the machine changes
+the wall-clock figures.
 """
 
 from __future__ import annotations
@@ -26,12 +36,17 @@ import logging
 import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from bench.edit_workload import edit_tasks  # noqa: E402
 
 logger = logging.getLogger("bench.serve")
 
@@ -46,6 +61,13 @@ _WORD_TEXT = (
     "query database network socket timeout retry limit window frame packet header body stream "
     "event handler callback")
 _WORDS = tuple(_WORD_TEXT.split())
+WORKLOADS = ("chat", "edit")
+CHAT_OUTPUT_TOKENS = 128
+EDIT_MAX_TOKENS_RATIO = 1.3  # the file again, its code fence and the change, little more
+# the server's spec-decode counters (vLLM's are the same names under "vllm:")
+_SPEC_COUNTERS = {"num_drafts": "spec_decode_num_drafts",
+                  "num_draft_tokens": "spec_decode_num_draft_tokens",
+                  "num_accepted_tokens": "spec_decode_num_accepted_tokens"}
 
 
 @dataclass(slots=True)
@@ -55,11 +77,13 @@ class LoadConfig:
     url: str
     model: str | None = None
     endpoint: str = "chat"  # "chat" or "completions"
+    workload: str = "chat"  # one of WORKLOADS
     num_requests: int = 64
     concurrency: int | None = 16  # closed loop: this many requests in flight
     request_rate: float | None = None  # open loop: Poisson arrivals per second
-    prompt_tokens: int = 230
-    output_tokens: int = 128
+    prompt_tokens: int = 230  # chat workload
+    file_tokens: int = 300  # edit workload
+    output_tokens: int | None = CHAT_OUTPUT_TOKENS  # None: edit answers stop on their own
     seed: int = 0
     api_key: str | None = None
     pid: int | None = None
@@ -76,10 +100,34 @@ class RequestResult:
     chunk_gaps: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    num_chunks: int = 0
+    finish_reason: str | None = None
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One request's text and length limit; forced: exactly max_tokens (EOS ignored)."""
+
+    text: str
+    max_tokens: int
+    is_forced: bool = True
+
+
 # ---- prompts ------------------------------------------------------------------------------
+
+
+def build_prompts(tokenizer, config: LoadConfig) -> list[Prompt]:  # noqa: ANN001
+    """The run's prompts for its workload; the same seed gives the same prompts."""
+    if config.workload == "edit":
+        tasks = edit_tasks(tokenizer, config.num_requests, config.file_tokens, config.seed)
+        if config.output_tokens is not None:
+            return [Prompt(task.prompt(), config.output_tokens) for task in tasks]
+        return [Prompt(task.prompt(), task.max_tokens(EDIT_MAX_TOKENS_RATIO), is_forced=False)
+                for task in tasks]
+    texts = synthetic_prompts(tokenizer, config.num_requests, config.prompt_tokens,
+                              config.seed, config.endpoint == "chat")
+    return [Prompt(text, config.output_tokens or CHAT_OUTPUT_TOKENS) for text in texts]
 
 
 def load_tokenizer(source: str | None):  # noqa: ANN201 - transformers type, imported lazily
@@ -120,15 +168,16 @@ def _template_overhead(tokenizer) -> int:  # noqa: ANN001
 # ---- one request ---------------------------------------------------------------------------
 
 
-def request_body(config: LoadConfig, prompt: str) -> dict[str, object]:
+def request_body(config: LoadConfig, prompt: Prompt) -> dict[str, object]:
     body: dict[str, object] = {
-        "model": config.model, "max_tokens": config.output_tokens, "temperature": 0.0,
-        "stream": True, "stream_options": {"include_usage": True},
-        "ignore_eos": True, "min_tokens": config.output_tokens}
+        "model": config.model, "max_tokens": prompt.max_tokens, "temperature": 0.0,
+        "stream": True, "stream_options": {"include_usage": True}}
+    if prompt.is_forced:
+        body |= {"ignore_eos": True, "min_tokens": prompt.max_tokens}
     if config.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = [{"role": "user", "content": prompt.text}]
     else:
-        body["prompt"] = prompt
+        body["prompt"] = prompt.text
     return body
 
 
@@ -141,8 +190,13 @@ def _content_of(chunk: dict[str, object]) -> str:
     return delta.get("content") or choice.get("text") or ""
 
 
+def _finish_reason_of(chunk: dict[str, object]) -> str | None:
+    choices = chunk.get("choices") or []
+    return choices[0].get("finish_reason") if choices else None  # type: ignore[index]
+
+
 async def send_request(client: httpx.AsyncClient, config: LoadConfig,
-                       prompt: str) -> RequestResult:
+                       prompt: Prompt) -> RequestResult:
     path = "/v1/chat/completions" if config.endpoint == "chat" else "/v1/completions"
     result = RequestResult(ok=False)
     start = time.perf_counter()
@@ -163,6 +217,7 @@ async def send_request(client: httpx.AsyncClient, config: LoadConfig,
                 if "error" in chunk:
                     result.error = str(chunk["error"])
                     return result
+                result.finish_reason = _finish_reason_of(chunk) or result.finish_reason
                 usage = chunk.get("usage")
                 if usage:
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
@@ -181,6 +236,7 @@ async def send_request(client: httpx.AsyncClient, config: LoadConfig,
         return result
     result.e2e = time.perf_counter() - start
     result.output_tokens = result.output_tokens or num_chunks
+    result.num_chunks = num_chunks
     result.ok = last is not None
     return result
 
@@ -260,6 +316,47 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+# ---- the server's spec-decode counters ---------------------------------------------------
+
+
+def parse_spec_counters(text: str) -> dict[str, float] | None:
+    """Prometheus text -> the spec-decode counters summed over their labels; None when the
+    server exposes none of them (an older build, or another server)."""
+    names = {f"{prefix}{counter}_total": key for key, counter in _SPEC_COUNTERS.items()
+             for prefix in ("pagedserve_", "vllm:")}
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if line.startswith("#") or name not in names:
+            continue
+        rest = line[line.rfind("}") + 1:] if "{" in line else line[len(name):]
+        totals[names[name]] = totals.get(names[name], 0.0) + float(rest.split()[0])
+    if not totals:
+        return None
+    return {key: totals.get(key, 0.0) for key in _SPEC_COUNTERS}
+
+
+async def scrape_spec_counters(client: httpx.AsyncClient) -> dict[str, float] | None:
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    return parse_spec_counters(response.text) if response.status_code == 200 else None
+
+
+def spec_decode_delta(before: dict[str, float] | None,
+                      after: dict[str, float] | None) -> dict[str, float | None] | None:
+    """What the run added to the counters, with acceptance = accepted / proposed tokens and
+    the mean tokens a verification step yields = 1 + accepted / drafts (None: no drafts)."""
+    if before is None or after is None:
+        return None
+    delta: dict[str, float | None] = {key: after[key] - before[key] for key in _SPEC_COUNTERS}
+    drafts, proposed, accepted = (after[key] - before[key] for key in _SPEC_COUNTERS)
+    delta["acceptance_rate"] = accepted / proposed if proposed else None
+    delta["mean_accepted_length"] = 1 + accepted / drafts if drafts else None
+    return delta
+
+
 async def resolve_model(client: httpx.AsyncClient) -> str:
     """The first model the server lists: what to put in `model`."""
     response = await client.get("/v1/models")
@@ -267,7 +364,7 @@ async def resolve_model(client: httpx.AsyncClient) -> str:
     return str(response.json()["data"][0]["id"])
 
 
-async def run_load(config: LoadConfig, prompts: Sequence[str]) -> dict[str, object]:
+async def run_load(config: LoadConfig, prompts: Sequence[Prompt]) -> dict[str, object]:
     """Send every prompt with the configured concurrency or arrival rate; summarise."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -275,6 +372,7 @@ async def run_load(config: LoadConfig, prompts: Sequence[str]) -> dict[str, obje
                                  timeout=httpx.Timeout(config.timeout_s)) as client:
         if config.model is None:
             config.model = await resolve_model(client)
+        spec_before = await scrape_spec_counters(client)
         sampler = RssSampler(config.pid)
         sampler.start()
         cpu_start, start = tree_cpu_seconds(config.pid), time.perf_counter()
@@ -282,7 +380,9 @@ async def run_load(config: LoadConfig, prompts: Sequence[str]) -> dict[str, obje
         duration = time.perf_counter() - start
         cpu_seconds = tree_cpu_seconds(config.pid) - cpu_start
         await sampler.stop()
+        spec_after = await scrape_spec_counters(client)
     summary = summarize(config, results, duration, sampler.peak_bytes)
+    summary["spec_decode"] = spec_decode_delta(spec_before, spec_after)
     if config.pid is not None:
         tokens = summary["mean_output_tokens"] * summary["num_ok"]  # type: ignore[operator]
         summary["server_cpu_s"] = cpu_seconds
@@ -292,7 +392,7 @@ async def run_load(config: LoadConfig, prompts: Sequence[str]) -> dict[str, obje
 
 
 async def _dispatch(client: httpx.AsyncClient, config: LoadConfig,
-                    prompts: Sequence[str]) -> list[RequestResult]:
+                    prompts: Sequence[Prompt]) -> list[RequestResult]:
     if config.request_rate is not None:  # open loop: Poisson arrivals, no cap in flight
         rng = random.Random(config.seed + 1)
         tasks = []
@@ -302,7 +402,7 @@ async def _dispatch(client: httpx.AsyncClient, config: LoadConfig,
         return list(await asyncio.gather(*tasks))
     semaphore = asyncio.Semaphore(config.concurrency or len(prompts))
 
-    async def bounded(prompt: str) -> RequestResult:
+    async def bounded(prompt: Prompt) -> RequestResult:
         async with semaphore:
             return await send_request(client, config, prompt)
 
@@ -327,12 +427,15 @@ def summarize(config: LoadConfig, results: Sequence[RequestResult], duration: fl
     prompt_tokens = sum(r.prompt_tokens for r in done)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
     errors = [r.error for r in results if not r.ok]
+    num_chunks = sum(r.num_chunks for r in done)
     return {
         "config": {k: v for k, v in asdict(config).items() if k not in ("api_key",)},
         "num_ok": len(done), "num_failed": len(errors), "errors": errors[:5],
         "duration_s": duration,
         "mean_prompt_tokens": prompt_tokens / len(done) if done else 0.0,
         "mean_output_tokens": output_tokens / len(done) if done else 0.0,
+        "num_hit_max_tokens": sum(r.finish_reason == "length" for r in done),
+        "tokens_per_chunk": output_tokens / num_chunks if num_chunks else 0.0,
         "output_tok_s": output_tokens / duration,
         "total_tok_s": (output_tokens + prompt_tokens) / duration,
         "request_s": len(done) / duration,
@@ -346,11 +449,16 @@ def summarize(config: LoadConfig, results: Sequence[RequestResult], duration: fl
 
 def format_summary(summary: dict[str, object]) -> str:
     ms = {name: summary[name] for name in ("ttft_s", "itl_s", "tpot_s", "e2e_s")}
-    lines = [f"ok {summary['num_ok']}, failed {summary['num_failed']} in "
-             f"{summary['duration_s']:.1f} s; prompt {summary['mean_prompt_tokens']:.0f} tok, "
-             f"output {summary['mean_output_tokens']:.0f} tok per request",
+    config = summary["config"]
+    lines = [f"{config['workload']} workload: ok {summary['num_ok']}, "  # type: ignore[index]
+             f"failed {summary['num_failed']} in {summary['duration_s']:.1f} s; prompt "
+             f"{summary['mean_prompt_tokens']:.0f} tok, output "
+             f"{summary['mean_output_tokens']:.0f} tok per request "
+             f"({summary['num_hit_max_tokens']} hit max_tokens), "
+             f"{summary['tokens_per_chunk']:.2f} tok per chunk",
              f"output {summary['output_tok_s']:.1f} tok/s, total {summary['total_tok_s']:.1f} "
-             f"tok/s, {summary['request_s']:.2f} req/s"]
+             f"tok/s, {summary['request_s']:.2f} req/s",
+             format_spec_decode(summary.get("spec_decode"))]
     for name, stats in ms.items():
         values = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stats.items())  # type: ignore[union-attr]
         lines.append(f"{name[:-2]:5s} ms: {values}")
@@ -363,20 +471,40 @@ def format_summary(summary: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def format_spec_decode(spec: object) -> str:
+    if not isinstance(spec, dict):
+        return "spec decode: none (the server exposes no spec-decode counters)"
+    if spec["acceptance_rate"] is None:
+        return "spec decode: no drafts in this run"
+    return (f"spec decode: acceptance {spec['acceptance_rate']:.1%} "
+            f"({spec['num_accepted_tokens']:.0f} of {spec['num_draft_tokens']:.0f} proposed), "
+            f"mean accepted length {spec['mean_accepted_length']:.2f} per draft "
+            f"({spec['num_drafts']:.0f} drafts)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     parser.add_argument("--model", default=None, help="model name (default: the first listed)")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--workload", choices=WORKLOADS, default="chat",
+                        help="chat: synthetic text, exactly --output-tokens out; edit: Python "
+                        "files to return with a small change, answers stop on their own")
     parser.add_argument("--num-requests", type=int, default=64)
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, default=None,
                       help="requests in flight at once (default 16)")
     load.add_argument("--request-rate", type=float, default=None,
                       help="Poisson arrivals per second instead of a fixed concurrency")
-    parser.add_argument("--prompt-tokens", type=int, default=230)
-    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=230,
+                        help="chat workload: tokens per prompt, template included")
+    parser.add_argument("--file-tokens", type=int, default=300,
+                        help="edit workload: tokens per generated Python file")
+    parser.add_argument("--output-tokens", type=int, default=None,
+                        help=f"exactly this many tokens per answer (EOS ignored); default: "
+                        f"{CHAT_OUTPUT_TOKENS} for chat, for edit none: answers stop on their "
+                        f"own, at most {EDIT_MAX_TOKENS_RATIO}x their file")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory for the prompts (default: the default model)")
     parser.add_argument("--seed", type=int, default=0)
@@ -392,22 +520,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
     concurrency = None if args.request_rate is not None else (args.concurrency or 16)
     return LoadConfig(url=args.url, model=args.model, endpoint=args.endpoint,
-                      num_requests=args.num_requests, concurrency=concurrency,
-                      request_rate=args.request_rate, prompt_tokens=args.prompt_tokens,
-                      output_tokens=args.output_tokens, seed=args.seed, api_key=args.api_key,
-                      pid=args.pid)
+                      workload=args.workload, num_requests=args.num_requests,
+                      concurrency=concurrency, request_rate=args.request_rate,
+                      prompt_tokens=args.prompt_tokens, file_tokens=args.file_tokens,
+                      output_tokens=default_output_tokens(args.workload, args.output_tokens),
+                      seed=args.seed, api_key=args.api_key, pid=args.pid)
+
+
+def default_output_tokens(workload: str, output_tokens: int | None) -> int | None:
+    """What was asked for, else chat's fixed length, else (edit) None: answers stop on their
+    own."""
+    if output_tokens is not None or workload == "edit":
+        return output_tokens
+    return CHAT_OUTPUT_TOKENS
 
 
 async def warm_up(config: LoadConfig, tokenizer, num: int) -> None:  # noqa: ANN001
-    """A few short requests first, so that one-time costs stay out of the figures."""
+    """A few short requests of the same workload first (other seed, 8 tokens each), so that
+    one-time costs, speculation's included, stay out of the figures."""
     if num <= 0:
         return
     short = LoadConfig(**{**asdict(config), "num_requests": num, "concurrency": 1,
                           "request_rate": None, "output_tokens": 8, "pid": None,
                           "seed": config.seed + 10_000})
-    prompts = synthetic_prompts(tokenizer, num, config.prompt_tokens, short.seed,
-                                config.endpoint == "chat")
-    await run_load(short, prompts)
+    await run_load(short, build_prompts(tokenizer, short))
     config.model = short.model
 
 
@@ -416,8 +552,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     config = config_from_args(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = synthetic_prompts(tokenizer, config.num_requests, config.prompt_tokens,
-                                config.seed, config.endpoint == "chat")
+    prompts = build_prompts(tokenizer, config)
     asyncio.run(warm_up(config, tokenizer, args.warmup))
     summary = asyncio.run(run_load(config, prompts))
     print(format_summary(summary))

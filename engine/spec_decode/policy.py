@@ -23,7 +23,7 @@ from dataclasses import dataclass
 # with bench/spec_policy.py (a 0.5B model, batch 1, ~300 tokens of context)
 VERIFY_TOKEN_COST = {"cpu": 0.12, "cuda": 0.03}
 PRIOR_ACCEPTANCE = 0.5
-PRIOR_WEIGHT = 2.0  # the prior counts as this many proposals
+PRIOR_WEIGHT = 1.0  # the prior counts as this many proposals
 # per verification: about ten verifications of memory, so that a sequence that keeps failing
 # gets an estimate below the break-even rate (the prior alone would keep it above)
 DECAY = 0.9
