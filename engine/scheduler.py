@@ -6,8 +6,9 @@ sequences go first (oldest first), then waiting ones. When the KV pool cannot ho
 sequence's next tokens, the newest running sequence is preempted by recompute.
 
 Speculative decoding: a decoding sequence that carries proposals (spec_token_ids) asks for
-1 + k slots, k cut to the token budget and to its max_tokens; proposals never preempt
-anything (without room they are dropped). After verification the sequence keeps the accepted
+1 + k slots, k cut to the token budget and to its max_tokens. Proposals get what is left once
+every running and admitted sequence has its own tokens: they never preempt anything nor delay
+anyone (without room they are dropped). After verification the sequence keeps the accepted
 tokens and gives back the slots and blocks of the rejected ones.
 """
 
@@ -60,6 +61,12 @@ class SchedulerOutput:
 
     def add(self, row: ScheduledRow) -> None:
         self.rows.append(row)
+        self._rows_by_id[row.sequence.sequence_id] = row
+
+    def replace(self, row: ScheduledRow) -> None:
+        """Put `row` in place of the same sequence's row (to add proposals to it)."""
+        old = self._rows_by_id[row.sequence.sequence_id]
+        self.rows[self.rows.index(old)] = row
         self._rows_by_id[row.sequence.sequence_id] = row
 
     def row(self, sequence_id: str) -> ScheduledRow:
@@ -140,10 +147,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        proposals = self._take_proposals()
         budget = self._schedule_running(output, budget)
         if not output.preempted_sequence_ids:
             # admitting new work in a step that had to preempt would only thrash the pool
-            self._schedule_waiting(output, budget)
+            budget = self._schedule_waiting(output, budget)
+        if proposals:
+            self._schedule_proposals(output, proposals, budget)
         # counted before the pass that writes [start, end): a row whose pass fails is failed or
         # recomputed from its prompt by the core, never resumed from here
         for row in output.rows:
@@ -155,29 +165,41 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
             num_new_tokens = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
-            spec_token_ids = self._spec_token_ids(sequence, budget)
-            if spec_token_ids and self.kv_cache_manager.allocate_slots(
-                    sequence, num_new_tokens + len(spec_token_ids)) is None:
-                spec_token_ids = ()  # no room to speculate: proposals never preempt anyone
-            if not spec_token_ids and not self._allocate_or_preempt(sequence, num_new_tokens,
-                                                                    output):
+            if not self._allocate_or_preempt(sequence, num_new_tokens, output):
                 break  # the sequence itself was preempted: nothing newer is left to run
-            self._add_scheduled(output, sequence, sequence.num_computed_tokens,
-                                num_new_tokens + len(spec_token_ids), spec_token_ids)
-            budget -= num_new_tokens + len(spec_token_ids)
+            self._add_scheduled(output, sequence, sequence.num_computed_tokens, num_new_tokens)
+            budget -= num_new_tokens
             index += 1
         return budget
 
-    @staticmethod
-    def _spec_token_ids(sequence: Sequence, budget: int) -> tuple[int, ...]:
-        """The proposals this step verifies: taken off the sequence (a proposal is offered
-        once), only on a decode row, cut so that the row fits the token budget and every
-        accepted token plus the one sampled after them fits max_tokens."""
-        proposals, sequence.spec_token_ids = sequence.spec_token_ids, []
-        if not proposals or sequence.num_tokens - sequence.num_computed_tokens != 1:
-            return ()
-        room = min(budget - 1, sequence.max_tokens - sequence.num_output_tokens - 1)
-        return tuple(proposals[:max(room, 0)])
+    def _take_proposals(self) -> dict[str, list[int]]:
+        """The running decoding sequences' proposals, taken off them (a proposal is offered
+        once; a sequence that is not decoding has none to verify)."""
+        proposals = {}
+        for sequence in self.running:
+            if sequence.spec_token_ids and sequence.is_decoding:
+                proposals[sequence.sequence_id] = sequence.spec_token_ids
+            sequence.spec_token_ids = []
+        return proposals
+
+    def _schedule_proposals(self, output: SchedulerOutput, proposals: dict[str, list[int]],
+                            budget: int) -> None:
+        """Add proposals to the decode rows that have some, oldest first, from the budget and
+        the blocks left over: each cut so that every accepted token plus the one sampled after
+        them fits max_tokens; dropped where no block is free for them."""
+        for row in list(output.rows):
+            sequence = row.sequence
+            row_proposals = proposals.get(sequence.sequence_id)
+            if not row_proposals or budget <= 0:
+                continue
+            room = min(budget, sequence.max_tokens - sequence.num_output_tokens - 1)
+            spec_token_ids = tuple(row_proposals[:max(room, 0)])
+            if not spec_token_ids or self.kv_cache_manager.allocate_slots(
+                    sequence, row.num_new_tokens + len(spec_token_ids)) is None:
+                continue
+            output.replace(ScheduledRow(sequence, row.start, row.end + len(spec_token_ids),
+                                        spec_token_ids))
+            budget -= len(spec_token_ids)
 
     def _allocate_or_preempt(self, sequence: Sequence, num_new_tokens: int,
                              output: SchedulerOutput) -> bool:
@@ -208,7 +230,7 @@ class Scheduler:
         self.waiting.appendleft(sequence)
         logger.debug("preempted sequence %s", sequence.sequence_id)
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             sequence = self.waiting[0]
             computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(sequence)
@@ -221,6 +243,7 @@ class Scheduler:
             self._start_running(sequence, num_cached_tokens)
             self._add_scheduled(output, sequence, num_cached_tokens, num_new_tokens)
             budget -= num_new_tokens
+        return budget
 
     def _start_running(self, sequence: Sequence, num_cached_tokens: int) -> None:
         sequence.num_computed_tokens = num_cached_tokens
@@ -232,8 +255,8 @@ class Scheduler:
 
     @staticmethod
     def _add_scheduled(output: SchedulerOutput, sequence: Sequence, start: int,
-                       num_new_tokens: int, spec_token_ids: tuple[int, ...] = ()) -> None:
-        output.add(ScheduledRow(sequence, start, start + num_new_tokens, spec_token_ids))
+                       num_new_tokens: int) -> None:
+        output.add(ScheduledRow(sequence, start, start + num_new_tokens))
 
     # ---- after the step -------------------------------------------------------------------
 

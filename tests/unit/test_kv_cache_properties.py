@@ -56,8 +56,9 @@ def test_free_queue_matches_list_model(ops: list[tuple[str, int]]) -> None:
 
 
 class KVCacheMachine(RuleBasedStateMachine):
-    """Random admissions, chunked prefill and decode steps, finishes, aborts, preemptions
-    and cache resets on a small pool, checked against a model of what every slot holds."""
+    """Random admissions, chunked prefill and decode steps, speculative decode steps (1 + k
+    slots, then trimmed back to the accepted tokens), finishes, aborts, preemptions and cache
+    resets on a small pool, checked against a model of what every slot holds."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,6 +69,10 @@ class KVCacheMachine(RuleBasedStateMachine):
         self.slots: dict[int, dict[int, Slot]] = {}  # block_id -> offset -> content
         self.hash_to_prefix: dict[bytes, Slot] = {}
         self.num_sequences = 0
+        # sequences whose last step verified proposals: as the scheduler leaves them, they
+        # may hold the block of their newest token (not computed yet: its slot still holds
+        # the K/V of the proposal rejected there)
+        self.settled: set[str] = set()
 
     @initialize(num_blocks=st.integers(3, 24), block_size=st.sampled_from([1, 2, 4]))
     def make_manager(self, num_blocks: int, block_size: int) -> None:
@@ -107,11 +112,60 @@ class KVCacheMachine(RuleBasedStateMachine):
     def step_running(self, data: st.DataObject) -> None:
         sequence = self.running[data.draw(st.sampled_from(sorted(self.running)))]
         remaining = sequence.num_tokens - sequence.num_computed_tokens
+        if remaining == 1 and data.draw(st.booleans(), label="speculate"):
+            self._speculate(sequence, data)
+            return
         num_new_tokens = data.draw(st.integers(1, remaining), label="chunk")
         if self._allocate(sequence, num_new_tokens):
             self._compute(sequence, 0, num_new_tokens)
         else:  # what the scheduler does when a sequence cannot grow: preempt by recompute
             self._preempt(sequence)
+
+    @precondition(lambda self: any(s.num_computed_tokens == s.num_tokens - 1
+                                   for s in self.running.values()))
+    @rule(data=st.data())
+    def speculate(self, data: st.DataObject) -> None:
+        decoding = sorted(sequence_id for sequence_id, s in self.running.items()
+                          if s.num_computed_tokens == s.num_tokens - 1)
+        self._speculate(self.running[data.draw(st.sampled_from(decoding))], data)
+
+    def _speculate(self, sequence: Sequence, data: st.DataObject) -> None:
+        """A decode row verifying k proposals, as the scheduler runs it: 1 + k slots (without
+        room the proposals are dropped, changing nothing, and the row decodes plainly), K/V
+        written for the last token and every proposal, then the accepted ones and one more
+        token kept and the rest of the slots (and any block only they used) given back."""
+        num_proposals = min(data.draw(st.integers(1, 4), label="k"),
+                            MAX_SEQ_LEN - sequence.num_tokens)
+        if num_proposals < 1 or not self._allocate(sequence, 1 + num_proposals):
+            if self._allocate(sequence, 1):
+                self._compute(sequence, 0, 1)
+            else:
+                self._preempt(sequence)
+            return
+        proposals = data.draw(st.lists(ALPHABET, min_size=num_proposals,
+                                       max_size=num_proposals), label="proposals")
+        self._check_unhashed_past(sequence, sequence.num_tokens)  # no proposal is hashed
+        verified = sequence.all_token_ids + proposals
+        block_ids = self.manager.get_block_ids(sequence.sequence_id)
+        for position in range(sequence.num_computed_tokens, len(verified)):
+            block_id = block_ids[position // self.block_size]
+            self.slots.setdefault(block_id, {})[position % self.block_size] = tuple(
+                verified[:position + 1])
+        num_accepted = data.draw(st.integers(0, num_proposals), label="accepted")
+        # the token drawn where a proposal was rejected differs from it
+        last = (sequence.num_tokens % 3 if num_accepted == num_proposals
+                else (proposals[num_accepted] + 1) % 3)
+        for token_id in [*proposals[:num_accepted], last]:
+            sequence.append_output_token_id(token_id)
+        sequence.num_computed_tokens = sequence.num_tokens - 1
+        self.manager.trim(sequence, sequence.num_tokens)  # asserts it frees no hashed block
+        assert len(self.manager.get_block_ids(sequence.sequence_id)) == min(
+            len(block_ids), self.manager.num_blocks_needed(sequence.num_tokens))
+        if sequence.num_tokens >= MAX_SEQ_LEN:
+            self.manager.free(sequence)
+            del self.running[sequence.sequence_id]
+        else:
+            self.settled.add(sequence.sequence_id)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
@@ -170,6 +224,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         """Write the new tokens' K/V into their slots; sample a token when caught up."""
         start = sequence.num_computed_tokens + num_hit_tokens
         block_ids = self.manager.get_block_ids(sequence.sequence_id)
+        self.settled.discard(sequence.sequence_id)
         for position in range(start, start + num_new_tokens):
             block_id = block_ids[position // self.block_size]
             content = tuple(sequence.all_token_ids[:position + 1])
@@ -185,6 +240,7 @@ class KVCacheMachine(RuleBasedStateMachine):
 
     def _preempt(self, sequence: Sequence) -> None:
         self.manager.free(sequence)
+        self.settled.discard(sequence.sequence_id)
         sequence.num_computed_tokens = 0
         sequence.num_preemptions += 1
         del self.running[sequence.sequence_id]
@@ -206,6 +262,17 @@ class KVCacheMachine(RuleBasedStateMachine):
             num_blocks += 1
         return num_blocks * self.block_size
 
+    def _check_unhashed_past(self, sequence: Sequence, num_tokens: int) -> None:
+        """Only blocks full of the sequence's first num_tokens tokens may carry a hash, and
+        that hash is the sequence's own for the block."""
+        pool = self.manager.pool
+        for index, block_id in enumerate(self.manager.get_block_ids(sequence.sequence_id)):
+            block_hash = pool.blocks[block_id].block_hash
+            if index >= num_tokens // self.block_size:
+                assert block_hash is None, f"block {block_id} of unaccepted slots is hashed"
+            elif block_hash is not None:
+                assert block_hash == sequence.block_hashes[index]
+
     def _check_slots(self, sequence: Sequence, num_tokens: int) -> None:
         block_ids = self.manager.get_block_ids(sequence.sequence_id)
         for position in range(num_tokens):
@@ -224,6 +291,11 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert len(set(self.hash_to_prefix.values())) == len(self.hash_to_prefix)
 
     @invariant()
+    def only_blocks_of_accepted_tokens_are_hashed(self) -> None:
+        for sequence in self.running.values():
+            self._check_unhashed_past(sequence, sequence.num_tokens)
+
+    @invariant()
     def counts_add_up(self) -> None:
         usable = self.manager.pool.blocks[1:]
         num_used = sum(1 for b in usable if b.ref_count > 0)
@@ -237,7 +309,12 @@ class KVCacheMachine(RuleBasedStateMachine):
         for sequence_id, sequence in self.running.items():
             block_ids = self.manager.get_block_ids(sequence_id)
             assert len(set(block_ids)) == len(block_ids)
-            assert len(block_ids) == self.manager.num_blocks_needed(sequence.num_computed_tokens)
+            num_needed = self.manager.num_blocks_needed(sequence.num_computed_tokens)
+            if sequence_id in self.settled:  # the newest token's block too, if it had one
+                assert num_needed <= len(block_ids) <= self.manager.num_blocks_needed(
+                    sequence.num_tokens)
+            else:
+                assert len(block_ids) == num_needed
             holders.update(block_ids)
         for sequence_id in self.waiting:
             assert self.manager.get_block_ids(sequence_id) == []

@@ -3,6 +3,8 @@ sequence, so batching, chunking, preemption and aborts are checked against plain
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -49,9 +51,14 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput) -> None:
         # the row's range ends where the sequence's computed tokens now stand
         assert 0 <= row.start < row.end == row.sequence.num_computed_tokens
         assert plan.row(row.sequence.sequence_id) is row
+        # proposals only on decode rows: the last token, then each proposal
+        assert not row.spec_token_ids or (row.start == row.sequence.num_tokens - 1
+                                          and row.num_new_tokens == 1 + len(row.spec_token_ids))
     for sequence in plan.scheduled_sequences:
         assert plan.num_scheduled_tokens[sequence.sequence_id] > 0
-        assert sequence.num_computed_tokens <= sequence.num_tokens
+        # while proposals are verified, the computed tokens count them too
+        num_proposals = len(plan.row(sequence.sequence_id).spec_token_ids)
+        assert sequence.num_computed_tokens <= sequence.num_tokens + num_proposals
         if sequence.is_finished:
             continue  # its blocks went back to the pool when it finished
         # every computed token has a slot in the sequence's blocks
@@ -263,4 +270,208 @@ def test_random_workloads_lose_nothing(arrivals: list[tuple[int, int, int]],
     for sequence in sequences:
         if sequence.status == SequenceStatus.FINISHED_LENGTH:
             assert sequence.num_output_tokens == sequence.max_tokens
+    assert_pool_idle(scheduler)
+
+
+# ---- speculative decoding: proposals on decode rows --------------------------------------------
+
+
+def decoding(scheduler: Scheduler, *sequences: Sequence) -> None:
+    """Admit the sequences and run their prefill step: each is then decoding."""
+    for sequence in sequences:
+        scheduler.add_sequence(sequence)
+    fake_step(scheduler)
+    assert all(s.num_computed_tokens == s.num_tokens - 1 for s in sequences)
+
+
+def test_proposals_are_cut_to_the_token_budget() -> None:
+    scheduler = make_scheduler(num_blocks=64, max_num_batched_tokens=8)
+    first = make_sequence("a", 3, max_tokens=20)
+    second = make_sequence("b", 4, max_tokens=20, first_token=10)
+    decoding(scheduler, first, second)
+    second.spec_token_ids = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    plan = scheduler.schedule()
+    # a's decode token leaves 7 of the budget: b's token and 6 proposals
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 7}
+    row = plan.row("b")
+    assert row.spec_token_ids == (1, 2, 3, 4, 5, 6)
+    assert (row.start, row.end) == (4, 11) and row.end == second.num_tokens + 6
+    assert row.token_ids == second.all_token_ids[4:] + [1, 2, 3, 4, 5, 6]
+    assert second.spec_token_ids == []  # a proposal is offered once
+    check_plan(scheduler, plan)
+
+
+def test_proposals_are_cut_to_max_tokens() -> None:
+    scheduler = make_scheduler(num_blocks=64)
+    sequence = make_sequence("a", 5, max_tokens=5)
+    decoding(scheduler, sequence)
+    sequence.spec_token_ids = [7, 8, 9, 10, 11]
+    plan = scheduler.schedule()
+    # 1 token out, 4 to go: 3 proposals and the token after them
+    assert plan.row("a").spec_token_ids == (7, 8, 9)
+    finished = scheduler.update_from_output({"a": [7, 8, 9, 12]})  # all accepted
+    assert finished == [sequence] and sequence.status == SequenceStatus.FINISHED_LENGTH
+    assert sequence.output_token_ids == [5, 7, 8, 9, 12]
+    assert_pool_idle(scheduler)
+
+
+def test_a_stop_token_among_the_new_tokens_drops_those_after_it() -> None:
+    scheduler = make_scheduler(num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=(8,))
+    sequence = Sequence("a", [1, 2, 3, 4, 5], params, arrival_time=0.0, max_tokens=20)
+    decoding(scheduler, sequence)
+    sequence.spec_token_ids = [7, 8, 9]
+    scheduler.schedule()
+    new_tokens = {"a": [7, 8, 9, 10]}
+    assert scheduler.update_from_output(new_tokens) == [sequence]
+    assert new_tokens == {"a": [7, 8]}  # what the sequence kept, for the outputs
+    assert sequence.output_token_ids == [5, 7, 8] and sequence.stop_reason == 8
+    assert_pool_idle(scheduler)
+
+
+def test_rejected_proposals_give_their_slots_and_blocks_back() -> None:
+    scheduler = make_scheduler(num_blocks=64)
+    sequence = make_sequence("a", 6, max_tokens=20)
+    decoding(scheduler, sequence)  # 7 tokens, 6 computed, in 2 blocks
+    manager = scheduler.kv_cache_manager
+    sequence.spec_token_ids = [20, 21, 22, 23, 24]
+    scheduler.schedule()
+    assert len(manager.get_block_ids("a")) == 3  # slots for 7 + 5 tokens
+    assert manager.num_free_blocks == manager.num_total_blocks - 3
+    scheduler.update_from_output({"a": [30]})  # the first proposal rejected
+    assert (sequence.num_tokens, sequence.num_computed_tokens) == (8, 7)
+    assert len(manager.get_block_ids("a")) == 2
+    assert manager.num_free_blocks == manager.num_total_blocks - 2
+    assert all(manager.pool.blocks[i].block_hash is None for i in manager.get_block_ids("a")[1:])
+    sequence.spec_token_ids = [40, 41, 42]
+    scheduler.schedule()
+    scheduler.update_from_output({"a": [40, 41, 42, 43]})  # all accepted
+    assert (sequence.num_tokens, sequence.num_computed_tokens) == (12, 11)
+    assert len(manager.get_block_ids("a")) == 3
+    run_to_completion(scheduler)
+    assert sequence.output_token_ids[:6] == [6, 30, 40, 41, 42, 43]
+    assert_pool_idle(scheduler)
+
+
+def test_proposals_on_a_prefill_chunk_are_ignored() -> None:
+    scheduler = make_scheduler(num_blocks=64, max_num_batched_tokens=8)
+    sequence = make_sequence("a", 20, max_tokens=4)
+    scheduler.add_sequence(sequence)
+    fake_step(scheduler)  # the first chunk
+    sequence.spec_token_ids = [1, 2, 3]
+    plan = scheduler.schedule()
+    assert plan.row("a").spec_token_ids == () and plan.num_scheduled_tokens == {"a": 8}
+    assert sequence.spec_token_ids == []
+
+
+def test_proposals_are_dropped_when_the_pool_is_short_not_preempting() -> None:
+    # 3 usable blocks: a holds 2 (7 tokens), b 1 (4 tokens); a's proposals need a 4th
+    scheduler = make_scheduler(num_blocks=4)
+    older = make_sequence("a", 6, max_tokens=10)
+    newer = make_sequence("b", 3, max_tokens=10, first_token=20)
+    decoding(scheduler, older, newer)
+    older.spec_token_ids = [1, 2, 3]
+    plan = scheduler.schedule()
+    assert plan.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert plan.row("a").spec_token_ids == ()
+    assert scheduler.num_preemptions == 0 and plan.preempted_sequence_ids == []
+    assert older.status == newer.status == SequenceStatus.RUNNING
+
+
+def test_a_preempted_sequence_loses_its_proposals() -> None:
+    # 4 usable blocks, 2 each: a's next token needs a third, so the newest (b) goes
+    scheduler = make_scheduler(num_blocks=5, enable_prefix_caching=False)
+    older = make_sequence("a", 8, max_tokens=10)
+    newer = make_sequence("b", 8, max_tokens=10, first_token=20)
+    decoding(scheduler, older, newer)
+    newer.spec_token_ids = [1, 2]
+    plan = scheduler.schedule()
+    assert plan.preempted_sequence_ids == ["b"]
+    assert newer.status == SequenceStatus.PREEMPTED and newer.spec_token_ids == []
+    assert list(plan.num_scheduled_tokens) == ["a"]
+
+
+def test_proposals_never_cost_another_sequence_its_place() -> None:
+    # 5 usable blocks: a holds 2 (7 tokens, its next fits), b 2 (9 tokens: its next needs a
+    # third); one block is free, enough for b, unless a's proposals take it
+    scheduler = make_scheduler(num_blocks=6, enable_prefix_caching=False)
+    older = make_sequence("a", 6, max_tokens=10)
+    newer = make_sequence("b", 8, max_tokens=10, first_token=20)
+    decoding(scheduler, older, newer)
+    older.spec_token_ids = [1, 2, 3]
+    plan = scheduler.schedule()
+    assert scheduler.num_preemptions == 0 and plan.preempted_sequence_ids == []
+    assert newer.status == SequenceStatus.RUNNING
+    # the free block went to b's own token; a's proposals found no block and were dropped
+    assert [row.spec_token_ids for row in plan.rows] == [(), ()]
+
+
+def speculative_step(scheduler: Scheduler, rng: random.Random
+                     ) -> tuple[SchedulerOutput, list[Sequence]]:
+    """fake_step with speculation: every decoding sequence proposes its next tokens, some
+    of them wrong; the 'model' samples (num_tokens % 50) at each position, so the accepted
+    run and the tokens kept are what fake_step would have produced one by one."""
+    for sequence in scheduler.running:
+        if sequence.is_decoding and rng.random() < 0.7:
+            proposals = [(sequence.num_tokens + i) % 50 for i in range(rng.randrange(1, 6))]
+            if rng.random() < 0.5:
+                proposals[rng.randrange(len(proposals))] = 99  # never sampled: rejected
+            sequence.spec_token_ids = proposals
+    plan = scheduler.schedule()
+    check_plan(scheduler, plan)
+    sampled = {}
+    for row in plan.rows:
+        sequence = row.sequence
+        if row.end != sequence.num_tokens + len(row.spec_token_ids):
+            continue  # a prefill chunk short of the end
+        tokens = []
+        for proposal in [*row.spec_token_ids, None]:
+            tokens.append((sequence.num_tokens + len(tokens)) % 50)
+            if tokens[-1] != proposal:
+                break
+        sampled[sequence.sequence_id] = tokens
+    return plan, scheduler.update_from_output(sampled)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 16)), min_size=1,
+                      max_size=8),
+    num_blocks=st.integers(10, 30),
+    budget=st.integers(2, 32),
+    caching=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_workloads_with_proposals_match_plain_decoding(
+        arrivals: list[tuple[int, int]], num_blocks: int, budget: int, caching: bool,
+        seed: int) -> None:
+    """Under speculation (proposals cut by budget and max_tokens, dropped when the pool is
+    short, cleared by preemption, rejected slots trimmed) every sequence generates exactly
+    what it generates without, budgets hold, and no block leaks."""
+    rng = random.Random(seed)
+    scheduler = make_scheduler(num_blocks, 4, budget, caching)
+    pool_tokens = scheduler.kv_cache_manager.num_total_blocks * BLOCK_SIZE
+    sequences = [make_sequence(str(i), n, min(m, pool_tokens - n), first_token=i % 3)
+                 for i, (n, m) in enumerate(arrivals) if n < pool_tokens]
+    for sequence in sequences:
+        scheduler.add_sequence(sequence)
+    for _ in range(2000):
+        if not scheduler.has_unfinished_sequences():
+            break
+        speculative_step(scheduler, rng)  # checks each plan
+        manager = scheduler.kv_cache_manager
+        for sequence in scheduler.running:
+            # between steps a sequence holds blocks for its tokens, never for rejected ones
+            num_blocks_held = len(manager.get_block_ids(sequence.sequence_id))
+            assert num_blocks_held <= manager.num_blocks_needed(sequence.num_tokens)
+    else:
+        raise AssertionError("sequences did not finish")
+    for sequence in sequences:
+        assert sequence.status == SequenceStatus.FINISHED_LENGTH
+        plain = make_sequence("x", sequence.num_prompt_tokens, sequence.max_tokens,
+                              first_token=int(sequence.sequence_id) % 3)
+        alone = make_scheduler(num_blocks=64)
+        alone.add_sequence(plain)
+        run_to_completion(alone)
+        assert sequence.output_token_ids == plain.output_token_ids
     assert_pool_idle(scheduler)
