@@ -3,10 +3,12 @@ verifications accepted, against what verifying a token costs.
 
 With per-token acceptance rate a, a row verifying k proposals yields 1 + a + ... + a^k tokens
 on average, for a pass that costs 1 + c k one-token steps (c: the marginal cost of one more
-verified token, small where a decode step is bound by reading the weights, larger on CPUs,
-where the step's matmuls soon become compute-bound). The policy picks the k (0 .. the
-configured most) that maximises tokens per unit of cost: none where acceptance is poor (plain
-chat under n-gram lookup), the full count where it is high (edits that copy their prompt).
+verified token, measured at startup: near 0 where a decode step is bound by reading the
+weights, as on GPUs; 0.1 to 0.8 on CPUs, whose matmuls turn compute-bound after a few rows,
+depending on the dtype and the instruction set: bench/spec_policy.py). The policy picks the
+k (0 .. the configured most) that maximises tokens per unit of cost: none where acceptance is
+poor (plain chat under n-gram lookup), the full count where it is high (edits that copy their
+prompt) and verification is cheap.
 
 The acceptance estimate is a decaying count of accepted and rejected proposals, starting from a
 neutral prior. A sequence whose estimate says "do not speculate" still probes with one proposal
@@ -19,9 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Marginal cost of one more verified token, relative to a one-token decode step: measured
-# with bench/spec_policy.py (a 0.5B model, batch 1, ~300 tokens of context)
-VERIFY_TOKEN_COST = {"cpu": 0.12, "cuda": 0.03}
 PRIOR_ACCEPTANCE = 0.5
 PRIOR_WEIGHT = 1.0  # the prior counts as this many proposals
 # per verification: about ten verifications of memory, so that a sequence that keeps failing

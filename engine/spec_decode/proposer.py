@@ -3,6 +3,9 @@ what the verifications accepted (the policy in policy.py sizes the next proposal
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 from collections.abc import Sequence as Sequences
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,7 +17,10 @@ from engine.scheduler import ScheduledRow
 from engine.sequence import Sequence
 from engine.spec_decode.draft_model import DraftModel, load_draft_model
 from engine.spec_decode.ngram import propose_ngram
-from engine.spec_decode.policy import VERIFY_TOKEN_COST, ProposalBudget
+from engine.spec_decode.policy import ProposalBudget
+
+logger = logging.getLogger(__name__)
+CALIBRATION_REPEATS = 3
 
 
 class Proposer(Protocol):
@@ -32,10 +38,9 @@ class _Drafting:
     costs real compute), each as many as the policy gives it. Constrained sequences
     (structured outputs) get none: their grammar advances only on committed tokens."""
 
-    def __init__(self, config: SpeculativeConfig, device_type: str) -> None:
+    def __init__(self, config: SpeculativeConfig, token_cost: float) -> None:
         self.config = config
-        self.budget = ProposalBudget(config.num_speculative_tokens,
-                                     VERIFY_TOKEN_COST.get(device_type, VERIFY_TOKEN_COST["cuda"]),
+        self.budget = ProposalBudget(config.num_speculative_tokens, token_cost,
                                      adaptive=config.adaptive)
 
     def select(self, running: Sequences[Sequence]) -> list[tuple[Sequence, int]]:
@@ -79,8 +84,8 @@ class DraftModelProposer(_Drafting):
     """A draft model's greedy proposals for each drafting sequence (see draft_model.py for
     why greedy keeps verification exact)."""
 
-    def __init__(self, config: SpeculativeConfig, device_type: str, draft: DraftModel) -> None:
-        super().__init__(config, device_type)
+    def __init__(self, config: SpeculativeConfig, token_cost: float, draft: DraftModel) -> None:
+        super().__init__(config, token_cost)
         self.draft = draft
 
     def propose(self, running: Sequences[Sequence]) -> None:
@@ -109,12 +114,37 @@ def build_proposer(config: EngineConfig, draft: LoadedModel | None,
     speculative = config.speculative
     if speculative is None:
         return None
-    device_type = target.device.type
+    if speculative.adaptive:
+        token_cost = verify_token_cost(target, speculative.num_speculative_tokens)
+        logger.info("speculative decoding (%s, up to %d tokens): verifying a token costs %.2f "
+                    "of a decode step here; proposals are sized to each sequence's acceptance",
+                    speculative.method, speculative.num_speculative_tokens, token_cost)
+    else:
+        token_cost = 0.0  # unused: every decoding sequence verifies the full count
+        logger.info("speculative decoding (%s): %d tokens proposed at every decode step",
+                    speculative.method, speculative.num_speculative_tokens)
     if speculative.method == "ngram":
-        return NgramProposer(speculative, device_type)
+        return NgramProposer(speculative, token_cost)
     assert speculative.method == "draft_model" and draft is not None, "load_draft comes first"
-    return DraftModelProposer(speculative, device_type, DraftModel(
+    return DraftModelProposer(speculative, token_cost, DraftModel(
         draft, config, target.num_blocks, target.vocab_size))
+
+
+def verify_token_cost(target: ModelRunner, num_speculative_tokens: int) -> float:
+    """The marginal cost of verifying one more token in a pass, as a fraction of a one-token
+    step: timed on the target's own runner (a pass of 1 + k tokens against a pass of one, on
+    scratch KV, median of a few), since it depends on the device, dtype and kernels at hand."""
+    def timed(num_tokens: int) -> float:
+        times = []
+        for _ in range(CALIBRATION_REPEATS):
+            start = time.perf_counter()
+            target.dummy_step(num_tokens, num_tokens).tolist()  # .tolist(): a device sync
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    timed(1 + num_speculative_tokens)  # warm-up
+    one, many = timed(1), timed(1 + num_speculative_tokens)
+    return max(0.0, (many - one) / (one * num_speculative_tokens))
 
 
 @dataclass(slots=True)
