@@ -174,10 +174,12 @@ class ModelRunner:
         return peak
 
     @torch.inference_mode()
-    def dummy_step(self, num_tokens: int, max_num_seqs: int) -> torch.Tensor:
+    def dummy_step(self, num_tokens: int, max_num_seqs: int,
+                   prompt_logprobs: bool = True) -> torch.Tensor:
         """The heaviest step shape: one prefill of num_tokens tokens (attention's worst case)
         whose last min(max_num_seqs, num_tokens) rows go through the LM head and the sampler
-        with top-k, top-p and penalties. Reads and writes one scratch block only."""
+        with top-k, top-p and penalties, and (`prompt_logprobs`) a slice of prompt logprobs.
+        Reads and writes one scratch block only."""
         scratch: KVCaches = [(torch.zeros(1, *self.kv_shape, dtype=self.dtype,
                                           device=self.device),
                               torch.zeros(1, *self.kv_shape, dtype=self.dtype,
@@ -195,10 +197,12 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         hidden_states = self.model(input_ids, positions, scratch, metadata)
-        # a slice of prompt logprobs: its [slice, vocab_size] logits may outweigh the sampler's
-        num_prompt_rows = min(PROMPT_LOGPROB_SLICE, num_tokens)
-        self._prompt_logprob_slice(hidden_states[:num_prompt_rows],
-                                   input_ids[:num_prompt_rows], MAX_LOGPROBS)
+        if prompt_logprobs:
+            # a slice of prompt logprobs: its [slice, vocab_size] logits may outweigh the
+            # sampler's
+            num_prompt_rows = min(PROMPT_LOGPROB_SLICE, num_tokens)
+            self._prompt_logprob_slice(hidden_states[:num_prompt_rows],
+                                       input_ids[:num_prompt_rows], MAX_LOGPROBS)
         num_rows = min(max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden_states[-num_rows:])
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.1,

@@ -128,7 +128,8 @@ class FakeModelRunner:
                 logprobs[request.sequence_id] = [fake_logprobs(t, num_top) for t in token_ids]
         return ModelRunnerOutput(sampled, logprobs)
 
-    def dummy_step(self, num_tokens: int, max_num_seqs: int) -> torch.Tensor:
+    def dummy_step(self, num_tokens: int, max_num_seqs: int,
+                   prompt_logprobs: bool = True) -> torch.Tensor:
         """What speculative decoding times at startup: here 2 ms, and a tenth of that more for
         each token past the first (as a small model on a fast device would cost)."""
         time.sleep(0.002 * (1 + 0.1 * (num_tokens - 1)))

@@ -38,9 +38,12 @@ class _Drafting:
     costs real compute), each as many as the policy gives it. Constrained sequences
     (structured outputs) get none: their grammar advances only on committed tokens."""
 
-    def __init__(self, config: SpeculativeConfig, token_cost: float) -> None:
+    def __init__(self, config: SpeculativeConfig, target: ModelRunner) -> None:
         self.config = config
-        self.budget = ProposalBudget(config.num_speculative_tokens, token_cost,
+        # the cost of a verified token is timed on the first step, on the thread that steps
+        # the engine: timing it during setup would start a second OpenMP team (runtime.py)
+        self._target: ModelRunner | None = target if config.adaptive else None
+        self.budget = ProposalBudget(config.num_speculative_tokens, 0.0,
                                      adaptive=config.adaptive)
 
     def select(self, running: Sequences[Sequence]) -> list[tuple[Sequence, int]]:
@@ -48,6 +51,14 @@ class _Drafting:
         those to propose for."""
         for sequence in running:
             sequence.spec_token_ids = []
+        if self._target is not None:
+            self.budget.token_cost = verify_token_cost(self._target,
+                                                       self.config.num_speculative_tokens)
+            self._target = None
+            logger.info("speculative decoding (%s, up to %d tokens): verifying a token costs "
+                        "%.2f of a decode step here; proposals are sized to each sequence's "
+                        "acceptance", self.config.method, self.config.num_speculative_tokens,
+                        self.budget.token_cost)
         self.budget.forget_all_but({sequence.sequence_id for sequence in running})
         limit = self.config.disable_by_batch_size
         if limit is not None and len(running) > limit:
@@ -84,8 +95,9 @@ class DraftModelProposer(_Drafting):
     """A draft model's greedy proposals for each drafting sequence (see draft_model.py for
     why greedy keeps verification exact)."""
 
-    def __init__(self, config: SpeculativeConfig, token_cost: float, draft: DraftModel) -> None:
-        super().__init__(config, token_cost)
+    def __init__(self, config: SpeculativeConfig, target: ModelRunner,
+                 draft: DraftModel) -> None:
+        super().__init__(config, target)
         self.draft = draft
 
     def propose(self, running: Sequences[Sequence]) -> None:
@@ -114,31 +126,27 @@ def build_proposer(config: EngineConfig, draft: LoadedModel | None,
     speculative = config.speculative
     if speculative is None:
         return None
-    if speculative.adaptive:
-        token_cost = verify_token_cost(target, speculative.num_speculative_tokens)
-        logger.info("speculative decoding (%s, up to %d tokens): verifying a token costs %.2f "
-                    "of a decode step here; proposals are sized to each sequence's acceptance",
-                    speculative.method, speculative.num_speculative_tokens, token_cost)
-    else:
-        token_cost = 0.0  # unused: every decoding sequence verifies the full count
+    if not speculative.adaptive:
         logger.info("speculative decoding (%s): %d tokens proposed at every decode step",
                     speculative.method, speculative.num_speculative_tokens)
     if speculative.method == "ngram":
-        return NgramProposer(speculative, token_cost)
+        return NgramProposer(speculative, target)
     assert speculative.method == "draft_model" and draft is not None, "load_draft comes first"
-    return DraftModelProposer(speculative, token_cost, DraftModel(
+    return DraftModelProposer(speculative, target, DraftModel(
         draft, config, target.num_blocks, target.vocab_size))
 
 
 def verify_token_cost(target: ModelRunner, num_speculative_tokens: int) -> float:
     """The marginal cost of verifying one more token in a pass, as a fraction of a one-token
     step: timed on the target's own runner (a pass of 1 + k tokens against a pass of one, on
-    scratch KV, median of a few), since it depends on the device, dtype and kernels at hand."""
+    scratch KV, median of a few; .tolist() syncs a device), since it depends on the device,
+    dtype and kernels at hand."""
     def timed(num_tokens: int) -> float:
         times = []
         for _ in range(CALIBRATION_REPEATS):
             start = time.perf_counter()
-            target.dummy_step(num_tokens, num_tokens).tolist()  # .tolist(): a device sync
+            # a verifying row: every position through the LM head and the sampler
+            target.dummy_step(num_tokens, num_tokens, prompt_logprobs=False).tolist()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

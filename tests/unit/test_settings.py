@@ -175,3 +175,36 @@ def test_log_format_flag_reaches_settings_and_json_lines_parse() -> None:
     log.warning("hello %s", "world")
     entry = json.loads(stream.getvalue())
     assert entry["message"] == "hello world" and entry["level"] == "WARNING"
+
+
+def test_speculative_config_from_a_flag_a_yaml_mapping_or_env(tmp_path: Path) -> None:
+    """vLLM's --speculative-config JSON; the same object as a YAML mapping or env JSON; the
+    engine gets it as its SpeculativeConfig."""
+    flag = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}'
+    from_flag = load_settings(_flags("--speculative-config", flag), None, {})
+    config = _write(tmp_path / "spec.yaml", "speculative_config:\n  method: ngram\n"
+                    "  num_speculative_tokens: 3\n  prompt_lookup_max: 3\n")
+    from_yaml = load_settings({}, config, {})
+    from_env = load_settings({}, None, {"PAGEDSERVE_SPECULATIVE_CONFIG": flag})
+    for settings in (from_flag, from_yaml, from_env):
+        engine = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
+        assert engine.speculative is not None
+        assert (engine.speculative.method, engine.speculative.num_speculative_tokens,
+                engine.speculative.prompt_lookup_min, engine.speculative.prompt_lookup_max) == (
+            "ngram", 3, 2, 3)
+    draft = load_settings(_flags("--speculative-config", '{"model": "/d"}'), None, {})
+    assert EngineConfig.from_kwargs(None, **draft.engine_kwargs()).speculative.method == (
+        "draft_model")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("{not json", "not valid JSON"),
+    ('["ngram"]', "must be an object"),
+    ('{"method": "ngram", "lookahead": 3}', "unknown keys ['lookahead']"),
+    ('{"method": "medusa"}', "method must be one of"),
+    ('{"method": "ngram", "num_speculative_tokens": 0}', "num_speculative_tokens"),
+])
+def test_bad_speculative_config_fails_at_startup(value: str, needle: str) -> None:
+    with pytest.raises(SettingsError, match="speculative_config") as info:
+        load_settings(_flags("--speculative-config", value), None, {})
+    assert needle in str(info.value)
