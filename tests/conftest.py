@@ -38,3 +38,18 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_model_dirs: dict[str, Path]) -> Path:
     return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The embedded default model's converted directory; skipped where it is not installed,
+    except in CI, which installs it."""
+    from engine.default_model import ensure_default_model
+    from engine.errors import UnsupportedModelError
+
+    try:
+        return ensure_default_model()
+    except UnsupportedModelError as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"default model not installed: {error}")

@@ -3,7 +3,6 @@ tokens as transformers on chat prompts, fp32."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,6 @@ PROMPTS = [
     "用中文简单介绍一下快速排序，并加一个表情符号。",
 ]
 NUM_TOKENS = 32
-
-
-@pytest.fixture(scope="module")
-def default_model_dir() -> Path:
-    from engine.default_model import ensure_default_model
-    from engine.errors import UnsupportedModelError
-
-    try:
-        return ensure_default_model()
-    except UnsupportedModelError as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"default model not installed: {error}")
 
 
 def test_greedy_matches_transformers(default_model_dir: Path) -> None:

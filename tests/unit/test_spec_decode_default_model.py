@@ -5,7 +5,6 @@ prompts where they are mostly rejected."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -30,19 +29,6 @@ PROMPTS = [
 NUM_TOKENS = 32
 # every decoding row verifies the full count, whatever its acceptance
 ALWAYS = {"disable_by_batch_size": None, "adaptive": False}
-
-
-@pytest.fixture(scope="module")
-def default_model_dir() -> Path:
-    from engine.default_model import ensure_default_model
-    from engine.errors import UnsupportedModelError
-
-    try:
-        return ensure_default_model()
-    except UnsupportedModelError as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"default model not installed: {error}")
 
 
 def _generate(model_dir: Path, speculative_config: dict[str, object] | None
