@@ -351,9 +351,12 @@ class ModelRunner:
         matchers: list[GrammarMatcher | None] = []
         for row in rows:
             sequence = row.sequence
-            assert sequence.grammar is None or not row.spec_token_ids, "constrained rows verify"
+            assert sequence.grammar is None or not row.spec_token_ids, (
+                "a constrained row verified proposals")
+            output_token_ids = sequence.output_token_ids  # a copy: one per row, not per sample
             for num_accepted in range(1 + len(row.spec_token_ids)):
-                output = sequence.output_token_ids + list(row.spec_token_ids[:num_accepted])
+                output = (output_token_ids + list(row.spec_token_ids[:num_accepted])
+                          if num_accepted else output_token_ids)
                 params.append(sequence.sampling_params)
                 prompts.append(sequence.prompt_token_ids)
                 outputs.append(output)

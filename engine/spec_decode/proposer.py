@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as Sequences
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,10 +48,8 @@ class _Drafting:
                                      adaptive=config.adaptive)
 
     def select(self, running: Sequences[Sequence]) -> list[tuple[Sequence, int]]:
-        """Clear every running sequence's proposals; return (sequence, most proposals) for
-        those to propose for."""
-        for sequence in running:
-            sequence.spec_token_ids = []
+        """(sequence, most proposals) for the sequences to propose for. The others have none:
+        the scheduler takes every proposal off its sequence each step."""
         if self._target is not None:
             self.budget.token_cost = verify_token_cost(self._target,
                                                        self.config.num_speculative_tokens)
@@ -73,11 +72,8 @@ class _Drafting:
 
     def observe(self, rows: Sequences[ScheduledRow],
                 sampled_token_ids: dict[str, list[int]]) -> None:
-        for row in rows:
-            token_ids = sampled_token_ids.get(row.sequence.sequence_id)
-            if row.spec_token_ids and token_ids is not None:
-                self.budget.observe(row.sequence.sequence_id, len(row.spec_token_ids),
-                                    len(token_ids) - 1)
+        for row, num_accepted in verifications(rows, sampled_token_ids):
+            self.budget.observe(row.sequence.sequence_id, len(row.spec_token_ids), num_accepted)
 
 
 class NgramProposer(_Drafting):
@@ -170,11 +166,7 @@ class SpecDecodeStats:
                 sampled_token_ids: dict[str, list[int]]) -> SpecDecodeStats:
         """From the step's plan and the runner's tokens (before stops cut them)."""
         stats = cls()
-        for row in rows:
-            token_ids = sampled_token_ids.get(row.sequence.sequence_id)
-            if not row.spec_token_ids or token_ids is None:
-                continue  # no proposals, or a pass that failed
-            num_accepted = len(token_ids) - 1
+        for row, num_accepted in verifications(rows, sampled_token_ids):
             stats.num_drafts += 1
             stats.num_draft_tokens += len(row.spec_token_ids)
             stats.num_accepted_tokens += num_accepted
@@ -184,3 +176,13 @@ class SpecDecodeStats:
             for position in range(num_accepted):
                 stats.accepted_per_position[position] += 1
         return stats
+
+
+def verifications(rows: Sequences[ScheduledRow],
+                  sampled_token_ids: dict[str, list[int]]) -> Iterator[tuple[ScheduledRow, int]]:
+    """(row, proposals accepted) for each row that verified proposals in a pass that
+    succeeded, from the runner's tokens before stops cut them: the accepted ones plus one."""
+    for row in rows:
+        token_ids = sampled_token_ids.get(row.sequence.sequence_id)
+        if row.spec_token_ids and token_ids is not None:
+            yield row, len(token_ids) - 1
