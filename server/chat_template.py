@@ -124,7 +124,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[C
     if reserved:
         raise ApiError(400, f"chat_template_kwargs may not set {reserved}",
                        param="chat_template_kwargs")
-    if options.continue_final_message and not messages[-1].content:
+    if options.continue_final_message and not (messages and messages[-1].content):
         raise ApiError(400, "continue_final_message needs a last message with content to "
                        "continue", param="continue_final_message")
     if options.documents is not None:

@@ -78,6 +78,8 @@ CASES = [
          code="invalid_api_key"),
     Case("wrong key on tokenize", 401, path="/tokenize", body={"prompt": "x"},
          headers={"Authorization": "Bearer nope"}),
+    Case("tokenize nothing to continue", 400, path="/tokenize",
+         body={"messages": [], "continue_final_message": True}, param="continue_final_message"),
     Case("body too large", 413, body=b"x" * (MAX_BODY_BYTES + 1), code="request_too_large"),
     Case("unknown route", 404, path="/v1/nothing", body=chat()),
     Case("wrong method", 405, method="GET"),
