@@ -19,6 +19,7 @@ from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.kernels import w8a8
 from engine.kernels.native import native_library
 from engine.layers.linear import Linear, can_prepack
+from engine.layers.rotary import rope_settings
 from engine.model_source import resolve_model_dir
 from engine.models import CausalLM, get_model_class
 from engine.runtime import (
@@ -50,10 +51,11 @@ class LoadedModel:
     @property
     def max_positions(self) -> int:
         """The positions the checkpoint has (its context limit); 2048 when its config names
-        none."""
+        none. linear/dynamic/yarn RoPE scaling stretches it (as vLLM derives the length)."""
         config = self.hf_config
-        return int(getattr(config, "max_position_embeddings", None)
-                   or getattr(config, "n_positions", None) or 2048)
+        configured = int(getattr(config, "max_position_embeddings", None)
+                         or getattr(config, "n_positions", None) or 2048)
+        return max(configured, rope_settings(config).scaled_max_position)
 
 
 def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pickle: bool = False,

@@ -214,9 +214,10 @@ def test_llama3_inverse_frequencies_match_transformers() -> None:
 
 
 def test_unsupported_rope_type_is_rejected() -> None:
-    config = build_config("llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
-                                                    "factor": 4.0})
-    with pytest.raises(UnsupportedModelError, match="yarn"):
+    config = build_config("llama", rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 32,
+        "short_factor": [1.0] * 8, "long_factor": [2.0] * 8})
+    with pytest.raises(UnsupportedModelError, match="longrope"):
         rope_settings(config)
 
 
