@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -12,7 +12,8 @@ import torch
 class DecodePlan:
     """Where the decode rows (one query token each) of one step find their context, for a
     backend that plans on the host (the torch reference): built once per step, shared by
-    every layer."""
+    every layer. A layer with a sliding window that cuts some context reads a windowed copy
+    (`windowed`), derived from this plan by the first such layer of the step."""
 
     block_size: int  # of the cache it indexes
     num_kv_heads: int
@@ -22,6 +23,9 @@ class DecodePlan:
     max_len: int
     block_tables: torch.Tensor  # [num_decode, width] int32, contiguous (the native kernel)
     lens: torch.Tensor  # [num_decode] int32
+    max_seq_len: int  # the longest context, unpadded: whether a window cuts any context
+    # sliding window -> this plan over each context's last `window` positions only
+    windowed: dict[int, DecodePlan] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -57,7 +61,10 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     """Writes the new tokens' K/V into the paged cache, then attends over each sequence's
-    whole context with causal masking. Implementations: torch reference (CPU), CUDA."""
+    whole context with causal masking, or, for a layer with a sliding window, over the last
+    `sliding_window` positions up to each query, itself included: query position i sees keys
+    (i - sliding_window, i], transformers' rule. The cache always keeps every token.
+    Implementations: torch reference (CPU), CUDA."""
 
     def plan_decode(self, metadata: AttentionMetadata,
                     k_cache: torch.Tensor) -> DecodePlan | None:
@@ -74,5 +81,6 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,  # None: full causal attention
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...

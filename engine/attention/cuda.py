@@ -19,8 +19,8 @@ _INTERPRETER_NUM_SMS = 4  # stands in for the SM count when kernels run on the C
 class CudaAttentionBackend:
     """Writes the new K/V into the paged cache with one kernel, then attends with the decode
     kernel when every sequence has one query token, else with the varlen prefill kernel
-    (which also serves the decode rows of a mixed batch). Decode splits the context across
-    programs when the batch alone would leave SMs idle."""
+    (which also serves the decode rows of a mixed batch); both take a layer's sliding window.
+    Decode splits the context across programs when the batch alone would leave SMs idle."""
 
     def __init__(self, num_decode_splits: int | None = None) -> None:
         self.num_decode_splits = num_decode_splits  # None: chosen per step from the shapes
@@ -46,19 +46,22 @@ class CudaAttentionBackend:
         v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         if not kernels_apply(query, k_cache):
             self._warn_fallback(query, k_cache)
-            return self.fallback.forward(query, key, value, k_cache, v_cache, metadata, scale)
+            return self.fallback.forward(query, key, value, k_cache, v_cache, metadata, scale,
+                                         sliding_window)
         kernels.reshape_and_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
         if metadata.is_decode_only:
-            num_splits = self.num_decode_splits or self._decode_splits(query, k_cache, metadata)
+            num_splits = self.num_decode_splits or self._decode_splits(query, k_cache, metadata,
+                                                                       sliding_window)
             return kernels.paged_decode_attention(query, k_cache, v_cache,
                                                   metadata.block_tables, metadata.seq_lens,
-                                                  scale, num_splits)
+                                                  scale, num_splits, sliding_window)
         return kernels.paged_prefill_attention(query, k_cache, v_cache, metadata.block_tables,
                                                metadata.cu_seqlens_q, metadata.seq_lens,
-                                               metadata.max_seqlen_q, scale)
+                                               metadata.max_seqlen_q, scale, sliding_window)
 
     @staticmethod
     def covers(dtype: torch.dtype, head_dim: int) -> bool:
@@ -68,10 +71,12 @@ class CudaAttentionBackend:
         return dtype in kernels.SUPPORTED_DTYPES and head_dim <= kernels.MAX_HEAD_DIM
 
     def _decode_splits(self, query: torch.Tensor, k_cache: torch.Tensor,
-                       metadata: AttentionMetadata) -> int:
-        # host ints only (max_seqlen_k, shapes): choosing the grid must not sync the device
-        return kernels.default_num_splits(metadata.num_seqs, k_cache.shape[2],
-                                          metadata.max_seqlen_k, self._sm_count(query.device))
+                       metadata: AttentionMetadata, sliding_window: int | None) -> int:
+        # host ints only (max_seqlen_k, shapes): choosing the grid must not sync the device.
+        # A window bounds the keys one query reads, so the splits are sized to it
+        max_len = min(metadata.max_seqlen_k, sliding_window or metadata.max_seqlen_k)
+        return kernels.default_num_splits(metadata.num_seqs, k_cache.shape[2], max_len,
+                                          self._sm_count(query.device))
 
     def _sm_count(self, device: torch.device) -> int:
         if device.type != "cuda":

@@ -3,6 +3,8 @@ plain torch. Correct everywhere and the CPU fast path; the CUDA backends are che
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +59,7 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
     so one index_select yields K (or V) as [num_decode, num_kv_heads, max_len, head_dim]."""
     device = metadata.block_tables.device
     seq_lens = [metadata.seq_lens_cpu[i] for i in seq_ids]
-    max_len = -(-max(seq_lens) // CONTEXT_BUCKET) * CONTEXT_BUCKET
+    max_len = _bucketed(max(seq_lens))
     is_all = len(seq_ids) == metadata.num_seqs
     ids = None if is_all else torch.tensor(seq_ids, device=device)
     tables = metadata.block_tables if ids is None else metadata.block_tables[ids]
@@ -65,8 +67,6 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
     # past a table's end (bucket padding) read its last entry: any valid block, masked anyway
     block_index = (positions // block_size).clamp_(max=tables.shape[1] - 1)
     slots = tables[:, block_index].long() * block_size + positions % block_size
-    heads = torch.arange(num_kv_heads, device=device)
-    cache_rows = (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     is_padding = (positions[None, :] >= lens[:, None])[:, None, None, :]  # [seqs, 1, 1, len]
     rows = None
@@ -75,16 +75,49 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
         for query_len in metadata.query_lens_cpu:
             starts.append(starts[-1] + query_len)
         rows = torch.tensor([starts[i] for i in seq_ids], device=device)
-    return DecodePlan(block_size, num_kv_heads, rows, cache_rows, is_padding, max_len,
-                      tables.to(torch.int32).contiguous(), lens)
+    return DecodePlan(block_size, num_kv_heads, rows, _cache_rows(slots, num_kv_heads),
+                      is_padding, max_len, tables.to(torch.int32).contiguous(), lens,
+                      max(seq_lens))
+
+
+def windowed_plan(plan: DecodePlan, window: int) -> DecodePlan:
+    """`plan` over each context's last `window` positions, [max(0, len - window), len), the
+    keys a sliding-window layer's query (at position len - 1) sees. Built once per step and
+    window, by the first layer that needs it. Its block_tables and lens still describe the
+    whole contexts: it is for the batched-matmul path only, never the native kernel."""
+    if window not in plan.windowed:
+        device = plan.lens.device
+        max_len = _bucketed(min(plan.max_seq_len, window))
+        first = (plan.lens.long() - window).clamp_(min=0)  # [num_decode]
+        positions = first[:, None] + torch.arange(max_len, device=device)  # [num_decode, len]
+        tables = plan.block_tables
+        block_index = (positions // plan.block_size).clamp_(max=tables.shape[1] - 1)
+        slots = (tables.gather(1, block_index).long() * plan.block_size
+                 + positions % plan.block_size)
+        is_padding = (positions >= plan.lens[:, None])[:, None, None, :]  # [seqs, 1, 1, len]
+        plan.windowed[window] = replace(
+            plan, cache_rows=_cache_rows(slots, plan.num_kv_heads), is_padding=is_padding,
+            max_len=max_len, max_seq_len=min(plan.max_seq_len, window), windowed={})
+    return plan.windowed[window]
+
+
+def _bucketed(length: int) -> int:
+    return -(-length // CONTEXT_BUCKET) * CONTEXT_BUCKET
+
+
+def _cache_rows(slots: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """slots [num_decode, len] -> rows of cache.view(-1, head_dim), [seq, kv_head, position]."""
+    heads = torch.arange(num_kv_heads, device=slots.device)
+    return (slots[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
 
 
 class TorchAttentionBackend:
     """Writes the new K/V into the paged cache, then attends causally over each sequence's
-    whole context. Decode rows (one query token) of all sequences are batched together over a
-    context gathered once per layer; sequences with several query tokens (prefill chunks) get
-    one SDPA call each. One instance serves every layer and keeps nothing between calls: the
-    decode rows' plan comes in the metadata, built once per step with it."""
+    whole context (a sliding-window layer: over the window of it). Decode rows (one query
+    token) of all sequences are batched together over a context gathered once per layer;
+    sequences with several query tokens (prefill chunks) get one SDPA call each. One instance
+    serves every layer and keeps nothing between calls: the decode rows' plan comes in the
+    metadata, built once per step with it."""
 
     def plan_decode(self, metadata: AttentionMetadata,
                     k_cache: torch.Tensor) -> DecodePlan | None:
@@ -99,17 +132,20 @@ class TorchAttentionBackend:
         v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
         plan = self._step_plan(metadata, k_cache)
         if metadata.is_decode_only:
             assert plan is not None
-            return decode_attention(query, k_cache, v_cache, plan, scale)
+            return decode_attention(query, k_cache, v_cache, plan, scale, sliding_window)
         out = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
         if plan is not None:  # some sequences decode: their rows of a mixed batch
             assert plan.rows is not None
-            out[plan.rows] = decode_attention(query[plan.rows], k_cache, v_cache, plan, scale)
-        _prefill_chunks(query, key, value, k_cache, v_cache, metadata, scale, out)
+            out[plan.rows] = decode_attention(query[plan.rows], k_cache, v_cache, plan, scale,
+                                              sliding_window)
+        _prefill_chunks(query, key, value, k_cache, v_cache, metadata, scale, sliding_window,
+                        out)
         return out
 
     def _step_plan(self, metadata: AttentionMetadata,
@@ -122,11 +158,19 @@ class TorchAttentionBackend:
 
 
 def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     plan: DecodePlan, scale: float) -> torch.Tensor:
+                     plan: DecodePlan, scale: float,
+                     sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence (query [num_seqs, num_heads, head_dim]) attending to its
-    whole context, which ends at that token, so only padding needs masking. Numerics follow
-    transformers' eager attention: scores in the model dtype, softmax in float32. bf16 on a
-    CPU with the native kernels: one call per layer; otherwise batched matmuls."""
+    whole context (or its last sliding_window tokens), which ends at that token, so only
+    padding needs masking. Numerics follow transformers' eager attention: scores in the model
+    dtype, softmax in float32. bf16 on a CPU with the native kernels: one call per layer;
+    otherwise batched matmuls."""
+    if sliding_window is not None and plan.max_seq_len > sliding_window:
+        # the native kernel attends over [0, len) and takes no window (not changed blind: it
+        # needs AVX-512 to test), so a window that cuts some context takes the matmul path,
+        # over a gather of the windows alone
+        return decode_attention_matmul(query, k_cache, v_cache,
+                                       windowed_plan(plan, sliding_window), scale)
     if query.dtype == torch.bfloat16 and takes_bf16(k_cache, v_cache):
         return decode_attention_native(query, k_cache, v_cache, plan, scale)
     return decode_attention_matmul(query, k_cache, v_cache, plan, scale)
@@ -173,7 +217,7 @@ def decode_attention_native(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
 
 def _prefill_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, metadata: AttentionMetadata,
-                    scale: float, out: torch.Tensor) -> None:
+                    scale: float, sliding_window: int | None, out: torch.Tensor) -> None:
     """Attention for every sequence with several query tokens, one SDPA call each, into out."""
     start = 0
     for i, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu,
@@ -182,17 +226,22 @@ def _prefill_chunks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             rows = slice(start, start + query_len)
             out[rows] = _prefill_attention(query[rows], key[rows], value[rows], k_cache,
                                            v_cache, metadata.block_tables[i : i + 1], seq_len,
-                                           scale)
+                                           scale, sliding_window)
         start += query_len
 
 
 def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                       seq_len: int, scale: float) -> torch.Tensor:
+                       seq_len: int, scale: float,
+                       sliding_window: int | None = None) -> torch.Tensor:
     """One sequence's query_len new tokens, the last ones of its seq_len-token context: query
-    i sits at absolute position seq_len - query_len + i and sees keys [0, that position]."""
+    i sits at absolute position p = seq_len - query_len + i and sees keys [0, p], or with a
+    sliding window (p - sliding_window, p]."""
     query_len = query.shape[0]
-    if query_len == seq_len:  # nothing cached: the fresh K/V are the whole context
+    if sliding_window is not None and sliding_window < seq_len:
+        keys, values, mask = _windowed_context(key, value, k_cache, v_cache, block_table,
+                                               seq_len, sliding_window)
+    elif query_len == seq_len:  # nothing cached: the fresh K/V are the whole context
         keys, values, mask = key, value, None
     else:
         keys = gather_context(k_cache, block_table, seq_len)[0]  # [seq_len, kv_heads, dim]
@@ -206,3 +255,25 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         enable_gqa=query.shape[1] != keys.shape[1],
     )  # [1, num_heads, query_len, head_dim]
     return out[0].transpose(0, 1)
+
+
+def _windowed_context(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                      window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values and mask [query_len, seq_len - first] of a sliding-window chunk: only
+    positions [first, seq_len) are read, `first` the oldest key its first query sees."""
+    query_len = key.shape[0]
+    num_cached = seq_len - query_len
+    first = max(0, num_cached - window + 1)
+    if num_cached == 0:  # nothing cached: the fresh K/V are the whole context
+        keys, values = key, value
+    else:  # from the block holding `first` on
+        skip = first // k_cache.shape[1]
+        offset, length = first - skip * k_cache.shape[1], seq_len - skip * k_cache.shape[1]
+        keys = gather_context(k_cache, block_table[:, skip:], length)[0, offset:]
+        values = gather_context(v_cache, block_table[:, skip:], length)[0, offset:]
+    # query i (position num_cached + i) sees key j (position first + j) when
+    # num_cached + i - window < first + j <= num_cached + i
+    mask = torch.ones(query_len, seq_len - first, dtype=torch.bool, device=key.device)
+    diagonal = num_cached - first
+    return keys, values, mask.tril(diagonal).triu(diagonal - window + 1)

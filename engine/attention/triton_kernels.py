@@ -1,6 +1,8 @@
 """Triton kernels of the CUDA attention backend: K/V writes into the paged cache, varlen
 prefill over the paged cache, and split-K paged decode. Every kernel reads K/V through the
-block tables, so cached prefix blocks and freshly written tokens are the same to it.
+block tables, so cached prefix blocks and freshly written tokens are the same to it. A
+sliding window is a compile-time flag (full-attention layers run the same code as without
+it) plus the window itself; the kernels then skip the key tiles outside every window.
 
 Under TRITON_INTERPRET=1 (set before this module is imported) the kernels run on CPU tensors,
 which is how CI checks them against the reference backend.
@@ -126,12 +128,12 @@ def _load_kv_tile(cache_ptr, block_table_ptr, offs_n, n_valid, offs_d, d_valid, 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
-    qk_scale,
+    qk_scale, window,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_bt,
     block_size, head_dim, num_queries_per_kv,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -158,25 +160,40 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # keys past this tile's last query are causally masked for all its rows: stop there
     end = tl.minimum(seq_len, num_cached + (m_block + 1) * BLOCK_M)
-    for start_n in range(0, end, BLOCK_N):
+    if IS_SLIDING:
+        # and keys before its first query's window are outside every row's: start there
+        start = tl.maximum(num_cached + m_block * BLOCK_M - window + 1, 0)
+        start = start // BLOCK_N * BLOCK_N
+    else:
+        start = 0
+    for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < end
         k = _load_kv_tile(k_cache_ptr, block_table_ptr, offs_n, n_valid, offs_d, d_valid,
                           kv_head, block_size, stride_cb, stride_cs, stride_ch, stride_cd,
                           TRANSPOSE=True)  # [BLOCK_D, BLOCK_N]
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
-        # key 0 is visible to every row, so each row's running max is finite after tile 0
         is_visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        if IS_SLIDING:
+            is_visible = is_visible & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(is_visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        # full attention: key 0 is visible to every row, so each row's running max is finite
+        # after tile 0. A window may begin past this tile for some row, which has then seen
+        # only -inf, and exp2(-inf - -inf) is NaN: it subtracts a finite stand-in (p and alpha
+        # are 0 for it) while its running max stays -inf, so later tiles never see the stand-in
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new) if IS_SLIDING else m_new
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
         v = _load_kv_tile(v_cache_ptr, block_table_ptr, offs_n, n_valid, offs_d, d_valid,
                           kv_head, block_size, stride_cb, stride_cs, stride_ch, stride_cd,
                           TRANSPOSE=False)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
+    if IS_SLIDING:
+        # rows past query_len (never stored) may have seen no key: keep them out of 0/0
+        l_i = tl.maximum(l_i, 1e-30)
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head * stride_oh
              + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
@@ -185,11 +202,12 @@ def _prefill_kernel(
 
 def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                            seq_lens: torch.Tensor, max_seqlen_q: int,
-                            scale: float) -> torch.Tensor:
+                            seq_lens: torch.Tensor, max_seqlen_q: int, scale: float,
+                            sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens (query [num_tokens, num_heads,
     head_dim], rows split by cu_seqlens_q) over its whole context in the paged cache, which
-    must already hold the new tokens' K/V. Any mix of query lengths, decode rows included."""
+    must already hold the new tokens' K/V; with a sliding window, query position p over keys
+    (p - sliding_window, p]. Any mix of query lengths, decode rows included."""
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
     out = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
@@ -199,11 +217,11 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     grid = (triton.cdiv(max_seqlen_q, tiles.block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E,
-        *query.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
-        k_cache.shape[1], head_dim, num_heads // k_cache.shape[2],
+        sliding_window or 0, *query.stride(), *out.stride(), *k_cache.stride(),
+        block_tables.stride(0), k_cache.shape[1], head_dim, num_heads // k_cache.shape[2],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_d(head_dim),
-        PRECISION=_dot_precision(query.dtype), num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        PRECISION=_dot_precision(query.dtype), IS_SLIDING=sliding_window is not None,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
@@ -214,22 +232,24 @@ def paged_prefill_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    block_tables_ptr, seq_lens_ptr, qk_scale,
+    block_tables_ptr, seq_lens_ptr, qk_scale, window,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd, stride_bt,
     block_size, head_dim, num_heads, num_queries_per_kv,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):
     """One program: one sequence, the query heads of one KV head (read once for all of them),
-    one of NUM_SPLITS contiguous slices of the context."""
+    one of NUM_SPLITS contiguous slices of the context (with a sliding window, of its last
+    `window` positions: the query, at seq_len - 1, sees nothing before them)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
+    first = tl.maximum(seq_len - window, 0) if IS_SLIDING else 0
     # slices are sized per sequence from seq_lens, so the grid never depends on the lengths
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -324,9 +344,11 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           num_splits: int = 1) -> torch.Tensor:
+                           num_splits: int = 1,
+                           sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence (query [num_seqs, num_heads, head_dim]) attending to its
-    whole context (seq_lens[i] tokens through block_tables[i]). The grid depends only on
+    whole context (seq_lens[i] tokens through block_tables[i]), or to its last
+    sliding_window tokens. The grid depends only on
     the shapes and num_splits, never on the lengths, so a CUDA graph can capture it; a
     sequence of length 0 (a padding row) yields zeros."""
     num_seqs, num_heads, head_dim = query.shape
@@ -341,12 +363,12 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     num_queries_per_kv = num_heads // num_kv_heads
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, out, part_acc, part_max, part_sum, block_tables, seq_lens,
-        scale * _LOG2E, *query.stride(), *out.stride(), *k_cache.stride(),
+        scale * _LOG2E, sliding_window or 0, *query.stride(), *out.stride(), *k_cache.stride(),
         block_tables.stride(0), k_cache.shape[1], head_dim, num_heads, num_queries_per_kv,
         BLOCK_G=max(tiles.block_m, triton.next_power_of_2(num_queries_per_kv)),
         BLOCK_N=tiles.block_n, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-        PRECISION=_dot_precision(query.dtype), num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        PRECISION=_dot_precision(query.dtype), IS_SLIDING=sliding_window is not None,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

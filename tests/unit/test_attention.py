@@ -1,5 +1,6 @@
 """The torch reference attention backend against naive float64 causal attention per sequence:
-mixed prefill + decode batches, GQA/MQA, shuffled block tables, cached prefixes."""
+mixed prefill + decode batches, GQA/MQA, shuffled block tables, cached prefixes, sliding
+windows."""
 
 from __future__ import annotations
 
@@ -55,16 +56,20 @@ def make_sequences(shapes: Sequence[tuple[int, int]], num_heads: int, num_kv_hea
     return seqs, sum(needs) + 4
 
 
-def naive_attention(seq: SeqData, scale: float) -> torch.Tensor:
-    """softmax(QK^T * scale) V in float64; query i at position num_cached + i sees keys
-    [0, num_cached + i]."""
+def naive_attention(seq: SeqData, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """softmax(QK^T * scale) V in float64; query i at position p = num_cached + i sees keys
+    [0, p], or (p - sliding_window, p]."""
     num_heads, num_kv_heads = seq.queries.shape[1], seq.keys.shape[1]
     group = num_heads // num_kv_heads
     keys = seq.keys.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
     values = seq.values.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", seq.queries, keys) * scale
     query_pos = torch.arange(seq.num_cached, seq.seq_len)[:, None]
-    scores = scores.masked_fill(torch.arange(seq.seq_len)[None, :] > query_pos, float("-inf"))
+    key_pos = torch.arange(seq.seq_len)[None, :]
+    is_hidden = key_pos > query_pos
+    if sliding_window is not None:
+        is_hidden |= key_pos <= query_pos - sliding_window
+    scores = scores.masked_fill(is_hidden, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), values)
 
 
@@ -83,7 +88,8 @@ def build_metadata(seqs: Sequence[SeqData], block_size: int) -> AttentionMetadat
 
 
 def run_backend(seqs: list[SeqData], num_blocks: int, block_size: int, scale: float,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+                dtype: torch.dtype = torch.float32,
+                sliding_window: int | None = None) -> tuple[torch.Tensor, ...]:
     """Fill a garbage cache with each prefix's K/V, run one step of the new tokens."""
     num_kv_heads = seqs[0].keys.shape[1]
     shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
@@ -99,7 +105,8 @@ def run_backend(seqs: list[SeqData], num_blocks: int, block_size: int, scale: fl
     key = torch.cat([seq.keys[s] for seq, s in zip(seqs, new, strict=True)]).to(dtype)
     value = torch.cat([seq.values[s] for seq, s in zip(seqs, new, strict=True)]).to(dtype)
     out = get_attention_backend(torch.device("cpu")).forward(
-        query, key, value, k_cache, v_cache, build_metadata(seqs, block_size), scale)
+        query, key, value, k_cache, v_cache, build_metadata(seqs, block_size), scale,
+        sliding_window=sliding_window)
     return out, k_cache, v_cache
 
 
@@ -163,3 +170,70 @@ def test_bfloat16_caches_and_inputs() -> None:
 
 def test_cpu_gets_the_reference_backend() -> None:
     assert isinstance(get_attention_backend(torch.device("cpu")), TorchAttentionBackend)
+
+
+# sliding windows: contexts well past the window, prefixes cached up to block boundaries and
+# not, chunks that start inside and outside the first window, decode rows short and long
+WINDOWED = {
+    "mixed": [(0, 30), (21, 9), (40, 1), (5, 1), (16, 16), (33, 3), (0, 1), (70, 1)],
+    "decode-only": [(c, 1) for c in (3, 90, 11, 12, 47, 130)],
+    "one-prefill": [(0, 61)],
+    "chunks": [(20, 20), (40, 20), (60, 5)],  # one prompt's chunked prefill, step by step
+}
+
+
+@pytest.mark.parametrize("shapes", list(WINDOWED), ids=list(WINDOWED))
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (6, 2), (4, 1)],
+                         ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize(("block_size", "window"), [(4, 12), (16, 16), (8, 1), (1, 33)])
+def test_sliding_window_matches_naive_attention(shapes: str, num_heads: int, num_kv_heads: int,
+                                                block_size: int, window: int) -> None:
+    seqs, num_blocks = make_sequences(WINDOWED[shapes], num_heads, num_kv_heads, block_size,
+                                      seed=window)
+    scale = HEAD_DIM**-0.5
+    out, _, _ = run_backend(seqs, num_blocks, block_size, scale, sliding_window=window)
+    expected = torch.cat([naive_attention(seq, scale, window) for seq in seqs])
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    full = torch.cat([naive_attention(seq, scale) for seq in seqs])
+    assert (out.double() - full).abs().max().item() > 1e-2  # the window did cut something
+
+
+def test_a_window_no_context_reaches_is_full_attention() -> None:
+    seqs, num_blocks = make_sequences(MIXED, 6, 2, block_size=4, seed=11)
+    out, _, _ = run_backend(seqs, num_blocks, 4, scale=0.3, sliding_window=32)  # seq_len <= 32
+    expected = torch.cat([naive_attention(seq, 0.3) for seq in seqs])
+    assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+def test_layers_with_different_windows_share_one_step_plan() -> None:
+    """The model runner plans a step once for every layer: full-attention layers and layers
+    with different windows all read that plan, each getting its own attention."""
+    shapes = [(c, 1) for c in (50, 7, 33, 90)] + [(12, 9)]
+    seqs, num_blocks = make_sequences(shapes, 6, 3, block_size=8, seed=12)
+    backend = TorchAttentionBackend()
+    metadata = build_metadata(seqs, 8)
+    k_cache, v_cache = torch.randn(num_blocks, 8, 3, HEAD_DIM), torch.randn(num_blocks, 8, 3,
+                                                                            HEAD_DIM)
+    metadata.decode_plan = backend.plan_decode(metadata, k_cache)
+    for seq in seqs:
+        for position in range(seq.seq_len):
+            block, offset = divmod(seq.slot(position, 8), 8)
+            k_cache[block, offset] = seq.keys[position]
+            v_cache[block, offset] = seq.values[position]
+    query = torch.cat([seq.queries for seq in seqs]).float()
+    new = [(seq.keys[seq.num_cached:], seq.values[seq.num_cached:]) for seq in seqs]
+    key, value = (torch.cat([kv[i] for kv in new]).float() for i in (0, 1))
+    for window in (None, 20, 5, None, 20):
+        out = backend.forward(query, key, value, k_cache, v_cache, metadata, 0.3, window)
+        expected = torch.cat([naive_attention(seq, 0.3, window) for seq in seqs])
+        assert (out.double() - expected).abs().max().item() < 1e-5
+    assert metadata.decode_plan is not None and sorted(metadata.decode_plan.windowed) == [5, 20]
+
+
+def test_windowed_bfloat16_decode() -> None:
+    # bf16 on CPU would take the native kernel, which has no window: a cut context must not
+    seqs, num_blocks = make_sequences([(c, 1) for c in (40, 3, 66)], 4, 2, block_size=8, seed=13)
+    out, _, _ = run_backend(seqs, num_blocks, 8, scale=0.4, dtype=torch.bfloat16,
+                            sliding_window=10)
+    expected = torch.cat([naive_attention(seq, 0.4, 10) for seq in seqs])
+    assert (out.double() - expected).abs().max().item() < 5e-2
