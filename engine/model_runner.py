@@ -137,6 +137,10 @@ class ModelRunner:
             self.decode_graphs.capture()
 
     def _graphs_supported(self, head_dim: int) -> bool:
+        if not self.model.graph_capturable:
+            logger.warning("decode runs eagerly: %s steps cannot be captured in CUDA graphs",
+                           type(self.model).__name__)
+            return False
         covers = getattr(self.model.attn_backend, "covers", None)
         if covers is not None and covers(self.dtype, head_dim):
             return True

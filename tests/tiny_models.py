@@ -9,7 +9,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+DENSE_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 VOCAB_SIZE = 512
 
 CHAT_TEMPLATE = (
@@ -63,9 +65,19 @@ def build_config(arch: str, **overrides: object) -> transformers.PretrainedConfi
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, **common,
     )
     klass = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-             "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[arch]
-    if arch == "qwen3":
+             "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+             "mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
+             "qwen3_moe": transformers.Qwen3MoeConfig}[arch]
+    if arch in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = 16
+    if arch == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":  # layer 1 dense: Qwen2-MoE mixes sparse and dense layers
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=96, mlp_only_layers=[1])
+    if arch == "qwen3_moe":
+        kwargs.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True)
     kwargs.update(overrides)
     return klass(**kwargs)
 

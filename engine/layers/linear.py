@@ -73,7 +73,7 @@ class Linear(nn.Linear):
     def packed_from(cls, weight: torch.Tensor) -> Linear:
         """A bias-free packed layer computing x @ weight.T, sharing nothing with `weight` (a
         tied LM head: the embedding keeps its dense table for lookups)."""
-        layer = cls._over(weight)
+        layer = cls.over(weight)
         layer.prepack()
         return layer
 
@@ -81,11 +81,11 @@ class Linear(nn.Linear):
     def int8_from(cls, weight: torch.Tensor) -> Linear | None:
         """A bias-free int8 layer computing x @ weight.T (a tied LM head), or None where the
         kernel cannot take its shape."""
-        layer = cls._over(weight)
+        layer = cls.over(weight)
         return layer if layer.quantize_int8() else None
 
     @classmethod
-    def _over(cls, weight: torch.Tensor) -> Linear:
+    def over(cls, weight: torch.Tensor) -> Linear:
         """A bias-free layer whose weight is `weight` itself (to be packed or quantized)."""
         layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta",
                     dtype=weight.dtype)
@@ -127,6 +127,10 @@ class MergedLinear(Linear):
         for shard_id, size in output_sizes.items():
             self.shard_ranges[shard_id] = (start, start + size)  # [start, end) rows
             start += size
+
+    def shard_ids(self, param_name: str) -> list[str]:
+        """The parts a checkpoint stores of `param_name` (weight and bias alike)."""
+        return list(self.shard_ranges)
 
     def shard_view(self, param: torch.Tensor, shard_id: str) -> torch.Tensor:
         """The rows of `param` (this layer's weight or bias) that hold shard `shard_id`."""

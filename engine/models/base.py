@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.errors import UnsupportedModelError
-from engine.layers.linear import Linear, MergedLinear, prepack_linears, quantize_linears
+from engine.layers.linear import Linear, prepack_linears, quantize_linears
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,6 +42,10 @@ NameMapper = Callable[[str], WeightTarget | None]
 class CausalLM(nn.Module):
     """Base of every decoder. Subclasses build their modules, implement `forward`,
     `map_weight_name`, `output_embedding` and `kv_cache_spec`."""
+
+    # whether decode steps can be captured in CUDA graphs: not where a step's work depends on
+    # values read back to the host (MoE grouping by expert)
+    graph_capturable = True
 
     def __init__(self, hf_config: transformers.PretrainedConfig,
                  attn_backend: AttentionBackend) -> None:
@@ -81,6 +86,7 @@ class CausalLM(nn.Module):
         dense table. Returns how many weights were packed."""
         if self.output_head() is None and self.tied_output_head is None:
             self.tied_output_head = Linear.packed_from(self.output_embedding())
+        self.split_stacked_weights()
         return prepack_linears(self)
 
     def quantize_weights_int8(self) -> tuple[int, int]:
@@ -88,7 +94,12 @@ class CausalLM(nn.Module):
         int8 copy. Returns (quantized, left in the model dtype)."""
         if self.output_head() is None and self.tied_output_head is None:
             self.tied_output_head = Linear.int8_from(self.output_embedding())
+        self.split_stacked_weights()
         return quantize_linears(self)
+
+    def split_stacked_weights(self) -> None:
+        """Give weights stored as stacks (MoE experts) one Linear per matmul, so prepacking
+        and int8 reach them like any layer; a no-op for dense models."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters, converting dtype and device
@@ -115,27 +126,47 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                     f"{tuple(destination.shape)}: config.json does not match the weights")
             destination.copy_(tensor)
-            loaded.add((target.param_name, target.shard_id))
+            if target.shard_id is None:  # the whole tensor: every shard of a fused one
+                loaded.update((target.param_name, shard_id)
+                              for shard_id in _shard_ids(model, target.param_name))
+            else:
+                loaded.add((target.param_name, target.shard_id))
     missing = sorted(f"{p}[{s}]" if s else p for p, s in expected - loaded)
     if missing:
         raise UnsupportedModelError(
             f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
 
 
+class ShardedParameters(Protocol):
+    """A module whose parameters checkpoints store in parts (fused q/k/v, stacked experts):
+    the loader writes each part through `shard_view` and checks every part was written."""
+
+    def shard_ids(self, param_name: str) -> list[str]: ...
+
+    def shard_view(self, param: torch.Tensor, shard_id: str) -> torch.Tensor: ...
+
+
+def _sharded_module(model: nn.Module, param_name: str) -> ShardedParameters | None:
+    module = model.get_submodule(param_name.rpartition(".")[0])
+    return module if hasattr(module, "shard_view") else None  # type: ignore[return-value]
+
+
+def _shard_ids(model: nn.Module, param_name: str) -> list[str | None]:
+    module = _sharded_module(model, param_name)
+    if module is None:
+        return [None]
+    return list(module.shard_ids(param_name.rpartition(".")[2]))
+
+
 def _expected_targets(model: nn.Module) -> set[tuple[str, str | None]]:
-    expected: set[tuple[str, str | None]] = set()
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        for param_name, _ in module.named_parameters(recurse=False):
-            shard_ids = module.shard_ranges if isinstance(module, MergedLinear) else [None]
-            expected.update((prefix + param_name, shard_id) for shard_id in shard_ids)
-    return expected
+    return {(name, shard_id) for name, _ in model.named_parameters()
+            for shard_id in _shard_ids(model, name)}
 
 
 def _destination(model: nn.Module, target: WeightTarget, param: torch.Tensor) -> torch.Tensor:
     if target.shard_id is None:
         return param.data
-    module = model.get_submodule(target.param_name.rpartition(".")[0])
-    assert isinstance(module, MergedLinear), target  # the name mapper only shards fused layers
+    module = _sharded_module(model, target.param_name)
+    assert module is not None, target  # the name mapper only shards fused layers
     return module.shard_view(param.data, target.shard_id)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,14 +51,36 @@ def num_kv_heads_of(hf_config: transformers.PretrainedConfig) -> int:
     return int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
 
 
+# transformers 5.24: these decoders window only the layers that `layer_types` (computed from
+# use_sliding_window and max_window_layers) marks "sliding_attention"; Mistral, Mixtral and
+# Qwen3-MoE window every layer, even when a config also lists layer_types; Llama never does
+_LAYER_TYPED_WINDOW = frozenset({"qwen2", "qwen3", "qwen2_moe"})
+_NEVER_WINDOWED = frozenset({"llama"})
+
+
+def sliding_window_of(hf_config: transformers.PretrainedConfig, layer_index: int) -> int | None:
+    """How many positions layer `layer_index` attends to, the query's own included (position
+    i sees keys (i - window, i], transformers' sliding_window_overlay), or None: full
+    attention. The configs fold use_sliding_window in already (None, or Qwen2-MoE's 0)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window or hf_config.model_type in _NEVER_WINDOWED:
+        return None
+    if hf_config.model_type in _LAYER_TYPED_WINDOW:
+        layer_types = getattr(hf_config, "layer_types", None) or []
+        if layer_index >= len(layer_types) or layer_types[layer_index] != "sliding_attention":
+            return None
+    return int(window)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, layer_index: int) -> None:
         super().__init__()
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = num_kv_heads_of(hf_config)
         self.head_dim = head_dim_of(hf_config)
         self.scale = self.head_dim**-0.5
+        self.sliding_window = sliding_window_of(hf_config, layer_index)  # None: full attention
         self.attn_backend = attn_backend
         self.q_size = q_size = self.num_heads * self.head_dim
         self.kv_size = kv_size = self.num_kv_heads * self.head_dim
@@ -73,7 +96,8 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, (num_heads + 2 * kv_heads) * dim]
         q, k = self._rotated_qk(qkv, rope)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
+        out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale,
+                                        sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
     def _rotated_qk(self, qkv: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +115,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions) -> None:
+    def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
+                 intermediate_size: int | None = None) -> None:
         super().__init__()
-        hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+        hidden, inter = hf_config.hidden_size, intermediate_size or hf_config.intermediate_size
         self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, options.mlp_bias)
         self.act = SiluAndMul()
         self.down_proj = Linear(inter, hidden, bias=options.mlp_bias)
@@ -108,15 +133,20 @@ class LlamaMLP(nn.Module):
                           for part in x.split(MLP_CHUNK_TOKENS)])
 
 
+# builds layer `layer_index`'s feed-forward block: the dense MLP, or an MoE block (moe.py)
+MLPFactory = Callable[[transformers.PretrainedConfig, DecoderOptions, int], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, layer_index: int,
+                 build_mlp: MLPFactory) -> None:
         super().__init__()
         eps = hf_config.rms_norm_eps
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.self_attn = LlamaAttention(hf_config, options, attn_backend)
+        self.self_attn = LlamaAttention(hf_config, options, attn_backend, layer_index)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.mlp = LlamaMLP(hf_config, options)
+        self.mlp = build_mlp(hf_config, options, layer_index)
 
     def forward(self, hidden_states: torch.Tensor, rope: Rope,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -128,11 +158,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, build_mlp: MLPFactory) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(hf_config, options, attn_backend)
-                                    for _ in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hf_config, options, attn_backend, index, build_mlp)
+            for index in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config),
                                           hf_config.max_position_embeddings,
@@ -155,7 +186,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(hf_config, attn_backend)
         _check_config(hf_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.model = LlamaModel(hf_config, self.decoder_options(hf_config), attn_backend)
+        self.model = LlamaModel(hf_config, self.decoder_options(hf_config), attn_backend,
+                                self.build_mlp)
         self.lm_head = (None if self.tie_word_embeddings else
                         Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False))
 
@@ -164,6 +196,12 @@ class LlamaForCausalLM(CausalLM):
         bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderOptions(qkv_bias=bias, o_proj_bias=bias,
                               mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+
+    @staticmethod
+    def build_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
+                  layer_index: int) -> nn.Module:
+        """Layer `layer_index`'s feed-forward block; the MoE families override it."""
+        return LlamaMLP(hf_config, options)
 
     @classmethod
     def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
@@ -222,9 +260,3 @@ def _check_config(hf_config: transformers.PretrainedConfig) -> None:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
-    window = getattr(hf_config, "sliding_window", None)
-    if (getattr(hf_config, "use_sliding_window", True) and window is not None
-            and window < hf_config.max_position_embeddings):
-        # The attention backends attend to the full context; exact only up to `window` tokens.
-        logger.warning("sliding_window=%d is not implemented: full attention is used, so "
-                       "outputs diverge from the reference past %d tokens", window, window)

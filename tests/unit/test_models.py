@@ -224,7 +224,8 @@ def test_unsupported_rope_type_is_rejected() -> None:
 def test_registry_and_kv_cache_spec() -> None:
     assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM",
                                             "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                                            "GPT2LMHeadModel"}
+                                            "GPT2LMHeadModel", "MixtralForCausalLM",
+                                            "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"}
     config = build_config("qwen3", head_dim=32, architectures=["Qwen3ForCausalLM"])
     assert get_model_class(config).__name__ == "Qwen3ForCausalLM"
     spec = kv_cache_spec(config)
