@@ -320,20 +320,21 @@ def _rss_bytes(pid: int) -> int:
 
 
 def parse_spec_counters(text: str) -> dict[str, float] | None:
-    """Prometheus text -> the spec-decode counters summed over their labels; None when the
-    server exposes none of them (an older build, or another server)."""
-    names = {f"{prefix}{counter}_total": key for key, counter in _SPEC_COUNTERS.items()
-             for prefix in ("pagedserve_", "vllm:")}
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if line.startswith("#") or name not in names:
-            continue
-        rest = line[line.rfind("}") + 1:] if "{" in line else line[len(name):]
-        totals[names[name]] = totals.get(names[name], 0.0) + float(rest.split()[0])
-    if not totals:
-        return None
-    return {key: totals.get(key, 0.0) for key in _SPEC_COUNTERS}
+    """Prometheus text -> the spec-decode counters summed over their labels, from our names or
+    else vLLM's (a server exporting both counts each event under each); None when the server
+    exposes neither (an older build, or another server)."""
+    for prefix in ("pagedserve_", "vllm:"):
+        names = {f"{prefix}{counter}_total": key for key, counter in _SPEC_COUNTERS.items()}
+        totals: dict[str, float] = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if line.startswith("#") or name not in names:
+                continue
+            rest = line[line.rfind("}") + 1:] if "{" in line else line[len(name):]
+            totals[names[name]] = totals.get(names[name], 0.0) + float(rest.split()[0])
+        if totals:
+            return {key: totals.get(key, 0.0) for key in _SPEC_COUNTERS}
+    return None
 
 
 async def scrape_spec_counters(client: httpx.AsyncClient) -> dict[str, float] | None:

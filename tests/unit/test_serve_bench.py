@@ -98,11 +98,19 @@ def test_spec_counters_are_summed_over_labels_and_diffed() -> None:
     before = parse_spec_counters(_METRICS)
     assert before == {"num_drafts": 10.0, "num_draft_tokens": 50.0, "num_accepted_tokens": 20.0}
     after = parse_spec_counters(_METRICS + 'pagedserve_spec_decode_num_drafts_total{model_name='
-                                '"other"} 4\nvllm:spec_decode_num_draft_tokens_total 10\n'
-                                "vllm:spec_decode_num_accepted_tokens_total 8 1700000000\n")
+                                '"other"} 4\npagedserve_spec_decode_num_draft_tokens_total 10\n'
+                                "pagedserve_spec_decode_num_accepted_tokens_total 8 1700000000\n")
     delta = spec_decode_delta(before, after)
     assert delta == {"num_drafts": 4.0, "num_draft_tokens": 10.0, "num_accepted_tokens": 8.0,
                      "acceptance_rate": 0.8, "mean_accepted_length": 3.0}
+
+
+def test_spec_counters_under_vllm_names_count_once() -> None:
+    """A vLLM server (or ours with --metrics-names vllm) has only vLLM's names; ours with
+    `both` counts every event under each name, which must not count twice."""
+    vllm = _METRICS.replace("pagedserve_", "vllm:")
+    assert parse_spec_counters(vllm) == parse_spec_counters(_METRICS)
+    assert parse_spec_counters(_METRICS + vllm) == parse_spec_counters(_METRICS)
 
 
 def test_absent_or_idle_spec_counters() -> None:
