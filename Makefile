@@ -13,11 +13,12 @@ PIP := $(PY) -m pip
 
 .PHONY: install serve test lint bench-offline clean
 
+# no -q: pip draws its download bars only at the default verbosity (torch is large)
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

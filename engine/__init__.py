@@ -15,6 +15,7 @@ _EXPORTS = {
     "AsyncEngine": "engine.async_engine",
     "CacheConfig": "engine.config",
     "EngineConfig": "engine.config",
+    "EngineSummary": "engine.summary",
     "ModelConfig": "engine.config",
     "SchedulerConfig": "engine.config",
     "SpeculativeConfig": "engine.config",
@@ -76,3 +77,4 @@ if TYPE_CHECKING:
     )
     from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
     from engine.structured.params import JSON_FORMAT, StructuredOutputsParams
+    from engine.summary import EngineSummary

@@ -25,10 +25,11 @@ from engine.errors import (
 )
 from engine.fault_hooks import FaultHooks
 from engine.llm_engine import LLMEngine, PreparedRequest
-from engine.metrics import MetricsLogger, engine_config_info
+from engine.metrics import DEFAULT_METRIC_NAMES, MetricNames, MetricsLogger, engine_config_info
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured.params import StructuredOutputsParams
+from engine.summary import EngineSummary, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: LLMEngine | None = None, *,
                  served_model_name: str | None = None,
                  registry: CollectorRegistry = REGISTRY,
-                 strict_max_model_len: bool = False) -> None:
+                 strict_max_model_len: bool = False,
+                 metric_names: MetricNames = DEFAULT_METRIC_NAMES) -> None:
         """Loads the model (blocking: call through asyncio.to_thread from async code).
         Metrics go to `registry` labelled model_name=served_model_name (default: the model's
-        directory or file name). strict_max_model_len: see LLMEngine."""
+        directory or file name), under pagedserve's names, vLLM's or both (`metric_names`).
+        strict_max_model_len: see LLMEngine."""
         self.config = config
         self.llm_engine = engine or LLMEngine(config, strict_max_model_len=strict_max_model_len)
         self.tokenizer = self.llm_engine.tokenizer
@@ -69,7 +72,8 @@ class AsyncEngine:
         self.vocab_size = self.llm_engine.vocab_size
         self.generation_defaults = dict(self.llm_engine.generation_defaults)
         self.model_name = served_model_name or _model_name(config.model.model)
-        self.metrics = MetricsLogger(self.model_name, registry=registry)
+        self.metrics = MetricsLogger(self.model_name, registry=registry, names=metric_names,
+                                     max_model_len=self.max_model_len)
         self.metrics.record_engine_info(engine_config_info(self.llm_engine))
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -147,6 +151,11 @@ class AsyncEngine:
     @property
     def num_total_blocks(self) -> int:
         return self.llm_engine.stats().num_total_blocks
+
+    @property
+    def summary(self) -> EngineSummary:
+        """What the engine resolved at start-up, for the server's ready line."""
+        return summarize(self.llm_engine)
 
     # ---- requests -----------------------------------------------------------------------------
 

@@ -65,6 +65,11 @@ class StepStats:
     inter_token_latencies: list[float] = field(default_factory=list)
     finished_sequences: list[Sequence] = field(default_factory=list)
     spec: SpecDecodeStats | None = None  # this step's verifications (speculative decoding)
+    # the prompts of the sequences whose first token came this step, counted whole, and the
+    # part of them the prefix cache held: vLLM's prompt-token counters, which count a prompt
+    # once when its prefill completes, cache hits included and recomputation not
+    num_prefilled_prompt_tokens: int = 0
+    num_prefilled_cached_tokens: int = 0
 
 
 class EngineCore:
@@ -213,6 +218,8 @@ class EngineCore:
             if timing.first_token is None:
                 timing.first_token = now
                 stats.time_to_first_tokens.append(now - timing.arrival)
+                stats.num_prefilled_prompt_tokens += sequence.num_prompt_tokens
+                stats.num_prefilled_cached_tokens += max(sequence.num_cached_tokens, 0)
             else:
                 assert timing.last_token is not None
                 stats.inter_token_latencies.append(now - timing.last_token)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from engine.attention.base import AttentionMetadata
+from engine.progress import stage
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +96,19 @@ class DecodeGraphs:
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self._pad_from(0)  # all rows padding: capture writes no K/V anywhere
-        for size in reversed(self.sizes):
-            metadata = self._metadata(size)
-            for _ in range(2):  # compiles Triton kernels, sets up cuBLAS workspaces
-                self.forward(self.input_ids[:size], self.positions[:size], metadata)
+        with stage("capturing CUDA graphs", total=len(self.sizes), unit="graph") as progress:
+            for size in reversed(self.sizes):
+                metadata = self._metadata(size)
+                for _ in range(2):  # compiles Triton kernels, sets up cuBLAS workspaces
+                    self.forward(self.input_ids[:size], self.positions[:size], metadata)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[size] = self.forward(self.input_ids[:size],
+                                                      self.positions[:size], metadata)
+                self.graphs[size] = graph
+                progress.advance()
             torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self.forward(self.input_ids[:size], self.positions[:size],
-                                                  metadata)
-            self.graphs[size] = graph
-        torch.cuda.synchronize(self.device)
         logger.info("CUDA graphs: decode captured for %d batch sizes (1..%d) in %.1f s",
                     len(self.sizes), self.max_size, time.perf_counter() - started)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from engine.cache_dir import cache_root, file_lock
 from engine.errors import UnsupportedModelError
 from engine.gguf import convert_gguf, is_converted, verified_sha256, write_verified_marker
+from engine.progress import stage
 
 logger = logging.getLogger(__name__)
 
@@ -103,23 +104,20 @@ def _assemble_verified(parts: list[Path], dest: Path, expected_sha256: str) -> N
         tmp.unlink(missing_ok=True)
     write_verified_marker(dest, actual_sha256)
     logger.info("assembled %s (%.0f MB) from %d parts in %.1fs; sha256 verified", dest,
-                dest.stat().st_size / 2**20, len(parts), time.perf_counter() - start)
+                dest.stat().st_size / 1e6, len(parts), time.perf_counter() - start)
 
 
 def _concatenate(parts: list[Path], out_path: Path) -> str:
-    from tqdm import tqdm
-
     digest = hashlib.sha256()
     total = sum(part.stat().st_size for part in parts)
-    with open(out_path, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
-                                           unit_divisor=1024, desc="assembling GGUF",
-                                           file=sys.stderr, disable=None) as bar:
+    with (open(out_path, "wb") as out,
+          stage("assembling GGUF", total=total, unit="B", unit_scale=True) as progress):
         for part in parts:
             with open(part, "rb") as src:
                 while chunk := src.read(_CHUNK_BYTES):
                     digest.update(chunk)
                     out.write(chunk)
-                    bar.update(len(chunk))
+                    progress.advance(len(chunk))
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest()
@@ -147,3 +145,19 @@ def ensure_default_model() -> Path:
     return convert_gguf(ensure_default_gguf(), out_dir)
 
 
+def main() -> int:
+    """`python -m engine.default_model` (`make default-model`): prepare the default model, its
+    progress shown, so that the first `pagedserve serve` finds it converted."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        path = ensure_default_model()
+    except UnsupportedModelError as exc:
+        logger.error("%s", exc)
+        return 1
+    logger.info("the default model is ready: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

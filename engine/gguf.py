@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 from engine.cache_dir import cache_root, file_lock
 from engine.errors import UnsupportedModelError
+from engine.progress import stage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -189,9 +190,10 @@ def _convert_into(gguf_path: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     with _phase("read GGUF header", gguf_path):
         metadata = read_gguf_metadata(gguf_path)
-    logger.info("converting %s: %s, tensor types %s, into %s", gguf_path.name,
-                metadata.get_str("general.architecture"), metadata.tensor_types, out_dir)
-    with _phase("dequantize weights (transformers)", gguf_path):
+    logger.info("converting %s (%s, tensor types %s) once; later starts load the result",
+                gguf_path.name, metadata.get_str("general.architecture"),
+                metadata.tensor_types)
+    with _phase("dequantize weights (transformers)", gguf_path, has_own_bar=True):
         model = _load_gguf_model(gguf_path)
     with _phase("save fp32 safetensors", gguf_path):
         _save_model(model, out_dir)
@@ -308,8 +310,11 @@ def _make_readable(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------- helpers
 
 @contextlib.contextmanager
-def _phase(name: str, gguf_path: Path) -> Iterator[None]:
+def _phase(name: str, gguf_path: Path, has_own_bar: bool = False) -> Iterator[None]:
+    """One step of a conversion: a bar on a terminal (transformers draws its own for the
+    dequantization), and a line with its duration."""
     start = time.perf_counter()
-    yield
+    with contextlib.nullcontext() if has_own_bar else stage(f"convert: {name}"):
+        yield
     logger.info("convert %s: %s took %.1fs", gguf_path.name, name, time.perf_counter() - start)
 

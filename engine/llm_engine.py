@@ -152,7 +152,7 @@ class LLMEngine:
         self.core.add_sequence(first)
         self.output_processor.add_request(
             prepared.request_id, [s.sequence_id for s in prepared.sequences],
-            first.prompt_token_ids, prepared.params, prepared.arrival_time)
+            first.prompt_token_ids, prepared.params, prepared.arrival_time, first.max_tokens)
         if siblings and self.config.cache.enable_prefix_caching:
             # siblings start once the first sequence's prompt is cached, so they share its blocks
             self.deferred[first.sequence_id] = siblings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,14 @@ from engine.layers.linear import Linear, can_prepack
 from engine.layers.rotary import rope_settings
 from engine.model_source import resolve_model_dir
 from engine.models import CausalLM, get_model_class
+from engine.progress import Stage, stage
 from engine.runtime import (
     release_free_heap,
     resolve_device,
     resolve_dtype,
     single_threaded_setup,
 )
-from engine.weights import checkpoint_weights
+from engine.weights import checkpoint_numel, checkpoint_weights
 
 # single_threaded_setup is also imported from here (engine/model_runner.py)
 __all__ = ["LoadedModel", "build_empty_model", "load_model", "single_threaded_setup"]
@@ -92,7 +94,9 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     backend = (attn_backend if attn_backend is not None and not isinstance(attn_backend, str)
                else get_attention_backend(torch_device, attn_backend))
     module = build_empty_model(model_cls, hf_config, backend, torch_dtype, torch_device)
-    module.load_weights(weights)
+    with stage("loading weights", total=checkpoint_numel(model_dir), unit="param",
+               unit_scale=True) as progress:
+        module.load_weights(_advancing(weights, progress))
     module.eval()
     num_params = sum(param.numel() for param in module.parameters())
     logger.info("weights loaded in %.2f s: %d params (%.2f GB)", time.perf_counter() - started,
@@ -103,20 +107,36 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     if quantization == "int8":
         _quantize_int8(module)
     if can_prepack(torch_dtype, torch_device):
-        packed = module.prepack_weights()
-        if packed:
-            logger.info("%d matmul weights prepacked for oneDNN", packed)
+        _prepack(module)
+    with stage("loading tokenizer", log=logger):
+        loaded_tokenizer = _load_tokenizer(tokenizer or str(model_dir), trust_remote_code)
     return LoadedModel(
-        model=module, hf_config=hf_config,
-        tokenizer=_load_tokenizer(tokenizer or str(model_dir), trust_remote_code),
+        model=module, hf_config=hf_config, tokenizer=loaded_tokenizer,
         generation_config=_load_generation_config(model_dir), model_dir=model_dir,
         dtype=torch_dtype, device=torch_device,
     )
 
 
+def _advancing(weights: Iterator[tuple[str, torch.Tensor]],
+               progress: Stage) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights, advancing the stage by each tensor's elements once it has been copied."""
+    for name, tensor in weights:
+        yield name, tensor
+        progress.advance(tensor.numel())
+
+
+def _prepack(module: CausalLM) -> None:
+    with stage("prepacking weights for oneDNN") as progress:
+        packed = module.prepack_weights()
+    if packed:
+        logger.info("%d matmul weights prepacked for oneDNN in %.2f s", packed,
+                    progress.seconds)
+
+
 def _quantize_int8(module: CausalLM) -> None:
     started = time.perf_counter()
-    quantized, kept = module.quantize_weights_int8()
+    with stage("quantizing weights to int8"):
+        quantized, kept = module.quantize_weights_int8()
     int8_bytes = sum(m.int8_weight.data.numel() for m in module.modules()
                      if isinstance(m, Linear) and m.int8_weight is not None)
     native = native_library() is not None

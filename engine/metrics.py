@@ -1,5 +1,6 @@
 """Observability: every Prometheus object, fed with StepStats once per step and with finished
-RequestOutputs once per request, plus the periodic engine log line and the per-request log line."""
+RequestOutputs once per request, under pagedserve's names, vLLM's (engine/vllm_metrics.py) or
+both; plus the periodic engine log line and the per-request log line."""
 
 from __future__ import annotations
 
@@ -9,9 +10,20 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+
+from engine.vllm_metrics import VllmRecorder
+from engine.vllm_metrics import create_families as create_vllm_families
 
 if TYPE_CHECKING:
     from engine.core import StepStats
@@ -21,7 +33,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Every counter and histogram child would also export a "<name>_created" sample (its start
+# time), which doubles the exposition and the series Prometheus stores, for a value no
+# dashboard reads; vLLM turns them off as well. Process-wide, like the registry itself.
+disable_created_metrics()
+
 PREFIX = "pagedserve_"
+# whose names /metrics exports: pagedserve's (pagedserve_*), vLLM's (vllm:*), or both
+MetricNames = Literal["pagedserve", "vllm", "both"]
+METRIC_NAMES: tuple[MetricNames, ...] = ("pagedserve", "vllm", "both")
+DEFAULT_METRIC_NAMES: MetricNames = "pagedserve"
+DEFAULT_MAX_MODEL_LEN = 131072  # sizes vLLM's token-count buckets when the caller gives none
 # 1 ms to ~10 min: fine enough that a 5 ms GPU step and a 200 ms CPU step fall in different
 # buckets, long enough for a minutes-long generation (e2e) or a deep queue
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -35,7 +57,8 @@ FAILURE_REASONS = ("abort", "error", "validation", "queue_full")
 
 @dataclass(slots=True)
 class _Families:
-    """The metric families of one registry; a MetricsLogger binds its model_name children."""
+    """pagedserve's metric families in one registry; each _PagedserveRecorder binds its
+    model_name children."""
 
     ttft: Histogram
     itl: Histogram
@@ -64,19 +87,24 @@ class _Families:
 
 
 # A registry refuses a second family of the same name, yet a process may build several engines
-# (tests, a reload): each registry's families are created once and shared by every logger,
-# which only adds its own model_name children. Weak keys: a dropped registry frees its families.
-_families_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = (
+# (tests, a reload): each registry's families of each naming are created once and shared by
+# every logger, which only adds its own model_name children. Weak keys: a dropped registry
+# frees its families.
+_families_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, object]] = (
     weakref.WeakKeyDictionary())
 _families_lock = threading.Lock()
+_F = TypeVar("_F")
 
 
-def _families_for(registry: CollectorRegistry) -> _Families:
+def _families_for(registry: CollectorRegistry, naming: str,
+                  create: Callable[[CollectorRegistry], _F]) -> _F:
+    """The registry's families of one naming; the first caller creates them (so the first
+    engine's max_model_len sizes vLLM's token buckets for the whole registry)."""
     with _families_lock:
-        families = _families_by_registry.get(registry)
-        if families is None:
-            families = _create_families(registry)
-            _families_by_registry[registry] = families
+        by_naming = _families_by_registry.setdefault(registry, {})
+        if naming not in by_naming:
+            by_naming[naming] = create(registry)
+        families: _F = by_naming[naming]  # type: ignore[assignment]
         return families
 
 
@@ -166,25 +194,30 @@ class _IntervalTotals:
     spec_decode_accepted_tokens: int = 0
 
 
-class MetricsLogger:
-    """Records one engine's stats under its model_name. record_step and record_finished run on
-    the engine thread; record_failure may run on any thread (prometheus_client locks)."""
+class _Recorder(Protocol):
+    """One naming's metrics for one engine: what MetricsLogger hands each step and request."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY,
-                 log_interval_s: float = LOG_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`clock` times the periodic log line's interval (tests pass a fake one)."""
+    def record_engine_info(self, info: Mapping[str, str]) -> None: ...
+
+    def record_step(self, stats: StepStats) -> None: ...
+
+    def set_load(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None: ...
+
+    def record_finished(self, output: RequestOutput) -> None: ...
+
+
+class _PagedserveRecorder:
+    """One engine's stats under pagedserve's names, labelled model_name."""
+
+    def __init__(self, families: _Families, model_name: str) -> None:
+        self.families = families
         self.model_name = model_name
-        self.log_interval_s = log_interval_s
-        self._clock = clock
-        self._families = _families_for(registry)
-        self._interval = _IntervalTotals(start=clock())
         self._touch_children()
 
     def _touch_children(self) -> None:
         """Create every child now, so each series exists (at 0) from the first scrape: rate()
         then sees the first increase, and dashboards find every label value."""
-        families, name = self._families, self.model_name
+        families, name = self.families, self.model_name
         for reason in SUCCESS_REASONS:
             families.request_success.labels(name, reason)
         for reason in FAILURE_REASONS:
@@ -201,13 +234,10 @@ class MetricsLogger:
             family.labels(name)
 
     def record_engine_info(self, info: Mapping[str, str]) -> None:
-        self._families.engine_config.labels(self.model_name).info(dict(info))
+        self.families.engine_config.labels(self.model_name).info(dict(info))
 
-    # ---- once per step ------------------------------------------------------------------------
-
-    def record_step(self, stats: StepStats, outputs: Iterable[RequestOutput] = ()) -> None:
-        """One engine step: its StepStats and the RequestOutputs it returned."""
-        families, name = self._families, self.model_name
+    def record_step(self, stats: StepStats) -> None:
+        families, name = self.families, self.model_name
         families.prompt_tokens.labels(name).inc(stats.num_prompt_tokens)
         families.generation_tokens.labels(name).inc(stats.num_generation_tokens)
         families.preemptions.labels(name).inc(stats.num_preemptions)
@@ -221,11 +251,9 @@ class MetricsLogger:
         if stats.spec is not None:
             self._record_spec_decode(stats.spec)
         self.set_load(stats.num_running, stats.num_waiting, stats.kv_cache_usage)
-        self.record_finished(outputs)
-        self._accumulate(stats)
 
     def _record_spec_decode(self, spec: SpecDecodeStats) -> None:
-        families, name = self._families, self.model_name
+        families, name = self.families, self.model_name
         families.spec_decode_drafts.labels(name).inc(spec.num_drafts)
         families.spec_decode_draft_tokens.labels(name).inc(spec.num_draft_tokens)
         families.spec_decode_accepted_tokens.labels(name).inc(spec.num_accepted_tokens)
@@ -233,12 +261,80 @@ class MetricsLogger:
             families.spec_decode_accepted_per_position.labels(name, str(position)).inc(count)
 
     def set_load(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
-        """The gauges; also called when the engine goes idle, since requests finished outside
-        a step (aborts, stop strings) are not in the last step's figures."""
-        families, name = self._families, self.model_name
+        families, name = self.families, self.model_name
         families.num_running.labels(name).set(num_running)
         families.num_waiting.labels(name).set(num_waiting)
         families.kv_cache_usage.labels(name).set(kv_cache_usage)
+
+    def record_finished(self, output: RequestOutput) -> None:
+        """A finished user request: counted once, whatever its n."""
+        reasons = {choice.finish_reason for choice in output.outputs}
+        if "error" in reasons or "abort" in reasons:
+            self.record_failure("error" if "error" in reasons else "abort")
+        else:
+            self._record_success(output, "length" if "length" in reasons else "stop")
+
+    def record_failure(self, reason: str, num_requests: int = 1) -> None:
+        assert reason in FAILURE_REASONS, reason
+        self.families.request_failure.labels(self.model_name, reason).inc(num_requests)
+
+    def _record_success(self, output: RequestOutput, finish_reason: str) -> None:
+        families, name, timing = self.families, self.model_name, output.timing
+        families.request_success.labels(name, finish_reason).inc()
+        families.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
+        families.request_generation_tokens.labels(name).observe(
+            sum(choice.num_tokens for choice in output.outputs))
+        spans = ((families.e2e, timing.arrival, timing.finished),
+                 (families.queue_time, timing.arrival, timing.first_scheduled),
+                 (families.prefill_time, timing.first_scheduled, timing.first_token),
+                 (families.decode_time, timing.first_token, timing.last_token))
+        for family, start, end in spans:
+            if start is not None and end is not None:
+                family.labels(name).observe(max(end - start, 0.0))
+
+
+class MetricsLogger:
+    """Records one engine's stats under its model_name, in the naming(s) asked for; also writes
+    the log lines. record_step and record_finished run on the engine thread; record_failure may
+    run on any thread (prometheus_client locks)."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry = REGISTRY,
+                 log_interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic, *,
+                 names: MetricNames = DEFAULT_METRIC_NAMES,
+                 max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> None:
+        """`clock` times the periodic log line's interval (tests pass a fake one);
+        `max_model_len` sizes vLLM's token-count buckets, as vLLM sizes them."""
+        assert names in METRIC_NAMES, names
+        self.model_name = model_name
+        self.log_interval_s = log_interval_s
+        self._clock = clock
+        self._ours = (None if names == "vllm" else _PagedserveRecorder(
+            _families_for(registry, "pagedserve", _create_families), model_name))
+        vllm = (None if names == "pagedserve" else VllmRecorder(
+            _families_for(registry, "vllm", lambda r: create_vllm_families(r, max_model_len)),
+            model_name))
+        self._recorders: list[_Recorder] = [r for r in (self._ours, vllm) if r is not None]
+        self._interval = _IntervalTotals(start=clock())
+
+    def record_engine_info(self, info: Mapping[str, str]) -> None:
+        for recorder in self._recorders:
+            recorder.record_engine_info(info)
+
+    # ---- once per step ------------------------------------------------------------------------
+
+    def record_step(self, stats: StepStats, outputs: Iterable[RequestOutput] = ()) -> None:
+        """One engine step: its StepStats and the RequestOutputs it returned."""
+        for recorder in self._recorders:
+            recorder.record_step(stats)
+        self.record_finished(outputs)
+        self._accumulate(stats)
+
+    def set_load(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
+        """The gauges; also called when the engine goes idle, since requests finished outside
+        a step (aborts, stop strings) are not in the last step's figures."""
+        for recorder in self._recorders:
+            recorder.set_load(num_running, num_waiting, kv_cache_usage)
 
     def record_idle(self, kv_cache_usage: float) -> None:
         """The engine has nothing to run: gauges to idle, and the log interval restarts, so the
@@ -253,35 +349,21 @@ class MetricsLogger:
         for output in outputs:
             if not output.finished:
                 continue
-            reasons = {choice.finish_reason for choice in output.outputs}
-            if "error" in reasons or "abort" in reasons:
-                self.record_failure("error" if "error" in reasons else "abort")
-            else:
-                self._record_success(output, "length" if "length" in reasons else "stop")
+            for recorder in self._recorders:
+                recorder.record_finished(output)
             _log_finished(output)
 
     def record_failure(self, reason: str, num_requests: int = 1) -> None:
-        """A request that did not finish normally; reason is one of FAILURE_REASONS."""
+        """A request that did not finish normally; reason is one of FAILURE_REASONS. Only
+        pagedserve's names count these: vLLM counts no request that never reached its engine
+        core."""
         assert reason in FAILURE_REASONS, reason
-        self._families.request_failure.labels(self.model_name, reason).inc(num_requests)
+        if self._ours is not None:
+            self._ours.record_failure(reason, num_requests)
 
     def record_validation_failure(self) -> None:
         """A request rejected as invalid before it reached the engine (the server calls this)."""
         self.record_failure("validation")
-
-    def _record_success(self, output: RequestOutput, finish_reason: str) -> None:
-        families, name, timing = self._families, self.model_name, output.timing
-        families.request_success.labels(name, finish_reason).inc()
-        families.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
-        families.request_generation_tokens.labels(name).observe(
-            sum(choice.num_tokens for choice in output.outputs))
-        spans = ((families.e2e, timing.arrival, timing.finished),
-                 (families.queue_time, timing.arrival, timing.first_scheduled),
-                 (families.prefill_time, timing.first_scheduled, timing.first_token),
-                 (families.decode_time, timing.first_token, timing.last_token))
-        for family, start, end in spans:
-            if start is not None and end is not None:
-                family.labels(name).observe(max(end - start, 0.0))
 
     # ---- the periodic engine log line ---------------------------------------------------------
 
@@ -366,6 +448,8 @@ def engine_config_info(engine: LLMEngine) -> dict[str, str]:
         "max_num_seqs": str(config.scheduler.max_num_seqs),
         "max_num_batched_tokens": str(config.scheduler.max_num_batched_tokens),
         "enable_prefix_caching": str(config.cache.enable_prefix_caching).lower(),
+        "prefix_caching_hash_algo": config.cache.prefix_caching_hash_algo,
+        "gpu_memory_utilization": str(config.cache.gpu_memory_utilization),
         "speculative": ("none" if (spec := config.speculative) is None
                         else f"{spec.method} k={spec.num_speculative_tokens}"),
     }

@@ -18,6 +18,7 @@ from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
 from engine.models.base import KVCaches
 from engine.outputs import PositionLogprobs
+from engine.progress import stage
 from engine.sampler import (
     SamplerOutput,
     SamplingMetadata,
@@ -125,7 +126,7 @@ class ModelRunner:
         # block (never handed out), so the 0s that pad block tables alias no live block.
         # Zeroed without starting an OpenMP team in this (setup) thread: see
         # single_threaded_setup
-        with single_threaded_setup():
+        with single_threaded_setup(), stage("allocating KV cache", log=logger):
             self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                                torch.zeros(shape, dtype=self.dtype, device=self.device))
                               for _ in range(spec.num_layers)]

@@ -91,6 +91,7 @@ class _UserRequest:
     output_kind: RequestOutputKind
     choices: list[_Choice]
     arrival_time: float
+    max_tokens: int | None = None
     error: str | None = None
     # the first choice's prompt logprobs (vLLM's shape), once its first token came; a DELTA
     # request's only until the output that carries them
@@ -120,12 +121,14 @@ class OutputProcessor:
         self._owner: dict[str, tuple[_UserRequest, int]] = {}
 
     def add_request(self, request_id: str, sequence_ids: list[str], prompt_token_ids: list[int],
-                    params: SamplingParams, arrival_time: float) -> None:
-        """Track a user request whose n choices are the sequences `sequence_ids`, in order."""
+                    params: SamplingParams, arrival_time: float,
+                    max_tokens: int | None = None) -> None:
+        """Track a user request whose n choices are the sequences `sequence_ids`, in order;
+        `max_tokens` (the resolved limit) is only reported, for the metrics."""
         choices = [self._new_choice(index, sequence_id, prompt_token_ids, params)
                    for index, sequence_id in enumerate(sequence_ids)]
         user_request = _UserRequest(request_id, prompt_token_ids, params.output_kind, choices,
-                                    arrival_time)
+                                    arrival_time, max_tokens)
         self.user_requests[request_id] = user_request
         for index, sequence_id in enumerate(sequence_ids):
             self._owner[sequence_id] = (user_request, index)
@@ -267,7 +270,8 @@ class OutputProcessor:
             outputs=[choice.take_output(kind) for choice in user_request.choices],
             finished=user_request.finished, timing=_merged_timing(user_request),
             num_cached_tokens=user_request.choices[0].num_cached_tokens,
-            error=user_request.error, prompt_logprobs=_take_prompt_logprobs(user_request))
+            error=user_request.error, prompt_logprobs=_take_prompt_logprobs(user_request),
+            max_tokens=user_request.max_tokens)
         if result.finished:
             result.timing.finished = time.monotonic()
             self._forget(user_request)

@@ -67,6 +67,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt: str | None = None
     error: str | None = None  # set when finish_reason == "error"
+    max_tokens: int | None = None  # the resolved limit on each choice's generated tokens
     # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing
     # predicts it), each the prompt token itself first, then the top-k alternatives
     prompt_logprobs: list[TokenLogprobs | None] | None = None

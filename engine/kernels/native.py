@@ -21,6 +21,7 @@ from pathlib import Path
 import torch  # loaded before the kernels, so they share its libgomp
 
 from engine.cache_dir import cache_root, file_lock
+from engine.progress import stage
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,12 @@ def build() -> Path:
     with file_lock(target.with_suffix(".lock")):
         if target.exists():  # another process built it while we waited
             return target
-        logger.info("native CPU kernels: compiling %s with %s (once)", SOURCE.name, compiler)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        with (stage("compiling native CPU kernels") as progress,
+              tempfile.TemporaryDirectory(dir=target.parent) as scratch):
             built = Path(scratch) / target.name
             subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE)], check=True,
                            capture_output=True, text=True, timeout=120)
             built.replace(target)
+        logger.info("native CPU kernels: compiled %s with %s in %.1f s (once)", SOURCE.name,
+                    compiler, progress.seconds)
     return target

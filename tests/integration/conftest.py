@@ -79,12 +79,14 @@ def serve(model_dir: Path, server_settings: Mapping[str, object] | None = None,
     fields that are the server's own (request_timeout, engine_stall_timeout, ...)."""
     config = EngineConfig.from_kwargs(model=str(model_dir), dtype="float32", device="cpu",
                                       seed=0, **engine_args)
-    engine = AsyncEngine(config, served_model_name=MODEL_NAME)
     fields: dict[str, object] = {
         "model": str(model_dir), "served_model_name": MODEL_NAME, "api_keys": (API_KEY,),
         "max_request_body_bytes": MAX_BODY_BYTES, "log_level": "warning",
         **(server_settings or {})}
     settings = Settings.model_validate(fields)
+    # as the app would build it from these settings
+    engine = AsyncEngine(config, served_model_name=MODEL_NAME,
+                         metric_names=settings.metrics_names)
     app = create_app(settings, engine=engine)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None,
                                            access_log=False, log_level="warning"))

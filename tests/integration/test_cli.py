@@ -1,8 +1,10 @@
-"""`pagedserve serve` as a user runs it: a subprocess on a tiny model, startup phase lines,
-SIGTERM → exit 0; a model that cannot load → 503 from /health, then exit status 1."""
+"""`pagedserve serve` as a user runs it: a subprocess on a tiny model, its startup lines (one
+per stage, then the one ready line and its fields), SIGTERM → exit 0; speculative decoding in
+the ready line; a model that cannot load → 503 from /health, then exit status 1."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -12,10 +14,15 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import uvicorn
+from prometheus_client import CollectorRegistry
 
-from server.app import create_app
+from engine import AsyncEngine, EngineConfig
+from engine.kernels.native import native_library
+from server.app import announce_ready, create_app
 from server.settings import Settings
+from server.state import ServerState
 from tests.integration.test_default_model import REPO, _free_port, _wait_healthy
 
 PAGEDSERVE = str(Path(sys.executable).with_name("pagedserve"))
@@ -46,10 +53,42 @@ def test_serve_tiny_model_subprocess(tiny_llama_dir: Path, tmp_path: Path) -> No
         returncode = process.wait(timeout=60)
     text = log.read_text()
     assert returncode == 0, text[-3000:]
-    for phase in ("settings:", "KV cache", f"listening on http://127.0.0.1:{port}",
-                  "ready: serving 'tiny'"):
+    for phase in ("settings:", "config: LlamaForCausalLM", "weights loaded in", "KV cache",
+                  f"listening on http://127.0.0.1:{port}", "ready: serving 'tiny'"):
         assert phase in text, f"missing startup line {phase!r}:\n{text[-3000:]}"
     assert "[cli-req-7]" in text  # the request id reaches the log lines
+    (ready,) = [line for line in text.splitlines() if "ready:" in line]
+    # 64 blocks less the null block; max_model_len 512 takes 32 of them
+    for part in (f"serving 'tiny' at http://127.0.0.1:{port}/v1;", "float32 on cpu",
+                 "no quantization", "KV cache 63 blocks = 1008 tokens",
+                 "1 sequence of max_model_len 512", "kernels: torch (the native CPU kernels "
+                 "take bfloat16 only)", "attention: torch", "speculative decoding: off"):
+        assert part in ready, f"{part!r} missing from the ready line: {ready}"
+    assert "\r" not in text  # not a terminal: log lines, no progress bars
+
+
+def test_ready_line_names_quantization_kernels_and_speculation(
+        tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = EngineConfig.from_kwargs(
+        str(tiny_llama_dir), dtype="bfloat16", device="cpu", quantization="int8",
+        num_blocks=100, block_size=8, max_model_len=256,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    engine = AsyncEngine(config, served_model_name="tiny", registry=CollectorRegistry())
+    state = ServerState(settings=Settings(), engine=engine, served_model_name="tiny")
+    with caplog.at_level(logging.INFO, logger="server.app"):
+        announce_ready(state)  # the URL is not known yet: no line
+        state.url = "http://127.0.0.1:8123"
+        announce_ready(state)
+    (ready,) = [record.getMessage() for record in caplog.records if record.name == "server.app"]
+    native = native_library() is not None  # built or not, as on this machine
+    for part in ("serving 'tiny' at http://127.0.0.1:8123/v1;", "bfloat16 on cpu",
+                 "quantization int8", "KV cache 99 blocks = 792 tokens",
+                 "3 sequences of max_model_len 256",  # 32 blocks each
+                 "int8 matmuls on the native VNNI kernel" if native
+                 else "int8 matmuls on the torch fallback (slow)",
+                 "native CPU kernels (RMSNorm" if native else "torch fallbacks (",
+                 "attention: torch", "speculative decoding: ngram, up to 3 tokens"):
+        assert part in ready, f"{part!r} missing from the ready line: {ready}"
 
 
 def test_serve_unloadable_model_exits_1(tmp_path: Path) -> None:

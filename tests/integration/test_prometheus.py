@@ -1,12 +1,14 @@
-"""pagedserve as a real server process, scraped every second by a real Prometheus (Debian's
-`prometheus` package) on loopback: the TTFT quantile Prometheus computes from our histogram
-lies within what 20 clients measured themselves, the ITL count equals generated tokens minus
-requests, the dashboard's queries evaluate, and /metrics parses in both exposition formats."""
+"""pagedserve as a real server process (--metrics-names both), scraped every second by a real
+Prometheus (Debian's `prometheus` package) on loopback: the TTFT quantile Prometheus computes
+from our histogram lies within what 20 clients measured themselves, the ITL count equals
+generated tokens minus requests, our dashboard's queries and every query of vLLM's published
+Grafana dashboard evaluate to data, and /metrics parses in both exposition formats."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -34,6 +36,77 @@ STARTUP_TIMEOUT_S = 90.0
 SCRAPE_TIMEOUT_S = 30.0
 TTFT_P50 = ("histogram_quantile(0.5, "
             "rate(pagedserve_time_to_first_token_seconds_bucket[1m]))")
+
+# Every PromQL expression of vLLM's example Grafana dashboard, as published in vLLM's docs
+# (docs.vllm.ai/en/latest/examples/observability/prometheus_grafana/, the file
+# examples/observability/prometheus_grafana/grafana.json of github.com/vllm-project/vllm;
+# formerly examples/online_serving/prometheus_grafana/grafana.json), panel by panel. Its
+# template variable model_name is `label_values(model_name)`; $model_name and
+# $__rate_interval are substituted before the query.
+_VLLM_QUANTILES = ("0.99", "0.95", "0.9", "0.5")
+VLLM_DASHBOARD = [
+    # E2E Request Latency
+    *(f"histogram_quantile({q}, sum by(le) (rate(vllm:e2e_request_latency_seconds_bucket"
+      '{model_name="$model_name"}[$__rate_interval])))' for q in _VLLM_QUANTILES),
+    'rate(vllm:e2e_request_latency_seconds_sum{model_name="$model_name"}[$__rate_interval])\n'
+    '/\nrate(vllm:e2e_request_latency_seconds_count{model_name="$model_name"}'
+    "[$__rate_interval])",
+    # Token Throughput
+    'rate(vllm:prompt_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:generation_tokens_total{model_name="$model_name"}[$__rate_interval])',
+    # Inter Token Latency
+    *(f"histogram_quantile({q}, sum by(le) (rate(vllm:inter_token_latency_seconds_bucket"
+      '{model_name="$model_name"}[$__rate_interval])))' for q in _VLLM_QUANTILES),
+    'rate(vllm:inter_token_latency_seconds_sum{model_name="$model_name"}[$__rate_interval])'
+    '\n/\nrate(vllm:inter_token_latency_seconds_count{model_name="$model_name"}'
+    "[$__rate_interval])",
+    # Time Per Output Token (TPOT)
+    *(f"histogram_quantile({q}, sum by(le) (rate("
+      'vllm:request_time_per_output_token_seconds_bucket{model_name="$model_name"}'
+      "[$__rate_interval])))" for q in _VLLM_QUANTILES),
+    'rate(vllm:request_time_per_output_token_seconds_sum{model_name="$model_name"}'
+    '[$__rate_interval])\n/\nrate(vllm:request_time_per_output_token_seconds_count'
+    '{model_name="$model_name"}[$__rate_interval])',
+    # Scheduler State
+    'vllm:num_requests_running{model_name="$model_name"}',
+    'vllm:num_requests_waiting{model_name="$model_name"}',
+    # Time To First Token Latency
+    *(f"histogram_quantile({q}, sum by(le) (rate(vllm:time_to_first_token_seconds_bucket"
+      '{model_name="$model_name"}[$__rate_interval])))' for q in _VLLM_QUANTILES),
+    'rate(vllm:time_to_first_token_seconds_sum{model_name="$model_name"}[$__rate_interval])'
+    '\n/\nrate(vllm:time_to_first_token_seconds_count{model_name="$model_name"}'
+    "[$__rate_interval])",
+    # Cache Utilization
+    'vllm:kv_cache_usage_perc{model_name="$model_name"}',
+    # Request Prompt Length, Request Generation Length (heatmaps)
+    'sum by(le) (increase(vllm:request_prompt_tokens_bucket{model_name="$model_name"}'
+    "[$__rate_interval]))",
+    'sum by(le) (increase(vllm:request_generation_tokens_bucket{model_name="$model_name"}'
+    "[$__rate_interval]))",
+    # Finish Reason
+    'sum by(finished_reason) (increase(vllm:request_success_total{model_name="$model_name"}'
+    "[$__rate_interval]))",
+    # Queue Time
+    'rate(vllm:request_queue_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    # Requests Prefill and Decode Time
+    'rate(vllm:request_prefill_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    'rate(vllm:request_decode_time_seconds_sum{model_name="$model_name"}[$__rate_interval])',
+    # Max Generation Token in Sequence Group
+    'rate(vllm:request_max_num_generation_tokens_sum{model_name="$model_name"}'
+    "[$__rate_interval])",
+]
+# The panels of the dashboard's earlier version (before vLLM renamed these two metrics) that
+# differ: Time Per Output Token Latency on vllm:time_per_output_token_seconds, and Cache
+# Utilization on vllm:gpu_cache_usage_perc; its template variable was
+# label_values({__name__=~"vllm:.*"}, model_name).
+VLLM_OLDER_DASHBOARD = [
+    *(f"histogram_quantile({q}, sum by(le) (rate(vllm:time_per_output_token_seconds_bucket"
+      '{model_name="$model_name"}[$__rate_interval])))' for q in _VLLM_QUANTILES),
+    'rate(vllm:time_per_output_token_seconds_sum{model_name="$model_name"}[$__rate_interval])'
+    '\n/\nrate(vllm:time_per_output_token_seconds_count{model_name="$model_name"}'
+    "[$__rate_interval])",
+    'vllm:gpu_cache_usage_perc{model_name="$model_name"}',
+]
 
 
 def prometheus_binary() -> str:
@@ -83,7 +156,8 @@ def pagedserve(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     command = [sys.executable, "-m", "server", "serve", str(tiny_llama_dir), "--host",
                "127.0.0.1", "--port", "0", "--dtype", "float32", "--device", "cpu",
                "--num-blocks", "256", "--block-size", "16", "--max-num-seqs", "2",
-               "--max-num-batched-tokens", "64", "--log-level", "info"]
+               "--max-num-batched-tokens", "64", "--log-level", "info",
+               "--metrics-names", "both"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("wb") as sink:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink,
@@ -173,6 +247,7 @@ def _status(url: str) -> int | None:
 class ClientRun:
     ttfts: list[float]  # seconds from sending to the first streamed token, per request
     num_generated: int  # completion tokens, per the usage chunks
+    num_prompt_tokens: int  # the prompts' lengths, summed
     model: str
 
 
@@ -214,7 +289,8 @@ def client_run(pagedserve: str, prometheus: Prometheus) -> ClientRun:
 
     results = asyncio.run(run())
     assert [usage for _, usage in results] == [max_tokens for _, max_tokens in jobs]
-    return ClientRun([ttft for ttft, _ in results], sum(u for _, u in results), model)
+    return ClientRun([ttft for ttft, _ in results], sum(u for _, u in results),
+                     sum(len(prompt) for prompt, _ in jobs), model)
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +352,43 @@ def test_dashboard_queries_evaluate_to_data(scraped: Prometheus) -> None:
         assert scraped.query(promql), f"no data for the dashboard query {promql!r}"
 
 
+def test_vllm_dashboard_queries_evaluate_to_data(scraped: Prometheus,
+                                                client_run: ClientRun) -> None:
+    """Every query of vLLM's dashboard (and of its earlier version) returns series with finite
+    values: the requests all finished within the rate window, so no rate is 0/0."""
+    for expr in VLLM_DASHBOARD + VLLM_OLDER_DASHBOARD:
+        promql = expr.replace("$model_name", client_run.model).replace("$__rate_interval",
+                                                                        "1m")
+        result = scraped.query(promql)
+        assert result, f"no data for vLLM's dashboard query {promql!r}"
+        for series in result:
+            value = float(series["value"][1])  # type: ignore[index]
+            assert math.isfinite(value), (promql, series)
+    for template_query in ("model_name", '{__name__=~"vllm:.*"}'):  # new and old variable
+        response = httpx.get(f"{scraped.url}/api/v1/label/model_name/values",
+                             params={"match[]": template_query}
+                             if template_query.startswith("{") else {}, timeout=10)
+        assert response.json()["data"] == [client_run.model], template_query
+
+
+def test_vllm_names_count_as_vllm_does(scraped: Prometheus, client_run: ClientRun) -> None:
+    """The same run through both namings, as Prometheus stored them: vLLM counts each prompt
+    whole (its cache hits too), pagedserve the prompt tokens it computed."""
+    assert scraped.scalar("vllm:generation_tokens_total") == client_run.num_generated
+    assert scraped.scalar("vllm:prompt_tokens_total") == client_run.num_prompt_tokens
+    cached = scraped.scalar("vllm:prompt_tokens_cached_total")
+    assert cached is not None and cached > 0  # the shared 32-token prefix
+    assert scraped.scalar("pagedserve_prompt_tokens_total") == (
+        client_run.num_prompt_tokens - cached)
+    assert scraped.scalar('vllm:request_success_total{finished_reason="length"}') == (
+        NUM_REQUESTS)
+    assert scraped.scalar("vllm:time_to_first_token_seconds_count") == NUM_REQUESTS
+    assert scraped.scalar("vllm:inter_token_latency_seconds_count") == (
+        client_run.num_generated - NUM_REQUESTS)
+    engines = scraped.query('count by (engine) ({__name__=~"vllm:.*"})')
+    assert [series["metric"] for series in engines] == [{"engine": "0"}]
+
+
 @pytest.mark.parametrize("accept", ["", "application/openmetrics-text; version=1.0.0"])
 def test_metrics_endpoint_parses_with_help_everywhere(pagedserve: str, client_run: ClientRun,
                                                       accept: str) -> None:
@@ -290,5 +403,8 @@ def test_metrics_endpoint_parses_with_help_everywhere(pagedserve: str, client_ru
         families = list(text_string_to_metric_families(response.text))
     ours = [f for f in families if f.name.startswith("pagedserve_")]
     assert len(ours) >= 20
+    vllms = {s.name for f in families if f.name.startswith("vllm:") for s in f.samples}
+    assert {"vllm:prompt_tokens_total", "vllm:e2e_request_latency_seconds_bucket"} <= vllms
     for family in families:
         assert family.documentation.strip(), f"{family.name} has no HELP"
+        assert not [s for s in family.samples if s.name.endswith("_created")], family.name

@@ -1,6 +1,7 @@
 """engine/metrics.py through the real AsyncEngine on a tiny llama: counters add up to what the
-clients received, gauges fall back to idle, TTFT counts from arrival, the exposition parses;
-plus the periodic and per-request log lines and server/logging_config.py's JSON format."""
+clients received, gauges fall back to idle, TTFT counts from arrival, the exposition parses,
+under pagedserve's names and vLLM's (engine/vllm_metrics.py: vLLM's counting rules, buckets and
+labels); plus the periodic and per-request log lines and server/logging_config.py's JSON format."""
 
 from __future__ import annotations
 
@@ -24,11 +25,21 @@ from engine import AsyncEngine, EngineConfig, InvalidRequestError, QueueFullErro
 from engine.core import StepStats
 from engine.llm_engine import LLMEngine
 from engine.loader import LoadedModel, load_model
-from engine.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, MetricsLogger
+from engine.metrics import LATENCY_BUCKETS, METRIC_NAMES, TOKEN_BUCKETS, MetricsLogger
 from engine.outputs import RequestOutput
+from engine.vllm_metrics import (
+    ITL_BUCKETS,
+    REQUEST_LATENCY_BUCKETS,
+    TTFT_BUCKETS,
+    one_two_five_buckets,
+)
 from server.logging_config import build_handler
+from server.routes.metrics import exposition
 
 MODEL_NAME = "tiny"
+# what Prometheus 2.x sends when it scrapes
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 VOCAB_SIZE = 512
 EARLY_ARRIVAL_S = 5.0  # one request "arrived" this long before generate() was called
 
@@ -47,6 +58,22 @@ EXPECTED_FAMILIES = {
     "pagedserve_spec_decode_num_accepted_tokens_per_pos",
 }
 INFO_FAMILY = "pagedserve_engine_config"  # an info metric: "..._info", a gauge, in the text format
+# every family exported under vLLM's names, as the text parser names them; the spec-decode
+# counters only appear once a step verified proposals (none here)
+EXPECTED_VLLM_FAMILIES = {
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc", "vllm:engine_sleep_state", "vllm:cache_config_info",
+    "vllm:prompt_tokens", "vllm:prompt_tokens_by_source", "vllm:prompt_tokens_cached",
+    "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions",
+    "vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
+    "vllm:request_time_per_output_token_seconds", "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds", "vllm:request_inference_time_seconds",
+    "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds",
+    "vllm:request_prompt_tokens", "vllm:request_generation_tokens",
+    "vllm:request_prefill_kv_computed_tokens", "vllm:request_max_num_generation_tokens",
+    "vllm:request_params_n", "vllm:request_params_max_tokens", "vllm:iteration_tokens_total",
+}
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -58,16 +85,27 @@ def loaded(tiny_llama_dir: Path) -> LoadedModel:
 
 def make_engine(loaded: LoadedModel, registry: CollectorRegistry,
                 **engine_args: object) -> AsyncEngine:
+    """An engine on the tiny llama recording under both names, so each test checks both."""
     config = EngineConfig.from_kwargs(model=str(loaded.model_dir), dtype="float32",
                                       device="cpu", seed=0, **engine_args)
     return AsyncEngine(config, LLMEngine(config, loaded), served_model_name=MODEL_NAME,
-                       registry=registry)
+                       registry=registry, metric_names="both")
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    if name.startswith("vllm:"):  # vLLM labels every series with its engine index too
+        labels = {"engine": "0", **labels}
     value = registry.get_sample_value(name, {"model_name": MODEL_NAME, **labels})
     assert value is not None, f"{name}{labels} is not exported"
     return value
+
+
+def bucket_bounds(registry: CollectorRegistry, histogram: str) -> list[float]:
+    """The finite `le` bounds a histogram exports, in order."""
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    [family] = [f for f in families if f.name == histogram]
+    return sorted({float(s.labels["le"]) for s in family.samples
+                   if s.name.endswith("_bucket") and s.labels["le"] != "+Inf"})
 
 
 def prompt(rng: random.Random, length: int) -> list[int]:
@@ -222,17 +260,155 @@ def test_gauges_return_to_idle_and_engine_info(scripted: ScriptedRun) -> None:
 def test_exposition_parses_with_help_for_every_family(scripted: ScriptedRun) -> None:
     text = generate_latest(scripted.registry).decode()
     families = list(text_string_to_metric_families(text))
-    # prometheus_client adds a "<name>_created" gauge per counter and histogram (text format)
-    names = {f.name for f in families if not f.name.endswith("_created")}
-    assert names == EXPECTED_FAMILIES | {f"{INFO_FAMILY}_info"}
+    vllm_spec_families = {f"vllm:spec_decode_num_{name}" for name in (
+        "drafts", "draft_tokens", "accepted_tokens", "accepted_tokens_per_pos")}
+    assert {f.name for f in families} == (EXPECTED_FAMILIES | {f"{INFO_FAMILY}_info"}
+                                          | EXPECTED_VLLM_FAMILIES | vllm_spec_families)
+    # no "<name>_created" series (turned off, as vLLM does): they only grew the exposition
+    assert not [s.name for f in families for s in f.samples if s.name.endswith("_created")]
     for family in families:
         assert family.documentation.strip(), f"{family.name} has no HELP"
+        # vLLM's spec-decode series, and both namings' per-position ones, exist once a step
+        # verified proposals
+        assert family.samples or family.name in vllm_spec_families | {
+            "pagedserve_spec_decode_num_accepted_tokens_per_pos"}, family.name
         for s in family.samples:
+            if family.name == "vllm:cache_config_info":  # vLLM's has no model_name either
+                assert s.labels["engine"] == "0" and "model_name" not in s.labels, s
+                continue
             assert s.labels.get("model_name") == MODEL_NAME, s
-    # OpenMetrics (what /metrics serves on Accept: application/openmetrics-text) parses too
-    om_families = list(parse_om(generate_openmetrics(scripted.registry).decode()))
-    assert {f.name for f in om_families} == EXPECTED_FAMILIES | {INFO_FAMILY}
+            assert s.labels.get("engine") == ("0" if s.name.startswith("vllm:") else None), s
+    # OpenMetrics, what /metrics serves to Prometheus (which asks for it), parses too, with
+    # the same sample names: vLLM's keep their colons (prometheus_client alone would not)
+    body, content_type = exposition(scripted.registry, "both", PROMETHEUS_ACCEPT)
+    assert content_type.startswith("application/openmetrics-text")
+    om_families = list(parse_om(body.decode()))
+    assert {f.name for f in om_families} == ({f.name for f in families} - {
+        f"{INFO_FAMILY}_info"} | {INFO_FAMILY})
     assert all(f.documentation.strip() for f in om_families)
+    assert ({s.name for f in om_families for s in f.samples}
+            == {s.name for f in families for s in f.samples})
+    unescaped = parse_om(generate_openmetrics(scripted.registry).decode())
+    assert "vllm:prompt_tokens_total" not in {s.name for f in unescaped for s in f.samples}
+
+
+def test_each_choice_of_names_registers_only_its_families() -> None:
+    for names in METRIC_NAMES:
+        registry = CollectorRegistry()
+        MetricsLogger(MODEL_NAME, registry=registry, names=names).record_step(
+            StepStats(num_generation_tokens=2, inter_token_latencies=[0.01]))
+        text = generate_latest(registry).decode()
+        families = {f.name for f in text_string_to_metric_families(text)}
+        ours = {name for name in families if name.startswith("pagedserve_")}
+        theirs = {name for name in families if name.startswith("vllm:")}
+        assert ours | theirs == families
+        assert bool(ours) == (names != "vllm") and bool(theirs) == (names != "pagedserve")
+        if theirs:
+            assert sample(registry, "vllm:generation_tokens_total") == 2
+        if ours:
+            assert sample(registry, "pagedserve_generation_tokens_total") == 2
+
+
+# ---- vLLM's names on the same run: vLLM's counting rules, buckets and labels -----------------
+
+def test_vllm_counts_each_choice_and_each_prompt_once(scripted: ScriptedRun) -> None:
+    """vLLM runs each of n choices as a request of its own and counts a prompt whole when its
+    first token comes: request b (n=2) counts twice everywhere but request_params_n."""
+    registry, outputs = scripted.registry, scripted.outputs
+    choices = [(output, choice) for output in outputs for choice in output.outputs]
+    generated = num_tokens(outputs)
+    prompts = sum(len(output.prompt_token_ids) for output, _ in choices)
+    assert sample(registry, "vllm:generation_tokens_total") == generated
+    assert sample(registry, "vllm:prompt_tokens_total") == prompts
+    assert sample(registry, "vllm:prompt_tokens_by_source_total",
+                  source="local_compute") == prompts
+    for source in ("local_cache_hit", "external_kv_transfer"):
+        assert sample(registry, "vllm:prompt_tokens_by_source_total", source=source) == 0
+    assert sample(registry, "vllm:prompt_tokens_cached_total") == 0
+    assert sample(registry, "vllm:iteration_tokens_total_sum") == prompts + generated
+    # the validation failures never reached the engine: vLLM does not count them
+    expected = {"length": 4, "stop": 1, "abort": 0, "error": 0, "repetition": 0}
+    for reason, count in expected.items():
+        assert sample(registry, "vllm:request_success_total", finished_reason=reason) == count
+    assert sample(registry, "vllm:time_to_first_token_seconds_count") == len(choices)
+    assert sample(registry, "vllm:inter_token_latency_seconds_count") == generated - len(choices)
+    for name in ("e2e_request_latency", "request_queue_time", "request_inference_time",
+                 "request_prefill_time", "request_decode_time",
+                 "request_time_per_output_token"):
+        assert sample(registry, f"vllm:{name}_seconds_count") == len(choices)
+    assert sample(registry, "vllm:request_prompt_tokens_sum") == prompts
+    assert sample(registry, "vllm:request_prefill_kv_computed_tokens_sum") == prompts
+    assert sample(registry, "vllm:request_generation_tokens_sum") == generated
+    assert [output.max_tokens for output in outputs] == [8, 6, 5, 8]
+    assert sample(registry, "vllm:request_params_max_tokens_sum") == 8 + 6 + 5 + 5 + 8
+    assert sample(registry, "vllm:request_params_n_count") == len(outputs)
+    assert sample(registry, "vllm:request_params_n_sum") == len(choices)
+    assert sample(registry, "vllm:request_max_num_generation_tokens_sum") == sum(
+        max(choice.num_tokens for choice in output.outputs) for output in outputs)
+
+
+def test_vllm_request_time_per_output_token_leaves_the_first_token_out(
+        scripted: ScriptedRun) -> None:
+    expected = 0.0
+    for output in scripted.outputs:
+        timing = output.timing
+        assert timing.first_token is not None and timing.last_token is not None
+        for choice in output.outputs:
+            expected += (timing.last_token - timing.first_token) / (choice.num_tokens - 1)
+    assert sample(scripted.registry, "vllm:request_time_per_output_token_seconds_sum") == (
+        pytest.approx(expected))
+
+
+def test_vllm_ttft_and_e2e_count_from_the_arrival_time(scripted: ScriptedRun) -> None:
+    registry = scripted.registry
+    assert EARLY_ARRIVAL_S in TTFT_BUCKETS and EARLY_ARRIVAL_S in REQUEST_LATENCY_BUCKETS
+    le = f"{EARLY_ARRIVAL_S:.1f}"
+    assert sample(registry, "vllm:time_to_first_token_seconds_bucket", le=le) == (
+        scripted.num_sequences - 1)
+    assert sample(registry, "vllm:e2e_request_latency_seconds_bucket", le=le) == (
+        scripted.num_sequences - 1)
+    assert sample(registry, "vllm:request_queue_time_seconds_bucket", le=le) == (
+        scripted.num_sequences - 1)
+
+
+def test_vllm_buckets_are_vllms(scripted: ScriptedRun) -> None:
+    registry, max_model_len = scripted.registry, scripted.engine.max_model_len
+    assert one_two_five_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
+    assert one_two_five_buckets(252)[-3:] == (50, 100, 200)
+    expected = {"vllm:time_to_first_token_seconds": TTFT_BUCKETS,
+                "vllm:inter_token_latency_seconds": ITL_BUCKETS,
+                "vllm:time_per_output_token_seconds": ITL_BUCKETS,
+                "vllm:request_time_per_output_token_seconds": ITL_BUCKETS,
+                "vllm:e2e_request_latency_seconds": REQUEST_LATENCY_BUCKETS,
+                "vllm:request_decode_time_seconds": REQUEST_LATENCY_BUCKETS,
+                "vllm:request_prompt_tokens": one_two_five_buckets(max_model_len),
+                "vllm:request_params_n": (1, 2, 5, 10, 20),
+                "vllm:iteration_tokens_total": (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                                4096, 8192, 16384)}
+    for histogram, buckets in expected.items():
+        assert bucket_bounds(registry, histogram) == list(buckets), histogram
+
+
+def test_vllm_renamed_names_repeat_the_current_ones(scripted: ScriptedRun) -> None:
+    """The names vLLM's older dashboard queries are the same series under the old name."""
+    registry = scripted.registry
+    for suffix in ("_count", "_sum"):
+        assert sample(registry, f"vllm:time_per_output_token_seconds{suffix}") == sample(
+            registry, f"vllm:inter_token_latency_seconds{suffix}")
+    assert sample(registry, "vllm:gpu_cache_usage_perc") == sample(
+        registry, "vllm:kv_cache_usage_perc")
+
+
+def test_vllm_gauges_return_to_idle_and_cache_config_info(scripted: ScriptedRun) -> None:
+    registry = scripted.registry
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert sample(registry, f"vllm:{name}") == 0
+    for state, value in (("awake", 1), ("weights_offloaded", 0), ("discard_all", 0)):
+        assert sample(registry, "vllm:engine_sleep_state", sleep_state=state) == value
+    assert registry.get_sample_value("vllm:cache_config_info", {
+        "block_size": "4", "cache_dtype": "auto", "enable_prefix_caching": "False",
+        "gpu_memory_utilization": "0.9", "prefix_caching_hash_algo": "sha256",
+        "num_gpu_blocks": str(scripted.engine.num_total_blocks), "engine": "0"}) == 1
 
 
 # ---- preemption, prefix caching, aborts and rejections ----------------------------------------
@@ -266,6 +442,10 @@ def test_preemptions_counted_with_a_tiny_kv_pool(loaded: LoadedModel,
     assert sample(registry, "pagedserve_request_success_total", finish_reason="length") == 4
     assert sample(registry, "pagedserve_inter_token_latency_seconds_count") == 48 - 4
     assert sample(registry, "pagedserve_kv_cache_usage_ratio") == 0.0
+    # vLLM counts a prompt once, when its first token comes, however often it is recomputed
+    assert sample(registry, "vllm:num_preemptions_total") == num_preemptions
+    assert sample(registry, "vllm:prompt_tokens_total") == 8 * 4
+    assert sample(registry, "vllm:generation_tokens_total") == 48
 
 
 def test_prefix_cache_hits_count_shared_full_blocks(loaded: LoadedModel,
@@ -297,6 +477,17 @@ def test_prefix_cache_hits_count_shared_full_blocks(loaded: LoadedModel,
     assert sample(registry, "pagedserve_prefix_cache_queries_total") == len(first) + len(second)
     assert sample(registry, "pagedserve_prompt_tokens_total") == (
         len(first) + len(second) - expected_hits)
+    # vLLM's prompt tokens count the cache hits too, and say how many there were
+    assert sample(registry, "vllm:prompt_tokens_total") == len(first) + len(second)
+    assert sample(registry, "vllm:prompt_tokens_cached_total") == expected_hits
+    assert sample(registry, "vllm:prompt_tokens_by_source_total",
+                  source="local_cache_hit") == expected_hits
+    assert sample(registry, "vllm:prompt_tokens_by_source_total", source="local_compute") == (
+        len(first) + len(second) - expected_hits)
+    assert sample(registry, "vllm:prefix_cache_hits_total") == expected_hits
+    assert sample(registry, "vllm:prefix_cache_queries_total") == len(first) + len(second)
+    assert sample(registry, "vllm:request_prefill_kv_computed_tokens_sum") == (
+        len(first) + len(second) - expected_hits)
 
 
 def test_abort_and_queue_full_are_failures(loaded: LoadedModel, engine_runner: asyncio.Runner,
@@ -324,12 +515,19 @@ def test_abort_and_queue_full_are_failures(loaded: LoadedModel, engine_runner: a
     assert getattr(line, "request_id", None) == "dropped"
     assert "finish_reason=abort" in line.getMessage()
     assert sample(registry, "pagedserve_e2e_request_latency_seconds_count") == 0
+    # vLLM counts every finished request by its finish reason, an abort too
+    assert sample(registry, "vllm:request_success_total", finished_reason="abort") == 1
+    assert sample(registry, "vllm:request_success_total", finished_reason="length") == 0
+    assert sample(registry, "vllm:e2e_request_latency_seconds_count") == 1
 
     full_registry = CollectorRegistry()
     full = make_engine(loaded, full_registry, num_blocks=8, block_size=4, max_queue_len=0)
     with pytest.raises(QueueFullError):
         engine_runner.run(final_output(full, "refused", prompt(rng, 4), fixed_length(2)))
     assert sample(full_registry, "pagedserve_request_failure_total", reason="queue_full") == 1
+    # refused before the engine core: vLLM counts nothing
+    assert sum(sample(full_registry, "vllm:request_success_total", finished_reason=reason)
+               for reason in ("stop", "length", "abort", "error", "repetition")) == 0
 
 
 def test_engine_errors_and_server_validation_count_as_failures(loaded: LoadedModel) -> None:

@@ -1,0 +1,86 @@
+"""What the engine resolved at start-up (dtype, KV pool, kernels, speculation), as plain data:
+the server's ready line reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.kernels.native import native_library, unsupported_reason
+from engine.layers.linear import Linear
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+
+# by class name: importing the CUDA backend's module would import Triton
+_ATTENTION_NAMES = {"TorchAttentionBackend": "torch", "CudaAttentionBackend": "Triton"}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSummary:
+    """The running engine in a few words and numbers."""
+
+    dtype: str
+    device: str
+    quantization: str | None
+    block_size: int
+    num_blocks: int  # usable KV blocks (the null block excluded)
+    max_model_len: int
+    kernels: str  # which implementations run the model's hot paths
+    attention_backend: str
+    speculative: str | None  # None: off
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_max_len_sequences(self) -> int:
+        """How many sequences of max_model_len tokens the KV pool holds at once."""
+        return self.num_blocks // -(-self.max_model_len // self.block_size)
+
+
+def summarize(engine: LLMEngine) -> EngineSummary:
+    config, loaded = engine.config, engine.loaded
+    backend = loaded.model.attn_backend
+    backend_name = type(backend).__name__
+    return EngineSummary(
+        dtype=str(loaded.dtype).removeprefix("torch."), device=str(loaded.device),
+        quantization=config.model.quantization, block_size=config.cache.block_size,
+        num_blocks=engine.stats().num_total_blocks, max_model_len=engine.max_model_len,
+        kernels=_kernels(engine), attention_backend=_ATTENTION_NAMES.get(backend_name,
+                                                                         backend_name),
+        speculative=_speculative(engine))
+
+
+def _kernels(engine: LLMEngine) -> str:
+    loaded = engine.loaded
+    if loaded.device.type == "cuda":
+        graphs = engine.core.runner.decode_graphs
+        captured = graphs is not None and graphs.capture_enabled
+        return f"torch on CUDA, decode {'in CUDA graphs' if captured else 'eager'}"
+    parts: list[str] = []
+    # native_library() is cached: the loader built (or gave up on) it for these two cases
+    if engine.config.model.quantization == "int8":
+        parts.append("int8 matmuls on the native VNNI kernel" if native_library() is not None
+                     else "int8 matmuls on the torch fallback (slow)")
+    if loaded.dtype == torch.bfloat16:
+        parts.append("native CPU kernels (RMSNorm, SwiGLU, paged decode attention)"
+                     if native_library() is not None
+                     else f"torch fallbacks ({unsupported_reason() or 'native build failed'})")
+        if any(isinstance(m, Linear) and m.packed_weight is not None
+               for m in loaded.model.modules()):
+            parts.append("oneDNN prepacked matmuls")
+    else:
+        parts.append("torch (the native CPU kernels take bfloat16 only)")
+    return ", ".join(parts)
+
+
+def _speculative(engine: LLMEngine) -> str | None:
+    spec = engine.config.speculative
+    if spec is None:
+        return None
+    source = f"draft model {spec.model}" if spec.model is not None else spec.method
+    return f"{source}, up to {spec.num_speculative_tokens} tokens"
