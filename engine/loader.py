@@ -85,8 +85,10 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
         raise InvalidRequestError(
             f"quantization {quantization!r} runs on CPU only, the device is {torch_device}")
     torch_dtype = resolve_dtype(dtype, hf_config, torch_device)
-    logger.info("config: %s from %s, dtype %s, device %s", model_cls.__name__, model_dir,
-                str(torch_dtype).removeprefix("torch."), torch_device)
+    logger.info("config: %s from %s, dtype %s%s, device %s", model_cls.__name__, model_dir,
+                str(torch_dtype).removeprefix("torch."),
+                _auto_dtype_reason(hf_config, torch_dtype) if dtype == "auto" else "",
+                torch_device)
     # checked before anything is built, so a missing-weights error costs nothing
     weights = checkpoint_weights(model_dir, allow_pickle, torch_dtype)
     started = time.perf_counter()
@@ -131,6 +133,19 @@ def _prepack(module: CausalLM) -> None:
     if packed:
         logger.info("%d matmul weights prepacked for oneDNN in %.2f s", packed,
                     progress.seconds)
+
+
+def _auto_dtype_reason(hf_config: transformers.PretrainedConfig, chosen: torch.dtype) -> str:
+    """Why "auto" chose `chosen`, where it is not simply the checkpoint's dtype."""
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    stored_name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    if stored_name == str(chosen).removeprefix("torch."):
+        return " (auto: the checkpoint's)"
+    if stored_name == "float16":
+        return " (auto: the checkpoint is float16, slow on CPU)"
+    if chosen == torch.bfloat16:
+        return f" (auto: the checkpoint is {stored_name}; this CPU computes bfloat16 natively)"
+    return f" (auto: the checkpoint is {stored_name})"
 
 
 def _quantize_int8(module: CausalLM) -> None:

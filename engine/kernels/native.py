@@ -22,6 +22,7 @@ import torch  # loaded before the kernels, so they share its libgomp
 
 from engine.cache_dir import cache_root, file_lock
 from engine.progress import stage
+from engine.runtime import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +84,13 @@ def unsupported_reason() -> str | None:
         return "turned off by PAGEDSERVE_NATIVE_KERNELS=0"
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return f"they need Linux on x86-64, this is {sys.platform} on {platform.machine()}"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [flag for flag in CPU_FLAGS if flag not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     if _compiler() is None:
         return "no C compiler found (set CC, or install gcc)"
     return None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _compiler() -> str | None:

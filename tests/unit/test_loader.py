@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import engine.weights
+from engine import runtime
 from engine.attention.base import AttentionMetadata
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.loader import LoadedModel, load_model
@@ -33,14 +34,38 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ("float16", CPU, torch.bfloat16),  # fp16 matmuls are slow on CPU
     ("float16", CUDA, torch.float16),
     ("bfloat16", CUDA, torch.bfloat16),
+    ("float32", CUDA, torch.float32),
     (None, CPU, torch.float32),
     ("float8_e4m3fn", CUDA, torch.float32),  # not one we compute in: fall back to float32
 ])
 def test_auto_dtype_follows_the_checkpoint(config_dtype: str | None, device: torch.device,
                                            expected: torch.dtype) -> None:
+    """On a CPU without native bf16 (and on CUDA) "auto" is the checkpoint's dtype."""
     config = build_config("llama")
     config.dtype = config_dtype
-    assert resolve_dtype("auto", config, device) == expected
+    assert resolve_dtype("auto", config, device, cpu_native_bf16=False) == expected
+
+
+@pytest.mark.parametrize("config_dtype", ["float32", "bfloat16", "float16", None])
+def test_auto_dtype_is_bfloat16_on_a_cpu_with_native_bf16(config_dtype: str | None) -> None:
+    """The fast path without flags: a float32 checkpoint (the embedded default model's) is
+    served in bf16 where the CPU computes bf16 natively; an explicit dtype still wins."""
+    config = build_config("llama")
+    config.dtype = config_dtype
+    assert resolve_dtype("auto", config, CPU, cpu_native_bf16=True) == torch.bfloat16
+    assert resolve_dtype("float32", config, CPU, cpu_native_bf16=True) == torch.float32
+
+
+def test_auto_dtype_probes_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an answer given, the CPU's own flags decide (AVX512-BF16 or AMX-BF16)."""
+    config = build_config("llama")
+    config.dtype = "float32"
+    for flags, expected in [({"avx2", "avx512f"}, torch.float32),
+                            ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                            ({"amx_bf16", "amx_tile"}, torch.bfloat16), (set(), torch.float32)]:
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        assert resolve_dtype("auto", config, CPU) == expected, flags
+    assert resolve_dtype("auto", config, CUDA) == torch.float32
 
 
 def test_auto_dtype_reads_transformers4_torch_dtype() -> None:
@@ -231,3 +256,24 @@ def prefill_logits(loaded: LoadedModel) -> torch.Tensor:
     input_ids = torch.cat([input_ids, input_ids])[:num_tokens]
     hidden = loaded.model(input_ids, torch.arange(num_tokens), kv_caches, metadata)
     return loaded.model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                                 ({"avx2"}, torch.float32)])
+def test_serve_without_flags_loads_bf16_where_the_cpu_has_it(
+        tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        flags: set[str], expected: torch.dtype) -> None:
+    """`pagedserve serve MODEL` with no flags: the settings leave dtype "auto", and the loader
+    turns the fp32 checkpoint into bf16 on a CPU with native bf16 (probed), saying why."""
+    from server.settings import Settings
+
+    settings = Settings()
+    assert settings.dtype == "auto"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    with caplog.at_level("INFO", logger="engine.loader"):
+        loaded = load_model(str(tiny_llama_dir), dtype=settings.dtype, device="cpu")
+    assert loaded.dtype == expected
+    assert next(loaded.model.parameters()).dtype == expected
+    reason = "this CPU computes bfloat16 natively" if expected == torch.bfloat16 else \
+        "auto: the checkpoint's"
+    assert reason in caplog.text
