@@ -92,3 +92,17 @@ def save_tiny_model(arch: str, path: Path, seed: int | None = None, **overrides:
     model.save_pretrained(path, safe_serialization=True)
     build_tokenizer().save_pretrained(path)
     return path
+
+
+def greedy_reference(model: transformers.PreTrainedModel, prompts: list[list[int]],
+                     num_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy generate, one prompt at a time, exactly num_new_tokens each
+    (EOS masked until then, as min_tokens does in the engine): the reference outputs."""
+    outputs = []
+    for prompt in prompts:
+        input_ids = torch.tensor([prompt])
+        generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=num_new_tokens, min_new_tokens=num_new_tokens,
+                                   do_sample=False, pad_token_id=0)
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs

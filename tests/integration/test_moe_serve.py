@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from tests.integration.conftest import API_KEY, MODEL_NAME, serve_process
+from tests.tiny_models import greedy_reference
 
 PROMPT = [5, 17, 101, 33, 250, 7, 64, 9, 300, 12, 45, 77]
 NUM_TOKENS = 12
@@ -21,10 +22,7 @@ def test_serve_moe_model_through_the_sdk(arch: str, tiny_model_dirs: dict[str, P
                                          tmp_path: Path) -> None:
     model_dir = tiny_model_dirs[arch]
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    input_ids = torch.tensor([PROMPT])
-    expected = reference.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS,
-                                  do_sample=False, pad_token_id=0)[0, len(PROMPT):].tolist()
+    [expected] = greedy_reference(reference, [PROMPT], NUM_TOKENS)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     with serve_process(model_dir, tmp_path / "serve.log", "--num-blocks", "64") as running:
         client = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key=API_KEY,
@@ -45,8 +43,6 @@ def test_serve_moe_model_through_the_sdk(arch: str, tiny_model_dirs: dict[str, P
         chat_text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "Which expert?"}], add_generation_prompt=True,
             tokenize=False)
-        chat_ids = torch.tensor([tokenizer.encode(str(chat_text), add_special_tokens=False)])
-        chat_expected = reference.generate(
-            chat_ids, attention_mask=torch.ones_like(chat_ids), max_new_tokens=NUM_TOKENS,
-            min_new_tokens=NUM_TOKENS, do_sample=False, pad_token_id=0)[0, chat_ids.shape[1]:]
+        chat_ids = tokenizer.encode(str(chat_text), add_special_tokens=False)
+        [chat_expected] = greedy_reference(reference, [chat_ids], NUM_TOKENS)
         assert "".join(deltas) == tokenizer.decode(chat_expected, skip_special_tokens=True)

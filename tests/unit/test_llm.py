@@ -14,7 +14,7 @@ import transformers
 
 from engine import LLM, LLMEngine, RequestOutput, RequestOutputKind, SamplingParams
 from tests.devices import device_args
-from tests.tiny_models import ARCHITECTURES
+from tests.tiny_models import ARCHITECTURES, greedy_reference
 
 NUM_NEW_TOKENS = 24
 PROMPT_LENGTHS = (3, 9, 17, 33, 57, 80)
@@ -35,14 +35,7 @@ def greedy(num_tokens: int = NUM_NEW_TOKENS, **kwargs: object) -> SamplingParams
 def reference_outputs(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     """transformers' own greedy generate, one prompt at a time, fp32."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    outputs = []
-    for prompt in prompts:
-        input_ids = torch.tensor([prompt])
-        generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=NUM_NEW_TOKENS, min_new_tokens=NUM_NEW_TOKENS,
-                                   do_sample=False, pad_token_id=0)
-        outputs.append(generated[0, len(prompt):].tolist())
-    return outputs
+    return greedy_reference(model, prompts, NUM_NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

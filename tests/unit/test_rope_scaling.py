@@ -16,7 +16,7 @@ import transformers
 from engine import LLM, SamplingParams
 from engine.layers.rotary import RopeSettings, RotaryEmbedding, inverse_frequencies, rope_settings
 from tests.devices import device_args
-from tests.tiny_models import build_config, save_tiny_model
+from tests.tiny_models import build_config, greedy_reference, save_tiny_model
 
 ORIGINAL_CONTEXT = 32  # the tiny models' pre-scaling context; prompts run well past it
 HEAD_DIM = 16  # build_config's llama and qwen2: hidden_size 64 over 4 heads
@@ -216,14 +216,7 @@ def reference_outputs(model_dir: Path, prompts: list[list[int]],
         config.rope_parameters = rope_parameters
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config,
                                                               dtype=torch.float32)
-    outputs = []
-    for prompt in prompts:
-        input_ids = torch.tensor([prompt])
-        generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=NUM_NEW_TOKENS, min_new_tokens=NUM_NEW_TOKENS,
-                                   do_sample=False, pad_token_id=0)
-        outputs.append(generated[0, len(prompt):].tolist())
-    return outputs
+    return greedy_reference(model, prompts, NUM_NEW_TOKENS)
 
 
 def engine_outputs(model_dir: Path, prompts: list[list[int]]) -> tuple[list[list[int]], LLM]:

@@ -16,7 +16,7 @@ import transformers
 from engine import LLM, SamplingParams
 from engine.models.llama import sliding_window_of
 from tests.devices import device_args
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import greedy_reference, save_tiny_model
 
 WINDOW = 16
 NUM_NEW_TOKENS = 24
@@ -66,14 +66,7 @@ def reference_outputs(model_dir: Path, prompts: list[list[int]],
         config.sliding_window = None  # Mistral and kin
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config,
                                                               dtype=torch.float32)
-    outputs = []
-    for prompt in prompts:
-        input_ids = torch.tensor([prompt])
-        generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                   max_new_tokens=NUM_NEW_TOKENS, min_new_tokens=NUM_NEW_TOKENS,
-                                   do_sample=False, pad_token_id=0)
-        outputs.append(generated[0, len(prompt):].tolist())
-    return outputs
+    return greedy_reference(model, prompts, NUM_NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
