@@ -1,6 +1,7 @@
 """Model loading, the entry point: resolve a directory, .gguf file or hub id to an HF-style
 directory, build our decoder on the meta device, stream the checkpoint's weights into it, then
-quantize or prepack its matmul weights for the device."""
+quantize or prepack its matmul weights for the device. GPTQ/AWQ checkpoints load their int4
+weights straight into int4 layers (engine/quantized_checkpoint.py converts the packings)."""
 
 from __future__ import annotations
 
@@ -17,20 +18,26 @@ from torch import nn
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionBackend
 from engine.errors import InvalidRequestError, UnsupportedModelError
-from engine.kernels import w8a8
+from engine.kernels import w4a16, w8a8
 from engine.kernels.native import native_library
 from engine.layers.linear import Linear, can_prepack
 from engine.layers.rotary import rope_settings
 from engine.model_source import resolve_model_dir
 from engine.models import CausalLM, get_model_class
 from engine.progress import Stage, stage
+from engine.quantized_checkpoint import (
+    CheckpointQuantization,
+    checkpoint_quantization,
+    convert_weights,
+    group_index,
+)
 from engine.runtime import (
     release_free_heap,
     resolve_device,
     resolve_dtype,
     single_threaded_setup,
 )
-from engine.weights import checkpoint_numel, checkpoint_weights
+from engine.weights import checkpoint_numel, checkpoint_tensor_names, checkpoint_weights
 
 # single_threaded_setup is also imported from here (engine/model_runner.py)
 __all__ = ["LoadedModel", "build_empty_model", "load_model", "single_threaded_setup"]
@@ -81,24 +88,35 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     hf_config = _load_config(model_dir, trust_remote_code)
     model_cls = get_model_class(hf_config)
     torch_device = resolve_device(device)
-    if quantization is not None and torch_device.type != "cpu":
+    quantized_checkpoint = _checkpoint_quantization(hf_config, quantization)
+    if (quantization is not None or quantized_checkpoint) and torch_device.type != "cpu":
         raise InvalidRequestError(
-            f"quantization {quantization!r} runs on CPU only, the device is {torch_device}")
+            f"quantization {quantization or 'int4'!r} runs on CPU only, the device is "
+            f"{torch_device}")
     torch_dtype = resolve_dtype(dtype, hf_config, torch_device)
     logger.info("config: %s from %s, dtype %s%s, device %s", model_cls.__name__, model_dir,
                 str(torch_dtype).removeprefix("torch."),
                 _auto_dtype_reason(hf_config, torch_dtype) if dtype == "auto" else "",
                 torch_device)
     # checked before anything is built, so a missing-weights error costs nothing
-    weights = checkpoint_weights(model_dir, allow_pickle, torch_dtype)
+    # GPTQ/AWQ scales stay float16 (converting them to bf16 while read would round them)
+    weights = checkpoint_weights(model_dir, allow_pickle,
+                                 None if quantized_checkpoint else torch_dtype)
     started = time.perf_counter()
     # a backend object (tests), or a name from ATTENTION_BACKENDS (None: env, else "auto")
     backend = (attn_backend if attn_backend is not None and not isinstance(attn_backend, str)
                else get_attention_backend(torch_device, attn_backend))
     module = build_empty_model(model_cls, hf_config, backend, torch_dtype, torch_device)
+    group_indices: dict[str, torch.Tensor] = {}  # GPTQ g_idx by checkpoint module name
+    int4_layers: dict[str, Linear] = {}
+    if quantized_checkpoint is not None:
+        int4_layers = _prepare_int4_layers(module, model_dir, quantized_checkpoint)
+        weights = convert_weights(weights, quantized_checkpoint, group_indices)
     with stage("loading weights", total=checkpoint_numel(model_dir), unit="param",
                unit_scale=True) as progress:
         module.load_weights(_advancing(weights, progress))
+    if quantized_checkpoint is not None:
+        _finish_int4_layers(module, int4_layers, group_indices, quantized_checkpoint)
     module.eval()
     num_params = sum(param.numel() for param in module.parameters())
     logger.info("weights loaded in %.2f s: %d params (%.2f GB)", time.perf_counter() - started,
@@ -108,6 +126,8 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     # after counting: both empty the dense weights they replace
     if quantization == "int8":
         _quantize_int8(module)
+    if quantization == "int4" and quantized_checkpoint is None:
+        _quantize_int4(module)
     if can_prepack(torch_dtype, torch_device):
         _prepack(module)
     with stage("loading tokenizer", log=logger):
@@ -160,6 +180,75 @@ def _quantize_int8(module: CausalLM) -> None:
                 f", {kept} kept in the model dtype (in_features not a multiple of "
                 f"{w8a8.BLOCK})" if kept else "",
                 "native VNNI kernel" if native else "torch fallback kernel (slow)")
+
+
+def _quantize_int4(module: CausalLM) -> None:
+    started = time.perf_counter()
+    with stage("quantizing weights to int4"):
+        quantized, kept = module.quantize_weights_int4()
+    logger.info("int4: %d matmul weights quantized in %.2f s (%.2f GB)%s, torch dequantize "
+                "fallback (no native int4 kernel yet: less memory, slower decode)", quantized,
+                time.perf_counter() - started, _int4_bytes(module) / 1e9,
+                f", {kept} kept in the model dtype (in_features not a multiple of "
+                f"{w4a16.GROUP_SIZE})" if kept else "")
+
+
+def _int4_bytes(module: CausalLM) -> int:
+    weights = [m.int4_weight for m in module.modules()
+               if isinstance(m, Linear) and m.int4_weight is not None]
+    return sum(w.packed.nbytes + w.scales.nbytes + w.zeros.nbytes for w in weights)
+
+
+def _checkpoint_quantization(hf_config: transformers.PretrainedConfig,
+                             quantization: str | None) -> CheckpointQuantization | None:
+    found = checkpoint_quantization(hf_config)
+    if found is not None and quantization not in (None, "int4"):
+        raise InvalidRequestError(f"the checkpoint is already {found.name()}: load it with "
+                                  f"--quantization int4 or none, not {quantization!r}")
+    return found
+
+
+def _prepare_int4_layers(module: CausalLM, model_dir: Path,
+                         quantization: CheckpointQuantization) -> dict[str, Linear]:
+    """The Linears the checkpoint's qweight tensors fill, by module name, given empty int4
+    parameters in place of their dense weights (read from the safetensors headers)."""
+    if not module.loads_int4_checkpoints:
+        raise UnsupportedModelError(f"{quantization.name()} checkpoints of "
+                                    f"{type(module).__name__} are not supported yet")
+    layers: dict[str, Linear] = {}
+    for name in checkpoint_tensor_names(model_dir):
+        target = module.map_weight_name(name) if name.endswith(".qweight") else None
+        layer_name = "" if target is None else target.param_name.rpartition(".")[0]
+        if target is None or layer_name in layers:
+            continue
+        layer = module.get_submodule(layer_name)
+        if not isinstance(layer, Linear):
+            raise UnsupportedModelError(f"{quantization.name()} tensor {name!r} does not "
+                                        "belong to a linear layer")
+        layer.prepare_int4_load(quantization.group_size or layer.in_features)
+        layers[layer_name] = layer
+    if not layers:
+        raise UnsupportedModelError(f"config.json says {quantization.name()}, but the "
+                                    "checkpoint has no qweight tensors (safetensors)")
+    return layers
+
+
+def _finish_int4_layers(module: CausalLM, layers: dict[str, Linear],
+                        group_indices: dict[str, torch.Tensor],
+                        quantization: CheckpointQuantization) -> None:
+    """Give each int4 layer its int4_weight, with the group index its shards' g_idx agree on."""
+    by_layer: dict[str, list[torch.Tensor]] = {}
+    for checkpoint_module, index in group_indices.items():
+        target = module.map_weight_name(f"{checkpoint_module}.qweight")
+        if target is not None:
+            by_layer.setdefault(target.param_name.rpartition(".")[0], []).append(index)
+    for layer_name, layer in layers.items():
+        indices = by_layer.get(layer_name)
+        layer.finish_int4_load(None if not indices else group_index(
+            indices, layer.in_features, layer.int4_group_size))
+    logger.info("int4: %d matmul weights loaded from a %s checkpoint (%.2f GB), torch "
+                "dequantize fallback (no native int4 kernel yet)", len(layers),
+                quantization.name(), _int4_bytes(module) / 1e9)
 
 
 def build_empty_model(model_cls: type[CausalLM], hf_config: transformers.PretrainedConfig,

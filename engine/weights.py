@@ -25,7 +25,7 @@ _READ_CHUNK_BYTES = 16 << 20  # conversion granularity: bounds the transient sou
 
 
 def checkpoint_weights(model_dir: Path, allow_pickle: bool,
-                       dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+                       dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's weights, read lazily: safetensors when there are any, else pickles
     if the caller allows them; raises at once when there are none it may read."""
     if safetensors_files(model_dir):
@@ -63,6 +63,17 @@ def checkpoint_numel(model_dir: Path) -> int | None:
             header, _ = _read_header(path, file)
         total += sum(math.prod(info["shape"]) for info in header.values())
     return total
+
+
+def checkpoint_tensor_names(model_dir: Path) -> list[str]:
+    """The names of the checkpoint's safetensors tensors, from their headers alone (which
+    layers a GPTQ/AWQ checkpoint quantized, before anything is read)."""
+    names: list[str] = []
+    for path in safetensors_files(model_dir):
+        with path.open("rb") as file:
+            header, _ = _read_header(path, file)
+        names.extend(header)
+    return names
 
 
 def iter_safetensors(model_dir: Path,

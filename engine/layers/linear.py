@@ -1,6 +1,7 @@
 """Linear layers, including the fused projections (qkv, gate_up) that checkpoints store split,
-and their CPU fast paths: weights prepacked once into oneDNN's blocked layout, or quantized to
-int8 (`--quantization int8`) for the native kernel in engine/kernels/w8a8.py."""
+and their CPU fast paths: weights prepacked once into oneDNN's blocked layout, quantized to
+int8 (`--quantization int8`) for the native kernel in engine/kernels/w8a8.py, or held as int4
+(`--quantization int4`, GPTQ/AWQ checkpoints) for engine/kernels/w4a16.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import w8a8
+from engine.kernels import w4a16, w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,16 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can trade its dense weight for a oneDNN-prepacked copy or an int8 one
-    (inference only). After either, `weight` is an empty placeholder."""
+    """nn.Linear that can trade its dense weight for a oneDNN-prepacked copy, an int8 or an
+    int4 one (inference only). After any of them, `weight` is an empty placeholder (None while
+    an int4 checkpoint loads into the int4_* parameters)."""
 
     packed_weight: torch.Tensor | None = None
     int8_weight: w8a8.QuantizedWeight | None = None
     int8_bias: torch.Tensor | None = None  # float32, as the int8 kernel adds it
+    int4_weight: w4a16.Int4Weight | None = None
+    int4_group_size = w4a16.GROUP_SIZE  # of the int4_* parameters a checkpoint loads into
+    weight_dtype = torch.float32
 
     def quantize_int8(self) -> bool:
         """Replace the weight by its int8 form; False (nothing changed) where the kernel's
@@ -50,6 +55,44 @@ class Linear(nn.Linear):
         self.int8_bias = None if self.bias is None else self.bias.detach().float()
         self._drop_dense_weight()
         return True
+
+    def quantize_int4(self) -> bool:
+        """Replace the weight by its int4 form; False (nothing changed) where the group size
+        does not divide in_features."""
+        if self.int4_weight is not None:
+            return True
+        if (self.packed_weight is not None or self.int8_weight is not None
+                or not w4a16.can_quantize(self.in_features)):
+            return False
+        self.int4_weight = w4a16.quantize_weight(self.weight.detach())
+        self._drop_dense_weight()
+        return True
+
+    def prepare_int4_load(self, group_size: int) -> None:
+        """Trade the dense weight for empty int4 parameters in w4a16's layout, which the loader
+        fills from a GPTQ/AWQ checkpoint (converted tensor by tensor; rows per shard of a fused
+        layer, like the weight's); `finish_int4_load` then builds `int4_weight` from them."""
+        num_groups = -(-self.in_features // group_size)
+        rows = self.out_features
+        self.int4_group_size = group_size
+        self.weight_dtype = self.weight.dtype  # for the placeholder finish_int4_load leaves
+        for name, shape, dtype in (("int4_packed", (rows, self.in_features // 2), torch.uint8),
+                                   ("int4_scales", (rows, num_groups), torch.float16),
+                                   ("int4_zeros", (rows, num_groups), torch.uint8)):
+            self.register_parameter(name, nn.Parameter(
+                torch.empty(shape, dtype=dtype, device=self.weight.device), requires_grad=False))
+        self.register_parameter("weight", None)
+
+    def finish_int4_load(self, group_index: torch.Tensor | None) -> None:
+        """`int4_weight` from the loaded int4 parameters, which it replaces."""
+        packed, scales, zeros = (getattr(self, name).data
+                                 for name in ("int4_packed", "int4_scales", "int4_zeros"))
+        self.int4_weight = w4a16.Int4Weight(packed, scales, zeros, self.int4_group_size,
+                                            group_index)
+        for name in ("int4_packed", "int4_scales", "int4_zeros"):
+            delattr(self, name)
+        self.weight = nn.Parameter(packed.new_empty(0, dtype=self.weight_dtype),
+                                   requires_grad=False)
 
     def prepack(self) -> None:
         if self.packed_weight is not None:
@@ -64,6 +107,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_weight is not None:
             return w8a8.linear(x, self.int8_weight, self.int8_bias)
+        if self.int4_weight is not None:
+            return w4a16.linear(x, self.int4_weight, self.bias)
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],
@@ -85,6 +130,13 @@ class Linear(nn.Linear):
         return layer if layer.quantize_int8() else None
 
     @classmethod
+    def int4_from(cls, weight: torch.Tensor) -> Linear | None:
+        """A bias-free int4 layer computing x @ weight.T (a tied LM head), or None where the
+        group size does not divide its columns."""
+        layer = cls.over(weight)
+        return layer if layer.quantize_int4() else None
+
+    @classmethod
     def over(cls, weight: torch.Tensor) -> Linear:
         """A bias-free layer whose weight is `weight` itself (to be packed or quantized)."""
         layer = cls(weight.shape[1], weight.shape[0], bias=False, device="meta",
@@ -94,23 +146,26 @@ class Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         form = (", int8" if self.int8_weight is not None
+                else ", int4" if self.int4_weight is not None
                 else ", prepacked" if self.packed_weight is not None else "")
         return super().extra_repr() + form
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Prepack every Linear of `model` not already int8; returns how many."""
+    """Prepack every Linear of `model` not already int8 or int4; returns how many."""
     layers = [m for m in model.modules()
-              if isinstance(m, Linear) and m.int8_weight is None]
+              if isinstance(m, Linear) and m.int8_weight is None and m.int4_weight is None]
     for layer in layers:
         layer.prepack()
     return len(layers)
 
 
-def quantize_linears(model: nn.Module) -> tuple[int, int]:
-    """Quantize every Linear of `model` the int8 kernel can take: (quantized, left as is)."""
+def quantize_linears(model: nn.Module, bits: int = 8) -> tuple[int, int]:
+    """Quantize every Linear of `model` to int8 or int4 where its in_features allow:
+    (quantized, left as is)."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    quantized = sum(layer.quantize_int8() for layer in layers)
+    quantized = sum(layer.quantize_int8() if bits == 8 else layer.quantize_int4()
+                    for layer in layers)
     return quantized, len(layers) - quantized
 
 

@@ -46,13 +46,16 @@ class CausalLM(nn.Module):
     # whether decode steps can be captured in CUDA graphs: not where a step's work depends on
     # values read back to the host (MoE grouping by expert)
     graph_capturable = True
+    # whether GPTQ/AWQ checkpoints load: their per-projection int4 tensors map onto our Linears
+    loads_int4_checkpoints = True
 
     def __init__(self, hf_config: transformers.PretrainedConfig,
                  attn_backend: AttentionBackend) -> None:
         super().__init__()
         self.hf_config = hf_config
         self.attn_backend = attn_backend
-        self.tied_output_head: Linear | None = None  # packed or int8 copy of a tied LM head (CPU)
+        # packed, int8 or int4 copy of a tied LM head (CPU)
+        self.tied_output_head: Linear | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -96,6 +99,15 @@ class CausalLM(nn.Module):
             self.tied_output_head = Linear.int8_from(self.output_embedding())
         self.split_stacked_weights()
         return quantize_linears(self)
+
+    def quantize_weights_int4(self) -> tuple[int, int]:
+        """`quantize_weights_int8` to group-wise int4 (engine/kernels/w4a16.py): every matmul
+        weight whose in_features the group size divides, MoE experts through their split, a
+        tied LM head as an int4 copy. Returns (quantized, left in the model dtype)."""
+        if self.output_head() is None and self.tied_output_head is None:
+            self.tied_output_head = Linear.int4_from(self.output_embedding())
+        self.split_stacked_weights()
+        return quantize_linears(self, bits=4)
 
     def split_stacked_weights(self) -> None:
         """Give weights stored as stacks (MoE experts) one Linear per matmul, so prepacking

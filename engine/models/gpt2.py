@@ -102,6 +102,8 @@ class GPT2LMHeadModel(CausalLM):
     (handled); reorder_and_upcast_attn only changes rounding in transformers' eager path, so it
     is accepted as is; cross-attention variants are rejected."""
 
+    loads_int4_checkpoints = False  # Conv1D's transposed weights: GPTQ/AWQ layout untested
+
     def __init__(self, hf_config: transformers.PretrainedConfig,
                  attn_backend: AttentionBackend) -> None:
         super().__init__(hf_config, attn_backend)

@@ -159,6 +159,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
     expert_parts: dict[str, str] = _QWEN_EXPERT_PARTS
     moe_module_name = "mlp"  # the checkpoint's name for a layer's sparse block
     graph_capturable = False  # StackedExperts reads each expert's row count on the host
+    loads_int4_checkpoints = False  # the experts are stacks, not Linears, while loading
 
     def split_stacked_weights(self) -> None:
         for module in self.modules():

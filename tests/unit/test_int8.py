@@ -217,4 +217,4 @@ def test_int8_needs_cpu() -> None:
     with pytest.raises(InvalidRequestError, match="CPU only"):
         EngineConfig.from_kwargs("m", quantization="int8", device="cuda")
     with pytest.raises(InvalidRequestError, match="quantization must be one of"):
-        EngineConfig.from_kwargs("m", quantization="int4")
+        EngineConfig.from_kwargs("m", quantization="int2")
