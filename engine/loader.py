@@ -124,10 +124,8 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     if torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
         native_library()  # built (once, ~2 s) now rather than during the first request
     # after counting: both empty the dense weights they replace
-    if quantization == "int8":
-        _quantize_int8(module)
-    if quantization == "int4" and quantized_checkpoint is None:
-        _quantize_int4(module)
+    if quantization is not None and quantized_checkpoint is None:
+        _quantize(module, quantization)
     if can_prepack(torch_dtype, torch_device):
         _prepack(module)
     with stage("loading tokenizer", log=logger):
@@ -168,29 +166,25 @@ def _auto_dtype_reason(hf_config: transformers.PretrainedConfig, chosen: torch.d
     return f" (auto: the checkpoint is {stored_name})"
 
 
-def _quantize_int8(module: CausalLM) -> None:
+def _quantize(module: CausalLM, quantization: str) -> None:
+    """--quantization int8 or int4 at load, and one line saying what it did."""
     started = time.perf_counter()
-    with stage("quantizing weights to int8"):
-        quantized, kept = module.quantize_weights_int8()
-    int8_bytes = sum(m.int8_weight.data.numel() for m in module.modules()
-                     if isinstance(m, Linear) and m.int8_weight is not None)
-    native = native_library() is not None
-    logger.info("int8: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s", quantized,
-                time.perf_counter() - started, int8_bytes / 1e9,
-                f", {kept} kept in the model dtype (in_features not a multiple of "
-                f"{w8a8.BLOCK})" if kept else "",
-                "native VNNI kernel" if native else "torch fallback kernel (slow)")
-
-
-def _quantize_int4(module: CausalLM) -> None:
-    started = time.perf_counter()
-    with stage("quantizing weights to int4"):
-        quantized, kept = module.quantize_weights_int4()
-    logger.info("int4: %d matmul weights quantized in %.2f s (%.2f GB)%s, torch dequantize "
-                "fallback (no native int4 kernel yet: less memory, slower decode)", quantized,
-                time.perf_counter() - started, _int4_bytes(module) / 1e9,
-                f", {kept} kept in the model dtype (in_features not a multiple of "
-                f"{w4a16.GROUP_SIZE})" if kept else "")
+    bits = 8 if quantization == "int8" else 4
+    with stage(f"quantizing weights to {quantization}"):
+        quantized, kept = module.quantize_weights(bits)
+    if bits == 8:
+        num_bytes = sum(m.int8_weight.data.numel() for m in module.modules()
+                        if isinstance(m, Linear) and m.int8_weight is not None)
+        columns = w8a8.BLOCK
+        kernel = ("native VNNI kernel" if native_library() is not None
+                  else "torch fallback kernel (slow)")
+    else:
+        num_bytes, columns = _int4_bytes(module), w4a16.GROUP_SIZE
+        kernel = "torch dequantize fallback (no native int4 kernel yet: less memory, slower decode)"
+    logger.info("%s: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s", quantization,
+                quantized, time.perf_counter() - started, num_bytes / 1e9,
+                f", {kept} kept in the model dtype (in_features not a multiple of {columns})"
+                if kept else "", kernel)
 
 
 def _int4_bytes(module: CausalLM) -> int:

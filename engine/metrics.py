@@ -22,7 +22,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from engine.vllm_metrics import VllmRecorder
+from engine.vllm_metrics import VllmRecorder, observe_all, span
 from engine.vllm_metrics import create_families as create_vllm_families
 
 if TYPE_CHECKING:
@@ -246,8 +246,8 @@ class _PagedserveRecorder:
         num_step_tokens = stats.num_prompt_tokens + stats.num_generation_tokens
         if num_step_tokens:
             families.iteration_tokens.labels(name).observe(num_step_tokens)
-        _observe_all(families.ttft.labels(name), stats.time_to_first_tokens)
-        _observe_all(families.itl.labels(name), stats.inter_token_latencies)
+        observe_all(families.ttft.labels(name), stats.time_to_first_tokens)
+        observe_all(families.itl.labels(name), stats.inter_token_latencies)
         if stats.spec is not None:
             self._record_spec_decode(stats.spec)
         self.set_load(stats.num_running, stats.num_waiting, stats.kv_cache_usage)
@@ -284,13 +284,13 @@ class _PagedserveRecorder:
         families.request_prompt_tokens.labels(name).observe(len(output.prompt_token_ids))
         families.request_generation_tokens.labels(name).observe(
             sum(choice.num_tokens for choice in output.outputs))
-        spans = ((families.e2e, timing.arrival, timing.finished),
-                 (families.queue_time, timing.arrival, timing.first_scheduled),
-                 (families.prefill_time, timing.first_scheduled, timing.first_token),
-                 (families.decode_time, timing.first_token, timing.last_token))
-        for family, start, end in spans:
-            if start is not None and end is not None:
-                family.labels(name).observe(max(end - start, 0.0))
+        spans = ((families.e2e, span(timing.arrival, timing.finished)),
+                 (families.queue_time, span(timing.arrival, timing.first_scheduled)),
+                 (families.prefill_time, span(timing.first_scheduled, timing.first_token)),
+                 (families.decode_time, span(timing.first_token, timing.last_token)))
+        for family, seconds in spans:
+            if seconds is not None:
+                family.labels(name).observe(seconds)
 
 
 class MetricsLogger:
@@ -381,11 +381,6 @@ class MetricsLogger:
             # only steps call this, so the line appears only while the engine is busy
             _log_interval(interval, now - interval.start, stats)
             self._interval = _IntervalTotals(start=now)
-
-
-def _observe_all(histogram: Histogram, values: Iterable[float]) -> None:
-    for value in values:
-        histogram.observe(value)
 
 
 def _log_interval(interval: _IntervalTotals, elapsed: float, stats: StepStats) -> None:

@@ -299,8 +299,8 @@ class VllmRecorder:
         num_step_tokens = stats.num_prefilled_prompt_tokens + stats.num_generation_tokens
         if num_step_tokens:
             histograms.iteration_tokens.labels(*labels).observe(num_step_tokens)
-        _observe_all(histograms.ttft.labels(*labels), stats.time_to_first_tokens)
-        _observe_all(histograms.itl.labels(*labels), stats.inter_token_latencies)
+        observe_all(histograms.ttft.labels(*labels), stats.time_to_first_tokens)
+        observe_all(histograms.itl.labels(*labels), stats.inter_token_latencies)
 
     def _record_spec_decode(self, spec: SpecDecodeStats) -> None:
         counters, labels = self.families.counters, self.labels
@@ -331,12 +331,13 @@ class VllmRecorder:
         histograms, labels = self.families.histograms, self.labels
         reason = choice.finish_reason or "abort"
         self.families.counters.request_success.labels(*labels, reason).inc()
-        for family, span in zip((histograms.e2e, histograms.queue_time,
-                                 histograms.inference_time, histograms.prefill_time,
-                                 histograms.decode_time), _spans(output.timing), strict=True):
-            if span is not None:
-                family.labels(*labels).observe(span)
-        decode_time = _span(output.timing.first_token, output.timing.last_token) or 0.0
+        spans = _spans(output.timing)
+        for family, seconds in zip((histograms.e2e, histograms.queue_time,
+                                    histograms.inference_time, histograms.prefill_time,
+                                    histograms.decode_time), spans, strict=True):
+            if seconds is not None:
+                family.labels(*labels).observe(seconds)
+        decode_time = spans[-1] or 0.0
         # vLLM's per-request TPOT leaves the first token out, and is 0 with one token
         histograms.request_time_per_output_token.labels(*labels).observe(
             decode_time / (choice.num_tokens - 1) if choice.num_tokens > 1 else 0.0)
@@ -353,18 +354,20 @@ def _spans(timing: RequestTiming) -> tuple[float | None, ...]:
     """(e2e, queue, inference, prefill, decode) in seconds, None where a milestone was never
     reached (a request aborted while it waited has no prefill). Queue time counts from the
     HTTP arrival: vLLM's from the engine core's queue, after tokenization."""
-    return (_span(timing.arrival, timing.finished),
-            _span(timing.arrival, timing.first_scheduled),
-            _span(timing.first_scheduled, timing.last_token),
-            _span(timing.first_scheduled, timing.first_token),
-            _span(timing.first_token, timing.last_token))
+    return (span(timing.arrival, timing.finished),
+            span(timing.arrival, timing.first_scheduled),
+            span(timing.first_scheduled, timing.last_token),
+            span(timing.first_scheduled, timing.first_token),
+            span(timing.first_token, timing.last_token))
 
 
-def _span(start: float | None, end: float | None) -> float | None:
+def span(start: float | None, end: float | None) -> float | None:
+    """Seconds from start to end (never negative), None where either was never reached."""
     return None if start is None or end is None else max(end - start, 0.0)
 
 
-def _observe_all(histogram: Histogram, values: Iterable[float]) -> None:
+def observe_all(histogram: Histogram, values: Iterable[float]) -> None:
+    """One observation per value (a step's TTFTs or inter-token latencies)."""
     for value in values:
         histogram.observe(value)
 

@@ -54,26 +54,25 @@ def checkpoint_numel(model_dir: Path) -> int | None:
     """How many elements the checkpoint's safetensors tensors hold, from their headers alone
     (what loading counts its progress in); None without safetensors (pickles would need
     unpickling to tell)."""
-    files = safetensors_files(model_dir)
-    if not files:
+    headers = _headers(model_dir)
+    if not headers:
         return None
-    total = 0
-    for path in files:
-        with path.open("rb") as file:
-            header, _ = _read_header(path, file)
-        total += sum(math.prod(info["shape"]) for info in header.values())
-    return total
+    return sum(math.prod(info["shape"]) for header in headers for info in header.values())
 
 
 def checkpoint_tensor_names(model_dir: Path) -> list[str]:
     """The names of the checkpoint's safetensors tensors, from their headers alone (which
     layers a GPTQ/AWQ checkpoint quantized, before anything is read)."""
-    names: list[str] = []
+    return [name for header in _headers(model_dir) for name in header]
+
+
+def _headers(model_dir: Path) -> list[dict[str, dict]]:
+    """The header of each safetensors file (tensor name -> dtype, shape, offsets)."""
+    headers = []
     for path in safetensors_files(model_dir):
         with path.open("rb") as file:
-            header, _ = _read_header(path, file)
-        names.extend(header)
-    return names
+            headers.append(_read_header(path, file)[0])
+    return headers
 
 
 def iter_safetensors(model_dir: Path,

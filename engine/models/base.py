@@ -92,22 +92,16 @@ class CausalLM(nn.Module):
         self.split_stacked_weights()
         return prepack_linears(self)
 
-    def quantize_weights_int8(self) -> tuple[int, int]:
-        """Quantize every matmul weight the int8 kernel can take (CPU); a tied LM head gets an
-        int8 copy. Returns (quantized, left in the model dtype)."""
+    def quantize_weights(self, bits: int) -> tuple[int, int]:
+        """Quantize every matmul weight whose in_features the format allows (CPU): int8
+        (engine/kernels/w8a8.py) or group-wise int4 (w4a16.py); MoE experts through their
+        split, a tied LM head as a quantized copy. Returns (quantized, left in the model
+        dtype)."""
         if self.output_head() is None and self.tied_output_head is None:
-            self.tied_output_head = Linear.int8_from(self.output_embedding())
+            quantized_from = Linear.int8_from if bits == 8 else Linear.int4_from
+            self.tied_output_head = quantized_from(self.output_embedding())
         self.split_stacked_weights()
-        return quantize_linears(self)
-
-    def quantize_weights_int4(self) -> tuple[int, int]:
-        """`quantize_weights_int8` to group-wise int4 (engine/kernels/w4a16.py): every matmul
-        weight whose in_features the group size divides, MoE experts through their split, a
-        tied LM head as an int4 copy. Returns (quantized, left in the model dtype)."""
-        if self.output_head() is None and self.tied_output_head is None:
-            self.tied_output_head = Linear.int4_from(self.output_embedding())
-        self.split_stacked_weights()
-        return quantize_linears(self, bits=4)
+        return quantize_linears(self, bits)
 
     def split_stacked_weights(self) -> None:
         """Give weights stored as stacks (MoE experts) one Linear per matmul, so prepacking

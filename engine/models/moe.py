@@ -183,8 +183,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
         return super().map_weight_name(name)
 
 
-def _check_experts(hf_config: transformers.PretrainedConfig, num_experts: int,
-                   top_k: int) -> None:
+def _check_experts(num_experts: int, top_k: int) -> None:
     if not 0 < top_k <= num_experts:
         raise UnsupportedModelError(
             f"num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts")
@@ -205,7 +204,7 @@ class MixtralForCausalLM(_MoeForCausalLM):
     def build_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
                   layer_index: int) -> nn.Module:
         num_experts, top_k = hf_config.num_local_experts, hf_config.num_experts_per_tok
-        _check_experts(hf_config, num_experts, top_k)
+        _check_experts(num_experts, top_k)
         router = RouterOptions(num_experts, top_k, normalize=True,
                                weights_in_model_dtype=False)
         return SparseMoeBlock(hf_config.hidden_size, hf_config.intermediate_size, router)
@@ -225,7 +224,7 @@ def _qwen_moe_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOpti
     if not is_sparse_layer(hf_config, layer_index):
         return LlamaMLP(hf_config, options)
     num_experts, top_k = hf_config.num_experts, hf_config.num_experts_per_tok
-    _check_experts(hf_config, num_experts, top_k)
+    _check_experts(num_experts, top_k)
     router = RouterOptions(num_experts, top_k,
                            normalize=bool(getattr(hf_config, "norm_topk_prob", False)),
                            weights_in_model_dtype=True)

@@ -167,7 +167,7 @@ def test_split_experts_compute_the_same_and_quantize_to_int8(
         assert block.experts.gate_up_proj.numel() == 0  # no second copy of the weights
         assert torch.equal(block(x), stacked)
     num_experts = block.router.num_experts
-    quantized, kept = model.quantize_weights_int8()
+    quantized, kept = model.quantize_weights(bits=8)
     expert_layers = [layer for module in model.modules() if isinstance(module, StackedExperts)
                      for pair in module.expert_layers or [] for layer in pair]
     assert len(expert_layers) == 2 * num_experts * model.hf_config.num_hidden_layers
