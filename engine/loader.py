@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.attention import get_attention_backend
 from engine.attention.base import AttentionBackend
+from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.kernels import w4a16, w8a8
 from engine.kernels.native import native_library
@@ -56,6 +57,7 @@ class LoadedModel:
     model_dir: Path
     dtype: torch.dtype
     device: torch.device
+    parallel: Parallel = SINGLE  # this rank's part of a tensor/pipeline parallel group
 
     @property
     def max_positions(self) -> int:
@@ -70,12 +72,13 @@ class LoadedModel:
 def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pickle: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
                attn_backend: AttentionBackend | str | None = None,
-               quantization: str | None = None) -> LoadedModel:
+               quantization: str | None = None, parallel: Parallel = SINGLE) -> LoadedModel:
     """Load `model` (a directory with config.json, a .gguf file or a hub id) with our own
-    decoder implementation, weights streamed straight into their final dtype and device."""
+    decoder implementation, weights streamed straight into their final dtype and device.
+    Under tensor/pipeline parallelism (`parallel`) only this rank's part is built and read."""
     with single_threaded_setup():
         loaded = _load_model(model, dtype, device, allow_pickle, trust_remote_code, tokenizer,
-                             attn_backend, quantization)
+                             attn_backend, quantization, parallel)
     release_free_heap()
     return loaded
 
@@ -83,12 +86,12 @@ def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pick
 def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
                 trust_remote_code: bool, tokenizer: str | None,
                 attn_backend: AttentionBackend | str | None,
-                quantization: str | None) -> LoadedModel:
+                quantization: str | None, parallel: Parallel) -> LoadedModel:
     model_dir = resolve_model_dir(model)
     hf_config = _load_config(model_dir, trust_remote_code)
     model_cls = get_model_class(hf_config)
     torch_device = resolve_device(device)
-    quantized_checkpoint = _checkpoint_quantization(hf_config, quantization)
+    quantized_checkpoint = _checkpoint_quantization(hf_config, quantization, parallel)
     if (quantization is not None or quantized_checkpoint) and torch_device.type != "cpu":
         raise InvalidRequestError(
             f"quantization {quantization or 'int4'!r} runs on CPU only, the device is "
@@ -106,7 +109,8 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     # a backend object (tests), or a name from ATTENTION_BACKENDS (None: env, else "auto")
     backend = (attn_backend if attn_backend is not None and not isinstance(attn_backend, str)
                else get_attention_backend(torch_device, attn_backend))
-    module = build_empty_model(model_cls, hf_config, backend, torch_dtype, torch_device)
+    module = build_empty_model(model_cls, hf_config, backend, torch_dtype, torch_device,
+                               parallel)
     group_indices: dict[str, torch.Tensor] = {}  # GPTQ g_idx by checkpoint module name
     int4_layers: dict[str, Linear] = {}
     if quantized_checkpoint is not None:
@@ -133,7 +137,7 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
     return LoadedModel(
         model=module, hf_config=hf_config, tokenizer=loaded_tokenizer,
         generation_config=_load_generation_config(model_dir), model_dir=model_dir,
-        dtype=torch_dtype, device=torch_device,
+        dtype=torch_dtype, device=torch_device, parallel=parallel,
     )
 
 
@@ -194,11 +198,16 @@ def _int4_bytes(module: CausalLM) -> int:
 
 
 def _checkpoint_quantization(hf_config: transformers.PretrainedConfig,
-                             quantization: str | None) -> CheckpointQuantization | None:
+                             quantization: str | None,
+                             parallel: Parallel) -> CheckpointQuantization | None:
     found = checkpoint_quantization(hf_config)
     if found is not None and quantization not in (None, "int4"):
         raise InvalidRequestError(f"the checkpoint is already {found.name()}: load it with "
                                   f"--quantization int4 or none, not {quantization!r}")
+    if found is not None and parallel.tp_size > 1:
+        # its packed int4 rows and groups are not cut per rank yet
+        raise UnsupportedModelError(f"{found.name()} checkpoints cannot be split for tensor "
+                                    f"parallelism yet (tensor parallel size {parallel.tp_size})")
     return found
 
 
@@ -211,7 +220,7 @@ def _prepare_int4_layers(module: CausalLM, model_dir: Path,
                                     f"{type(module).__name__} are not supported yet")
     layers: dict[str, Linear] = {}
     for name in checkpoint_tensor_names(model_dir):
-        target = module.map_weight_name(name) if name.endswith(".qweight") else None
+        target = module.map_checkpoint_name(name) if name.endswith(".qweight") else None
         layer_name = "" if target is None else target.param_name.rpartition(".")[0]
         if target is None or layer_name in layers:
             continue
@@ -233,7 +242,7 @@ def _finish_int4_layers(module: CausalLM, layers: dict[str, Linear],
     """Give each int4 layer its int4_weight, with the group index its shards' g_idx agree on."""
     by_layer: dict[str, list[torch.Tensor]] = {}
     for checkpoint_module, index in group_indices.items():
-        target = module.map_weight_name(f"{checkpoint_module}.qweight")
+        target = module.map_checkpoint_name(f"{checkpoint_module}.qweight")
         if target is not None:
             by_layer.setdefault(target.param_name.rpartition(".")[0], []).append(index)
     for layer_name, layer in layers.items():
@@ -247,11 +256,12 @@ def _finish_int4_layers(module: CausalLM, layers: dict[str, Linear],
 
 def build_empty_model(model_cls: type[CausalLM], hf_config: transformers.PretrainedConfig,
                       attn_backend: AttentionBackend, dtype: torch.dtype,
-                      device: torch.device) -> CausalLM:
-    """The model with uninitialized parameters in `dtype` on `device`. Built on the meta device
-    first so no weight is ever allocated (or randomly initialized) twice."""
+                      device: torch.device, parallel: Parallel = SINGLE) -> CausalLM:
+    """The model (this rank's part of it) with uninitialized parameters in `dtype` on
+    `device`. Built on the meta device first so no weight is ever allocated (or randomly
+    initialized) twice."""
     with torch.device("meta"):
-        model = model_cls(hf_config, attn_backend)
+        model = model_cls(hf_config, attn_backend, parallel)
     materialized: dict[int, nn.Parameter] = {}  # by id: tied parameters stay one tensor
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):

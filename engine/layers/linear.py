@@ -172,11 +172,18 @@ def quantize_linears(model: nn.Module, bits: int = 8) -> tuple[int, int]:
 class MergedLinear(Linear):
     """One matmul for several projections of the same input (q/k/v, gate/up): a fused
     matmul is much faster on CPU than three small ones. Checkpoints store the parts as
-    separate tensors; the loader copies each into its rows through `shard_view`."""
+    separate tensors; the loader copies each into its rows through `shard_view`.
 
-    def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool) -> None:
+    Under tensor parallelism `output_sizes` are this rank's rows of each part, and
+    `source_rows` says where they start in the part's full checkpoint tensor and how many
+    rows that has (start, full size); without it every part is whole."""
+
+    def __init__(self, input_size: int, output_sizes: dict[str, int], bias: bool,
+                 source_rows: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__(input_size, sum(output_sizes.values()), bias=bias)
         self.output_sizes = dict(output_sizes)
+        self.source_rows = source_rows or {shard_id: (0, size)
+                                           for shard_id, size in output_sizes.items()}
         self.shard_ranges: dict[str, tuple[int, int]] = {}
         start = 0
         for shard_id, size in output_sizes.items():
@@ -191,6 +198,25 @@ class MergedLinear(Linear):
         """The rows of `param` (this layer's weight or bias) that hold shard `shard_id`."""
         start, end = self.shard_ranges[shard_id]
         return param.narrow(0, start, end - start)
+
+    def local_part(self, param_leaf: str, shard_id: str | None,
+                   tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a checkpoint tensor: of one part, or of every part of a tensor
+        the checkpoint stores fused already (GPT-2's c_attn: q, k and v in turn)."""
+        if shard_id is not None:
+            return self._source_part(shard_id, tensor)
+        full_sizes = [full for _, full in self.source_rows.values()]
+        if full_sizes == list(self.output_sizes.values()) or tensor.shape[0] != sum(full_sizes):
+            return tensor  # whole already, or a mismatch the loader's shape check names
+        return torch.cat([self._source_part(shard_id, part)
+                          for shard_id, part in zip(self.source_rows, tensor.split(full_sizes),
+                                                    strict=True)])
+
+    def _source_part(self, shard_id: str, tensor: torch.Tensor) -> torch.Tensor:
+        start, full = self.source_rows[shard_id]
+        if tensor.shape[0] != full:
+            return tensor
+        return tensor.narrow(0, start, self.output_sizes[shard_id])
 
     def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Split a fused output [..., sum(sizes)] into the parts, in declaration order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import transformers
 
+from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
 from engine.models.base import CausalLM, KVCacheSpec
 from engine.models.gpt2 import GPT2LMHeadModel
@@ -44,6 +45,8 @@ def get_model_class(hf_config: transformers.PretrainedConfig) -> type[CausalLM]:
     return _MODEL_CLASSES[name]
 
 
-def kv_cache_spec(hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
-    """Layers, KV heads and head size of the KV cache the model needs."""
-    return get_model_class(hf_config).kv_cache_spec(hf_config)
+def kv_cache_spec(hf_config: transformers.PretrainedConfig,
+                  parallel: Parallel = SINGLE) -> KVCacheSpec:
+    """Layers, KV heads and head size of the KV cache this rank's part of the model needs
+    (its pipeline stage's layers, its KV heads)."""
+    return get_model_class(hf_config).kv_cache_spec(hf_config, parallel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -12,6 +13,7 @@ import transformers
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
 from engine.layers.linear import Linear, prepack_linears, quantize_linears
 
@@ -41,19 +43,28 @@ NameMapper = Callable[[str], WeightTarget | None]
 
 class CausalLM(nn.Module):
     """Base of every decoder. Subclasses build their modules, implement `forward`,
-    `map_weight_name`, `output_embedding` and `kv_cache_spec`."""
+    `map_weight_name`, `output_embedding` and `kv_cache_spec`.
+
+    Under tensor/pipeline parallelism (`parallel`) a model holds this rank's slices of the
+    layers of its pipeline stage only; the embedding, the final norm and the LM head live on
+    the first stage. `forward` returns the final hidden states on the first stage (whatever
+    it likes elsewhere), and `compute_logits` the full vocabulary on every TP rank."""
 
     # whether decode steps can be captured in CUDA graphs: not where a step's work depends on
     # values read back to the host (MoE grouping by expert)
     graph_capturable = True
     # whether GPTQ/AWQ checkpoints load: their per-projection int4 tensors map onto our Linears
     loads_int4_checkpoints = True
+    # the checkpoint's name of the decoder layer list ("model.layers.<i>."; GPT-2: "h.<i>.")
+    layer_list_name = "layers"
 
     def __init__(self, hf_config: transformers.PretrainedConfig,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         self.hf_config = hf_config
         self.attn_backend = attn_backend
+        self.parallel = parallel
+        self.stage_layers = parallel.stage_layers(hf_config.num_hidden_layers)
         # packed, int8 or int4 copy of a tied LM head (CPU)
         self.tied_output_head: Linear | None = None
 
@@ -62,7 +73,9 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
+    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig,
+                      parallel: Parallel = SINGLE) -> KVCacheSpec:
+        """This rank's KV cache: its stage's layers, its KV heads."""
         raise NotImplementedError
 
     def map_weight_name(self, name: str) -> WeightTarget | None:
@@ -77,17 +90,23 @@ class CausalLM(nn.Module):
         return None
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[n, hidden_size] -> [n, vocab_size] float32; the matmul runs in the model dtype."""
+        """[n, hidden_size] -> [n, vocab_size] float32; the matmul runs in the model dtype.
+        Under TP each rank computes its vocabulary rows and they are gathered (first stage)."""
         head = self.output_head() or self.tied_output_head
         if head is not None:
-            return head(hidden_states).float()
-        return F.linear(hidden_states, self.output_embedding()).float()
+            logits = head(hidden_states)
+        else:
+            logits = F.linear(hidden_states, self.output_embedding())
+        if self.parallel.tp_size > 1:  # the last rank's padding rows cut off
+            gathered = self.parallel.all_gather(logits)
+            logits = gathered[:, :self.hf_config.vocab_size].contiguous()
+        return logits.float()
 
     def prepack_weights(self) -> int:
         """Move every matmul weight not already int8 into oneDNN's prepacked layout (CPU bf16
         inference). A tied LM head gets a packed copy: the embedding lookup still needs the
         dense table. Returns how many weights were packed."""
-        if self.output_head() is None and self.tied_output_head is None:
+        if self.needs_tied_head_copy():
             self.tied_output_head = Linear.packed_from(self.output_embedding())
         self.split_stacked_weights()
         return prepack_linears(self)
@@ -97,11 +116,17 @@ class CausalLM(nn.Module):
         (engine/kernels/w8a8.py) or group-wise int4 (w4a16.py); MoE experts through their
         split, a tied LM head as a quantized copy. Returns (quantized, left in the model
         dtype)."""
-        if self.output_head() is None and self.tied_output_head is None:
+        if self.needs_tied_head_copy():
             quantized_from = Linear.int8_from if bits == 8 else Linear.int4_from
             self.tied_output_head = quantized_from(self.output_embedding())
         self.split_stacked_weights()
         return quantize_linears(self, bits)
+
+    def needs_tied_head_copy(self) -> bool:
+        """Whether the LM head is the embedding and has no packed/quantized copy yet (only
+        the first pipeline stage holds either)."""
+        return (self.parallel.is_first_stage and self.output_head() is None
+                and self.tied_output_head is None)
 
     def split_stacked_weights(self) -> None:
         """Give weights stored as stacks (MoE experts) one Linear per matmul, so prepacking
@@ -110,7 +135,27 @@ class CausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into the parameters, converting dtype and device
         per tensor; every parameter (every shard of a fused one) must be written once."""
-        load_named_weights(self, weights, self.map_weight_name)
+        load_named_weights(self, weights, self.map_checkpoint_name)
+
+    def map_checkpoint_name(self, name: str) -> WeightTarget | None:
+        """`map_weight_name` of this pipeline stage: tensors of other stages' layers (and,
+        off the first stage, of the embedding, final norm and head) skipped, the stage's
+        layers renumbered from 0."""
+        if self.parallel.pp_size > 1:
+            local_name = self._stage_local_name(name)
+            if local_name is None:
+                return None
+            name = local_name
+        return self.map_weight_name(name)
+
+    def _stage_local_name(self, name: str) -> str | None:
+        found = re.search(rf"(?:^|\.){re.escape(self.layer_list_name)}\.(\d+)\.", name)
+        if found is None:  # outside the layers: the first stage's
+            return name if self.parallel.is_first_stage else None
+        index = int(found.group(1))
+        if index not in self.stage_layers:
+            return None
+        return f"{name[:found.start(1)]}{index - self.stage_layers.start}{name[found.end(1):]}"
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -127,6 +172,7 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
             if param is None:
                 raise UnsupportedModelError(f"unexpected tensor {name!r} in the checkpoint")
             destination = _destination(model, target, param)
+            tensor = _local_part(model, target, tensor)
             if tensor.shape != destination.shape:
                 raise UnsupportedModelError(
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
@@ -167,6 +213,14 @@ def _shard_ids(model: nn.Module, param_name: str) -> list[str | None]:
 def _expected_targets(model: nn.Module) -> set[tuple[str, str | None]]:
     return {(name, shard_id) for name, _ in model.named_parameters()
             for shard_id in _shard_ids(model, name)}
+
+
+def _local_part(model: nn.Module, target: WeightTarget, tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full checkpoint tensor, as its module's `local_part` cuts it
+    (tensor-parallel layers); the whole tensor for every other module."""
+    module_name, _, leaf = target.param_name.rpartition(".")
+    local_part = getattr(model.get_submodule(module_name), "local_part", None)
+    return tensor if local_part is None else local_part(leaf, target.shard_id, tensor)
 
 
 def _destination(model: nn.Module, target: WeightTarget, param: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,17 @@ import transformers
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
 from engine.layers.activation import get_gelu
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import LayerNorm
+from engine.layers.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_head,
+)
 from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
 
 # Checkpoint buffers that are not weights: the causal mask and its fill value.
@@ -32,16 +39,23 @@ def attention_scale(hf_config: transformers.PretrainedConfig, layer_idx: int) ->
 
 
 class GPT2Attention(nn.Module):
+    """Under TP: this rank's heads; c_attn column-parallel (the checkpoint's fused q|k|v
+    tensor cut per part), c_proj row-parallel."""
+
     def __init__(self, hf_config: transformers.PretrainedConfig, layer_idx: int,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         hidden = hf_config.n_embd
-        self.num_heads = hf_config.n_head
-        self.head_dim = hidden // self.num_heads
+        self.head_dim = hidden // hf_config.n_head
+        first_head, self.num_heads = parallel.split(hf_config.n_head, "number of attention heads")
         self.scale = attention_scale(hf_config, layer_idx)
         self.attn_backend = attn_backend
-        self.c_attn = Linear(hidden, 3 * hidden)  # fused q, k, v in the checkpoint already
-        self.c_proj = Linear(hidden, hidden)
+        local = self.num_heads * self.head_dim
+        rows = (first_head * self.head_dim, hidden)
+        # fused q, k, v in the checkpoint already: loaded whole, cut per part
+        self.c_attn = MergedLinear(hidden, {"q": local, "k": local, "v": local}, bias=True,
+                                   source_rows={"q": rows, "k": rows, "v": rows})
+        self.c_proj = RowParallelLinear(hidden, hidden, (rows[0], local), True, parallel)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -52,12 +66,14 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, hf_config: transformers.PretrainedConfig) -> None:
+    def __init__(self, hf_config: transformers.PretrainedConfig,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
         inner = getattr(hf_config, "n_inner", None) or 4 * hf_config.n_embd
-        self.c_fc = Linear(hf_config.n_embd, inner)
+        rows = parallel.split(inner, "inner size")
+        self.c_fc = ColumnParallelLinear(hf_config.n_embd, inner, rows, bias=True)
         self.act = get_gelu(hf_config.activation_function)
-        self.c_proj = Linear(inner, hf_config.n_embd)
+        self.c_proj = RowParallelLinear(inner, hf_config.n_embd, rows, True, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -65,13 +81,13 @@ class GPT2MLP(nn.Module):
 
 class GPT2Block(nn.Module):
     def __init__(self, hf_config: transformers.PretrainedConfig, layer_idx: int,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         eps = hf_config.layer_norm_epsilon
         self.ln_1 = LayerNorm(hf_config.n_embd, eps=eps)
-        self.attn = GPT2Attention(hf_config, layer_idx, attn_backend)
+        self.attn = GPT2Attention(hf_config, layer_idx, attn_backend, parallel)
         self.ln_2 = LayerNorm(hf_config.n_embd, eps=eps)
-        self.mlp = GPT2MLP(hf_config)
+        self.mlp = GPT2MLP(hf_config, parallel)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -80,21 +96,41 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
+    """The blocks of this rank's pipeline stage (`h[i]` is global block
+    `stage_layers.start + i`); the embeddings (wte vocab-parallel, wpe replicated) and ln_f
+    on the first stage only."""
+
     def __init__(self, hf_config: transformers.PretrainedConfig,
-                 attn_backend: AttentionBackend) -> None:
+                 attn_backend: AttentionBackend, parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.wte = nn.Embedding(hf_config.vocab_size, hf_config.n_embd)
-        self.wpe = nn.Embedding(hf_config.n_positions, hf_config.n_embd)
-        self.h = nn.ModuleList(GPT2Block(hf_config, i, attn_backend)
-                               for i in range(hf_config.n_layer))
-        self.ln_f = LayerNorm(hf_config.n_embd, eps=hf_config.layer_norm_epsilon)
+        self.parallel = parallel
+        self.hidden_size = hidden = hf_config.n_embd
+        is_first = parallel.is_first_stage
+        self.wte = (VocabParallelEmbedding(hf_config.vocab_size, hidden, parallel)
+                    if is_first else None)
+        self.wpe = nn.Embedding(hf_config.n_positions, hidden) if is_first else None
+        self.h = nn.ModuleList(GPT2Block(hf_config, i, attn_backend, parallel)
+                               for i in parallel.stage_layers(hf_config.n_layer))
+        self.ln_f = (LayerNorm(hidden, eps=hf_config.layer_norm_epsilon) if is_first
+                     else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.wte(input_ids) + self.wpe(positions)  # [num_tokens, hidden_size]
+        hidden_states = self._stage_input(input_ids, positions)  # [num_tokens, hidden_size]
         for block, kv_cache in zip(self.h, kv_caches, strict=True):
             hidden_states = block(hidden_states, kv_cache, metadata)
-        return self.ln_f(hidden_states)
+        final = self.parallel.finish_stage(hidden_states)
+        if final is None or self.ln_f is None:
+            return hidden_states  # a later pipeline stage: nothing reads it
+        return self.ln_f(final)
+
+    def _stage_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens on the first stage, the previous stage's output elsewhere."""
+        if self.wte is not None and self.wpe is not None:
+            return self.wte(input_ids) + self.wpe(positions)
+        dtype = next(self.h.parameters()).dtype  # the model dtype
+        return self.parallel.recv_hidden(input_ids.shape[0], self.hidden_size, dtype,
+                                         input_ids.device)
 
 
 class GPT2LMHeadModel(CausalLM):
@@ -103,21 +139,25 @@ class GPT2LMHeadModel(CausalLM):
     is accepted as is; cross-attention variants are rejected."""
 
     loads_int4_checkpoints = False  # Conv1D's transposed weights: GPTQ/AWQ layout untested
+    layer_list_name = "h"
 
     def __init__(self, hf_config: transformers.PretrainedConfig,
-                 attn_backend: AttentionBackend) -> None:
-        super().__init__(hf_config, attn_backend)
+                 attn_backend: AttentionBackend, parallel: Parallel = SINGLE) -> None:
+        super().__init__(hf_config, attn_backend, parallel)
         if getattr(hf_config, "add_cross_attention", False):
             raise UnsupportedModelError("GPT-2 with cross-attention is not a decoder-only model")
-        self.transformer = GPT2Model(hf_config, attn_backend)
+        self.transformer = GPT2Model(hf_config, attn_backend, parallel)
         is_tied = getattr(hf_config, "tie_word_embeddings", True)
-        self.lm_head = (None if is_tied else
-                        Linear(hf_config.n_embd, hf_config.vocab_size, bias=False))
+        has_head = parallel.is_first_stage and not is_tied
+        self.lm_head = (vocab_parallel_head(hf_config.n_embd, hf_config.vocab_size, parallel)
+                        if has_head else None)
 
     @classmethod
-    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
-        return KVCacheSpec(num_layers=hf_config.n_layer, num_kv_heads=hf_config.n_head,
-                           head_dim=hf_config.n_embd // hf_config.n_head)
+    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig,
+                      parallel: Parallel = SINGLE) -> KVCacheSpec:
+        _, num_heads = parallel.split(hf_config.n_head, "number of attention heads")
+        return KVCacheSpec(num_layers=len(parallel.stage_layers(hf_config.n_layer)),
+                           num_kv_heads=num_heads, head_dim=hf_config.n_embd // hf_config.n_head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -127,7 +167,10 @@ class GPT2LMHeadModel(CausalLM):
         return self.lm_head
 
     def output_embedding(self) -> torch.Tensor:
-        return self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        assert self.transformer.wte is not None, "only the first stage holds the LM head"
+        return self.transformer.wte.weight
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights((name, _from_conv1d(name, tensor)) for name, tensor in weights)

@@ -11,10 +11,12 @@ import transformers
 from torch import nn
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import Linear, MergedLinear
 from engine.layers.norm import RMSNorm
+from engine.layers.parallel import RowParallelLinear, VocabParallelEmbedding, vocab_parallel_head
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, rope_settings
 from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
 
@@ -73,20 +75,31 @@ def sliding_window_of(hf_config: transformers.PretrainedConfig, layer_index: int
 
 
 class LlamaAttention(nn.Module):
+    """Under TP: this rank's query heads and the KV heads they read (`Parallel.kv_heads`),
+    q/k/v column-parallel, o_proj row-parallel (all-reduced)."""
+
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                 attn_backend: AttentionBackend, layer_index: int) -> None:
+                 attn_backend: AttentionBackend, layer_index: int,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = num_kv_heads_of(hf_config)
-        self.head_dim = head_dim_of(hf_config)
+        total_heads, total_kv_heads = hf_config.num_attention_heads, num_kv_heads_of(hf_config)
+        first_head, self.num_heads = parallel.split(total_heads, "number of attention heads")
+        first_kv_head, self.num_kv_heads = parallel.kv_heads(total_kv_heads, total_heads)
+        self.head_dim = head_dim = head_dim_of(hf_config)
         self.scale = self.head_dim**-0.5
+        # the GLOBAL layer index: a pipeline stage's layers keep their window
         self.sliding_window = sliding_window_of(hf_config, layer_index)  # None: full attention
         self.attn_backend = attn_backend
-        self.q_size = q_size = self.num_heads * self.head_dim
-        self.kv_size = kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(hf_config.hidden_size, {"q": q_size, "k": kv_size,
-                                                             "v": kv_size}, options.qkv_bias)
-        self.o_proj = Linear(q_size, hf_config.hidden_size, bias=options.o_proj_bias)
+        self.q_size = q_size = self.num_heads * head_dim
+        self.kv_size = kv_size = self.num_kv_heads * head_dim
+        kv_rows = (first_kv_head * head_dim, total_kv_heads * head_dim)
+        self.qkv_proj = MergedLinear(
+            hf_config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, options.qkv_bias,
+            source_rows={"q": (first_head * head_dim, total_heads * head_dim),
+                         "k": kv_rows, "v": kv_rows})
+        self.o_proj = RowParallelLinear(total_heads * head_dim, hf_config.hidden_size,
+                                        (first_head * head_dim, q_size), options.o_proj_bias,
+                                        parallel)
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
 
@@ -115,13 +128,21 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """Under TP: this rank's intermediate rows, gate/up column-parallel, down_proj
+    row-parallel; `reduce_output` off leaves the partial sum to the caller (MoE's shared
+    expert, reduced with the experts)."""
+
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                 intermediate_size: int | None = None) -> None:
+                 intermediate_size: int | None = None, parallel: Parallel = SINGLE,
+                 reduce_output: bool = True) -> None:
         super().__init__()
         hidden, inter = hf_config.hidden_size, intermediate_size or hf_config.intermediate_size
-        self.gate_up_proj = MergedLinear(hidden, {"gate": inter, "up": inter}, options.mlp_bias)
+        start, local = parallel.split(inter, "intermediate size")
+        self.gate_up_proj = MergedLinear(hidden, {"gate": local, "up": local}, options.mlp_bias,
+                                         source_rows={"gate": (start, inter), "up": (start, inter)})
         self.act = SiluAndMul()
-        self.down_proj = Linear(inter, hidden, bias=options.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, hidden, (start, local), options.mlp_bias,
+                                           parallel, reduce_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= MLP_CHUNK_TOKENS:
@@ -133,20 +154,21 @@ class LlamaMLP(nn.Module):
                           for part in x.split(MLP_CHUNK_TOKENS)])
 
 
-# builds layer `layer_index`'s feed-forward block: the dense MLP, or an MoE block (moe.py)
-MLPFactory = Callable[[transformers.PretrainedConfig, DecoderOptions, int], nn.Module]
+# builds layer `layer_index`'s feed-forward block for this rank: the dense MLP, or an MoE
+# block (moe.py)
+MLPFactory = Callable[[transformers.PretrainedConfig, DecoderOptions, int, Parallel], nn.Module]
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
                  attn_backend: AttentionBackend, layer_index: int,
-                 build_mlp: MLPFactory) -> None:
+                 build_mlp: MLPFactory, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         eps = hf_config.rms_norm_eps
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.self_attn = LlamaAttention(hf_config, options, attn_backend, layer_index)
+        self.self_attn = LlamaAttention(hf_config, options, attn_backend, layer_index, parallel)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.mlp = build_mlp(hf_config, options, layer_index)
+        self.mlp = build_mlp(hf_config, options, layer_index, parallel)
 
     def forward(self, hidden_states: torch.Tensor, rope: Rope,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -157,39 +179,59 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack of this rank's pipeline stage (`layers[i]` is global layer
+    `stage_layers.start + i`); the embedding and final norm on the first stage only."""
+
     def __init__(self, hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                 attn_backend: AttentionBackend, build_mlp: MLPFactory) -> None:
+                 attn_backend: AttentionBackend, build_mlp: MLPFactory,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.parallel = parallel
+        self.hidden_size = hidden = hf_config.hidden_size
+        is_first = parallel.is_first_stage
+        self.embed_tokens = (VocabParallelEmbedding(hf_config.vocab_size, hidden, parallel)
+                             if is_first else None)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, options, attn_backend, index, build_mlp)
-            for index in range(hf_config.num_hidden_layers))
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+            LlamaDecoderLayer(hf_config, options, attn_backend, index, build_mlp, parallel)
+            for index in parallel.stage_layers(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hidden, hf_config.rms_norm_eps) if is_first else None
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config),
                                           hf_config.max_position_embeddings,
                                           rope_settings(hf_config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        hidden_states = self._stage_input(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb(positions, hidden_states.dtype)  # computed once for all layers
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden_states = layer(hidden_states, rope, kv_cache, metadata)
-        return self.norm(hidden_states)
+        final = self.parallel.finish_stage(hidden_states)
+        if final is None or self.norm is None:
+            return hidden_states  # a later pipeline stage: nothing reads it
+        return self.norm(final)
+
+    def _stage_input(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens on the first stage, the previous stage's output elsewhere."""
+        if self.embed_tokens is not None:
+            return self.embed_tokens(input_ids)
+        dtype = next(self.layers.parameters()).dtype  # the model dtype
+        return self.parallel.recv_hidden(input_ids.shape[0], self.hidden_size, dtype,
+                                         input_ids.device)
 
 
 class LlamaForCausalLM(CausalLM):
     """Llama and its relatives; subclasses only change `decoder_options`."""
 
     def __init__(self, hf_config: transformers.PretrainedConfig,
-                 attn_backend: AttentionBackend) -> None:
-        super().__init__(hf_config, attn_backend)
+                 attn_backend: AttentionBackend, parallel: Parallel = SINGLE) -> None:
+        super().__init__(hf_config, attn_backend, parallel)
         _check_config(hf_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.model = LlamaModel(hf_config, self.decoder_options(hf_config), attn_backend,
-                                self.build_mlp)
-        self.lm_head = (None if self.tie_word_embeddings else
-                        Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False))
+                                self.build_mlp, parallel)
+        has_head = parallel.is_first_stage and not self.tie_word_embeddings
+        self.lm_head = (vocab_parallel_head(hf_config.hidden_size, hf_config.vocab_size,
+                                            parallel) if has_head else None)
 
     @classmethod
     def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
@@ -199,15 +241,17 @@ class LlamaForCausalLM(CausalLM):
 
     @staticmethod
     def build_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                  layer_index: int) -> nn.Module:
+                  layer_index: int, parallel: Parallel) -> nn.Module:
         """Layer `layer_index`'s feed-forward block; the MoE families override it."""
-        return LlamaMLP(hf_config, options)
+        return LlamaMLP(hf_config, options, parallel=parallel)
 
     @classmethod
-    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig) -> KVCacheSpec:
-        return KVCacheSpec(num_layers=hf_config.num_hidden_layers,
-                           num_kv_heads=num_kv_heads_of(hf_config),
-                           head_dim=head_dim_of(hf_config))
+    def kv_cache_spec(cls, hf_config: transformers.PretrainedConfig,
+                      parallel: Parallel = SINGLE) -> KVCacheSpec:
+        _, num_kv_heads = parallel.kv_heads(num_kv_heads_of(hf_config),
+                                            hf_config.num_attention_heads)
+        return KVCacheSpec(num_layers=len(parallel.stage_layers(hf_config.num_hidden_layers)),
+                           num_kv_heads=num_kv_heads, head_dim=head_dim_of(hf_config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
@@ -217,7 +261,10 @@ class LlamaForCausalLM(CausalLM):
         return self.lm_head
 
     def output_embedding(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        assert self.model.embed_tokens is not None, "only the first stage holds the LM head"
+        return self.model.embed_tokens.weight
 
     def map_weight_name(self, name: str) -> WeightTarget | None:
         if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):

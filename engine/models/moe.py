@@ -4,7 +4,12 @@ They are the Llama-style decoder with the MLP of some layers replaced by a spars
 router scores every expert per token, the top k experts run, and their outputs are summed
 with the router's weights. The experts' weights are stacked ([num_experts, ...] tensors), and
 tokens are grouped by expert, so each active expert runs one matmul pair over all its rows
-per step: the work is a loop over at most num_experts experts, never over tokens."""
+per step: the work is a loop over at most num_experts experts, never over tokens.
+
+Tensor parallelism splits every expert like a dense MLP (gate/up rows, down columns of the
+MoE intermediate size); expert parallelism gives each TP rank whole experts instead, every
+rank routing all tokens alike and running only its own. Either way each rank's block output
+is a partial sum, and the block all-reduces once (experts and shared expert together)."""
 
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import Linear
+from engine.layers.parallel import take_rows
 from engine.models.base import WeightTarget
 from engine.models.llama import DecoderOptions, LlamaForCausalLM, LlamaMLP
 
@@ -45,13 +52,28 @@ class StackedExperts(nn.Module):
     rows, as one fused matmul per expert) and down_proj [E, H, I].
 
     Checkpoints store one tensor per expert and projection; the loader writes each through
-    `shard_view` with shard ids "<expert>.gate", "<expert>.up" and "<expert>.down". A
-    checkpoint that already stores the stacks (transformers' fused layout) loads whole."""
+    `shard_view` with shard ids "<expert>.gate", "<expert>.up" and "<expert>.down" (the
+    expert's index among this rank's). A checkpoint that already stores the stacks
+    (transformers' fused layout) loads whole.
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    A rank holds experts [first_expert, first_expert + num_experts) of `total_experts` (all of
+    them but under expert parallelism), each with intermediate rows
+    [intermediate_start, + intermediate_size) of `full_intermediate` (all of them but under
+    plain tensor parallelism)."""
+
+    def __init__(self, total_experts: int, hidden_size: int, full_intermediate: int,
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
+        self.total_experts, self.full_intermediate = total_experts, full_intermediate
+        if parallel.expert_parallel:
+            self.first_expert, self.num_experts = parallel.split(total_experts,
+                                                                 "number of experts")
+            self.intermediate_start, self.intermediate_size = 0, full_intermediate
+        else:
+            self.first_expert, self.num_experts = 0, total_experts
+            self.intermediate_start, self.intermediate_size = parallel.split(
+                full_intermediate, "MoE intermediate size")
+        num_experts, intermediate_size = self.num_experts, self.intermediate_size
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.down_proj = nn.Parameter(
@@ -86,19 +108,40 @@ class StackedExperts(nn.Module):
         offset = 0 if part == "gate" else self.intermediate_size
         return rows.narrow(0, offset, self.intermediate_size)
 
+    def local_part(self, param_leaf: str, shard_id: str | None,
+                   tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's intermediate rows (gate, up) or columns (down) of one expert's
+        projection, or of a whole stack also its experts."""
+        is_down = param_leaf == "down_proj"
+        if shard_id is None:  # a fused stack [total_experts, ...]
+            if tensor.dim() != 3 or tensor.shape[0] != self.total_experts:
+                return tensor
+            tensor = tensor.narrow(0, self.first_expert, self.num_experts)
+            if is_down:
+                return self._intermediate_part(tensor, dim=2)
+            gate_up = tensor.unflatten(1, (2, -1))  # [experts, 2, full_intermediate, hidden]
+            return self._intermediate_part(gate_up, dim=2).flatten(1, 2)
+        return self._intermediate_part(tensor, dim=1 if is_down else 0)
+
+    def _intermediate_part(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        if tensor.shape[dim] != self.full_intermediate:
+            return tensor  # a mismatch the loader's shape check names
+        return take_rows(tensor, self.intermediate_start, self.intermediate_size, dim)
+
     def forward(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor,
                 expert_weights: torch.Tensor) -> torch.Tensor:
         """Sum over each token's experts of weight * expert(token): hidden_states [T, H],
-        expert_ids and expert_weights [T, k]."""
+        expert_ids (global) and expert_weights [T, k]. Only this rank's experts run."""
         top_k = expert_ids.shape[1]
         flat_ids = expert_ids.reshape(-1)
         # (token, slot) pairs in expert order: each expert's rows are one contiguous run
         order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.total_experts).tolist()
         flat_weights = expert_weights.reshape(-1)
         out = torch.zeros_like(hidden_states)
-        start = 0
-        for expert, count in enumerate(counts):
+        start = sum(counts[:self.first_expert])  # the rows of other ranks' experts before ours
+        local_counts = counts[self.first_expert:self.first_expert + self.num_experts]
+        for expert, count in enumerate(local_counts):
             if count == 0:
                 continue
             pairs = order[start:start + count]
@@ -122,11 +165,13 @@ class SparseMoeBlock(nn.Module):
     through, scaled by a sigmoid gate) where the family has one."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, router: RouterOptions,
-                 shared_expert: nn.Module | None = None) -> None:
+                 shared_expert: nn.Module | None = None, parallel: Parallel = SINGLE) -> None:
         super().__init__()
         self.router = router
-        self.gate = Linear(hidden_size, router.num_experts, bias=False)
-        self.experts = StackedExperts(router.num_experts, hidden_size, intermediate_size)
+        self.parallel = parallel
+        self.gate = Linear(hidden_size, router.num_experts, bias=False)  # replicated
+        self.experts = StackedExperts(router.num_experts, hidden_size, intermediate_size,
+                                      parallel)
         self.shared_expert = shared_expert
         self.shared_expert_gate = (None if shared_expert is None
                                    else Linear(hidden_size, 1, bias=False))
@@ -137,7 +182,8 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             gate = torch.sigmoid(self.shared_expert_gate(hidden_states))
             out = out + gate * self.shared_expert(hidden_states)
-        return out
+        # one reduce for the experts' and the shared expert's partial sums (no-op: one rank)
+        return self.parallel.all_reduce(out)
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's top-k experts and their weights: softmax over all experts in float32,
@@ -166,21 +212,36 @@ class _MoeForCausalLM(LlamaForCausalLM):
             if isinstance(module, StackedExperts):
                 module.split()
 
+    @staticmethod
+    def num_experts_of(hf_config: transformers.PretrainedConfig) -> int:
+        return int(getattr(hf_config, "num_experts", 0) or 0)
+
     def map_weight_name(self, name: str) -> WeightTarget | None:
         module_path, _, param = name.rpartition(".")
         parts = module_path.split(".")
         # model.layers.<i>.<moe>.experts.<e>.<proj>.weight: one expert's projection
         if len(parts) == 7 and parts[3] == self.moe_module_name and parts[4] == "experts":
-            expert, projection = parts[5], parts[6]
-            part = self.expert_parts.get(projection)
-            if part is None or param != "weight":
+            part = self.expert_parts.get(parts[6])
+            if part is None or param != "weight" or not parts[5].isdigit():
                 raise UnsupportedModelError(f"unexpected tensor {name!r} in the checkpoint")
+            expert = self._local_expert(int(parts[5]))
+            if expert is None:
+                return None  # another rank's expert (expert parallelism)
             stack = "down_proj" if part == "down" else "gate_up_proj"
             return WeightTarget(f"model.layers.{parts[2]}.mlp.experts.{stack}",
                                 f"{expert}.{part}")
         if len(parts) >= 4 and parts[3] == self.moe_module_name != "mlp":
             name = ".".join([*parts[:3], "mlp", *parts[4:], param])
         return super().map_weight_name(name)
+
+
+    def _local_expert(self, expert: int) -> int | None:
+        """The index of checkpoint expert `expert` among this rank's, None if not its."""
+        if not self.parallel.expert_parallel:
+            return expert
+        first, count = self.parallel.split(self.num_experts_of(self.hf_config),
+                                           "number of experts")
+        return expert - first if first <= expert < first + count else None
 
 
 def _check_experts(num_experts: int, top_k: int) -> None:
@@ -196,18 +257,23 @@ class MixtralForCausalLM(_MoeForCausalLM):
     expert_parts = _MIXTRAL_EXPERT_PARTS
     moe_module_name = "block_sparse_moe"
 
+    @staticmethod
+    def num_experts_of(hf_config: transformers.PretrainedConfig) -> int:
+        return int(hf_config.num_local_experts)
+
     @classmethod
     def decoder_options(cls, hf_config: transformers.PretrainedConfig) -> DecoderOptions:
         return DecoderOptions()
 
     @staticmethod
     def build_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                  layer_index: int) -> nn.Module:
+                  layer_index: int, parallel: Parallel) -> nn.Module:
         num_experts, top_k = hf_config.num_local_experts, hf_config.num_experts_per_tok
         _check_experts(num_experts, top_k)
         router = RouterOptions(num_experts, top_k, normalize=True,
                                weights_in_model_dtype=False)
-        return SparseMoeBlock(hf_config.hidden_size, hf_config.intermediate_size, router)
+        return SparseMoeBlock(hf_config.hidden_size, hf_config.intermediate_size, router,
+                              parallel=parallel)
 
 
 def is_sparse_layer(hf_config: transformers.PretrainedConfig, layer_index: int) -> bool:
@@ -220,9 +286,9 @@ def is_sparse_layer(hf_config: transformers.PretrainedConfig, layer_index: int) 
 
 
 def _qwen_moe_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                  layer_index: int, shared_expert: bool) -> nn.Module:
+                  layer_index: int, parallel: Parallel, shared_expert: bool) -> nn.Module:
     if not is_sparse_layer(hf_config, layer_index):
-        return LlamaMLP(hf_config, options)
+        return LlamaMLP(hf_config, options, parallel=parallel)
     num_experts, top_k = hf_config.num_experts, hf_config.num_experts_per_tok
     _check_experts(num_experts, top_k)
     router = RouterOptions(num_experts, top_k,
@@ -230,9 +296,11 @@ def _qwen_moe_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOpti
                            weights_in_model_dtype=True)
     shared = None
     if shared_expert and getattr(hf_config, "shared_expert_intermediate_size", None):
-        shared = LlamaMLP(hf_config, options, hf_config.shared_expert_intermediate_size)
+        # its partial sum is reduced with the experts' (SparseMoeBlock.forward)
+        shared = LlamaMLP(hf_config, options, hf_config.shared_expert_intermediate_size,
+                          parallel, reduce_output=False)
     return SparseMoeBlock(hf_config.hidden_size, hf_config.moe_intermediate_size, router,
-                          shared)
+                          shared, parallel)
 
 
 class Qwen2MoeForCausalLM(_MoeForCausalLM):
@@ -244,8 +312,8 @@ class Qwen2MoeForCausalLM(_MoeForCausalLM):
 
     @staticmethod
     def build_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                  layer_index: int) -> nn.Module:
-        return _qwen_moe_mlp(hf_config, options, layer_index, shared_expert=True)
+                  layer_index: int, parallel: Parallel) -> nn.Module:
+        return _qwen_moe_mlp(hf_config, options, layer_index, parallel, shared_expert=True)
 
 
 class Qwen3MoeForCausalLM(_MoeForCausalLM):
@@ -258,5 +326,5 @@ class Qwen3MoeForCausalLM(_MoeForCausalLM):
 
     @staticmethod
     def build_mlp(hf_config: transformers.PretrainedConfig, options: DecoderOptions,
-                  layer_index: int) -> nn.Module:
-        return _qwen_moe_mlp(hf_config, options, layer_index, shared_expert=False)
+                  layer_index: int, parallel: Parallel) -> nn.Module:
+        return _qwen_moe_mlp(hf_config, options, layer_index, parallel, shared_expert=False)
