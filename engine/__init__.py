@@ -19,6 +19,7 @@ _EXPORTS = {
     "ModelConfig": "engine.config",
     "SchedulerConfig": "engine.config",
     "SpeculativeConfig": "engine.config",
+    "ParallelConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
     "StructuredOutputsParams": "engine.structured.params",
     "JSON_FORMAT": "engine.structured.params",
@@ -29,12 +30,15 @@ _EXPORTS = {
     "RequestTiming": "engine.outputs",
     "ContextLengthExceededError": "engine.errors",
     "EngineDeadError": "engine.errors",
+    "EngineDiedError": "engine.errors",
     "EngineError": "engine.errors",
     "InvalidRequestError": "engine.errors",
     "QueueFullError": "engine.errors",
     "RequestFailedError": "engine.errors",
     "RequestTimeoutError": "engine.errors",
     "UnsupportedModelError": "engine.errors",
+    "torchrun_rank": "engine.distributed.group",
+    "serve_worker_rank": "engine.distributed.worker",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -53,12 +57,16 @@ if TYPE_CHECKING:
         CacheConfig,
         EngineConfig,
         ModelConfig,
+        ParallelConfig,
         SchedulerConfig,
         SpeculativeConfig,
     )
+    from engine.distributed.group import torchrun_rank
+    from engine.distributed.worker import serve_worker_rank
     from engine.errors import (
         ContextLengthExceededError,
         EngineDeadError,
+        EngineDiedError,
         EngineError,
         InvalidRequestError,
         QueueFullError,

@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from engine.config import EngineConfig
 from engine.errors import (
     EngineDeadError,
+    EngineDiedError,
     InvalidRequestError,
     QueueFullError,
     RequestFailedError,
     RequestTimeoutError,
+    WorkerGroupError,
 )
 from engine.fault_hooks import FaultHooks
 from engine.llm_engine import LLMEngine, PreparedRequest
@@ -34,6 +36,7 @@ from engine.summary import EngineSummary, summarize
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0  # how long the idle worker sleeps between checks for new commands
+DEAD_JOIN_TIMEOUT_S = 5.0  # how long shutdown waits for a dead loop's thread
 
 
 @dataclass(slots=True)
@@ -87,6 +90,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self.dead_error: BaseException | None = None
+        self._dying = threading.Lock()
+        # called once, from the engine's or the group watcher's thread, when the engine dies
+        # (the CLI ends the process non-zero then, so a supervisor restarts it)
+        self.on_dead: Callable[[BaseException], None] | None = None
         # the worker's heartbeat: stamped at every pass of its loop (each step, each idle wait)
         self.last_step_time = time.monotonic()
         self._is_idle = False
@@ -99,12 +106,18 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
+        if self.llm_engine.workers is not None:
+            self.llm_engine.workers.watch(self._group_broken)
 
     async def shutdown(self) -> None:
+        """Stop the loop after its current step, then the parallel group's workers. A dead
+        loop may be stuck in a collective with a lost worker: it gets a few seconds."""
         self._stopping.set()
         self._wakeup.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            timeout = None if self.dead_error is None else DEAD_JOIN_TIMEOUT_S
+            await asyncio.to_thread(self._thread.join, timeout)
+        await asyncio.to_thread(self.llm_engine.close, self.dead_error is None)
 
     @property
     def is_ready(self) -> bool:
@@ -295,10 +308,23 @@ class AsyncEngine:
                 self.metrics.record_step(self.llm_engine.last_step_stats, outputs)
         except BaseException as error:  # the loop is dead: tell every waiting client now
             logger.exception("engine loop died")
+            self._die(error, f"the engine loop died: {error!r}")
+
+    def _group_broken(self, message: str) -> None:
+        """A worker of the parallel group exited (the watcher's thread): the loop may still be
+        blocked in a collective with it, so the clients are told from here, at once."""
+        self._die(WorkerGroupError(message), f"the parallel group broke: {message}")
+
+    def _die(self, error: BaseException, message: str) -> None:
+        """Once: fail every request in flight, count them, and tell on_dead."""
+        with self._dying:
+            if self.dead_error is not None:
+                return
             self.dead_error = error
-            self.metrics.record_failure(
-                "error", self.llm_engine.stats().num_unfinished_requests)
-            self._fail_all(EngineDeadError(f"the engine loop died: {error!r}"))
+        self.metrics.record_failure("error", self.llm_engine.stats().num_unfinished_requests)
+        self._fail_all(EngineDiedError(message))
+        if self.on_dead is not None:
+            self.on_dead(error)
 
     def _wait_idle(self) -> None:
         self.metrics.record_idle(self.kv_cache_usage)

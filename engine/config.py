@@ -95,6 +95,33 @@ class SchedulerConfig:
         return self
 
 
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """Several processes for one model (engine/distributed/): tensor parallel ranks split each
+    layer, pipeline stages split the layer stack; world size = TP x PP. The engine spawns the
+    other ranks itself, or joins a world `torchrun` started (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT in the environment)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank instead of split ones
+    # how long a collective waits for a peer before the group is declared broken (a hung
+    # worker); idle workers wait for the next step without limit
+    distributed_timeout_s: float = 60.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def validate(self) -> ParallelConfig:
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+               f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size!r}")
+        _check(isinstance(self.pipeline_parallel_size, int) and self.pipeline_parallel_size >= 1,
+               f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size!r}")
+        _check(self.distributed_timeout_s > 0, "distributed_timeout_s must be > 0")
+        return self
+
+
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 _SPECULATIVE_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_min",
                      "prompt_lookup_max", "disable_by_batch_size", "adaptive")
@@ -158,6 +185,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **engine_args: object) -> EngineConfig:
@@ -169,7 +197,7 @@ class EngineConfig:
             raise InvalidRequestError("speculative_config must be an object, got "
                                       f"{type(speculative).__name__}", param="speculative_config")
         parts: dict[str, dict[str, object]] = {"model": {"model": model}, "cache": {},
-                                               "scheduler": {}}
+                                               "scheduler": {}, "parallel": {}}
         owners = {f.name: part for part, klass in _PARTS.items() for f in fields(klass)}
         for name, value in engine_args.items():
             if name not in owners:
@@ -178,6 +206,7 @@ class EngineConfig:
         config = cls(model=ModelConfig(**parts["model"]),  # type: ignore[arg-type]
                      cache=CacheConfig(**parts["cache"]),  # type: ignore[arg-type]
                      scheduler=SchedulerConfig(**parts["scheduler"]),  # type: ignore[arg-type]
+                     parallel=ParallelConfig(**parts["parallel"]),  # type: ignore[arg-type]
                      speculative=(SpeculativeConfig.from_dict(speculative)
                                   if isinstance(speculative, dict) else speculative))
         return config.validate()
@@ -186,12 +215,14 @@ class EngineConfig:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        self.parallel.validate()
         if self.speculative is not None:
             self.speculative.validate()
         return self
 
 
-_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_PARTS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+          "parallel": ParallelConfig}
 
 
 def _check(condition: bool, message: str) -> None:

@@ -49,9 +49,19 @@ class EngineDeadError(EngineError):
     """The engine loop has stopped; no request can be served until restart."""
 
 
+class EngineDiedError(EngineDeadError):
+    """What a request in flight gets when the engine loop dies under it (the server's 500;
+    a request refused because the engine is already dead gets EngineDeadError, 503)."""
+
+
 class RequestFailedError(EngineError):
     """Processing one request raised; that request is finished with an error, others go on."""
 
 
 class RequestTimeoutError(RequestFailedError, TimeoutError):
     """A request passed its deadline; it is finished and its blocks are freed."""
+
+
+class WorkerGroupError(EngineError):
+    """A rank of the parallel group died, hung past the distributed timeout, or broke a
+    collective: the group cannot compute any more steps (fatal, like a lost device)."""

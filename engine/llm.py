@@ -29,6 +29,16 @@ class LLM:
         self.tokenizer = self.llm_engine.tokenizer
         self._ids = count()
 
+    def close(self) -> None:
+        """Stop the parallel group's workers, if any (also on leaving a `with` block)."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.llm_engine.generation_defaults)  # type: ignore[arg-type]
 

@@ -6,12 +6,16 @@ import logging
 import time
 from collections import abc
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.core import EngineCore, FaultHooks, StepStats
+from engine.distributed.group import WorkerGroup
+from engine.distributed.parallel import SINGLE
 from engine.errors import ContextLengthExceededError, InvalidRequestError
 from engine.loader import LoadedModel, load_model
+from engine.model_source import resolve_model_dir
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling_params import GENERATION_DEFAULT_FIELDS, SamplingParams
@@ -52,15 +56,30 @@ class LLMEngine:
         """Loads the model and sizes the KV pool. max_model_len is lowered (with a warning) to
         what the pool holds, or, with strict_max_model_len, that is an error."""
         self.config = config
-        self.loaded = loaded or _load(config)
+        self.workers: WorkerGroup | None = None  # the other ranks of a parallel group
+        try:
+            self._start(config, loaded, strict_max_model_len)
+        except BaseException:
+            self.close(healthy=False)
+            raise
+
+    def _start(self, config: EngineConfig, loaded: LoadedModel | None,
+               strict_max_model_len: bool) -> None:
+        if loaded is None:
+            loaded = self._load(config)
+        elif config.parallel.world_size > 1:
+            raise InvalidRequestError("a parallel group loads its own shards: pass no model")
+        self.loaded = loaded
         self.tokenizer = self.loaded.tokenizer
         self.vocab_size = int(self.loaded.hf_config.vocab_size)
         self.eos_token_ids = _eos_token_ids(self.loaded)
         self.generation_defaults = _generation_defaults(self.loaded)
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        model_limit = _model_max_len(self.loaded, config.model.max_model_len)
+        model_limit = model_max_len(self.loaded, config.model.max_model_len)
         # the core sizes the KV pool; max_model_len is then capped to what the pool can hold
         self.core = EngineCore(config, self.loaded, model_limit)
+        if self.workers is not None:
+            self.core.runner.attach_workers(self.workers.channel)
         self.model_max_len = model_limit  # before fitting to the pool
         self.max_model_len = self._fit_max_model_len(model_limit, strict_max_model_len)
         self.fault_hooks: FaultHooks = self.core.fault_hooks  # tests only; shared with the parts
@@ -71,6 +90,30 @@ class LLMEngine:
                     self.core.kv_cache_manager.num_total_blocks, config.cache.block_size,
                     self.pool_tokens,
                     self.core.runner.kv_cache_bytes / 1024**3, self.max_model_len)
+
+    def _load(self, config: EngineConfig) -> LoadedModel:
+        model = config.model.model
+        if model is None:
+            from engine.default_model import ensure_default_model  # heavy: only when used
+
+            model = str(ensure_default_model())
+        parallel = SINGLE
+        if config.parallel.world_size > 1:  # the workers load what rank 0 resolved
+            model = str(resolve_model_dir(model))
+            self.workers = WorkerGroup.start(config, Path(model))
+            parallel = self.workers.parallel
+        return load_model(model, dtype=config.model.dtype, device=config.model.device,
+                          allow_pickle=config.model.allow_pickle,
+                          trust_remote_code=config.model.trust_remote_code,
+                          tokenizer=config.model.tokenizer,
+                          attn_backend=config.model.attention_backend,
+                          quantization=config.model.quantization, parallel=parallel)
+
+    def close(self, healthy: bool = True) -> None:
+        """Stop the parallel group's workers, if any (`healthy`: they can still take the
+        shutdown message); a no-op for one process."""
+        if self.workers is not None:
+            self.workers.close(healthy)
 
     @property
     def pool_tokens(self) -> int:
@@ -273,21 +316,7 @@ def _encode_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, .
     return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _load(config: EngineConfig) -> LoadedModel:
-    model = config.model.model
-    if model is None:
-        from engine.default_model import ensure_default_model  # heavy: only when used
-
-        model = str(ensure_default_model())
-    return load_model(model, dtype=config.model.dtype, device=config.model.device,
-                      allow_pickle=config.model.allow_pickle,
-                      trust_remote_code=config.model.trust_remote_code,
-                      tokenizer=config.model.tokenizer,
-                      attn_backend=config.model.attention_backend,
-                      quantization=config.model.quantization)
-
-
-def _model_max_len(loaded: LoadedModel, requested: int | None) -> int:
+def model_max_len(loaded: LoadedModel, requested: int | None) -> int:
     limit = loaded.max_positions
     if requested is None:
         return limit

@@ -13,10 +13,12 @@ import torch
 from engine.attention.base import AttentionMetadata, DecodePlan
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.errors import EngineError
+from engine.distributed.driver import DriverModel
+from engine.distributed.messages import Channel
+from engine.errors import EngineError, WorkerGroupError
 from engine.loader import LoadedModel, single_threaded_setup
 from engine.models import kv_cache_spec
-from engine.models.base import KVCaches
+from engine.models.base import CausalLM, KVCaches
 from engine.outputs import PositionLogprobs
 from engine.progress import stage
 from engine.sampler import (
@@ -109,7 +111,8 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.vocab_size = int(loaded.hf_config.vocab_size)
         self.block_size = cache_config.block_size
-        spec = kv_cache_spec(loaded.hf_config)
+        self.parallel = loaded.parallel
+        spec = kv_cache_spec(loaded.hf_config, loaded.parallel)  # this rank's layers and heads
         self.kv_shape = (self.block_size, spec.num_kv_heads, spec.head_dim)  # per block
         self.num_layers = spec.num_layers
         # one generator for every row that brings no seed: from the config's seed, so that
@@ -119,8 +122,9 @@ class ModelRunner:
         activation_peak = 0
         if self.device.type == "cuda" and cache_config.num_blocks is None:
             activation_peak = self.profile_activation_peak(config.scheduler, max_model_len)
-        self.num_blocks = _num_kv_blocks(cache_config, bytes_per_token, self.device,
-                                         activation_peak)
+        # every rank of a parallel group the same pool: the smallest any rank's memory allows
+        self.num_blocks = self.parallel.min_over_world(
+            _num_kv_blocks(cache_config, bytes_per_token, self.device, activation_peak))
         shape = (self.num_blocks, *self.kv_shape)
         # one K and one V tensor per layer, over every block: block 0 is the KV pool's null
         # block (never handed out), so the 0s that pad block tables alias no live block.
@@ -132,10 +136,15 @@ class ModelRunner:
                               for _ in range(spec.num_layers)]
         self.decode_graphs: DecodeGraphs | None = None
         if (self.device.type == "cuda" and not config.model.enforce_eager
-                and self._graphs_supported(spec.head_dim)):
+                and self.parallel.world_size == 1 and self._graphs_supported(spec.head_dim)):
             context = min(max_model_len, self.num_blocks * self.block_size)
             self.decode_graphs = self.new_decode_graphs(config.scheduler.max_num_seqs, context)
             self.decode_graphs.capture()
+
+    def attach_workers(self, channel: Channel) -> None:
+        """Rank 0 of a parallel group: announce each model call to the workers (after the
+        constructor, whose calls every rank makes on its own)."""
+        self.model = cast(CausalLM, DriverModel(self.model, channel, self.kv_caches))
 
     def _graphs_supported(self, head_dim: int) -> bool:
         if not self.model.graph_capturable:
@@ -388,9 +397,9 @@ class ModelRunner:
 
 
 def is_fatal_error(exc: BaseException) -> bool:
-    """Errors of the engine rather than of a sequence: out of memory, a device fault. After
-    one the loop ends instead of failing sequences one by one."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    """Errors of the engine rather than of a sequence: out of memory, a device fault, a broken
+    parallel group. After one the loop ends instead of failing sequences one by one."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError, WorkerGroupError)):
         return True
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(exc, accelerator_error):
@@ -500,8 +509,8 @@ def _split_prompt_logprobs(spans: list[tuple[str, int, int]], ids: list[list[int
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:
-    """Bytes of K and V per token, over every layer, in the model's dtype."""
-    spec = kv_cache_spec(loaded.hf_config)
+    """Bytes of K and V per token, over every layer (this rank's), in the model's dtype."""
+    spec = kv_cache_spec(loaded.hf_config, loaded.parallel)
     return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * loaded.dtype.itemsize
 
 

@@ -29,19 +29,23 @@ from server.state import ServerState
 logger = logging.getLogger(__name__)
 
 LoadFailureHandler = Callable[[BaseException], None]
+DeathHandler = Callable[[BaseException], None]
 
 
 def create_app(settings: Settings, engine: AsyncEngine | None = None,
-               on_load_failure: LoadFailureHandler | None = None) -> FastAPI:
+               on_load_failure: LoadFailureHandler | None = None,
+               on_engine_death: DeathHandler | None = None) -> FastAPI:
     """The ASGI app. Without `engine`, the lifespan loads one from `settings` in a thread while
     the server already answers (/health is 503 until it is ready). A passed engine (tests
     share one loaded model) is started and shut down by the lifespan all the same.
-    `on_load_failure` lets the CLI stop the server when the model cannot load."""
+    `on_load_failure` lets the CLI stop the server when the model cannot load, and
+    `on_engine_death` (called on the event loop) when the engine dies later."""
     state = ServerState(settings=settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_engine(state, engine, on_load_failure))
+        loading = asyncio.create_task(_start_engine(state, engine, on_load_failure,
+                                                    on_engine_death))
         try:
             yield
         finally:
@@ -87,7 +91,8 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
 
 
 async def _start_engine(state: ServerState, engine: AsyncEngine | None,
-                        on_load_failure: LoadFailureHandler | None) -> None:
+                        on_load_failure: LoadFailureHandler | None,
+                        on_engine_death: DeathHandler | None) -> None:
     settings = state.settings
     try:
         chat_template = (load_chat_template(settings.chat_template)
@@ -105,6 +110,10 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
             logger.info("chat template: %s (replacing the tokenizer's)",
                         settings.chat_template if len(settings.chat_template or "") < 200
                         else "inline")
+        if on_engine_death is not None:
+            loop = asyncio.get_running_loop()
+            death_handler = on_engine_death
+            engine.on_dead = lambda error: loop.call_soon_threadsafe(death_handler, error)
         await engine.start()
     except asyncio.CancelledError:
         raise

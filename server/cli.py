@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -18,6 +19,7 @@ logger = logging.getLogger("server.cli")
 # idle keep-alive connections live longer than the 5 s after which httpx (and so the OpenAI
 # SDKs) drops them: otherwise a client can reuse a connection the server is just closing
 KEEP_ALIVE_S = 20
+DEATH_EXIT_DELAY_S = 1.0  # after the engine dies, for the clients' errors to go out
 
 
 # (flag, settings field, argparse options); help, defaults and the choices of a field typed as
@@ -56,6 +58,10 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--max-queue-len", "max_queue_len", {"type": int}),
     ("--seed", "seed", {"type": int}),
     ("--speculative-config", "speculative_config", {"metavar": "JSON"}),
+    ("--tensor-parallel-size", "tensor_parallel_size", {"type": int, "metavar": "N"}),
+    ("--pipeline-parallel-size", "pipeline_parallel_size", {"type": int, "metavar": "N"}),
+    ("--enable-expert-parallel", "enable_expert_parallel", {"action": "store_true"}),
+    ("--distributed-timeout", "distributed_timeout_s", {"type": float, "metavar": "SECONDS"}),
     ("--strict-max-model-len", "strict_max_model_len", {"action": "store_true"}),
     ("--allow-pickle", "allow_pickle", {"action": "store_true"}),
     ("--trust-remote-code", "trust_remote_code", {"action": "store_true"}),
@@ -137,7 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    """Run uvicorn until stopped; 1 if the model failed to load, else 0."""
+    """Run uvicorn until stopped; 1 if the model failed to load or the engine died, else 0.
+    A non-zero rank of a torchrun world runs its worker loop instead."""
+    from engine import EngineConfig, serve_worker_rank, torchrun_rank
+
+    if torchrun_rank():
+        config = EngineConfig.from_kwargs(settings.model, **settings.engine_kwargs())
+        serve_worker_rank(config)  # no HTTP server on this rank
+        return 0
     import uvicorn  # imported here so `pagedserve --help` stays fast
 
     from server.app import announce_ready, create_app
@@ -160,7 +173,18 @@ def serve(settings: Settings) -> int:
         failures.append(exc)
         server.should_exit = True
 
-    app = create_app(settings, on_load_failure=on_load_failure)
+    def on_engine_death(exc: BaseException) -> None:
+        # the clients have their errors; a moment for them to go out, then exit non-zero so
+        # that a supervisor restarts the server
+        logger.error("the engine died (%r): stopping with status 1 in %g s", exc,
+                     DEATH_EXIT_DELAY_S)
+        failures.append(exc)
+        asyncio.get_running_loop().call_later(DEATH_EXIT_DELAY_S, stop)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure, on_engine_death=on_engine_death)
     server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                    access_log=False, log_level=settings.log_level,
                                    timeout_keep_alive=KEEP_ALIVE_S),

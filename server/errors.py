@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import (
     ContextLengthExceededError,
     EngineDeadError,
+    EngineDiedError,
     EngineError,
     InvalidRequestError,
     QueueFullError,
@@ -100,6 +101,8 @@ def from_engine_error(exc: EngineError, prompt_param: str = "messages") -> ApiEr
         return ApiError(429, str(exc) or "The server is overloaded; retry shortly.",
                         code="queue_full", error_type="rate_limit_exceeded",
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineDiedError):  # the request was in flight: the server failed it
+        return ApiError(500, str(exc), code="engine_dead")
     if isinstance(exc, EngineDeadError):
         return service_unavailable(str(exc) or "The engine has stopped.", "engine_dead")
     if isinstance(exc, RequestFailedError):

@@ -28,7 +28,8 @@ ENGINE_FIELDS = (
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
     "quantization", "attention_backend", "enforce_eager", "prefix_caching_hash_algo",
-    "speculative_config",
+    "speculative_config", "tensor_parallel_size", "pipeline_parallel_size",
+    "enable_expert_parallel", "distributed_timeout_s",
 )
 
 
@@ -132,6 +133,18 @@ class Settings(BaseModel):
         "lookup; {\"model\": DIR, \"num_speculative_tokens\": 4} by a draft model with the "
         "same tokenizer. \"disable_by_batch_size\" (default 4) pauses it while more "
         "sequences run (default: off)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="processes splitting every layer (torch.distributed: gloo on CPU, "
+        "NCCL on GPUs); the engine spawns the other ranks, or joins a world torchrun started")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="pipeline stages splitting the layer stack (world size = tensor "
+        "x pipeline parallel size)")
+    enable_expert_parallel: bool = Field(
+        False, description="MoE models: place whole experts on the tensor parallel ranks "
+        "instead of splitting every expert")
+    distributed_timeout_s: float = Field(
+        60.0, gt=0, description="how long a parallel step waits for a rank before the group "
+        "is declared broken (a hung worker)")
     strict_max_model_len: bool = Field(
         False, description="fail at startup when max_model_len does not fit the KV cache, "
         "instead of lowering it with a warning")

@@ -252,7 +252,7 @@ def test_dead_engine_loop_fails_every_client_within_1s(
     assert died_at, "the hook never ran"
     for reply in replies:
         if reply.body is not None or reply.status != 200:  # failed before any byte was sent
-            _assert_envelope(reply, 503, "engine_dead")
+            _assert_envelope(reply, 500, "engine_dead")  # in flight: the server failed it
         else:
             _assert_error_event_then_done(reply, "engine_dead")
         assert reply.ended_at - died_at[0] < 1.0, "a client waited on a dead engine"
@@ -275,7 +275,8 @@ def test_a_fault_without_a_culprit_ends_the_loop(tiny_llama_dir: Path) -> None:
         running.engine.fault_hooks.on_execute = always_fail
         http = running.http()
         response = http.post("/v1/completions", json=_completion([5, 6, 7]))
-        assert response.status_code == 503, response.text
+        assert response.status_code == 500, response.text  # in flight when the loop died
+        assert response.json()["error"]["code"] == "engine_dead"
         assert "injected persistent fault" in response.json()["error"]["message"]
         assert not running.engine.is_alive
         assert http.get("/health").status_code == 503
