@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 # the control group's timeout: idle workers wait on it for the next step without limit
 _CONTROL_TIMEOUT = timedelta(days=365)
-_JOIN_TIMEOUT_S = 10.0  # for workers to leave after the shutdown message
+_JOIN_TIMEOUT = timedelta(minutes=10)  # for every rank to start and join the world
+_LEAVE_TIMEOUT_S = 10.0  # for workers to leave after the shutdown message
 
 
 def torchrun_rank() -> int | None:
@@ -49,27 +50,31 @@ def init_ranks(rank: int, world_size: int, init_method: str, config: ParallelCon
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     else:  # each rank its share of the cores: together they never oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # joining waits for every rank to start and import (slow machines, other nodes); the
+    # groups the steps use give up on a hung peer after distributed_timeout_s
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
-                            world_size=world_size,
-                            timeout=timedelta(seconds=config.distributed_timeout_s))
+                            world_size=world_size, timeout=_JOIN_TIMEOUT)
+    step_timeout = timedelta(seconds=config.distributed_timeout_s)
     tp = config.tensor_parallel_size
-    tp_groups = [dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
+    tp_groups = [dist.new_group(list(range(stage * tp, (stage + 1) * tp)), timeout=step_timeout)
                  for stage in range(config.pipeline_parallel_size)]
+    stages = dist.new_group(list(range(world_size)), timeout=step_timeout)  # hidden states
     control = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
     pp_rank, tp_rank = divmod(rank, tp)
     return Parallel(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank,
                     pp_size=config.pipeline_parallel_size,
                     expert_parallel=config.enable_expert_parallel, tp_group=tp_groups[pp_rank],
-                    world_group=dist.group.WORLD, control_group=control)
+                    world_group=stages, control_group=control)
 
 
 class WorkerGroup:
     """Rank 0's handle on the group: its Parallel, the channel to the workers, and the worker
     processes it spawned (none under torchrun, whose agent watches the ranks itself)."""
 
-    def __init__(self, parallel: Parallel, processes: list[BaseProcess]) -> None:
+    def __init__(self, parallel: Parallel, processes: list[BaseProcess],
+                 timeout_s: float) -> None:
         self.parallel = parallel
-        self.channel = Channel(parallel.control_group)
+        self.channel = Channel(parallel.control_group, timeout_s)
         self.processes = processes
         self._closing = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -105,7 +110,7 @@ class WorkerGroup:
         except BaseException:
             _kill(processes)
             raise
-        return cls(parallel, processes)
+        return cls(parallel, processes, parallel_config.distributed_timeout_s)
 
     def watch(self, on_failure: Callable[[str], None]) -> None:
         """Call on_failure(message) from a thread as soon as a spawned worker exits while the
@@ -136,9 +141,9 @@ class WorkerGroup:
         if healthy and all(p.is_alive() for p in self.processes):
             sender = threading.Thread(target=self._send_shutdown, daemon=True)
             sender.start()
-            sender.join(_JOIN_TIMEOUT_S)
+            sender.join(_LEAVE_TIMEOUT_S)
         for process in self.processes:
-            process.join(_JOIN_TIMEOUT_S if healthy else 0.5)
+            process.join(_LEAVE_TIMEOUT_S if healthy else 0.5)
         _kill(self.processes)
         if dist.is_initialized() and healthy:
             dist.destroy_process_group()

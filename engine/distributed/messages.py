@@ -4,7 +4,9 @@ so every rank reaches every collective in the same order."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -65,18 +67,32 @@ Message = ForwardStep | ComputeLogits | Shutdown
 
 
 class Channel:
-    """Rank 0's messages to every other rank: broadcast_object_list over the control group
-    (gloo, so a message never waits on a device)."""
+    """Rank 0's messages to every other rank: pickled and broadcast over the control group
+    (gloo, so a message never waits on a device). The workers wait for the next message
+    without limit (an idle server sends none); rank 0 gives up on a send after `timeout_s`
+    (a hung worker), which breaks the group."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, timeout_s: float) -> None:
         self.group = group
+        self.timeout = timedelta(seconds=timeout_s)
 
     def send(self, message: Message) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.group)
+        payload = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
+        self._broadcast(torch.tensor([payload.numel()], dtype=torch.int64), self.timeout)
+        self._broadcast(payload, self.timeout)
 
     def receive(self) -> Message:
-        box: list[object] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        message = box[0]
+        size = torch.empty(1, dtype=torch.int64)
+        self._broadcast(size)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._broadcast(payload)
+        message = pickle.loads(payload.numpy().tobytes())
         assert isinstance(message, (ForwardStep, ComputeLogits, Shutdown)), message
         return message
+
+    def _broadcast(self, tensor: torch.Tensor, timeout: timedelta | None = None) -> None:
+        work = dist.broadcast(tensor, src=0, group=self.group, async_op=True)
+        if timeout is None:
+            work.wait()
+        elif not work.wait(timeout):
+            raise TimeoutError(f"a rank did not take a step message within {timeout}")

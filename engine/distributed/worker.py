@@ -30,7 +30,10 @@ def worker_main(rank: int, world_size: int, init_method: str, config: EngineConf
                 model_dir: str, log_level: int = logging.INFO) -> None:
     """The entry point of a spawned rank; exits 1 on any failure (rank 0 notices)."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us
+    # a signal to the whole process group (Ctrl-C, systemd, torchrun) must not end a worker
+    # under a draining rank 0: rank 0 stops the workers once it has drained
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     try:
@@ -66,7 +69,8 @@ def run_worker(parallel: Parallel, config: EngineConfig, model_dir: str) -> None
                         parallel=parallel)
     runner = ModelRunner(loaded, config, model_max_len(loaded, model.max_model_len))
     logger.info("rank %d ready: %d KV blocks", parallel.rank, runner.num_blocks)
-    WorkerLoop(runner, Channel(parallel.control_group)).run()
+    WorkerLoop(runner, Channel(parallel.control_group, config.parallel.distributed_timeout_s)
+               ).run()
 
 
 class WorkerLoop:

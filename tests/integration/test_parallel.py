@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,15 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.integration.conftest import API_KEY, MODEL_NAME, ServerProcess, serve_process
+from tests.integration.conftest import (
+    API_KEY,
+    MODEL_NAME,
+    REPO,
+    ServerProcess,
+    _free_port,
+    _wait_process_healthy,
+    serve_process,
+)
 from tests.tiny_models import save_tiny_model
 
 # a shared 24-token prefix (prefix cache hits), prompts longer than the 16-token step budget
@@ -51,6 +61,7 @@ def _run(model_dir: Path, **parallel: object) -> tuple[list[list[int]], list[lis
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=1)
     with LLM(str(model_dir), **ENGINE_ARGS, **parallel) as llm:  # type: ignore[arg-type]
         outputs = llm.generate(PROMPTS, params)
+    assert sum(o.num_cached_tokens or 0 for o in outputs) > 0, "no prefix cache hit"
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     logprobs = [[entry[token].logprob for entry, token in zip(o.outputs[0].logprobs or [],
                                                               o.outputs[0].token_ids,
@@ -91,7 +102,7 @@ def test_parallel_group_matches_one_process(
     assert core.kv_cache_manager.num_free_blocks == core.kv_cache_manager.num_total_blocks
     workers = llm.llm_engine.workers
     assert workers is not None and workers.processes
-    assert all(p.exitcode == 0 for p in workers.processes), "a worker did not stop cleanly"
+    assert [p.exitcode for p in workers.processes] == [0], "the worker did not stop cleanly"
 
 
 def test_sizes_the_model_cannot_split_are_refused(model_dirs: dict[str, Path]) -> None:
@@ -208,6 +219,33 @@ def test_killed_worker_fails_every_client_and_ends_the_server(
     assert "parallel group broken" in server.log_text()
 
 
+def test_hung_worker_breaks_the_group_after_the_distributed_timeout(
+        long_context_llama_dir: Path, tmp_path: Path) -> None:
+    """A stopped (SIGSTOP) worker never answers: the step's collective gives up after
+    --distributed-timeout, the clients get their errors, and the server exits non-zero,
+    killing the hung worker on its way out."""
+    with serve_process(long_context_llama_dir, tmp_path / "server.log",
+                       "--tensor-parallel-size", "2", "--distributed-timeout", "2") as server:
+        worker = _worker_pid(server)
+        results: list[dict[str, object]] = []
+        started = threading.Semaphore(0)
+        clients = threading.Thread(target=_stream_clients,
+                                   args=(server, 2, 2000, results, started), daemon=True)
+        clients.start()
+        for _ in range(2):
+            assert started.acquire(timeout=60), "a client never started"
+        os.kill(worker, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        clients.join(timeout=30)
+        assert not clients.is_alive(), "a client still waits on the hung group"
+        for result in results:
+            ended = result.get("ended")
+            assert isinstance(ended, float) and ended - stopped_at < 2.0 + 3.0, result
+        assert server.process.wait(timeout=30) != 0
+        assert not Path(f"/proc/{worker}").exists() or _is_zombie(worker)
+    assert "WorkerGroupError" in server.log_text()
+
+
 def _health_turns_503(server: ServerProcess) -> bool:
     """Poll /health until it says 503 (True) or the server is gone (False)."""
     while server.process.poll() is None:
@@ -237,3 +275,42 @@ def test_sigterm_stops_the_group_cleanly(model_dirs: dict[str, Path], tmp_path: 
         assert all(r["status"] == 200 for r in results)
         assert not Path(f"/proc/{worker}").exists() or _is_zombie(worker)
     assert "parallel group stopped" in server.log_text()
+
+
+def test_torchrun_world_serves_like_one_process(model_dirs: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m server serve MODEL --tensor-parallel-size 2`: rank 0
+    serves HTTP, rank 1 runs the model only; the greedy tokens are one process's, and
+    SIGTERM to torchrun (which signals both ranks) drains rank 0, which then stops rank 1."""
+    prompt = PROMPTS[0]
+    with LLM(str(model_dirs["qwen2"]), **ENGINE_ARGS) as llm:  # type: ignore[arg-type]
+        expected = list(llm.generate([prompt], SamplingParams(
+            temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True))[0].outputs[0].token_ids)
+    port = _free_port()
+    log = tmp_path / "torchrun.log"
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               "--nproc-per-node", "2", "-m", "server", "serve", str(model_dirs["qwen2"]),
+               "--tensor-parallel-size", "2", "--dtype", "float32", "--device", "cpu",
+               "--port", str(port), "--served-model-name", MODEL_NAME]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_process_healthy(ServerProcess(process, f"http://127.0.0.1:{port}", log))
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": MODEL_NAME, "prompt": prompt, "max_tokens": NUM_TOKENS,
+            "temperature": 0.0, "ignore_eos": True, "logprobs": 0,
+            "return_tokens_as_token_ids": True})
+        assert reply.status_code == 200, reply.text
+        tokens = reply.json()["choices"][0]["logprobs"]["tokens"]  # "token_id:N" each
+        assert [int(t.removeprefix("token_id:")) for t in tokens] == expected
+        # torchrun passes SIGTERM to both ranks: rank 0 drains and stops rank 1, which waits
+        # for that (torchrun itself then exits non-zero, as it does on any signal)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        text = log.read_text()
+        assert "parallel group stopped" in text and "rank 1 stopping" in text, text[-3000:]
+        assert "rank 1 failed" not in text
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
