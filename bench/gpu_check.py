@@ -369,6 +369,39 @@ def compare_engine(path: Path, prompts: list[list[int]], expected: list[list[int
             "cached_tokens_second_pass": sum(o.num_cached_tokens or 0 for o in second)}
 
 
+# ---- 2b. tensor parallel over NCCL, where two GPUs are lent ---------------------------------
+
+TP_ARCHITECTURES = ("llama", "qwen3", "mixtral")
+
+
+def check_tensor_parallel(device: torch.device, sizes: Sizes) -> JsonDict:
+    """TP=2 (NCCL, a spawned worker on the second GPU) against one GPU: the same greedy
+    tokens on tiny models, and the decode rate of each at batch 1."""
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        return {"status": "skipped", "reason": "needs two CUDA devices"}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in TP_ARCHITECTURES:
+            path = save_tiny_model(arch, Path(tmp) / arch)
+            prompts = greedy_prompts(sizes.prompt_lengths, seed=ARCHITECTURES.index(arch))
+            outputs = {}
+            for tp in (1, 2):
+                llm = LLM(str(path), dtype="float32", device="cuda", num_blocks=512,
+                          tensor_parallel_size=tp)
+                params = SamplingParams(temperature=0.0, max_tokens=sizes.greedy_tokens,
+                                        min_tokens=sizes.greedy_tokens)
+                started = time.perf_counter()
+                result = llm.generate(prompts, params)
+                seconds = time.perf_counter() - started
+                outputs[tp] = ([list(r.outputs[0].token_ids) for r in result], seconds)
+                llm.close()
+                del llm
+                free_device_memory()
+            runs.append({"arch": arch, "matches": outputs[1][0] == outputs[2][0],
+                         "seconds_tp1": outputs[1][1], "seconds_tp2": outputs[2][1]})
+    return {"status": "ok" if all(r["matches"] for r in runs) else "failed", "runs": runs}
+
+
 # ---- 3. the device's copy bandwidth and matmul rate ----------------------------------------
 
 
@@ -759,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     report.data["run"] = run_facts(device)
     report.run("kernels", lambda: check_kernels(device, sizes), 20)
     report.run("greedy", lambda: check_greedy(device, sizes), 30)
+    report.run("tensor-parallel", lambda: check_tensor_parallel(device, sizes), 30)
     report.run("device", lambda: measure_device(device, sizes), 5)
     free_device_memory()
     run_benchmarks(report, device, sizes, getattr(torch, args.dtype))
