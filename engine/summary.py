@@ -31,6 +31,7 @@ class EngineSummary:
     kernels: str  # which implementations run the model's hot paths
     attention_backend: str
     speculative: str | None  # None: off
+    parallel: str | None = None  # the group's shape, None: one process
 
     @property
     def num_kv_tokens(self) -> int:
@@ -52,7 +53,7 @@ def summarize(engine: LLMEngine) -> EngineSummary:
         num_blocks=engine.stats().num_total_blocks, max_model_len=engine.max_model_len,
         kernels=_kernels(engine), attention_backend=_ATTENTION_NAMES.get(backend_name,
                                                                          backend_name),
-        speculative=_speculative(engine))
+        speculative=_speculative(engine), parallel=_parallel(engine))
 
 
 def _kernels(engine: LLMEngine) -> str:
@@ -76,6 +77,16 @@ def _kernels(engine: LLMEngine) -> str:
     else:
         parts.append("torch (the native CPU kernels take bfloat16 only)")
     return ", ".join(parts)
+
+
+def _parallel(engine: LLMEngine) -> str | None:
+    parallel = engine.loaded.parallel
+    if parallel.world_size == 1:
+        return None
+    backend = "NCCL" if engine.loaded.device.type == "cuda" else "gloo"
+    expert = ", expert parallel" if parallel.expert_parallel else ""
+    return (f"tensor parallel {parallel.tp_size} x pipeline parallel {parallel.pp_size} over "
+            f"{backend}{expert}")
 
 
 def _speculative(engine: LLMEngine) -> str | None:

@@ -138,9 +138,11 @@ def announce_ready(state: ServerState) -> None:
     num_sequences = summary.num_max_len_sequences
     logger.info(
         "ready: serving %r at %s/v1; %s on %s, %s; KV cache %d blocks = %d tokens, %d "
-        "sequence%s of max_model_len %d; kernels: %s; attention: %s; speculative decoding: %s",
+        "sequence%s of max_model_len %d; kernels: %s; attention: %s; speculative decoding: "
+        "%s%s",
         state.served_model_name, state.url, summary.dtype, summary.device,
         f"quantization {summary.quantization}" if summary.quantization else "no quantization",
         summary.num_blocks, summary.num_kv_tokens, num_sequences,
         "" if num_sequences == 1 else "s", summary.max_model_len, summary.kernels,
-        summary.attention_backend, summary.speculative or "off")
+        summary.attention_backend, summary.speculative or "off",
+        f"; {summary.parallel}" if summary.parallel else "")

@@ -184,19 +184,26 @@ def _stream_clients(server: ServerProcess, count: int, max_tokens: int,
     asyncio.run(run())
 
 
+def _start_clients(server: ServerProcess, count: int, max_tokens: int
+                   ) -> tuple[threading.Thread, list[dict[str, object]]]:
+    """Run `count` clients (even ones streamed) in a thread; return once each is under way."""
+    results: list[dict[str, object]] = []
+    started = threading.Semaphore(0)
+    clients = threading.Thread(target=_stream_clients,
+                               args=(server, count, max_tokens, results, started), daemon=True)
+    clients.start()
+    for _ in range(count):
+        assert started.acquire(timeout=60), "a client never started"
+    return clients, results
+
+
 def test_killed_worker_fails_every_client_and_ends_the_server(
         long_context_llama_dir: Path, tmp_path: Path) -> None:
     """2000-token answers (of ~10 ms steps) are all still running when the worker dies."""
     with serve_process(long_context_llama_dir, tmp_path / "server.log",
                        "--tensor-parallel-size", "2", "--max-num-seqs", "8") as server:
         worker = _worker_pid(server)
-        results: list[dict[str, object]] = []
-        started = threading.Semaphore(0)
-        clients = threading.Thread(target=_stream_clients,
-                                   args=(server, 4, 2000, results, started), daemon=True)
-        clients.start()
-        for _ in range(4):
-            assert started.acquire(timeout=60), "a client never started"
+        clients, results = _start_clients(server, 4, 2000)
         os.kill(worker, signal.SIGKILL)
         killed_at = time.monotonic()
         assert _health_turns_503(server), "/health never said 503 before the exit"
@@ -227,13 +234,7 @@ def test_hung_worker_breaks_the_group_after_the_distributed_timeout(
     with serve_process(long_context_llama_dir, tmp_path / "server.log",
                        "--tensor-parallel-size", "2", "--distributed-timeout", "2") as server:
         worker = _worker_pid(server)
-        results: list[dict[str, object]] = []
-        started = threading.Semaphore(0)
-        clients = threading.Thread(target=_stream_clients,
-                                   args=(server, 2, 2000, results, started), daemon=True)
-        clients.start()
-        for _ in range(2):
-            assert started.acquire(timeout=60), "a client never started"
+        clients, results = _start_clients(server, 2, 2000)
         os.kill(worker, signal.SIGSTOP)
         stopped_at = time.monotonic()
         clients.join(timeout=30)
@@ -262,19 +263,14 @@ def test_sigterm_stops_the_group_cleanly(model_dirs: dict[str, Path], tmp_path: 
     with serve_process(model_dirs["llama"], tmp_path / "server.log",
                        "--tensor-parallel-size", "2", "--max-num-seqs", "8") as server:
         worker = _worker_pid(server)
-        results: list[dict[str, object]] = []
-        started = threading.Semaphore(0)
-        clients = threading.Thread(target=_stream_clients,
-                                   args=(server, 2, 64, results, started), daemon=True)
-        clients.start()
-        for _ in range(2):
-            assert started.acquire(timeout=60), "a client never started"
+        clients, results = _start_clients(server, 2, 64)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) == 0
         clients.join(timeout=10)
         assert all(r["status"] == 200 for r in results)
         assert not Path(f"/proc/{worker}").exists() or _is_zombie(worker)
     assert "parallel group stopped" in server.log_text()
+    assert "; tensor parallel 2 x pipeline parallel 1 over gloo" in server.log_text()
 
 
 def test_torchrun_world_serves_like_one_process(model_dirs: dict[str, Path],
