@@ -194,11 +194,7 @@ class ModelRunner:
         whose last min(max_num_seqs, num_tokens) rows go through the LM head and the sampler
         with top-k, top-p and penalties, and (`prompt_logprobs`) a slice of prompt logprobs.
         Reads and writes one scratch block only."""
-        scratch: KVCaches = [(torch.zeros(1, *self.kv_shape, dtype=self.dtype,
-                                          device=self.device),
-                              torch.zeros(1, *self.kv_shape, dtype=self.dtype,
-                                          device=self.device))
-                             for _ in range(self.num_layers)]
+        scratch = self.scratch_kv_caches()
         num_blocks = -(-num_tokens // self.block_size)
         metadata = AttentionMetadata(
             slot_mapping=torch.zeros(num_tokens, dtype=torch.long, device=self.device),
@@ -207,7 +203,7 @@ class ModelRunner:
             block_tables=torch.zeros(1, num_blocks, dtype=torch.int32, device=self.device),
             max_seqlen_q=num_tokens, max_seqlen_k=num_tokens, query_lens_cpu=[num_tokens],
             seq_lens_cpu=[num_tokens])
-        metadata.decode_plan = self._plan_decode(metadata, scratch[0][0])
+        metadata.decode_plan = self.plan_decode(metadata, scratch)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         hidden_states = self.model(input_ids, positions, scratch, metadata)
@@ -345,13 +341,22 @@ class ModelRunner:
             block_tables=block_tables.to(self.device, non_blocking=True),
             max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        metadata.decode_plan = self._plan_decode(metadata, self.kv_caches[0][0])
+        metadata.decode_plan = self.plan_decode(metadata, self.kv_caches)
         return metadata, positions.to(self.device, non_blocking=True)
 
-    def _plan_decode(self, metadata: AttentionMetadata,
-                     k_cache: torch.Tensor) -> DecodePlan | None:
-        # once per step, here, rather than in the first layer: every layer reads this plan
-        return self.model.attn_backend.plan_decode(metadata, k_cache)
+    def plan_decode(self, metadata: AttentionMetadata,
+                    kv_caches: KVCaches) -> DecodePlan | None:
+        """The step's decode plan over `kv_caches`: once per step, here, rather than in the
+        first layer, since every layer reads it (None for a stage without layers)."""
+        if not kv_caches:
+            return None
+        return self.model.attn_backend.plan_decode(metadata, kv_caches[0][0])
+
+    def scratch_kv_caches(self) -> KVCaches:
+        """One-block K and V per layer, for passes that must not touch the real cache."""
+        return [(torch.zeros(1, *self.kv_shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(1, *self.kv_shape, dtype=self.dtype, device=self.device))
+                for _ in range(self.num_layers)]
 
     def _sampling_metadata(self, rows: list[ScheduledRow]) -> SamplingMetadata:
         """One sampler row per sample: a row verifying k proposals has 1 + k, the j-th seeing

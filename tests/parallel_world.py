@@ -104,7 +104,7 @@ def _run_case(case: Case, rank: int, tp_group: dist.ProcessGroup) -> CaseResult 
                         pp_rank=rank // case.tp_size, pp_size=case.pp_size,
                         expert_parallel=case.expert_parallel,
                         tp_group=tp_group if case.tp_size > 1 else None,
-                        world_group=dist.group.WORLD)
+                        stage_group=dist.group.WORLD)
     logits = run_steps(_load(case.model_dir, parallel, case.quantization))
     if rank != 0:
         return None

@@ -64,7 +64,7 @@ def init_ranks(rank: int, world_size: int, init_method: str, config: ParallelCon
     return Parallel(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank,
                     pp_size=config.pipeline_parallel_size,
                     expert_parallel=config.enable_expert_parallel, tp_group=tp_groups[pp_rank],
-                    world_group=stages, control_group=control)
+                    stage_group=stages, control_group=control)
 
 
 class WorkerGroup:

@@ -21,9 +21,9 @@ class Parallel:
     pp_size: int = 1
     expert_parallel: bool = False  # MoE: whole experts per TP rank instead of split experts
     # the process groups (None with one process): the stage's TP ranks for the layers'
-    # collectives, and every rank
+    # collectives, and every rank for the hidden states passed from stage to stage
     tp_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
-    world_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    stage_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
     # every rank over gloo with no practical timeout: the step messages (idle workers wait
     # on it) and host-side agreements
     control_group: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
@@ -121,7 +121,7 @@ class Parallel:
         """Hand this stage's output to the next stage's rank of the same TP rank; the last
         stage hands it back to the first, which holds the final norm and the LM head."""
         destination = self._world_rank((self.pp_rank + 1) % self.pp_size, self.tp_rank)
-        dist.send(hidden_states.contiguous(), dst=destination, group=self.world_group)
+        dist.send(hidden_states.contiguous(), dst=destination, group=self.stage_group)
 
     def recv_hidden(self, num_tokens: int, hidden_size: int, dtype: torch.dtype,
                     device: torch.device) -> torch.Tensor:
@@ -129,7 +129,7 @@ class Parallel:
         the last stage's)."""
         source = self._world_rank((self.pp_rank - 1) % self.pp_size, self.tp_rank)
         hidden_states = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
-        dist.recv(hidden_states, src=source, group=self.world_group)
+        dist.recv(hidden_states, src=source, group=self.stage_group)
         return hidden_states
 
     def finish_stage(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

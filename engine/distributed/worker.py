@@ -19,7 +19,6 @@ from engine.distributed.parallel import Parallel
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.model_source import resolve_model_dir
-from engine.models.base import KVCaches
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +95,9 @@ class WorkerLoop:
     def forward(self, step: ForwardStep) -> None:
         runner = self.runner
         device = runner.device
-        caches: KVCaches = runner.kv_caches
-        if step.scratch:
-            caches = [(torch.zeros(1, *runner.kv_shape, dtype=runner.dtype, device=device),
-                       torch.zeros(1, *runner.kv_shape, dtype=runner.dtype, device=device))
-                      for _ in range(runner.num_layers)]
+        caches = runner.scratch_kv_caches() if step.scratch else runner.kv_caches
         metadata = step.metadata(device)
-        if caches:  # a stage holds at least one layer; planned once per step, as on rank 0
-            metadata.decode_plan = self.model.attn_backend.plan_decode(metadata, caches[0][0])
+        metadata.decode_plan = runner.plan_decode(metadata, caches)
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
         positions = torch.tensor(step.positions, dtype=torch.long, device=device)
         self.model(input_ids, positions, caches, metadata)
