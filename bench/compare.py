@@ -5,24 +5,41 @@ load, one run.
         [--ours-variant base= --ours-variant "ngram=--speculative-config '{...}'"]
         [--scenarios edit:1:8,1:4,16:32] [--prompt-tokens 230] [--file-tokens 300]
         [--output-tokens N] [--offline] [--json OUT]
+    python bench/compare.py --scenarios 1:2@1024,1:2@4096,1:2@8192,1:1@16384 --output-tokens 8 \\
+        --ours-cmd "python -m server serve --dtype bfloat16 --port 8011 --max-model-len 17000" \\
+        --peer-cmd "vllm serve MODEL --port 8100 --max-model-len 17000"
 
 Starts pagedserve (--ours-cmd, default `python -m server serve --dtype bfloat16`), waits until
-it serves, runs every scenario ([WORKLOAD:]CONCURRENCY:NUM_REQUESTS, WORKLOAD chat or edit as
-in bench/serve.py) with bench/serve.py's load generator, stops it; then the same for each
---ours-variant NAME=FLAGS (the command plus FLAGS, split like a shell would: put a JSON value
-in single quotes), and for the peer: a command it starts (--peer-cmd, listening on
+it serves, runs every scenario with bench/serve.py's load generator, stops it; then the same
+for each --ours-variant NAME=FLAGS (the command plus FLAGS, split like a shell would: put a JSON
+value in single quotes), and for the peer: a command it starts (--peer-cmd, listening on
 --peer-port) or a server already running (--peer-url, RSS from --peer-pid if given). Without a
 variant of empty flags (`base=`) the plain command runs first as "pagedserve"; with one, that
-variant is the plain run. Every server gets identical seeded prompts.
+variant is the plain run. Every server gets identical seeded prompts; each scenario has its own
+seed (--seed + its position), so no scenario repeats another's prompts and a server's prefix
+cache serves none of them (chat texts open with their request index and seed: past the chat
+template's own opening, any two part within a few tokens, warm-ups' and other scenarios'
+included, short of a 16-token block with the default model).
+
+A scenario is [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS][@PROMPT_TOKENS]: WORKLOAD chat or edit as
+in bench/serve.py (default --workload), NUM_REQUESTS 4x the concurrency by default, and
+@PROMPT_TOKENS (chat only) that scenario's prompt length instead of --prompt-tokens; its key
+(`chat c1`, `chat c1 @4096`) names it in the tables and lines up the ratios, so one run can
+sweep prompt lengths, as in the second usage line: TTFT and the prefill rate at each length
+(the servers must allow that long a context: pagedserve's default config stops at 8192 tokens,
+hence --max-model-len in its command there).
 
 Before any server starts it measures the read bandwidth (a sum over --bandwidth-gib of fp32
 on the server's thread count, best of 5) and the batch-1 decode roofline: bandwidth / bf16
 weight bytes read per token (from --model's config.json, or --weights-bytes). It prints a table
-per server and scenario (tokens/s, which counts the prefill too; tokens per request; TTFT, ITL
-and TPOT; tokens per chunk; CPU ms per output token; the spec-decode acceptance and mean
-accepted length from the server's /metrics; at 1 stream, the decode rate 1 / TPOT over the
-roofline: above 1 only speculation can get), the servers' time to ready and peak RSS, and the
-ratios: each pagedserve run against the peers, each variant against the first pagedserve run.
+per server and scenario (tokens/s, which counts the prefill too; tokens per request; TTFT;
+"prefill tok/s", prompt tokens / TTFT per request, median, which counts queueing, so a prefill
+rate at 1 stream; ITL and TPOT; tokens per chunk; CPU ms per output token; the spec-decode
+acceptance and mean accepted length from the server's /metrics; at 1 stream, the decode rate
+1 / TPOT over the roofline: above 1 only speculation can get), the servers' time to ready and
+peak RSS, and the ratios, each arranged so that > 1 means the first named is better (tokens/s
+ours / other; TTFT, ITL, TPOT and CPU per token other / ours): each pagedserve run against the
+peers, each variant against the first pagedserve run.
 CPU per token counts work rather than waiting, so it stays comparable under other load.
 --offline also runs the same prompts through LLM.generate in this process (max_num_seqs = the
 scenario's concurrency): the ratio of served to offline tokens/s is the server overhead.
@@ -78,15 +95,19 @@ class ServerRun:
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One load: which workload, how many streams, how many requests."""
+    """One load: which workload, how many streams, how many requests, and (chat) a prompt
+    length of its own, None for --prompt-tokens."""
 
     workload: str
     concurrency: int
     num_requests: int
+    prompt_tokens: int | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.workload} c{self.concurrency}"
+        # the length in the key only when given: keys without it stay those of older runs
+        length = "" if self.prompt_tokens is None else f" @{self.prompt_tokens}"
+        return f"{self.workload} c{self.concurrency}{length}"
 
 
 class StartedServer:
@@ -139,23 +160,35 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout_s: flo
 
 
 def parse_scenarios(text: str, default_workload: str = "chat") -> list[Scenario]:
-    """"edit:1:8,1:4,16" -> edit at 1 stream 8 requests, chat at 1 stream 4 requests, chat at 16
-    streams 64 requests: [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS], NUM_REQUESTS defaulting to 4x
-    the concurrency."""
+    """"edit:1:8,1:4,16,1:2@4096" -> edit at 1 stream 8 requests, chat at 1 stream 4 requests,
+    chat at 16 streams 64 requests, chat at 1 stream 2 requests of 4096 prompt tokens:
+    [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS][@PROMPT_TOKENS], NUM_REQUESTS defaulting to 4x the
+    concurrency, PROMPT_TOKENS (chat only) to --prompt-tokens."""
     scenarios: list[Scenario] = []
     for item in text.split(","):
-        parts = item.strip().split(":")
-        workload = parts.pop(0) if parts[0] in WORKLOADS else default_workload
-        if not 1 <= len(parts) <= 2 or not all(part.isdigit() for part in parts):
-            raise ValueError(f"scenario {item!r}: expected [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS]"
-                             f" with WORKLOAD one of {WORKLOADS}")
-        concurrency = int(parts[0])
-        scenario = Scenario(workload, concurrency,
-                            int(parts[1]) if len(parts) == 2 else 4 * concurrency)
+        scenario = _parse_scenario(item.strip(), default_workload)
         if any(other.key == scenario.key for other in scenarios):
             raise ValueError(f"scenario {item!r}: {scenario.key} given twice")
         scenarios.append(scenario)
     return scenarios
+
+
+def _parse_scenario(item: str, default_workload: str) -> Scenario:
+    load, sep, length = item.partition("@")
+    parts = load.split(":")
+    workload = parts.pop(0) if parts[0] in WORKLOADS else default_workload
+    if (not 1 <= len(parts) <= 2 or not all(part.isdigit() for part in parts)
+            or sep and not length.isdigit()):
+        raise ValueError(f"scenario {item!r}: expected [WORKLOAD:]CONCURRENCY[:NUM_REQUESTS]"
+                         f"[@PROMPT_TOKENS] with WORKLOAD one of {WORKLOADS}")
+    if sep and workload != "chat":
+        raise ValueError(f"scenario {item!r}: @PROMPT_TOKENS is for the chat workload only "
+                         f"(edit prompts are sized by --file-tokens)")
+    if sep and int(length) < 1:
+        raise ValueError(f"scenario {item!r}: @PROMPT_TOKENS must be at least 1")
+    concurrency = int(parts[0])
+    return Scenario(workload, concurrency, int(parts[1]) if len(parts) == 2 else 4 * concurrency,
+                    int(length) if sep else None)
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -178,28 +211,34 @@ def our_servers(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return [(f"pagedserve {name}".rstrip(), base + flags) for name, flags in variants]
 
 
-def load_config(scenario: Scenario, url: str, pid: int | None,
+def load_config(scenario: Scenario, position: int, url: str, pid: int | None,
                 args: argparse.Namespace) -> LoadConfig:
+    """The load of the scenario at `position` in --scenarios. Its own seed, --seed + position:
+    scenarios share a server, whose prefix cache would serve part of any prompt an earlier
+    scenario sent (or a longer one opening like it); warm-ups take seed + 10_000, clear of
+    these below 10_000 scenarios."""
+    prompt_tokens = scenario.prompt_tokens or args.prompt_tokens
     return LoadConfig(url=url, num_requests=scenario.num_requests,
                       concurrency=scenario.concurrency, workload=scenario.workload,
-                      prompt_tokens=args.prompt_tokens, file_tokens=args.file_tokens,
+                      prompt_tokens=prompt_tokens, file_tokens=args.file_tokens,
                       output_tokens=default_output_tokens(scenario.workload, args.output_tokens),
-                      seed=args.seed, pid=pid, endpoint=args.endpoint)
+                      seed=args.seed + position, pid=pid, endpoint=args.endpoint)
 
 
 def run_scenarios(name: str, url: str, pid: int | None, args: argparse.Namespace,
                   tokenizer) -> ServerRun:  # noqa: ANN001
     run = ServerRun(name)
-    for scenario in parse_scenarios(args.scenarios, args.workload):
-        config = load_config(scenario, url, pid, args)
+    for position, scenario in enumerate(parse_scenarios(args.scenarios, args.workload)):
+        config = load_config(scenario, position, url, pid, args)
         prompts = build_prompts(tokenizer, config)
         asyncio.run(warm_up(config, tokenizer, args.warmup))
         summary = asyncio.run(run_load(config, prompts))
         run.scenarios[scenario.key] = summary
         logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
-                       "TPOT mean %.1f ms, %s, %d failed", name, scenario.key,
+                       "prefill %s tok/s, TPOT mean %.1f ms, %s, %d failed", name, scenario.key,
                        summary["output_tok_s"], summary["mean_output_tokens"],
-                       summary["ttft_s"]["p50"], summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
+                       summary["ttft_s"]["p50"], _fmt(summary["prefill_tok_s"], ".0f"),  # type: ignore[index]
+                       summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
                        format_spec_decode(summary["spec_decode"]), summary["num_failed"])
     return run
 
@@ -226,9 +265,9 @@ def bench_offline(args: argparse.Namespace, tokenizer) -> ServerRun:  # noqa: AN
     from engine import LLM, SamplingParams
 
     run = ServerRun("offline LLM.generate")
-    for scenario in parse_scenarios(args.scenarios, args.workload):
+    for position, scenario in enumerate(parse_scenarios(args.scenarios, args.workload)):
         llm = LLM(args.model, dtype="bfloat16", max_num_seqs=scenario.concurrency)
-        requests = build_prompts(tokenizer, load_config(scenario, "", None, args))
+        requests = build_prompts(tokenizer, load_config(scenario, position, "", None, args))
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r.text}],
                                                  add_generation_prompt=True, tokenize=True,
                                                  return_dict=False) for r in requests]
@@ -286,8 +325,9 @@ def _roofline_ratio(summary: dict[str, object], concurrency: int,
 def table(runs: list[ServerRun], scenarios: list[Scenario],
           roofline: dict[str, float | None] | None) -> str:
     """One row per server and scenario."""
-    header = ["server", "scenario", "tok/s", "out tok/req", "TTFT p50 s", "ITL p50 ms",
-              "TPOT ms", "tok/chunk", "CPU ms/tok", "accept", "acc len", "x roofline"]
+    header = ["server", "scenario", "tok/s", "out tok/req", "TTFT p50 s", "prefill tok/s",
+              "ITL p50 ms", "TPOT ms", "tok/chunk", "CPU ms/tok", "accept", "acc len",
+              "x roofline"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for run in runs:
         for scenario in scenarios:
@@ -299,6 +339,7 @@ def table(runs: list[ServerRun], scenarios: list[Scenario],
             cells = [run.name, scenario.key, _fmt(summary.get("output_tok_s"), ".1f"),
                      _fmt(summary.get("mean_output_tokens"), ".0f"),
                      _fmt(ttft.get("p50"), ".2f"),  # type: ignore[union-attr]
+                     _fmt(summary.get("prefill_tok_s"), ".0f"),
                      _fmt(itl.get("p50") and itl["p50"] * 1e3, ".1f"),  # type: ignore
                      _fmt(tpot.get("mean") and tpot["mean"] * 1e3, ".1f"),  # type: ignore
                      _fmt(summary.get("tokens_per_chunk"), ".2f"),
@@ -358,13 +399,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model directory for the tokenizer, the weight bytes of the "
                         "roofline and --offline (default: the embedded default model)")
     parser.add_argument("--scenarios", default="1:4,16:32",
-                        help="[WORKLOAD:]CONCURRENCY[:NUM_REQUESTS] items, comma-separated, "
-                        "e.g. edit:1:8,chat:1:4,chat:16:32 (WORKLOAD default: --workload)")
+                        help="[WORKLOAD:]CONCURRENCY[:NUM_REQUESTS][@PROMPT_TOKENS] items, "
+                        "comma-separated, e.g. edit:1:8,chat:1:4,chat:16:32 (WORKLOAD default: "
+                        "--workload; NUM_REQUESTS: 4x CONCURRENCY); @PROMPT_TOKENS, chat only, "
+                        "overrides --prompt-tokens for that scenario: 1:2@1024,1:2@4096,"
+                        "1:2@8192,1:1@16384 compares TTFT and prefill rate by prompt length")
     parser.add_argument("--workload", choices=WORKLOADS, default="chat",
                         help="workload of the scenarios that name none")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     parser.add_argument("--prompt-tokens", type=int, default=230,
-                        help="chat workload: tokens per prompt")
+                        help="chat workload: tokens per prompt, template included (a "
+                        "scenario's @PROMPT_TOKENS overrides it)")
     parser.add_argument("--file-tokens", type=int, default=300,
                         help="edit workload: tokens per generated Python file")
     parser.add_argument("--output-tokens", type=int, default=None,
@@ -425,9 +470,11 @@ def describe(args: argparse.Namespace, scenarios: list[Scenario],
              roofline: dict[str, float | None] | None) -> str:
     """What was run, and the machine's bound."""
     workloads = {scenario.workload for scenario in scenarios}
-    lines = [f"scenarios {args.scenarios} (workload, streams, requests)"]
+    lines = [f"scenarios {args.scenarios} (workload, streams, requests, @prompt tokens)"]
     if "chat" in workloads:
-        lines.append(f"chat: {args.prompt_tokens} prompt tokens, "
+        lengths = dict.fromkeys(s.prompt_tokens or args.prompt_tokens
+                                for s in scenarios if s.workload == "chat")
+        lines.append(f"chat: {'/'.join(map(str, lengths))} prompt tokens, "
                      f"{default_output_tokens('chat', args.output_tokens)} output tokens")
     if "edit" in workloads:
         output = (f"exactly {args.output_tokens}" if args.output_tokens
@@ -460,8 +507,9 @@ def report(args: argparse.Namespace, runs: list[ServerRun],
             label = f"{mine.name} vs {other.name}"
             all_ratios[label] = ratios(mine, other, keys)
             print(f"\n{label} (> 1: {mine.name} better):")
+            width = max((len(name) for name in all_ratios[label]), default=0)
             for name, value in all_ratios[label].items():
-                print(f"  {name:36s} {value:6.2f}")
+                print(f"  {name:{width}s} {value:6.2f}")
     if args.json is not None:
         payload = {"roofline": roofline, "ratios": all_ratios,
                    "runs": [{"name": r.name, "ready_s": r.ready_s, "peak_rss_gb": r.peak_rss_gb,

@@ -6,7 +6,9 @@ latency percentiles, throughput and the server's memory.
         [--output-tokens N] [--endpoint chat] [--pid PID] [--seed 0] [--json OUT]
 
 Two seeded workloads, built with the model's tokenizer; every prompt is different, so no
-prefix cache can skip the prefill. All requests are greedy and streamed with usage.
+prefix cache can skip the prefill (chat texts open with "INDEX-SEED:", so any two part within
+their first few tokens, the warm-up's, of another seed, included; only the chat template's own
+opening is shared). All requests are greedy and streamed with usage.
   chat (default): synthetic text of about --prompt-tokens tokens (after the chat template, for
       chat), each answered with exactly --output-tokens tokens (default 128; `ignore_eos` and
       `min_tokens`, the vLLM extensions pagedserve also takes).
@@ -19,12 +21,13 @@ prefix cache can skip the prefill. All requests are greedy and streamed with usa
       Giving --output-tokens forces exactly that many instead, as in chat.
 Reported: TTFT (request sent -> first content), ITL (gaps between content chunks: with
 speculation a chunk can hold several tokens, see tokens per chunk), TPOT ((e2e - TTFT) /
-(tokens - 1)), e2e latency, each as mean, p50, p90, p99; output and total tokens/s over the
-wall time of the run; the server's speculative-decoding acceptance over the run, from its
-/metrics counters before and after (none when it exposes no such counters); and, for --pid and
-its child processes, the peak RSS (sampled every 50 ms) and the CPU time they used: CPU ms per
-output token measures work done, which stays comparable when other load on the machine changes
-the wall-clock figures.
+(tokens - 1)), e2e latency, each as mean, p50, p90, p99; the prefill rate (prompt tokens /
+TTFT per request, median; queueing counts, so it is the prefill rate at 1 stream); output and
+total tokens/s over the wall time of the run; the server's speculative-decoding acceptance
+over the run, from its /metrics counters before and after (none when it exposes no such
+counters); and, for --pid and its child processes, the peak RSS (sampled every 50 ms) and the
+CPU time they used: CPU ms per output token measures work done, which stays comparable when
+other load on the machine changes the wall-clock figures.
 """
 
 from __future__ import annotations
@@ -149,7 +152,10 @@ def synthetic_prompts(tokenizer, num: int, num_tokens: int, seed: int,  # noqa: 
     rng = random.Random(seed)
     prompts = []
     for index in range(num):
-        words = [f"Request {index}:"] + [rng.choice(_WORDS) for _ in range(target + 8)]
+        # opens with its index, then the seed: texts of this seed part at their first token or
+        # two, those of other seeds (the warm-up's, another scenario's) within the seed's
+        # digits, so beyond the chat template's opening a prefix cache finds no block to reuse
+        words = [f"{index}-{seed}:"] + [rng.choice(_WORDS) for _ in range(target + 8)]
         ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[:target]
         prompts.append(tokenizer.decode(ids))
     return prompts
@@ -429,6 +435,7 @@ def summarize(config: LoadConfig, results: Sequence[RequestResult], duration: fl
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
     errors = [r.error for r in results if not r.ok]
     num_chunks = sum(r.num_chunks for r in done)
+    prefill = [r.prompt_tokens / r.ttft for r in done if r.prompt_tokens and r.ttft > 0]
     return {
         "config": {k: v for k, v in asdict(config).items() if k not in ("api_key",)},
         "num_ok": len(done), "num_failed": len(errors), "errors": errors[:5],
@@ -440,6 +447,8 @@ def summarize(config: LoadConfig, results: Sequence[RequestResult], duration: fl
         "output_tok_s": output_tokens / duration,
         "total_tok_s": (output_tokens + prompt_tokens) / duration,
         "request_s": len(done) / duration,
+        # prompt tokens / TTFT per request, median: the prefill rate, queueing included
+        "prefill_tok_s": statistics.median(prefill) if prefill else None,
         "ttft_s": _percentiles([r.ttft for r in done]),
         "itl_s": _percentiles([gap for r in done for gap in r.chunk_gaps]),
         "tpot_s": _percentiles(tpot),
@@ -458,7 +467,8 @@ def format_summary(summary: dict[str, object]) -> str:
              f"({summary['num_hit_max_tokens']} hit max_tokens), "
              f"{summary['tokens_per_chunk']:.2f} tok per chunk",
              f"output {summary['output_tok_s']:.1f} tok/s, total {summary['total_tok_s']:.1f} "
-             f"tok/s, {summary['request_s']:.2f} req/s",
+             f"tok/s, {summary['request_s']:.2f} req/s, prefill "
+             f"{_fmt_rate(summary.get('prefill_tok_s'))} tok/s (prompt tokens / TTFT, median)",
              format_spec_decode(summary.get("spec_decode"))]
     for name, stats in ms.items():
         values = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stats.items())  # type: ignore[union-attr]
@@ -470,6 +480,10 @@ def format_summary(summary: dict[str, object]) -> str:
     if summary["errors"]:
         lines.append(f"errors: {summary['errors']}")
     return "\n".join(lines)
+
+
+def _fmt_rate(value: object) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def format_spec_decode(spec: object) -> str:
@@ -541,11 +555,17 @@ async def warm_up(config: LoadConfig, tokenizer, num: int) -> None:  # noqa: ANN
     one-time costs, speculation's included, stay out of the figures."""
     if num <= 0:
         return
-    short = LoadConfig(**{**asdict(config), "num_requests": num, "concurrency": 1,
-                          "request_rate": None, "output_tokens": 8, "pid": None,
-                          "seed": config.seed + 10_000})
+    short = warm_up_config(config, num)
     await run_load(short, build_prompts(tokenizer, short))
     config.model = short.model
+
+
+def warm_up_config(config: LoadConfig, num: int) -> LoadConfig:
+    """The warm-up's load: `num` prompts like the run's, one at a time, 8 tokens out; seed +
+    10_000, so its prompts are not the run's (a prefix cache would serve those)."""
+    return LoadConfig(**{**asdict(config), "num_requests": num, "concurrency": 1,
+                         "request_rate": None, "output_tokens": 8, "pid": None,
+                         "seed": config.seed + 10_000})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,26 +1,42 @@
 """bench/serve.py, bench/edit_workload.py and bench/compare.py's parsing: the edit workload is
 seeded, valid Python near its token target; edit requests stop on their own unless a length is
-forced; spec-decode counters are read from Prometheus text and diffed; scenarios and variants
-(a JSON flag value in quotes included) parse as documented."""
+forced; chat prompts of a run, its warm-ups and its other scenarios part within their first
+tokens; the prefill rate is reported; spec-decode counters are read from Prometheus text and
+diffed; scenarios (a prompt length included) and variants (a JSON flag value in quotes
+included) parse as documented."""
 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import math
 
 import pytest
 
-from bench.compare import Scenario, parse_scenarios, parse_variant
+from bench.compare import (
+    Scenario,
+    ServerRun,
+    load_config,
+    parse_args,
+    parse_scenarios,
+    parse_variant,
+    ratios,
+    table,
+)
 from bench.edit_workload import edit_tasks
 from bench.serve import (
     LoadConfig,
     Prompt,
+    RequestResult,
     build_prompts,
     default_output_tokens,
+    format_summary,
     parse_spec_counters,
     request_body,
     spec_decode_delta,
+    summarize,
+    warm_up_config,
 )
 from tests.tiny_models import build_tokenizer
 
@@ -80,6 +96,64 @@ def test_chat_requests_keep_their_exact_length(tokenizer) -> None:  # noqa: ANN0
     assert body["prompt"] == "hi" and "ignore_eos" not in body
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+
+def test_long_prompts_part_within_their_first_tokens(tokenizer) -> None:  # noqa: ANN001
+    """Every timed prompt of a prompt-length sweep differs from every other prompt sent to the
+    same server, warm-ups and other scenarios included, within its first few tokens: a prefix
+    cache (16-token blocks) can reuse no block of it beyond the chat template's opening. The
+    longer scenario's first prompt used to open with the shorter one's whole text."""
+    args = parse_args(["--scenarios", "1:2@512,1:2@1024,1:1@2048,1:4,4:4"])
+    timed, warm = [], []
+    for position, scenario in enumerate(parse_scenarios(args.scenarios)):
+        config = load_config(scenario, position, "", None, args)
+        timed += [p.text for p in build_prompts(tokenizer, config)]
+        warm += [p.text for p in build_prompts(tokenizer, warm_up_config(config, args.warmup))]
+    ids = [tokenizer.encode(text, add_special_tokens=False) for text in timed + warm]
+    assert len({tuple(i[:64]) for i in ids}) == len(ids) == 13 + 5 * args.warmup
+    timed_ids = ids[:len(timed)]
+    assert max(_common_prefix(a, b) for a, b in itertools.combinations(ids, 2)
+               if a in timed_ids or b in timed_ids) < 8
+    lengths = [len(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)) for text in timed[:5]]
+    assert [round(n, -1) for n in lengths] == [510, 510, 1020, 1020, 2050]  # about @N each
+
+
+def test_summary_and_table_report_the_prefill_rate() -> None:
+    """prefill tok/s = prompt tokens / TTFT per request, median; none without usage."""
+    config = LoadConfig(url="", prompt_tokens=4096)
+    results = [RequestResult(ok=True, ttft=ttft, e2e=ttft + 0.7, prompt_tokens=4000,
+                             output_tokens=8, num_chunks=8, chunk_gaps=[0.1] * 7)
+               for ttft in (2.0, 4.0, 8.0)] + [RequestResult(ok=False, error="HTTP 400")]
+    summary = summarize(config, results, duration=15.0, peak_rss_bytes=0)
+    assert summary["prefill_tok_s"] == 1000.0  # 2000, 1000, 500
+    assert summary["mean_prompt_tokens"] / summary["ttft_s"]["p50"] == 1000.0  # type: ignore
+    assert "prefill 1000 tok/s" in format_summary(summary)
+    no_usage = [RequestResult(ok=True, ttft=1.0, e2e=2.0, output_tokens=8, num_chunks=8)]
+    assert summarize(config, no_usage, 2.0, 0)["prefill_tok_s"] is None
+
+    scenarios = parse_scenarios("1:3@4096,1:2")
+    ours = ServerRun("pagedserve", scenarios={scenarios[0].key: summary})
+    lines = table([ours], scenarios, None).splitlines()
+    header, row = lines[0].split(" | "), lines[2].split(" | ")
+    assert len(lines) == 3 and row[1] == "chat c1 @4096"
+    assert row[header.index("prefill tok/s")] == "1000"
+    assert row[header.index("TTFT p50 s")] == "4.00"
+    slower = summarize(config, [RequestResult(ok=True, ttft=2 * r.ttft, e2e=2 * r.ttft + 0.7,
+                                              prompt_tokens=4000, output_tokens=8,
+                                              chunk_gaps=[0.1] * 7) for r in results[:3]],
+                       duration=30.0, peak_rss_bytes=0)
+    peer = ServerRun("peer", scenarios={scenarios[0].key: slower})
+    # TTFT as other / ours, like every latency there: > 1 means ours is faster
+    assert ratios(ours, peer, [s.key for s in scenarios]) == pytest.approx({
+        "chat c1 @4096 tok/s": 2.0, "chat c1 @4096 ttft p50 (other/ours)": 2.0,
+        "chat c1 @4096 itl p50 (other/ours)": 1.0, "chat c1 @4096 tpot mean (other/ours)": 1.0})
+
+
 # ------------------------------------------------------------------------- spec-decode counters
 
 _METRICS = """\
@@ -133,6 +207,30 @@ def test_scenarios_name_their_workload() -> None:
     for bad in ("foo:1", "1:2:3", "edit", "1:2,1:3"):
         with pytest.raises(ValueError):
             parse_scenarios(bad)
+
+
+def test_scenarios_take_a_prompt_length() -> None:
+    assert parse_scenarios("1:2@4096,chat:1@512,4:8") == [
+        Scenario("chat", 1, 2, 4096), Scenario("chat", 1, 4, 512), Scenario("chat", 4, 8)]
+    sweep = parse_scenarios("1:2@1024,1:2@4096,1:2@8192,1:1@16384,1:2")
+    assert [s.key for s in sweep] == ["chat c1 @1024", "chat c1 @4096", "chat c1 @8192",
+                                      "chat c1 @16384", "chat c1"]
+    for bad in ("1:2@", "1:2@x", "1:2@0", "1@2@3", "@512", "1:2@1024,1:4@1024"):
+        with pytest.raises(ValueError):
+            parse_scenarios(bad)
+    for edit in ("edit:1:2@4096", "1@512"):  # edit prompts are sized by --file-tokens
+        with pytest.raises(ValueError, match="chat workload only"):
+            parse_scenarios(edit, default_workload="edit" if edit == "1@512" else "chat")
+
+
+def test_load_config_takes_the_scenario_length_and_its_own_seed() -> None:
+    args = parse_args(["--scenarios", "1:2@4096,16:32", "--seed", "7", "--output-tokens", "8"])
+    configs = [load_config(scenario, position, "http://x", 42, args)
+               for position, scenario in enumerate(parse_scenarios(args.scenarios))]
+    assert [(c.prompt_tokens, c.num_requests, c.concurrency, c.seed, c.output_tokens)
+            for c in configs] == [(4096, 2, 1, 7, 8), (230, 32, 16, 8, 8)]
+    with pytest.raises(SystemExit):  # rejected before any server starts
+        parse_args(["--scenarios", "edit:1:2@4096"])
 
 
 def test_variant_flags_keep_a_quoted_json_value_whole() -> None:
