@@ -2,7 +2,8 @@
 a model's decode (bandwidth-bound at batch 1) and on a serving workload (compute-bound).
 
     python bench/roofline.py [--model DIR] [--dtype bfloat16] [--threads N]
-                             [--prompt-len 230] [--output-len 128] [--skinny] [--json OUT]
+                             [--prompt-len 230] [--output-len 128] [--skinny]
+                             [--prefill] [--prefill-rows 512,2048] [--json OUT]
 
 Bandwidth is measured twice: a large tensor copy, counted as bytes read + bytes written
 (STREAM "copy"), and a sum over a 2 GiB buffer, bytes read only: decode reads its weights and
@@ -12,21 +13,33 @@ alone: weight bytes read per decoded token (every weight except the input embedd
 the LM head counts, tied or not) and flops per prompt and per output token.
 --skinny also times F.linear at the model's own shapes for M = 1, 16, 256 rows in bf16 and
 fp32: the decode matmuls are skinny, and their efficiency is what batch decode lives on.
+--prefill times the decoder's matmuls (qkv, o, gate_up, down; not the LM head, which prefill
+runs for one row) at prefill's row counts in --dtype, twice: plain F.linear, and the engine's
+own Linear as the loader leaves it (oneDNN-prepacked where `can_prepack` says so, else the
+same F.linear, with the reason shown). Each rate is also a fraction of the square-GEMM rate,
+and the model's prefill time per token follows from each set of rates. The engine's MLP runs
+long prefills in slices of engine.models.llama.MLP_CHUNK_TOKENS rows, so for gate_up and
+down that row count is the one it meets.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PREFILL_LAYERS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the LM head: 1 row
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +138,10 @@ def decode_weight_bytes(shape: ModelShape, dtype: torch.dtype) -> int:
 
 
 def gemm_rate(n: int, dtype: torch.dtype) -> float:
-    """GFLOP/s of an n x n x n matmul."""
+    """GFLOP/s of an n x n x n matmul, the right operand laid out as a linear layer's weight
+    (transposed): CPUs without native bf16 take a path ~15x slower for a row-major one."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    seconds = _timed(lambda: torch.mm(a, b))
+    seconds = _timed(lambda: torch.mm(a, b.t()))
     return 2 * n**3 / seconds / 1e9
 
 
@@ -145,6 +159,87 @@ def skinny_rates(shape: ModelShape, rows: tuple[int, ...]) -> list[dict[str, obj
                                 "ms": seconds * 1e3, "gflops": flops / seconds / 1e9,
                                 "weight_gb_s": weight.nbytes / seconds / 1e9})
     return results
+
+
+def prepack_skip_reason(dtype: torch.dtype) -> str | None:
+    """Why the engine would not prepack a CPU weight of `dtype`; None where it would."""
+    if can_prepack(dtype, torch.device("cpu")):
+        return None
+    if os.environ.get(PREPACK_ENV, "1") == "0":
+        return f"{PREPACK_ENV}=0"
+    if dtype != torch.bfloat16:
+        return f"{str(dtype).removeprefix('torch.')} runs F.linear"
+    if not torch.backends.mkldnn.is_available():
+        return "no oneDNN in this torch"
+    return "CPU lacks native bf16"
+
+
+def engine_linear(weight: torch.Tensor) -> Linear:
+    """The engine's layer over `weight` as the loader leaves it: prepacked where it prepacks
+    (as prepack_linears does to each loaded layer), else running F.linear on the dense weight."""
+    if prepack_skip_reason(weight.dtype) is None:
+        return Linear.packed_from(weight)
+    return Linear.over(weight)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRate:
+    """One decoder matmul at one prefill row count: F.linear's rate and the engine Linear's."""
+
+    layer: str
+    rows: int
+    in_features: int
+    out_features: int
+    torch_gflops: float
+    engine_gflops: float
+    torch_of_gemm: float  # fractions of the square-GEMM rate of the same run
+    engine_of_gemm: float
+    not_prepacked_reason: str | None  # None: the engine's layer ran prepacked
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.rows * self.in_features * self.out_features
+
+
+def prefill_rates(shape: ModelShape, dtype: torch.dtype, rows: Sequence[int],
+                  gemm_gflops: float, min_seconds: float = 1.0) -> list[PrefillRate]:
+    """F.linear and the engine's Linear at each decoder matmul shape and row count."""
+    skip_reason = prepack_skip_reason(dtype)
+    shapes = shape.linear_shapes()
+    results: list[PrefillRate] = []
+    with torch.inference_mode():
+        for name in PREFILL_LAYERS:
+            in_features, out_features = shapes[name]
+            weight = torch.randn(out_features, in_features).to(dtype)
+            layer = engine_linear(weight)
+            for m in rows:
+                x = torch.randn(m, in_features).to(dtype)  # [num_tokens, in_features]
+                flops = 2 * m * in_features * out_features
+                torch_s = _timed(partial(F.linear, x, weight), min_seconds)
+                engine_s = _timed(partial(layer, x), min_seconds)
+                torch_gflops, engine_gflops = flops / torch_s / 1e9, flops / engine_s / 1e9
+                results.append(PrefillRate(name, m, in_features, out_features, torch_gflops,
+                                           engine_gflops, torch_gflops / gemm_gflops,
+                                           engine_gflops / gemm_gflops, skip_reason))
+    return results
+
+
+def prefill_totals(shape: ModelShape, rates: Sequence[PrefillRate],
+                   gemm_gflops: float) -> list[dict[str, float]]:
+    """Per row count: the model's matmul time per prefill token (sum over the decoder layers of
+    2 * in * out flops / rate) at the F.linear rates, the engine's, and the square GEMM's."""
+    totals: list[dict[str, float]] = []
+    for m in sorted({rate.rows for rate in rates}):
+        at_m = [rate for rate in rates if rate.rows == m]
+        # per token and per decoder layer stack: a row's flops / rows * num_layers
+        flops = [rate.flops / m * shape.num_layers for rate in at_m]
+        torch_s = sum(f / (rate.torch_gflops * 1e9) for f, rate in zip(flops, at_m, strict=True))
+        engine_s = sum(f / (rate.engine_gflops * 1e9)
+                       for f, rate in zip(flops, at_m, strict=True))
+        totals.append({"rows": m, "torch_ms_per_token": torch_s * 1e3,
+                       "engine_ms_per_token": engine_s * 1e3,
+                       "gemm_ms_per_token": sum(flops) / (gemm_gflops * 1e9) * 1e3})
+    return totals
 
 
 def model_roofline(shape: ModelShape, dtype: torch.dtype, bandwidth: float, rate: float,
@@ -168,15 +263,49 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="model directory (default: the embedded default model)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--gemm-size", type=int, default=2048)
-    parser.add_argument("--prompt-len", type=int, default=230)
-    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES),
+                        help="dtype of the weights, the GEMM and --prefill's matmuls")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads (default: torch's)")
+    parser.add_argument("--gemm-size", type=int, default=2048,
+                        help="n of the square n x n x n GEMM whose rate is the compute peak")
+    parser.add_argument("--prompt-len", type=int, default=230,
+                        help="prompt tokens per request of the serving bound")
+    parser.add_argument("--output-len", type=int, default=128,
+                        help="output tokens per request of the serving bound")
     parser.add_argument("--skinny", action="store_true",
                         help="also time F.linear at the model's shapes, M = 1, 16, 256")
+    parser.add_argument("--prefill", action="store_true",
+                        help="also time the decoder's matmuls at --prefill-rows rows, F.linear "
+                             "and the engine's (prepacked) Linear, against the GEMM rate")
+    parser.add_argument("--prefill-rows", type=_row_counts, default=(512, 2048),
+                        help="comma-separated row counts for --prefill (default: 512,2048)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     return parser.parse_args()
+
+
+def _row_counts(text: str) -> tuple[int, ...]:
+    try:
+        rows = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of ints: {text!r}") from None
+    if not rows or min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"row counts must be >= 1: {text!r}")
+    return rows
+
+
+def _print_prefill(rates: Sequence[PrefillRate], totals: Sequence[dict[str, float]]) -> None:
+    print(f"  {'layer':14s} {'rows':>5s} {'F.linear GFLOP/s':>16s} {'of GEMM':>7s}  "
+          f"{'engine GFLOP/s':>14s} {'of GEMM':>7s}  engine Linear")
+    for r in rates:
+        form = ("prepacked" if r.not_prepacked_reason is None
+                else f"not prepacked ({r.not_prepacked_reason})")
+        print(f"  {r.layer:14s} {r.rows:5d} {r.torch_gflops:16.1f} {r.torch_of_gemm:7.0%}  "
+              f"{r.engine_gflops:14.1f} {r.engine_of_gemm:7.0%}  {form}")
+    for t in totals:
+        print(f"  prefill matmuls at {t['rows']:.0f} rows: {t['torch_ms_per_token']:.3f} ms/token "
+              f"F.linear, {t['engine_ms_per_token']:.3f} engine, "
+              f"{t['gemm_ms_per_token']:.3f} at the GEMM rate")
 
 
 def main() -> None:
@@ -203,6 +332,11 @@ def main() -> None:
         for row in skinny:
             print(f"  {row['layer']:14s} {row['dtype']:9s} {row['rows']:5d} {row['ms']:8.3f} "
                   f"{row['gflops']:8.1f} {row['weight_gb_s']:11.1f}")
+    if args.prefill:
+        rates = prefill_rates(shape, dtype, args.prefill_rows, rate)
+        totals = prefill_totals(shape, rates, rate)
+        results["prefill"] = {"rates": [asdict(r) for r in rates], "totals": totals}
+        _print_prefill(rates, totals)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 
