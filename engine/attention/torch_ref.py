@@ -3,6 +3,7 @@ plain torch. Correct everywhere and the CPU fast path; the CUDA backends are che
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -243,11 +244,21 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                                                seq_len, sliding_window)
     elif query_len == seq_len:  # nothing cached: the fresh K/V are the whole context
         keys, values, mask = key, value, None
+    elif _split_prefill_works(query):
+        return _prefill_after_prefix(query, key, value, k_cache, v_cache, block_table,
+                                     seq_len - query_len, scale)
     else:
         keys = gather_context(k_cache, block_table, seq_len)[0]  # [seq_len, kv_heads, dim]
         values = gather_context(v_cache, block_table, seq_len)[0]
         mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=query.device)
         mask = mask.tril(diagonal=seq_len - query_len)  # [query_len, seq_len]
+    return _sdpa(query, keys, values, mask, scale)
+
+
+def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """SDPA of query [query_len, heads, dim] over keys/values [len, kv_heads, dim]: causal
+    (top-left aligned) without a mask, else `mask` [query_len, len] (True: attend)."""
     # a leading batch dim: 3-d inputs send CPU SDPA to its math path, 2-4x slower than flash
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
@@ -255,6 +266,62 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         enable_gqa=query.shape[1] != keys.shape[1],
     )  # [1, num_heads, query_len, head_dim]
     return out[0].transpose(0, 1)
+
+
+# torch's CPU flash attention with its log-sum-exp (torch >= 2.3); what F.sdpa calls inside
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _split_prefill_works(query: torch.Tensor) -> bool:
+    return _CPU_FLASH is not None and query.device.type == "cpu"
+
+
+def _prefill_after_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_table: torch.Tensor, num_cached: int,
+                          scale: float) -> torch.Tensor:
+    """A chunk after num_cached cached tokens, on CPU, as two flash-attention calls merged by
+    their log-sum-exps: the chunk over the cached prefix (no mask: every query sees all of
+    it) and over itself (causal). Each KV head's query heads are folded into one long query
+    ([kv_heads, group * query_len, dim]), so every K/V tile is read once for the whole group
+    and the prefix part runs as matmuls of group * query_len rows. Against one masked SDPA
+    over the whole context (the path CUDA keeps): an 8k context, 512-token chunk, 14 query
+    heads over 2 KV heads, fp32: 113 vs 135 ms a layer, the prefix part alone at the square
+    GEMM's rate (140 vs 145 GFLOP/s)."""
+    query_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    # [query_len, kv_heads * group, dim] -> [1, kv_heads, group * query_len, dim]
+    folded = (query.view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+              .reshape(1, num_kv_heads, group * query_len, head_dim))
+    prefix_k = gather_context(k_cache, block_table, num_cached)[0].transpose(0, 1)[None]
+    prefix_v = gather_context(v_cache, block_table, num_cached)[0].transpose(0, 1)[None]
+    assert _CPU_FLASH is not None
+    out_prefix, lse_prefix = _CPU_FLASH(folded, prefix_k.to(query.dtype),
+                                        prefix_v.to(query.dtype), scale=scale)[:2]
+    out_chunk, lse_chunk = _CPU_FLASH(
+        folded, key.transpose(0, 1)[None], value.transpose(0, 1)[None],
+        attn_mask=_folded_causal_mask(query_len, group, query.dtype, query.device),
+        scale=scale)[:2]
+    # softmax over both parts = each part's softmax weighted by its share of the exp-sum
+    lse = torch.logaddexp(lse_prefix, lse_chunk)  # [1, kv_heads, group * query_len], fp32
+    out = (out_prefix.float() * (lse_prefix - lse).exp_().unsqueeze(-1)
+           + out_chunk.float() * (lse_chunk - lse).exp_().unsqueeze(-1))
+    # [1, kv_heads, group * query_len, dim] -> [query_len, kv_heads * group, dim]
+    return (out.to(query.dtype).view(num_kv_heads, group, query_len, head_dim)
+            .permute(2, 0, 1, 3).reshape(query_len, num_heads, head_dim))
+
+
+@functools.lru_cache(maxsize=16)
+def _folded_causal_mask(query_len: int, group: int, dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor:
+    """Additive causal mask [group * query_len, query_len] of a chunk over itself, its rows
+    repeating for each query head of a KV group (the flash kernel takes a mask of the
+    query's dtype, not bool). A dozen distinct chunk lengths at most: cached."""
+    causal = torch.ones(query_len, query_len, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(query_len, query_len, dtype=dtype, device=device)
+    mask.masked_fill_(~causal, float("-inf"))
+    return mask.repeat(group, 1)
 
 
 def _windowed_context(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

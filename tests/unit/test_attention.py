@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.attention import TorchAttentionBackend, get_attention_backend, write_kv
+from engine.attention import TorchAttentionBackend, get_attention_backend, torch_ref, write_kv
 from engine.attention.base import AttentionMetadata
 
 HEAD_DIM = 8
@@ -139,6 +139,51 @@ def test_random_batches_match_naive_attention(seed: int) -> None:
     out, _, _ = run_backend(seqs, num_blocks, block_size, scale=0.3)
     expected = torch.cat([naive_attention(seq, 0.3) for seq in seqs])
     assert (out.double() - expected).abs().max().item() < 1e-5
+
+
+# chunks after a cached prefix: prefixes ending inside and on block boundaries, chunks of
+# one block and of several, next to decode rows and fresh prompts
+CHUNKS_AFTER_PREFIX = [(16, 16), (37, 23), (5, 64), (64, 1), (0, 9), (100, 2), (3, 3)]
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (14, 2), (4, 1)],
+                         ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("split", [True, False], ids=["split-lse", "masked-sdpa"])
+def test_chunks_after_a_cached_prefix(num_heads: int, num_kv_heads: int, split: bool,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both prefill paths against naive attention: on CPU, the prefix and the chunk as two
+    flash calls merged by log-sum-exp; elsewhere (forced here), one masked SDPA."""
+    if not split:
+        monkeypatch.setattr(torch_ref, "_split_prefill_works", lambda query: False)
+    elif not torch_ref._split_prefill_works(torch.empty(1)):
+        pytest.skip("this torch has no CPU flash attention with log-sum-exp")
+    seqs, num_blocks = make_sequences(CHUNKS_AFTER_PREFIX, num_heads, num_kv_heads,
+                                      block_size=16, seed=num_heads + num_kv_heads)
+    scale = HEAD_DIM**-0.5
+    expected = torch.cat([naive_attention(seq, scale) for seq in seqs])
+    out, _, _ = run_backend(seqs, num_blocks, 16, scale)
+    assert (out.double() - expected).abs().max().item() < 1e-5
+    out, _, _ = run_backend(seqs, num_blocks, 16, scale, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected).abs().max().item() < 5e-2
+
+
+def test_the_split_prefill_path_is_the_one_cpu_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk after a cached prefix goes through the two flash calls on CPU (where this torch
+    has them), so the tests above check the path that runs."""
+    if not torch_ref._split_prefill_works(torch.empty(1)):
+        pytest.skip("this torch has no CPU flash attention with log-sum-exp")
+    calls: list[int] = []
+    real = torch_ref._prefill_after_prefix
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch_ref, "_prefill_after_prefix", counted)
+    seqs, num_blocks = make_sequences([(20, 5), (0, 7), (9, 1)], 4, 2, block_size=4, seed=1)
+    run_backend(seqs, num_blocks, 4, scale=0.5)
+    assert len(calls) == 1  # the (20, 5) chunk; not the fresh prompt, not the decode row
 
 
 def test_new_kv_are_written_at_their_slots() -> None:
