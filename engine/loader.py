@@ -33,6 +33,7 @@ from engine.quantized_checkpoint import (
     group_index,
 )
 from engine.runtime import (
+    keep_step_buffers_resident,
     release_free_heap,
     resolve_device,
     resolve_dtype,
@@ -80,6 +81,8 @@ def load_model(model: str, dtype: str = "auto", device: str = "auto", allow_pick
         loaded = _load_model(model, dtype, device, allow_pickle, trust_remote_code, tokenizer,
                              attn_backend, quantization, parallel)
     release_free_heap()
+    if loaded.device.type == "cpu":
+        keep_step_buffers_resident()
     return loaded
 
 

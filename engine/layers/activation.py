@@ -20,8 +20,11 @@ class SiluAndMul(nn.Module):
 
 
 def silu_and_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """The same two roundings as transformers' act(gate) * up, the product written over the
+    silu's output: one large buffer a call, not two (a 512-token prefill chunk of a 0.5B
+    model: 10 MB less to allocate and fault in per layer)."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def silu_and_mul_native(gate_up: torch.Tensor) -> torch.Tensor:
