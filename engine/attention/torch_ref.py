@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata, DecodePlan
 from engine.kernels.native import loaded_library, takes_bf16
+from engine.kernels.portable import portable_library, takes_f32
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -174,6 +175,8 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                                        windowed_plan(plan, sliding_window), scale)
     if query.dtype == torch.bfloat16 and takes_bf16(k_cache, v_cache):
         return decode_attention_native(query, k_cache, v_cache, plan, scale)
+    if query.dtype == torch.float32 and takes_f32(k_cache, v_cache):
+        return decode_attention_native_f32(query, k_cache, v_cache, plan, scale)
     return decode_attention_matmul(query, k_cache, v_cache, plan, scale)
 
 
@@ -213,6 +216,27 @@ def decode_attention_native(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         plan.block_tables.shape[1], scale, out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("paged_decode_attention_bf16 could not allocate its scratch")
+    return out
+
+
+def decode_attention_native_f32(query: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, plan: DecodePlan,
+                                scale: float) -> torch.Tensor:
+    """decode_attention in float32 through the portable kernel (any CPU with a C compiler):
+    each context is read in place through its block table instead of gathered into a fresh
+    copy per layer and step."""
+    query = query.contiguous()
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(query)
+    library = portable_library()
+    assert library is not None
+    status = library.paged_decode_attention_f32(
+        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), plan.block_tables.data_ptr(),
+        plan.lens.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+        plan.block_tables.shape[1], scale, out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("paged_decode_attention_f32 could not allocate its scratch")
     return out
 
 

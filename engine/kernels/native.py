@@ -88,33 +88,35 @@ def unsupported_reason() -> str | None:
     missing = [flag for flag in CPU_FLAGS if flag not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
-    if _compiler() is None:
+    if find_compiler() is None:
         return "no C compiler found (set CC, or install gcc)"
     return None
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def build() -> Path:
-    """The shared library for the current source and flags, compiled unless cached."""
-    compiler = _compiler()
+def build(source_path: Path = SOURCE, cflags: tuple[str, ...] = CFLAGS,
+          name: str = "cpu-kernels", salt: str = "") -> Path:
+    """The shared library for the current source and flags (and `salt`: what else the build
+    depends on, e.g. the CPU that -march=native targets), compiled unless cached."""
+    compiler = find_compiler()
     assert compiler is not None
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *CFLAGS)).encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"cpu-kernels-{digest}.so"
+    source = source_path.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *cflags, salt)).encode()).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"{name}-{digest}.so"
     if target.exists():
         return target
     with file_lock(target.with_suffix(".lock")):
         if target.exists():  # another process built it while we waited
             return target
-        with (stage("compiling native CPU kernels") as progress,
+        with (stage(f"compiling {source_path.name}") as progress,
               tempfile.TemporaryDirectory(dir=target.parent) as scratch):
             built = Path(scratch) / target.name
-            subprocess.run([compiler, *CFLAGS, "-o", str(built), str(SOURCE)], check=True,
+            subprocess.run([compiler, *cflags, "-o", str(built), str(source_path)], check=True,
                            capture_output=True, text=True, timeout=120)
             built.replace(target)
-        logger.info("native CPU kernels: compiled %s with %s in %.1f s (once)", SOURCE.name,
+        logger.info("native CPU kernels: compiled %s with %s in %.1f s (once)", source_path.name,
                     compiler, progress.seconds)
     return target

@@ -186,6 +186,48 @@ def test_the_split_prefill_path_is_the_one_cpu_takes(monkeypatch: pytest.MonkeyP
     assert len(calls) == 1  # the (20, 5) chunk; not the fresh prompt, not the decode row
 
 
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (14, 2), (4, 1)],
+                         ids=["mha", "gqa", "mqa"])
+def test_float32_decode_kernel_matches_the_matmul_path(block_size: int, num_heads: int,
+                                                       num_kv_heads: int) -> None:
+    """The portable float32 decode kernel (contexts read in place through shuffled block
+    tables) against the gathered batched-matmul path and naive attention."""
+    if torch_ref.portable_library() is None:
+        pytest.skip("portable CPU kernels unavailable here")
+    shapes = [(c, 1) for c in (0, 7, 300, 16, 95, 1000)]
+    seqs, num_blocks = make_sequences(shapes, num_heads, num_kv_heads, block_size, seed=7)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, HEAD_DIM) * 3
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    for seq in seqs:
+        for position in range(seq.seq_len):
+            block, offset = divmod(seq.slot(position, block_size), block_size)
+            k_cache[block, offset] = seq.keys[position].float()
+            v_cache[block, offset] = seq.values[position].float()
+    metadata = build_metadata(seqs, block_size)
+    plan = torch_ref.plan_decode_rows(metadata, block_size, num_kv_heads)
+    assert plan is not None
+    query = torch.cat([seq.queries for seq in seqs]).float()
+    native = torch_ref.decode_attention_native_f32(query, k_cache, v_cache, plan, 0.3)
+    matmul = torch_ref.decode_attention_matmul(query, k_cache, v_cache, plan, 0.3)
+    expected = torch.cat([naive_attention(seq, 0.3) for seq in seqs])
+    assert (native.double() - expected).abs().max().item() < 1e-5
+    assert (native - matmul).abs().max().item() < 1e-5
+
+
+def test_float32_decode_takes_the_kernel_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch_ref.portable_library() is None:
+        pytest.skip("portable CPU kernels unavailable here")
+    calls: list[int] = []
+    real = torch_ref.decode_attention_native_f32
+    monkeypatch.setattr(torch_ref, "decode_attention_native_f32",
+                        lambda *args: calls.append(1) or real(*args))
+    seqs, num_blocks = make_sequences(DECODE_ONLY, 4, 2, block_size=4, seed=2)
+    out, _, _ = run_backend(seqs, num_blocks, 4, scale=0.5)
+    expected = torch.cat([naive_attention(seq, 0.5) for seq in seqs])
+    assert calls == [1] and (out.double() - expected).abs().max().item() < 1e-5
+
+
 def test_new_kv_are_written_at_their_slots() -> None:
     seqs, num_blocks = make_sequences(MIXED, 4, 2, block_size=4, seed=3)
     _, k_cache, v_cache = run_backend(seqs, num_blocks, 4, scale=0.5)

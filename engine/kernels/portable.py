@@ -1,0 +1,75 @@
+"""Builds and loads cpu_portable.c: kernels in plain C that the compiler vectorizes for the
+CPU it runs on (-march=native), so they need no particular instruction set; today the float32
+paged decode attention. Built once per source version and CPU into the cache directory, as
+native.py builds the AVX-512 ones. Where it cannot be built (no compiler, not Linux, or
+PAGEDSERVE_NATIVE_KERNELS=0), `portable_library()` is None and callers use torch."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.kernels.native import build, find_compiler
+from engine.runtime import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_portable.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# name -> (restype, argtypes), as declared in cpu_portable.c
+SIGNATURES = {
+    "paged_decode_attention_f32": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                                                  _I64, _I64, _F32, _P, _I32]),
+}
+
+
+@functools.cache
+def portable_library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (with the reason logged once) where
+    this machine cannot build them."""
+    reason = unsupported_reason()
+    if reason is not None:
+        logger.warning("portable CPU kernels: %s; using torch implementations (slower)", reason)
+        return None
+    try:
+        # -march=native code runs on this CPU only: its model and flags are part of the key
+        path = build(SOURCE, CFLAGS, name="cpu-portable",
+                     salt=f"{platform.processor()} {' '.join(sorted(cpu_flags()))}")
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("portable CPU kernels: build failed (%s); using torch implementations "
+                       "(slower)", str(detail).strip()[:500])
+        return None
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    logger.info("portable CPU kernels: %s", path)
+    return lib
+
+
+def takes_f32(*tensors: torch.Tensor) -> bool:
+    """Whether the float32 kernels can run on these tensors: contiguous float32 on the CPU,
+    and the library available here."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+               for t in tensors) and portable_library() is not None
+
+
+def unsupported_reason() -> str | None:
+    if os.environ.get("PAGEDSERVE_NATIVE_KERNELS", "1") == "0":
+        return "turned off by PAGEDSERVE_NATIVE_KERNELS=0"
+    if sys.platform != "linux":
+        return f"they need Linux, this is {sys.platform}"
+    if find_compiler() is None:
+        return "no C compiler found (set CC, or install gcc)"
+    return None
