@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch  # loaded before the kernels, so they share its libgomp
@@ -45,23 +46,32 @@ SIGNATURES = {
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None (with the reason logged once) where
     this machine cannot run or build them."""
-    reason = unsupported_reason()
+    return load_library("native CPU kernels", unsupported_reason(), build, SIGNATURES)
+
+
+Signatures = Mapping[str, tuple[object, Sequence[object]]]
+
+
+def load_library(label: str, reason: str | None, build_it: Callable[[], Path],
+                 signatures: Signatures) -> ctypes.CDLL | None:
+    """Build (unless `reason` says this machine can't) and load a kernel library, its
+    functions typed from `signatures`; None, with the reason logged once, where it fails."""
     if reason is not None:
-        logger.warning("native CPU kernels: %s; using torch implementations (slower)", reason)
+        logger.warning("%s: %s; using torch implementations (slower)", label, reason)
         return None
     try:
-        path = build()
+        path = build_it()
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         detail = getattr(exc, "stderr", "") or exc
-        logger.warning("native CPU kernels: build failed (%s); using torch implementations "
-                       "(slower)", str(detail).strip()[:500])
+        logger.warning("%s: build failed (%s); using torch implementations (slower)", label,
+                       str(detail).strip()[:500])
         return None
     lib = ctypes.CDLL(str(path))
-    for name, (restype, argtypes) in SIGNATURES.items():
+    for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
         function.restype = restype
         function.argtypes = argtypes
-    logger.info("native CPU kernels: %s", path)
+    logger.info("%s: %s", label, path)
     return lib
 
 

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from engine.kernels.native import build, find_compiler
+from engine.kernels.native import build, find_compiler, load_library
 from engine.runtime import cpu_flags
-
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_portable.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -36,26 +32,11 @@ SIGNATURES = {
 def portable_library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None (with the reason logged once) where
     this machine cannot build them."""
-    reason = unsupported_reason()
-    if reason is not None:
-        logger.warning("portable CPU kernels: %s; using torch implementations (slower)", reason)
-        return None
-    try:
-        # -march=native code runs on this CPU only: its model and flags are part of the key
-        path = build(SOURCE, CFLAGS, name="cpu-portable",
-                     salt=f"{platform.processor()} {' '.join(sorted(cpu_flags()))}")
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        logger.warning("portable CPU kernels: build failed (%s); using torch implementations "
-                       "(slower)", str(detail).strip()[:500])
-        return None
-    lib = ctypes.CDLL(str(path))
-    for name, (restype, argtypes) in SIGNATURES.items():
-        function = getattr(lib, name)
-        function.restype = restype
-        function.argtypes = argtypes
-    logger.info("portable CPU kernels: %s", path)
-    return lib
+    # -march=native code runs on this CPU only: its model and flags are part of the key
+    salt = f"{platform.processor()} {' '.join(sorted(cpu_flags()))}"
+    return load_library("portable CPU kernels", unsupported_reason(),
+                        lambda: build(SOURCE, CFLAGS, name="cpu-portable", salt=salt),
+                        SIGNATURES)
 
 
 def takes_f32(*tensors: torch.Tensor) -> bool:
