@@ -11,6 +11,7 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.distributed.group import init_ranks
@@ -42,6 +43,20 @@ def worker_main(rank: int, world_size: int, init_method: str, config: EngineConf
     except BaseException:
         logger.exception("rank %d failed", rank)
         sys.exit(1)
+    _leave()
+
+
+def _leave() -> None:
+    """Leave the process groups and end this process at once, exit code 0. The interpreter's
+    own teardown is skipped on purpose: it destroys torch's C++ state while communication
+    threads of the groups may still be joinable, which ends the process in std::terminate
+    (exit -6) now and then. A worker has nothing left to write but its log."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def serve_worker_rank(config: EngineConfig) -> None:
