@@ -86,10 +86,20 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_queue_len: int | None = None  # None: unbounded waiting queue
+    # While other sequences decode, a step computes at most this many prompt tokens, counted
+    # as tokens at context 0 (a token after c others costs 1 + c / the model's attention
+    # break-even context), so a long prompt is prefilled in chunks that keep every running
+    # stream's inter-token gap about the same from its first chunk to its last; and while
+    # requests wait, a long prompt leaves them half of it (or of the budget) so they start.
+    # None: prompts take whatever the token budget leaves.
+    prefill_tokens_while_decoding: int | None = None
 
     def validate(self) -> SchedulerConfig:
         _check(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        _check(self.prefill_tokens_while_decoding is None
+               or self.prefill_tokens_while_decoding >= 1,
+               "prefill_tokens_while_decoding must be >= 1")
         _check(self.max_queue_len is None or self.max_queue_len >= 0,
                "max_queue_len must be >= 0")
         return self

@@ -16,6 +16,7 @@ from engine.model_runner import (
     is_fatal_error,
     kv_bytes_per_token,
 )
+from engine.models import attention_break_even_context
 from engine.outputs import EngineCoreOutput, PositionLogprobs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -87,7 +88,8 @@ class EngineCore:
             num_blocks=self.runner.num_blocks, block_size=config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
             hash_algorithm=config.cache.prefix_caching_hash_algo)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager,
+                                   attention_break_even_context(loaded.hf_config))
         self.proposer: Proposer | None = build_proposer(config, draft, self.runner)
         self.last_stats = StepStats()
         self.fault_hooks = FaultHooks()

@@ -442,6 +442,8 @@ def engine_config_info(engine: LLMEngine) -> dict[str, str]:
         "max_model_len": str(engine.max_model_len),
         "max_num_seqs": str(config.scheduler.max_num_seqs),
         "max_num_batched_tokens": str(config.scheduler.max_num_batched_tokens),
+        "prefill_tokens_while_decoding": str(config.scheduler.prefill_tokens_while_decoding
+                                             or "none"),
         "enable_prefix_caching": str(config.cache.enable_prefix_caching).lower(),
         "prefix_caching_hash_algo": config.cache.prefix_caching_hash_algo,
         "gpu_memory_utilization": str(config.cache.gpu_memory_utilization),

@@ -5,6 +5,13 @@ computed tokens catch up towards its total tokens, as far as the token budget al
 sequences go first (oldest first), then waiting ones. When the KV pool cannot hold a running
 sequence's next tokens, the newest running sequence is preempted by recompute.
 
+Long prompts (prefill_tokens_while_decoding): while some sequences decode, the prompt tokens of
+a step are capped, each weighted by how far into its context it is (attention grows with the
+context, the linear layers do not), so a decoding stream's gap between tokens stays about the
+same through another request's whole long prompt; and while requests wait, running prompts
+leave half of that allowance (or of the budget) to them, so a short request is not kept
+behind a long prompt until it is done.
+
 Speculative decoding: a decoding sequence that carries proposals (spec_token_ids) asks for
 1 + k slots, k cut to the token budget and to its max_tokens. Proposals get what is left once
 every running and admitted sequence has its own tokens: they never preempt anything nor delay
@@ -15,6 +22,7 @@ tokens and gives back the slots and blocks of the rejected ones.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -93,10 +101,44 @@ class SchedulerOutput:
         return not self.rows
 
 
+@dataclass(slots=True)
+class PrefillAllowance:
+    """What one step may spend on prompt tokens, in tokens at context 0 (a token after c others
+    costs 1 + c / break_even_context), and how much of it running prompts may take."""
+
+    left: float
+    running_left: float
+    break_even_context: float | None  # None: every token costs 1
+
+    def cost(self, start: int) -> float:
+        return 1.0 if self.break_even_context is None else 1.0 + start / self.break_even_context
+
+    def tokens(self, start: int, running: bool) -> int:
+        """The most prompt tokens from `start` this allowance pays for; at least one while any
+        of it is left, so even a very long context advances."""
+        left = min(self.left, self.running_left) if running else self.left
+        if left <= 0:
+            return 0
+        if math.isinf(left):
+            return 1 << 62
+        return max(1, int(left / self.cost(start)))
+
+    def spend(self, start: int, num_tokens: int, running: bool) -> None:
+        cost = num_tokens * self.cost(start)
+        self.left -= cost
+        if running:
+            self.running_left -= cost
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 break_even_context: float | None = None) -> None:
+        """`break_even_context`: the context length at which a prompt token's attention costs
+        as much as its linear layers (engine.models.attention_break_even_context); None:
+        prompt tokens cost the same at any context."""
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        self.break_even_context = break_even_context
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.sequences: dict[str, Sequence] = {}
@@ -147,11 +189,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        allowance = self._prefill_allowance(budget)
         proposals = self._take_proposals()
-        budget = self._schedule_running(output, budget)
+        budget = self._schedule_running(output, budget, allowance)
         if not output.preempted_sequence_ids:
             # admitting new work in a step that had to preempt would only thrash the pool
-            budget = self._schedule_waiting(output, budget)
+            budget = self._schedule_waiting(output, budget, allowance)
         if proposals:
             self._schedule_proposals(output, proposals, budget)
         # counted before the pass that writes [start, end): a row whose pass fails is failed or
@@ -160,14 +203,45 @@ class Scheduler:
             row.sequence.num_computed_tokens = row.end
         return output
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _prefill_allowance(self, budget: int) -> PrefillAllowance | None:
+        """This step's allowance for prompt tokens; None without prefill_tokens_while_decoding
+        (prompts then take whatever the budget leaves)."""
+        cap = self.config.prefill_tokens_while_decoding
+        if cap is None:
+            return None
+        decoding = any(sequence.is_decoding for sequence in self.running)
+        total = float(cap) if decoding else math.inf
+        newcomers = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+        running_share = (cap if decoding else budget) / 2 if newcomers else math.inf
+        return PrefillAllowance(total, running_share,
+                                self.break_even_context if decoding else None)
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int,
+                          allowance: PrefillAllowance | None) -> int:
+        # under an allowance, the decode rows behind a prompt keep their slot of the budget
+        num_decoding_behind = (0 if allowance is None
+                               else sum(1 for sequence in self.running if sequence.is_decoding))
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
-            num_new_tokens = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            start = sequence.num_computed_tokens
+            num_new_tokens = min(sequence.num_tokens - start, budget)
+            prefilling = allowance is not None and not sequence.is_decoding
+            if allowance is not None and not prefilling:
+                num_decoding_behind -= 1
+            if prefilling:
+                assert allowance is not None
+                num_new_tokens = min(num_new_tokens, budget - num_decoding_behind,
+                                     allowance.tokens(start, running=True))
+                if num_new_tokens <= 0:
+                    index += 1  # this prompt sits the step out
+                    continue
             if not self._allocate_or_preempt(sequence, num_new_tokens, output):
                 break  # the sequence itself was preempted: nothing newer is left to run
-            self._add_scheduled(output, sequence, sequence.num_computed_tokens, num_new_tokens)
+            if prefilling:
+                assert allowance is not None
+                allowance.spend(start, num_new_tokens, running=True)
+            self._add_scheduled(output, sequence, start, num_new_tokens)
             budget -= num_new_tokens
             index += 1
         return budget
@@ -230,16 +304,24 @@ class Scheduler:
         self.waiting.appendleft(sequence)
         logger.debug("preempted sequence %s", sequence.sequence_id)
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> int:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int,
+                          allowance: PrefillAllowance | None) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             sequence = self.waiting[0]
             computed_blocks, num_cached_tokens = self.kv_cache_manager.get_computed_blocks(sequence)
             num_new_tokens = min(sequence.num_tokens - num_cached_tokens, budget)
+            if allowance is not None:
+                num_new_tokens = min(num_new_tokens,
+                                     allowance.tokens(num_cached_tokens, running=False))
+                if num_new_tokens <= 0:
+                    break
             new_blocks = self.kv_cache_manager.allocate_slots(
                 sequence, num_new_tokens, computed_blocks, num_cached_tokens)
             if new_blocks is None:
                 break  # keep FIFO order: later sequences wait behind this one
             self.waiting.popleft()
+            if allowance is not None:
+                allowance.spend(num_cached_tokens, num_new_tokens, running=False)
             self._start_running(sequence, num_cached_tokens)
             self._add_scheduled(output, sequence, num_cached_tokens, num_new_tokens)
             budget -= num_new_tokens

@@ -49,6 +49,7 @@ _FLAGS: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("--max-model-len", "max_model_len", {"type": int}),
     ("--max-num-seqs", "max_num_seqs", {"type": int}),
     ("--max-num-batched-tokens", "max_num_batched_tokens", {"type": int}),
+    ("--prefill-tokens-while-decoding", "prefill_tokens_while_decoding", {"type": int}),
     ("--kv-cache-memory-gb", "kv_cache_memory_gb", {"type": float}),
     ("--gpu-memory-utilization", "gpu_memory_utilization", {"type": float}),
     ("--block-size", "block_size", {"type": int}),

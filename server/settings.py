@@ -26,7 +26,8 @@ ALIASES = {"api_key": "api_keys", "allowed_origin": "allowed_origins"}
 ENGINE_FIELDS = (
     "dtype", "device", "max_model_len", "block_size", "kv_cache_memory_gb",
     "gpu_memory_utilization", "num_blocks", "enable_prefix_caching", "max_num_seqs",
-    "max_num_batched_tokens", "max_queue_len", "seed", "allow_pickle", "trust_remote_code",
+    "max_num_batched_tokens", "prefill_tokens_while_decoding", "max_queue_len", "seed",
+    "allow_pickle", "trust_remote_code",
     "quantization", "attention_backend", "enforce_eager", "prefix_caching_hash_algo",
     "speculative_config", "tensor_parallel_size", "pipeline_parallel_size",
     "enable_expert_parallel", "distributed_timeout_s",
@@ -120,6 +121,11 @@ class Settings(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most sequences running in one step")
     max_num_batched_tokens: int = Field(
         2048, ge=1, description="most tokens processed in one step")
+    prefill_tokens_while_decoding: int | None = Field(
+        None, ge=1, description="while other requests decode, most prompt tokens per step "
+        "(weighted by context: a long prompt's late chunks are smaller), so their streams "
+        "keep a bounded gap between tokens; waiting requests get half of it (default: no "
+        "cap beyond max_num_batched_tokens)")
     max_queue_len: int | None = Field(
         None, ge=0, description="most requests waiting; beyond it: 429 (default: unbounded)")
     seed: int | None = Field(

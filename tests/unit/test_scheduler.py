@@ -25,12 +25,15 @@ def make_sequence(sequence_id: str, num_prompt_tokens: int, max_tokens: int,
 
 
 def make_scheduler(num_blocks: int, max_num_seqs: int = 8, max_num_batched_tokens: int = 64,
-                   enable_prefix_caching: bool = True) -> Scheduler:
+                   enable_prefix_caching: bool = True,
+                   prefill_tokens_while_decoding: int | None = None,
+                   break_even_context: float | None = None) -> Scheduler:
     manager = KVCacheManager(num_blocks=num_blocks, block_size=BLOCK_SIZE,
                              enable_prefix_caching=enable_prefix_caching)
     config = SchedulerConfig(max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens)
-    return Scheduler(config, manager)
+                             max_num_batched_tokens=max_num_batched_tokens,
+                             prefill_tokens_while_decoding=prefill_tokens_while_decoding)
+    return Scheduler(config, manager, break_even_context)
 
 
 def fake_step(scheduler: Scheduler) -> tuple[SchedulerOutput, list[Sequence]]:
@@ -230,14 +233,20 @@ def check_queues(scheduler: Scheduler, live: set[str]) -> None:
     max_num_seqs=st.integers(1, 6),
     budget=st.integers(4, 48),
     caching=st.booleans(),
+    prefill_cap=st.one_of(st.none(), st.integers(1, 24)),
+    break_even_context=st.one_of(st.none(), st.floats(2.0, 64.0)),
 )
 def test_random_workloads_lose_nothing(arrivals: list[tuple[int, int, int]],
                                        aborts: list[tuple[int, int]], num_blocks: int,
-                                       max_num_seqs: int, budget: int, caching: bool) -> None:
+                                       max_num_seqs: int, budget: int, caching: bool,
+                                       prefill_cap: int | None,
+                                       break_even_context: float | None) -> None:
     """Random arrivals (prompt length, max_tokens, arrival step), aborts (several per step,
-    repeated, or of finished sequences) and limits: every sequence ends exactly once, each live
-    sequence is in exactly one queue, budgets hold every step, no block is leaked."""
-    scheduler = make_scheduler(num_blocks, max_num_seqs, budget, caching)
+    repeated, or of finished sequences) and limits, with and without a prefill cap: every
+    sequence ends exactly once, each live sequence is in exactly one queue, budgets hold every
+    step, no block is leaked."""
+    scheduler = make_scheduler(num_blocks, max_num_seqs, budget, caching, prefill_cap,
+                               break_even_context)
     # the engine caps max_model_len to the pool, so any one sequence fits the pool alone
     pool_tokens = scheduler.kv_cache_manager.num_total_blocks * BLOCK_SIZE
     sequences = [make_sequence(str(i), n, min(m, pool_tokens - n), first_token=i % 3)
@@ -271,6 +280,87 @@ def test_random_workloads_lose_nothing(arrivals: list[tuple[int, int, int]],
         if sequence.status == SequenceStatus.FINISHED_LENGTH:
             assert sequence.num_output_tokens == sequence.max_tokens
     assert_pool_idle(scheduler)
+
+
+# ---- long prompts beside decoding streams (prefill_tokens_while_decoding) --------------------
+
+
+
+
+def test_a_long_prompt_beside_decoding_streams_is_chunked_to_the_cap() -> None:
+    scheduler = make_scheduler(num_blocks=200, max_num_batched_tokens=64,
+                               prefill_tokens_while_decoding=8)
+    streams = [make_sequence(f"s{i}", 3, max_tokens=200, first_token=i) for i in range(3)]
+    decoding(scheduler, *streams)
+    long = make_sequence("long", 100, max_tokens=1, first_token=7)
+    scheduler.add_sequence(long)
+    chunks = []
+    while not long.is_finished:
+        plan, _ = fake_step(scheduler)
+        check_plan(scheduler, plan)
+        # every stream has its decode token in every step of the long prompt's prefill
+        assert {"s0", "s1", "s2"} <= {r.sequence_id for r in plan.scheduled_sequences}
+        chunks.append(plan.num_scheduled_tokens.get("long", 0))
+    assert chunks[:-1] == [8] * 12 and chunks[-1] == 4  # 12 x 8 + 4: the budget (64) unused
+
+    # with no stream decoding, the same prompt takes the whole budget
+    alone = make_scheduler(num_blocks=200, max_num_batched_tokens=64,
+                           prefill_tokens_while_decoding=8)
+    alone.add_sequence(make_sequence("long", 100, max_tokens=1, first_token=7))
+    plan, _ = fake_step(alone)
+    assert plan.num_scheduled_tokens == {"long": 64}
+
+
+def test_prompt_chunks_shrink_as_their_context_grows() -> None:
+    """A token after c others costs 1 + c / break_even_context: with 32 as the break-even
+    context, the chunk at context 0 is the cap and at context 32 half of it."""
+    scheduler = make_scheduler(num_blocks=200, max_num_batched_tokens=64,
+                               prefill_tokens_while_decoding=16, break_even_context=32.0)
+    decoding(scheduler, make_sequence("stream", 3, max_tokens=300))
+    long = make_sequence("long", 120, max_tokens=1, first_token=5)
+    scheduler.add_sequence(long)
+    starts_and_chunks = []
+    while not long.is_finished:
+        start = long.num_computed_tokens
+        plan, _ = fake_step(scheduler)
+        check_plan(scheduler, plan)
+        starts_and_chunks.append((start, plan.num_scheduled_tokens.get("long", 0)))
+    assert starts_and_chunks[0] == (0, 16)
+    assert starts_and_chunks[1] == (16, 10)  # 16 / (1 + 16/32) = 10.7
+    for start, chunk in starts_and_chunks[:-1]:
+        assert chunk == max(1, int(16 / (1 + start / 32)))
+    assert sum(chunk for _, chunk in starts_and_chunks) == 120
+
+
+def test_even_a_very_long_context_advances_a_token_a_step() -> None:
+    scheduler = make_scheduler(num_blocks=200, max_num_batched_tokens=64,
+                               prefill_tokens_while_decoding=2, break_even_context=1.0)
+    decoding(scheduler, make_sequence("stream", 3, max_tokens=300))
+    long = make_sequence("long", 30, max_tokens=1, first_token=5)
+    scheduler.add_sequence(long)
+    steps = 0
+    while not long.is_finished:
+        fake_step(scheduler)
+        steps += 1
+    assert steps <= 30
+
+
+def test_a_request_arriving_during_a_long_prompt_starts_next_step() -> None:
+    """Without the cap a long prompt takes the whole budget each step and a newcomer waits
+    for its last chunk; with it, running prompts leave half to waiting requests."""
+    for cap, expected_wait in ((None, 6), (8, 1)):
+        scheduler = make_scheduler(num_blocks=200, max_num_batched_tokens=16,
+                                   prefill_tokens_while_decoding=cap)
+        scheduler.add_sequence(make_sequence("long", 100, max_tokens=1, first_token=3))
+        fake_step(scheduler)
+        short = make_sequence("short", 5, max_tokens=4)
+        scheduler.add_sequence(short)
+        waited = 0
+        while short.num_computed_tokens == 0:
+            plan, _ = fake_step(scheduler)
+            check_plan(scheduler, plan)
+            waited += 1
+        assert waited == expected_wait, cap
 
 
 # ---- speculative decoding: proposals on decode rows --------------------------------------------
