@@ -3,7 +3,7 @@ a model's decode (bandwidth-bound at batch 1) and on a serving workload (compute
 
     python bench/roofline.py [--model DIR] [--dtype bfloat16] [--threads N]
                              [--prompt-len 230] [--output-len 128] [--skinny]
-                             [--prefill] [--prefill-rows 512,2048] [--json OUT]
+                             [--prefill] [--prefill-rows 512,2048] [--int4] [--json OUT]
 
 Bandwidth is measured twice: a large tensor copy, counted as bytes read + bytes written
 (STREAM "copy"), and a sum over a 2 GiB buffer, bytes read only: decode reads its weights and
@@ -20,6 +20,11 @@ same F.linear, with the reason shown). Each rate is also a fraction of the squar
 and the model's prefill time per token follows from each set of rates. The engine's MLP runs
 long prefills in slices of engine.models.llama.MLP_CHUNK_TOKENS rows, so for gate_up and
 down that row count is the one it meets.
+--int4 times the int4 matmul (`--quantization int4`: the portable kernel where it runs, else
+the dequantizing reference) at each matmul shape for M = 1, 4, 16 rows, against float32
+F.linear: the packed bytes (weights, scales, zeros) it reads per call as GB/s and as a fraction
+of the read bandwidth, and the batch-1 decode bound these times and the bandwidth put on the
+model (tokens/s).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import w4a16
 from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -182,6 +188,49 @@ def engine_linear(weight: torch.Tensor) -> Linear:
     return Linear.over(weight)
 
 
+INT4_ROWS = (1, 4, 16)
+
+
+def int4_rates(shape: ModelShape, bandwidth: float,
+               rows: Sequence[int] = INT4_ROWS) -> list[dict[str, object]]:
+    """The int4 matmul against float32 F.linear at each of the model's shapes and row
+    counts: ms per call, the GB/s of packed bytes it reads, and that as a fraction of the read
+    bandwidth."""
+    results: list[dict[str, object]] = []
+    with torch.inference_mode():
+        for name, (in_features, out_features) in shape.linear_shapes().items():
+            weight = torch.randn(out_features, in_features) * 0.02
+            quantized = w4a16.quantize_weight(weight)
+            num_bytes = (quantized.packed.nbytes + quantized.kernel_scales.nbytes
+                         + quantized.kernel_zero_scaled.nbytes)
+            for m in rows:
+                x = torch.randn(m, in_features)
+                int4_s = _timed(partial(w4a16.linear, x, quantized, None), 0.3)
+                float_s = _timed(partial(F.linear, x, weight), 0.3)
+                results.append({"layer": name, "rows": m, "int4_ms": int4_s * 1e3,
+                                "float32_ms": float_s * 1e3, "speedup": float_s / int4_s,
+                                "kernel": w4a16.takes_kernel(x, quantized),
+                                "int4_gb_s": num_bytes / int4_s / 1e9,
+                                "of_read_bandwidth": num_bytes / int4_s / 1e9 / bandwidth})
+    return results
+
+
+def int4_decode_bound(shape: ModelShape, rates: Sequence[dict[str, object]],
+                      bandwidth: float) -> dict[str, float]:
+    """Batch-1 decode from the int4 matmul times at 1 row (every decoder layer's matmuls and
+    the LM head once per token), and the bound the bandwidth alone puts on the same bytes."""
+    at_one = {str(r["layer"]): r for r in rates if r["rows"] == 1}
+    seconds = sum(float(r["int4_ms"]) / 1e3 * (1 if name == "lm_head" else shape.num_layers)
+                  for name, r in at_one.items())
+    num_bytes = sum(float(r["int4_gb_s"]) * 1e9 * float(r["int4_ms"]) / 1e3
+                    * (1 if name == "lm_head" else shape.num_layers)
+                    for name, r in at_one.items())
+    return {"int4_matmul_ms_per_token": seconds * 1e3,
+            "int4_matmul_bound_tok_s": 1 / seconds,
+            "int4_weight_gb_per_token": num_bytes / 1e9,
+            "int4_bandwidth_bound_tok_s": bandwidth * 1e9 / num_bytes}
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillRate:
     """One decoder matmul at one prefill row count: F.linear's rate and the engine Linear's."""
@@ -280,6 +329,9 @@ def parse_args() -> argparse.Namespace:
                              "and the engine's (prepacked) Linear, against the GEMM rate")
     parser.add_argument("--prefill-rows", type=_row_counts, default=(512, 2048),
                         help="comma-separated row counts for --prefill (default: 512,2048)")
+    parser.add_argument("--int4", action="store_true",
+                        help="also time the int4 matmul at the model's shapes, M = 1, 4, 16, "
+                             "against float32 F.linear and the read bandwidth")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     return parser.parse_args()
 
@@ -337,6 +389,18 @@ def main() -> None:
         totals = prefill_totals(shape, rates, rate)
         results["prefill"] = {"rates": [asdict(r) for r in rates], "totals": totals}
         _print_prefill(rates, totals)
+    if args.int4:
+        results["int4"] = int4 = int4_rates(shape, bandwidth)
+        results["int4_decode"] = bound = int4_decode_bound(shape, int4, bandwidth)
+        print(f"  {'layer':14s} {'rows':>5s} {'int4 ms':>8s} {'fp32 ms':>8s} {'speedup':>7s} "
+              f"{'int4 GB/s':>9s} {'of read bw':>10s}  path")
+        for r in int4:
+            print(f"  {r['layer']:14s} {r['rows']:5d} {r['int4_ms']:8.3f} "
+                  f"{r['float32_ms']:8.3f} {r['speedup']:7.2f} {r['int4_gb_s']:9.1f} "
+                  f"{r['of_read_bandwidth']:10.0%}  "
+                  f"{'kernel' if r['kernel'] else 'dequantize + matmul'}")
+        for name, value in bound.items():
+            print(f"  {name:30s} {value:10.2f}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -187,7 +187,7 @@ def _quantize(module: CausalLM, quantization: str) -> None:
                   else "torch fallback kernel (slow)")
     else:
         num_bytes, columns = _int4_bytes(module), w4a16.GROUP_SIZE
-        kernel = "torch dequantize fallback (no native int4 kernel yet: less memory, slower decode)"
+        kernel = w4a16.kernel_description()
     logger.info("%s: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s", quantization,
                 quantized, time.perf_counter() - started, num_bytes / 1e9,
                 f", {kept} kept in the model dtype (in_features not a multiple of {columns})"
@@ -252,9 +252,9 @@ def _finish_int4_layers(module: CausalLM, layers: dict[str, Linear],
         indices = by_layer.get(layer_name)
         layer.finish_int4_load(None if not indices else group_index(
             indices, layer.in_features, layer.int4_group_size))
-    logger.info("int4: %d matmul weights loaded from a %s checkpoint (%.2f GB), torch "
-                "dequantize fallback (no native int4 kernel yet)", len(layers),
-                quantization.name(), _int4_bytes(module) / 1e9)
+    logger.info("int4: %d matmul weights loaded from a %s checkpoint (%.2f GB), %s",
+                len(layers), quantization.name(), _int4_bytes(module) / 1e9,
+                w4a16.kernel_description())
 
 
 def build_empty_model(model_cls: type[CausalLM], hf_config: transformers.PretrainedConfig,

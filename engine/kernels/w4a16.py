@@ -2,16 +2,20 @@
 as group-wise asymmetric 4-bit integers, two per byte, with one scale and one zero point per
 group of input columns and output row; activations stay in the model dtype.
 
-There is no native kernel yet: `linear` is `reference_linear`, which dequantizes the whole
-weight to the activation dtype on every call and runs a float matmul. That saves memory now
-(a quarter of bf16's weight bytes at rest) but costs time on decode, where a fused int4 kernel
-would read only the packed bytes; it is the oracle such a kernel will be tested against."""
+`linear` runs decode-sized batches (up to INT4_MAX_ROWS rows) on CPU through the portable C
+kernel (cpu_portable.c: int4_linear_f32), which reads only the packed bytes; larger batches
+(prefill, where the matmul's compute dominates), act-order checkpoints, other devices and
+machines without the kernel take `reference_linear`, which dequantizes the whole weight to the
+activation dtype and runs a float matmul: the oracle the kernel is tested against.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 GROUP_SIZE = 128  # input columns per scale and zero point of `--quantization int4`
 MAX_LEVEL = 15  # 4-bit values are in [0, 15]
@@ -32,6 +36,14 @@ class Int4Weight:
     zeros: torch.Tensor  # [N, num_groups] uint8: GPTQ's zero+1 offset can make it 16
     group_size: int
     group_index: torch.Tensor | None = None  # [K] int64; None: column k in group k // size
+    # the kernel's view of scales and zeros, float32 [N, num_groups]: scale, and zero * scale
+    kernel_scales: torch.Tensor = field(init=False, repr=False)
+    kernel_zero_scaled: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        scales = self.scales.float().contiguous()
+        object.__setattr__(self, "kernel_scales", scales)
+        object.__setattr__(self, "kernel_zero_scaled", (self.zeros.float() * scales).contiguous())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -82,10 +94,7 @@ def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4W
         for start in range(0, num_rows, _QUANTIZE_ROWS):
             groups = weight[start:start + _QUANTIZE_ROWS].float().reshape(-1, num_groups,
                                                                           group_size)
-            low = groups.amin(dim=-1).clamp_max(0)  # [rows, num_groups]: 0 stays exact
-            high = groups.amax(dim=-1).clamp_min(0)
-            scale = ((high - low) / MAX_LEVEL).clamp_min(_MIN_SCALE).half()
-            zero = torch.round(-low / scale.float()).clamp_(0, MAX_LEVEL)
+            scale, zero = group_scale_and_zero(groups)  # [rows, num_groups]
             q = torch.round(groups / scale.float()[..., None]) + zero[..., None]
             end = start + groups.shape[0]
             packed[start:end] = pack_nibbles(q.clamp_(0, MAX_LEVEL).reshape(-1, in_features))
@@ -94,15 +103,73 @@ def quantize_weight(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int4W
     return Int4Weight(packed, scales, zeros, group_size)
 
 
+def group_scale_and_zero(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., group_size] weights -> the float16 scale and the (float, integral) zero point of
+    each group, as `quantize_weight` stores them; engine/kernels/gptq.py shares them."""
+    low = groups.amin(dim=-1).clamp_max(0)  # 0 stays exact
+    high = groups.amax(dim=-1).clamp_min(0)
+    scale = ((high - low) / MAX_LEVEL).clamp_min(_MIN_SCALE).half()
+    zero = torch.round(-low / scale.float()).clamp_(0, MAX_LEVEL)
+    return scale, zero
+
+
 def reference_linear(x: torch.Tensor, weight: Int4Weight,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T + bias over W dequantized to x's dtype: the oracle, and the only path until
-    a native kernel lands (dequantizing every call is correct but slow for decode)."""
+    """y = x @ W^T + bias over W dequantized to x's dtype: the oracle, and the path of large
+    batches (dequantizing costs a pass over the weight, small beside a prefill's matmul)."""
     out = torch.nn.functional.linear(x, weight.dequantize(x.dtype),
                                      None if bias is None else bias.to(x.dtype))
     return out
 
 
+def kernel_linear(x: torch.Tensor, weight: Int4Weight,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T + bias through the portable int4 kernel: x [..., K] with at most
+    INT4_MAX_ROWS rows, on CPU, weight groups contiguous (no act-order group index). The
+    activations go in as float32 (bf16 ones are converted, as the oracle's matmul accumulates
+    in float32 too); y comes back in x's dtype."""
+    library = portable_library()
+    assert library is not None and weight.group_index is None
+    num_rows, in_features = weight.shape
+    rows = x.reshape(-1, in_features).float()
+    num_x_rows = rows.shape[0]
+    if num_x_rows > 1 and num_x_rows % 4:  # the kernel's batch path takes rows in fours
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, 4 - num_x_rows % 4))
+    x_even = rows[:, 0::2].contiguous()
+    x_odd = rows[:, 1::2].contiguous()
+    group_sums = rows.reshape(rows.shape[0], -1, weight.group_size).sum(dim=-1).contiguous()
+    out = torch.empty(rows.shape[0], num_rows, dtype=torch.float32)
+    status = library.int4_linear_f32(
+        x_even.data_ptr(), x_odd.data_ptr(), group_sums.data_ptr(), weight.packed.data_ptr(),
+        weight.kernel_scales.data_ptr(), weight.kernel_zero_scaled.data_ptr(), rows.shape[0],
+        num_rows, in_features, weight.group_size, out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"int4_linear_f32 refused {num_x_rows} rows of a {weight.shape} weight "
+                         f"in groups of {weight.group_size}")
+    out = out[:num_x_rows]
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], num_rows)
+
+
+def takes_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
+    """Whether `kernel_linear` can run this call (see its conditions)."""
+    return (x.device.type == "cpu" and weight.group_index is None
+            and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and weight.packed.is_contiguous()
+            and portable_library() is not None)
+
+
+def kernel_description() -> str:
+    """What runs int4 matmuls on this machine, for the load log line."""
+    if portable_library() is None:
+        return "torch dequantize fallback (the portable kernel is unavailable: slow decode)"
+    return (f"portable int4 kernel for batches of up to {INT4_MAX_ROWS} rows (act-order "
+            "checkpoints excepted), dequantize + float matmul for larger ones")
+
+
 def linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T + bias with W int4; the seam where a native kernel will plug in."""
+    """y = x @ W^T + bias with W int4: the kernel for decode-sized batches where it runs, the
+    dequantizing reference otherwise."""
+    if takes_kernel(x, weight):
+        return kernel_linear(x, weight, bias)
     return reference_linear(x, weight, bias)

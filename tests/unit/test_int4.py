@@ -75,10 +75,12 @@ def test_reference_matches_its_oracle_and_the_float_matmul(num_rows: int) -> Non
     bias = torch.randn(96, generator=gen)
     x = torch.randn(num_rows, 512, generator=gen)
     quantized = w4a16.quantize_weight(weight)
-    out = w4a16.linear(x, quantized, bias)
+    out = w4a16.reference_linear(x, quantized, bias)
     assert torch.equal(out, F.linear(x, quantized.dequantize(), bias))  # the same arithmetic
     expected = F.linear(x, weight, bias)
     assert float((out - expected).norm() / expected.norm()) < 0.15  # 4-bit: ~0.1 here
+    # what layers call (the portable kernel for decode-sized batches where it runs)
+    torch.testing.assert_close(w4a16.linear(x, quantized, bias), out, rtol=1e-5, atol=1e-5)
     bf16 = w4a16.linear(x.bfloat16(), quantized, bias)
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), out, rtol=0.05, atol=0.05)
@@ -228,8 +230,10 @@ def test_checkpoint_matches_its_dequantized_weights(method: str, act_order: bool
                                                     tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups of 32 (the default tiny model's 64 columns), act-order's permuted groups: the
-    logits are those of a model holding the dequantized weights (on F.linear, as int4 runs)."""
+    logits are those of a model holding the dequantized weights (on F.linear, as int4's
+    reference path runs; the decode kernel has tests of its own in test_int4_kernel.py)."""
     monkeypatch.setenv(PREPACK_ENV, "0")
+    monkeypatch.setattr(w4a16, "takes_kernel", lambda x, weight: False)
     source = save_tiny_model("llama", tmp_path / "llama")
     packed = _write_quantized(source, tmp_path / method, method, 32, act_order)
     loaded = load_model(str(packed), dtype="bfloat16", device="cpu").model
