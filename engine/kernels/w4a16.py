@@ -53,6 +53,12 @@ class Int4Weight:
         """The [N, K] float weight: (q - zero) * scale is exact in float32 (a small integer
         times a float16), so only the final cast to `dtype` rounds."""
         values = unpack_nibbles(self.packed).float()
+        num_rows, num_columns = values.shape
+        if self.group_index is None and num_columns % self.group_size == 0:
+            # per group, broadcast: no [N, K] copies of the scales and zeros
+            grouped = values.view(num_rows, -1, self.group_size)
+            grouped.sub_(self.zeros.float()[..., None]).mul_(self.kernel_scales[..., None])
+            return values.to(dtype)
         if self.group_index is None:
             scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
             zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
