@@ -21,6 +21,7 @@ from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.kernels import w4a16, w8a8
 from engine.kernels.native import native_library
+from engine.kernels.portable import portable_library
 from engine.layers.linear import Linear, can_prepack
 from engine.layers.rotary import rope_settings
 from engine.model_source import resolve_model_dir
@@ -130,6 +131,8 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
                 num_params, num_params * torch_dtype.itemsize / 1e9)
     if torch_device.type == "cpu" and torch_dtype == torch.bfloat16:
         native_library()  # built (once, ~2 s) now rather than during the first request
+    if torch_device.type == "cpu":  # likewise (~1 s): float32 decode attention, int4 decode;
+        portable_library()  # built inside a parallel step it could outlast the step's timeout
     # after counting: both empty the dense weights they replace
     if quantization is not None and quantized_checkpoint is None:
         _quantize(module, quantization)
