@@ -20,11 +20,12 @@ same F.linear, with the reason shown). Each rate is also a fraction of the squar
 and the model's prefill time per token follows from each set of rates. The engine's MLP runs
 long prefills in slices of engine.models.llama.MLP_CHUNK_TOKENS rows, so for gate_up and
 down that row count is the one it meets.
---int4 times the int4 matmul (`--quantization int4`: the portable kernel where it runs, else
-the dequantizing reference) at each matmul shape for M = 1, 4, 16 rows, against float32
-F.linear: the packed bytes (weights, scales, zeros) it reads per call as GB/s and as a fraction
-of the read bandwidth, and the batch-1 decode bound these times and the bandwidth put on the
-model (tokens/s).
+--int4 times the int4 matmul (`--quantization int4`: the portable kernel with int8 activations
+where it runs, else the dequantizing reference) at each matmul shape for M = 1, 4, 16 rows,
+against float32 F.linear and against the portable kernel with float activations (the
+alternative it replaced): the packed bytes (weights, scales, zeros) it reads per call as GB/s
+and as a fraction of the read bandwidth, and the batch-1 decode bound these times and the
+bandwidth put on the model (tokens/s).
 """
 
 from __future__ import annotations
@@ -207,9 +208,14 @@ def int4_rates(shape: ModelShape, bandwidth: float,
                 x = torch.randn(m, in_features)
                 int4_s = _timed(partial(w4a16.linear, x, quantized, None), 0.3)
                 float_s = _timed(partial(F.linear, x, weight), 0.3)
+                kernel = w4a16.takes_kernel(x, quantized)
+                float_kernel_s = (_timed(partial(w4a16.kernel_linear, x, quantized, None), 0.3)
+                                  if kernel else None)
                 results.append({"layer": name, "rows": m, "int4_ms": int4_s * 1e3,
                                 "float32_ms": float_s * 1e3, "speedup": float_s / int4_s,
-                                "kernel": w4a16.takes_kernel(x, quantized),
+                                "float_activations_ms": (None if float_kernel_s is None
+                                                         else float_kernel_s * 1e3),
+                                "kernel": kernel,
                                 "int4_gb_s": num_bytes / int4_s / 1e9,
                                 "of_read_bandwidth": num_bytes / int4_s / 1e9 / bandwidth})
     return results
@@ -393,11 +399,13 @@ def main() -> None:
         results["int4"] = int4 = int4_rates(shape, bandwidth)
         results["int4_decode"] = bound = int4_decode_bound(shape, int4, bandwidth)
         print(f"  {'layer':14s} {'rows':>5s} {'int4 ms':>8s} {'fp32 ms':>8s} {'speedup':>7s} "
-              f"{'int4 GB/s':>9s} {'of read bw':>10s}  path")
+              f"{'f-act ms':>8s} {'int4 GB/s':>9s} {'of read bw':>10s}  path")
         for r in int4:
+            float_activations = ("-" if r["float_activations_ms"] is None
+                                 else f"{r['float_activations_ms']:.3f}")
             print(f"  {r['layer']:14s} {r['rows']:5d} {r['int4_ms']:8.3f} "
-                  f"{r['float32_ms']:8.3f} {r['speedup']:7.2f} {r['int4_gb_s']:9.1f} "
-                  f"{r['of_read_bandwidth']:10.0%}  "
+                  f"{r['float32_ms']:8.3f} {r['speedup']:7.2f} {float_activations:>8s} "
+                  f"{r['int4_gb_s']:9.1f} {r['of_read_bandwidth']:10.0%}  "
                   f"{'kernel' if r['kernel'] else 'dequantize + matmul'}")
         for name, value in bound.items():
             print(f"  {name:30s} {value:10.2f}")

@@ -282,3 +282,243 @@ int int4_linear_f32(const float *x_even, const float *x_odd, const float *x_grou
                    G, half, half_group, out);
     return 0;
 }
+
+/* Weight-int4 linear with int8 activations (decode): the same y = x @ W^T over the same packed
+ * weights, but x is first quantized per row and block of 32 columns (scale = max|block| / 127,
+ * x * (127 / max) rounded half to even, as w8a8.py's activations are) and the nibbles are
+ * multiplied by those bytes in integer arithmetic: AVX2's maddubs takes 32 weight-activation
+ * products a step where the float path converts and multiplies 8, which made it compute-bound.
+ * Per block, sum(q * xq) is exact in int32 and scaled by the block's activation scale; per
+ * group, that is scaled by the weight scale, minus zero_scaled times the group's sum of the
+ * quantized x. So y is x-hat @ W^T with x-hat the dequantized activations, which is what
+ * w4a16.reference_linear_q8 computes.
+ * In a block the quantized x is stored even columns first, then odd ones: the order in which a
+ * block's 16 packed bytes unpack (low nibbles, then high ones).
+ *   x [M, K] float32; packed [N, K / 2]; scales, zero_scaled [N, G]; out [M, N]. */
+#define Q8_BLOCK 32
+
+static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t group_size,
+                             int8_t *xq, float *x_scales, float *x_group_sums) {
+    const int64_t blocks = K / Q8_BLOCK, G = K / group_size;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < G; g++) x_group_sums[m * G + g] = 0.0f;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *src = x + m * K + b * Q8_BLOCK;
+            float amax = 0.0f;
+            for (int i = 0; i < Q8_BLOCK; i++) amax = fmaxf(amax, fabsf(src[i]));
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int8_t *dst = xq + m * K + b * Q8_BLOCK;
+            int32_t sum = 0;
+            for (int j = 0; j < Q8_BLOCK / 2; j++) {
+                const int32_t even = (int32_t)nearbyintf(src[2 * j] * inv);
+                const int32_t odd = (int32_t)nearbyintf(src[2 * j + 1] * inv);
+                dst[j] = (int8_t)even;
+                dst[Q8_BLOCK / 2 + j] = (int8_t)odd;
+                sum += even + odd;
+            }
+            x_scales[m * blocks + b] = amax / 127.0f;
+            x_group_sums[m * G + b * Q8_BLOCK / group_size] += amax / 127.0f * (float)sum;
+        }
+    }
+}
+
+/* sum(q * xq) over one block of row n for one row of x, in plain C. */
+static inline int32_t q8_block_dot_c(const uint8_t *bytes, const int8_t *xq) {
+    int32_t dot = 0;
+    for (int j = 0; j < Q8_BLOCK / 2; j++)
+        dot += (bytes[j] & 15) * xq[j] + (bytes[j] >> 4) * xq[Q8_BLOCK / 2 + j];
+    return dot;
+}
+
+static void int4_q8_row_c(const int8_t *xq, const float *x_scales, const float *x_group_sums,
+                          const uint8_t *row, const float *scales, const float *zero_scaled,
+                          int64_t n, int64_t M, int64_t N, int64_t K, int64_t G, float *out) {
+    const int64_t blocks = K / Q8_BLOCK, per_group = blocks / G;
+    for (int64_t m = 0; m < M; m++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < G; g++) {
+            float acc = 0.0f;
+            for (int64_t b = g * per_group; b < (g + 1) * per_group; b++)
+                acc += (float)q8_block_dot_c(row + b * Q8_BLOCK / 2, xq + m * K + b * Q8_BLOCK) *
+                       x_scales[m * blocks + b];
+            total += acc * scales[n * G + g] - zero_scaled[n * G + g] * x_group_sums[m * G + g];
+        }
+        out[m * N + n] = total;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* One block's 16 packed bytes as 32 unsigned bytes: low nibbles, then high ones. */
+static inline __m256i int4_unpack_block(const uint8_t *bytes) {
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i b = _mm_loadu_si128((const __m128i *)bytes);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+}
+
+/* sum(q * xq) of a block as 8 int32 lanes: maddubs makes 16-bit pair sums (at most
+ * 2 * 15 * 127, no saturation), madd with ones widens them. */
+static inline __m256i q8_block_dot(__m256i weights, __m256i xq) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(weights, xq), _mm256_set1_epi16(1));
+}
+
+/* Rows n0 .. n0 + 3 of W for one row of x: four independent chains of multiply-adds, and each
+ * activation block loaded once for the four. */
+static void int4_q8_four_rows_avx2(const int8_t *xq, const float *x_scales,
+                                   const float *x_group_sums, const uint8_t *packed,
+                                   const float *scales, const float *zero_scaled, int64_t n0,
+                                   int64_t K, int64_t G, float *out) {
+    const int64_t half = K / 2, per_group = K / Q8_BLOCK / G;
+    __m256 totals[4];
+    float zero_terms[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < 4; r++) totals[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[4];
+        for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * Q8_BLOCK));
+            const __m256 x_scale = _mm256_set1_ps(x_scales[b]);
+            for (int r = 0; r < 4; r++) {
+                const __m256i w = int4_unpack_block(packed + (n0 + r) * half + b * Q8_BLOCK / 2);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot(w, x)), x_scale, acc[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) {
+            const int64_t at = (n0 + r) * G + g;
+            totals[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(scales[at]), totals[r]);
+            zero_terms[r] += zero_scaled[at] * x_group_sums[g];
+        }
+    }
+    for (int r = 0; r < 4; r++) out[n0 + r] = hsum256(totals[r]) - zero_terms[r];
+}
+
+/* One row n of W for M rows of x: a group's blocks unpacked once, then used for every row. */
+static void int4_q8_row_many_avx2(const int8_t *xq, const float *x_scales,
+                                  const float *x_group_sums, const uint8_t *row,
+                                  const float *scales, const float *zero_scaled, int64_t n,
+                                  int64_t M, int64_t N, int64_t K, int64_t G, float *out) {
+    const int64_t blocks = K / Q8_BLOCK, per_group = blocks / G;
+    __m256 totals[INT4_MAX_ROWS];
+    float zero_terms[INT4_MAX_ROWS];
+    for (int64_t m = 0; m < M; m++) {
+        totals[m] = _mm256_setzero_ps();
+        zero_terms[m] = 0.0f;
+    }
+    __m256i weights[1024 / Q8_BLOCK];
+    for (int64_t g = 0; g < G; g++) {
+        const int64_t first = g * per_group;
+        for (int64_t i = 0; i < per_group; i++)
+            weights[i] = int4_unpack_block(row + (first + i) * Q8_BLOCK / 2);
+        const __m256 scale = _mm256_set1_ps(scales[n * G + g]);
+        const float zero = zero_scaled[n * G + g];
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *x = xq + m * K + first * Q8_BLOCK;
+            const float *x_scale = x_scales + m * blocks + first;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 1 < per_group; i += 2) { /* two chains */
+                const __m256i d0 = q8_block_dot(weights[i], _mm256_loadu_si256(
+                    (const __m256i *)(x + i * Q8_BLOCK)));
+                const __m256i d1 = q8_block_dot(weights[i + 1], _mm256_loadu_si256(
+                    (const __m256i *)(x + (i + 1) * Q8_BLOCK)));
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(x_scale[i]), acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(x_scale[i + 1]),
+                                       acc1);
+            }
+            if (i < per_group) {
+                const __m256i d0 = q8_block_dot(weights[i], _mm256_loadu_si256(
+                    (const __m256i *)(x + i * Q8_BLOCK)));
+                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(x_scale[i]), acc0);
+            }
+            totals[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), scale, totals[m]);
+            zero_terms[m] += zero * x_group_sums[m * G + g];
+        }
+    }
+    for (int64_t m = 0; m < M; m++) out[m * N + n] = hsum256(totals[m]) - zero_terms[m];
+}
+#endif
+
+int int4_linear_q8(const float *x, const uint8_t *packed, const float *scales,
+                   const float *zero_scaled, int64_t M, int64_t N, int64_t K,
+                   int64_t group_size, float *out, int nthreads) {
+    if (M < 1 || M > INT4_MAX_ROWS || group_size % Q8_BLOCK || K % group_size ||
+        group_size > 1024)
+        return -1;
+    const int64_t G = K / group_size, half = K / 2;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *x_scales = malloc(sizeof(float) * (size_t)(M * (K / Q8_BLOCK)));
+    float *x_group_sums = malloc(sizeof(float) * (size_t)(M * G));
+    if (!xq || !x_scales || !x_group_sums) {
+        free(xq);
+        free(x_scales);
+        free(x_group_sums);
+        return -2;
+    }
+    q8_quantize_rows(x, M, K, group_size, xq, x_scales, x_group_sums);
+#if defined(__AVX2__) && defined(__FMA__)
+    if (M == 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t quad = 0; quad < N / 4; quad++)
+            int4_q8_four_rows_avx2(xq, x_scales, x_group_sums, packed, scales, zero_scaled,
+                                   4 * quad, K, G, out);
+        for (int64_t n = N - N % 4; n < N; n++)
+            int4_q8_row_c(xq, x_scales, x_group_sums, packed + n * half, scales, zero_scaled, n,
+                          1, N, K, G, out);
+    } else {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            int4_q8_row_many_avx2(xq, x_scales, x_group_sums, packed + n * half, scales,
+                                  zero_scaled, n, M, N, K, G, out);
+    }
+#else
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        int4_q8_row_c(xq, x_scales, x_group_sums, packed + n * half, scales, zero_scaled, n, M,
+                      N, K, G, out);
+#endif
+    free(xq);
+    free(x_scales);
+    free(x_group_sums);
+    return 0;
+}
+
+/* An int4 weight dequantized to float32 for the prefill's float matmul: out[n, k] = q * scale -
+ * zero_scaled, which is (q - zero) * scale exactly (both products are exact in float32, a small
+ * integer times a float16 scale, and so is their difference), so the result is bitwise that of
+ * w4a16's torch dequantize, written once instead of through torch's temporaries.
+ *   packed [N, K / 2]; scales, zero_scaled [N, G]; out [N, K]. */
+int int4_dequantize_f32(const uint8_t *packed, const float *scales, const float *zero_scaled,
+                        int64_t N, int64_t K, int64_t group_size, float *out, int nthreads) {
+    if (group_size % 2 || K % group_size) return -1;
+    const int64_t half = K / 2, G = K / group_size, half_group = group_size / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *bytes = packed + n * half + g * half_group;
+            float *dst = out + n * K + g * group_size;
+            const float scale = scales[n * G + g], zero = zero_scaled[n * G + g];
+            int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+            const __m128i mask = _mm_set1_epi8(15);
+            const __m256 vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero);
+            for (; j + 16 <= half_group; j += 16) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(bytes + j));
+                const __m128i lo = _mm_and_si128(b, mask);
+                const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+                const __m128i parts[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+                for (int p = 0; p < 2; p++)
+                    for (int h = 0; h < 2; h++) {
+                        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+                            h ? _mm_srli_si128(parts[p], 8) : parts[p]));
+                        _mm256_storeu_ps(dst + 2 * j + p * 16 + h * 8,
+                                         _mm256_fmsub_ps(q, vscale, vzero));
+                    }
+            }
+#endif
+            for (; j < half_group; j++) {
+                dst[2 * j] = (float)(bytes[j] & 15) * scale - zero;
+                dst[2 * j + 1] = (float)(bytes[j] >> 4) * scale - zero;
+            }
+        }
+    }
+    return 0;
+}

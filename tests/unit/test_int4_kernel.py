@@ -1,5 +1,5 @@
-"""The portable int4 kernel (cpu_portable.c: int4_linear_f32) against the dequantizing
-reference, and which calls take it."""
+"""The portable int4 kernels (cpu_portable.c: int4_linear_f32, and int4_linear_q8 with int8
+activations) against their torch oracles, and which calls take which."""
 
 from __future__ import annotations
 
@@ -52,18 +52,25 @@ def test_kernel_takes_bf16_activations_and_keeps_leading_dims() -> None:
     assert torch.allclose(got.float(), expected, rtol=2 ** -8, atol=1e-3)
 
 
-def test_decode_batches_take_the_kernel_and_larger_ones_the_reference(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    weight = quantized(64, 256, 128, seed=4)
-    calls: list[int] = []
-    real = w4a16.kernel_linear
-    monkeypatch.setattr(w4a16, "kernel_linear",
-                        lambda x, *args: calls.append(x.numel() // x.shape[-1]) or real(x, *args))
+@pytest.mark.parametrize("group_size", [128, 16])
+def test_decode_batches_take_a_kernel_and_larger_ones_the_reference(
+        monkeypatch: pytest.MonkeyPatch, group_size: int) -> None:
+    """Groups of a multiple of Q8_BLOCK columns take the int8-activation kernel, others the
+    float one; batches beyond INT4_MAX_ROWS rows dequantize."""
+    weight = quantized(64, 256, group_size, seed=4)
+    calls: list[tuple[str, int]] = []
+    for name in ("kernel_linear", "kernel_linear_q8"):
+        real = getattr(w4a16, name)
+        monkeypatch.setattr(w4a16, name, lambda x, *args, name=name, real=real: calls.append(
+            (name, x.numel() // x.shape[-1])) or real(x, *args))
     for num_x_rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 300):
         x = torch.randn(num_x_rows, 256)
         got = w4a16.linear(x, weight, None)
-        assert torch.allclose(got, w4a16.reference_linear(x, weight, None), atol=1e-4)
-    assert calls == [1, INT4_MAX_ROWS]
+        oracle = (w4a16.reference_linear_q8 if group_size % w4a16.Q8_BLOCK == 0
+                  and num_x_rows <= INT4_MAX_ROWS else w4a16.reference_linear)
+        assert torch.allclose(got, oracle(x, weight, None), atol=1e-4)
+    kernel = "kernel_linear_q8" if group_size == 128 else "kernel_linear"
+    assert calls == [(kernel, 1), (kernel, INT4_MAX_ROWS)]
 
 
 def test_act_order_weights_take_the_reference() -> None:
@@ -74,7 +81,98 @@ def test_act_order_weights_take_the_reference() -> None:
     assert w4a16.takes_kernel(torch.randn(1, 256), weight)
 
 
-def test_the_kernel_refuses_more_rows_than_it_holds() -> None:
+def test_the_kernels_refuse_more_rows_than_they_hold() -> None:
     weight = quantized(8, 128, 128, seed=6)
     with pytest.raises(ValueError, match="refused 17 rows"):
         w4a16.kernel_linear(torch.randn(INT4_MAX_ROWS + 1, 128), weight, None)
+    with pytest.raises(ValueError, match="int4_linear_q8 refused 17 rows"):
+        w4a16.kernel_linear_q8(torch.randn(INT4_MAX_ROWS + 1, 128), weight, None)
+
+
+def test_the_int8_activation_kernel_refuses_groups_it_cannot_block() -> None:
+    with pytest.raises(ValueError, match="in groups of 16"):
+        w4a16.kernel_linear_q8(torch.randn(1, 96), quantized(21, 96, 16), None)
+
+
+@pytest.mark.parametrize("num_x_rows", [1, 3, 4, 5, INT4_MAX_ROWS])
+@pytest.mark.parametrize(("num_rows", "in_features", "group_size"),
+                         [(896, 896, 128), (37, 256, 32), (64, 1024, 1024), (6, 2048, 64),
+                          (895, 4864, 128)],  # 895: rows past the last four (M=1's plain C)
+                         ids=["square", "odd-rows", "one-group", "few-rows", "wide"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_activation_kernel_matches_its_oracle(num_x_rows: int, num_rows: int,
+                                                   in_features: int, group_size: int,
+                                                   bias: bool) -> None:
+    """The activations quantized as the oracle does (the same bytes and scales), so only the
+    order of the float additions differs: the integer dot products are exact."""
+    weight = quantized(num_rows, in_features, group_size)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(num_x_rows, in_features, generator=generator) * 3
+    x[0, :w4a16.Q8_BLOCK] = 0  # a zero block: scale 0, no division by it
+    b = torch.randn(num_rows, generator=generator) if bias else None
+    expected = torch.nn.functional.linear(w4a16.quantize_activations_q8(x).double(),
+                                          weight.dequantize().double(),
+                                          None if b is None else b.double())
+    got = w4a16.kernel_linear_q8(x, weight, b)
+    assert got.dtype == torch.float32 and got.shape == (num_x_rows, num_rows)
+    scale = expected.abs().max().item()
+    assert (got.double() - expected).abs().max().item() < 2e-6 * scale * in_features ** 0.5
+    assert torch.allclose(got, w4a16.reference_linear_q8(x, weight, b), rtol=1e-4, atol=1e-4)
+
+
+def test_activation_quantization_keeps_each_block_within_half_a_step() -> None:
+    """Per row and block of Q8_BLOCK columns: the largest magnitude is kept exactly (it maps to
+    +-127), every value moves by at most half its block's step, zero blocks stay zero."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4 * w4a16.Q8_BLOCK, generator=generator)
+    x[1, w4a16.Q8_BLOCK:2 * w4a16.Q8_BLOCK] = 0
+    x[2, :w4a16.Q8_BLOCK] *= 1000  # a loud block does not coarsen its neighbours
+    got = w4a16.quantize_activations_q8(x)
+    blocks, got_blocks = (t.view(3, 4, w4a16.Q8_BLOCK) for t in (x, got))
+    peaks = blocks.abs().amax(dim=-1, keepdim=True)
+    assert torch.allclose(got_blocks.abs().amax(dim=-1, keepdim=True), peaks, rtol=1e-6, atol=0)
+    assert ((got_blocks - blocks).abs() <= peaks / 127 / 2 * (1 + 1e-6)).all()
+    assert torch.equal(got[1, w4a16.Q8_BLOCK:2 * w4a16.Q8_BLOCK],
+                       torch.zeros(w4a16.Q8_BLOCK))
+    steps = (got_blocks / (peaks / 127)).nan_to_num()
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # integers times the block's step
+
+
+def test_int8_activation_kernel_takes_bf16_and_keeps_leading_dims() -> None:
+    weight = quantized(96, 512, 128, seed=3)
+    x = torch.randn(2, 3, 512).bfloat16()
+    got = w4a16.kernel_linear_q8(x, weight, None)
+    expected = w4a16.reference_linear_q8(x.float(), weight, None)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
+    assert torch.allclose(got.float(), expected, rtol=2 ** -8, atol=1e-3)
+
+
+@pytest.mark.parametrize(("num_rows", "in_features", "group_size"),
+                         [(96, 512, 128), (37, 256, 32), (5, 96, 16), (3, 40, 8)])
+def test_dequantize_kernel_is_bitwise_the_torch_one(num_rows: int, in_features: int,
+                                                    group_size: int) -> None:
+    """int4_dequantize_f32 (groups of 32 and more in AVX2, the rest in plain C) writes exactly
+    the values of the torch ops, and the prefill's reference path uses it."""
+    weight = quantized(num_rows, in_features, group_size, seed=8)
+    got = weight.dequantize()
+    assert got.dtype == torch.float32 and torch.equal(got, weight.dequantize_in_torch())
+    assert torch.equal(weight.dequantize(torch.bfloat16),
+                       weight.dequantize_in_torch(torch.bfloat16))
+    x = torch.randn(INT4_MAX_ROWS + 1, in_features)
+    assert torch.equal(w4a16.reference_linear(x, weight, None),
+                       torch.nn.functional.linear(x, weight.dequantize_in_torch()))
+
+
+def test_large_weights_dequantize_in_slices_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DEQUANTIZE_CHUNK values the reference multiplies slices of rows (the last one
+    short), each dequantized alone: the rows of the whole product, bias included."""
+    monkeypatch.setattr(w4a16, "DEQUANTIZE_CHUNK", 10 * 256)
+    weight = quantized(45, 256, 128, seed=9)
+    assert torch.equal(weight.dequantize(start=10, end=20), weight.dequantize_in_torch()[10:20])
+    generator = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 40, 256, generator=generator)
+    bias = torch.randn(45, generator=generator)
+    got = w4a16.reference_linear(x, weight, bias)
+    expected = torch.nn.functional.linear(x, weight.dequantize_in_torch(), bias)
+    assert got.shape == (2, 40, 45)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # summation order
