@@ -23,6 +23,7 @@ from engine.kernels import w4a16, w8a8
 from engine.kernels.native import native_library
 from engine.kernels.portable import portable_library
 from engine.layers.linear import Linear, can_prepack
+from engine.layers.parallel import VocabParallelEmbedding
 from engine.layers.rotary import rope_settings
 from engine.model_source import resolve_model_dir
 from engine.models import CausalLM, get_model_class
@@ -191,10 +192,15 @@ def _quantize(module: CausalLM, quantization: str) -> None:
     else:
         num_bytes, columns = _int4_bytes(module), w4a16.GROUP_SIZE
         kernel = w4a16.kernel_description()
-    logger.info("%s: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s", quantization,
+    embeddings = [m.int8_rows for m in module.modules()
+                  if isinstance(m, VocabParallelEmbedding) and m.int8_rows is not None]
+    embedding_bytes = sum(e.data.nbytes + e.scales.nbytes for e in embeddings)
+    logger.info("%s: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s%s", quantization,
                 quantized, time.perf_counter() - started, num_bytes / 1e9,
                 f", {kept} kept in the model dtype (in_features not a multiple of {columns})"
-                if kept else "", kernel)
+                if kept else "", kernel,
+                f"; token embedding as int8 rows ({embedding_bytes / 1e9:.2f} GB)"
+                if embeddings else "")
 
 
 def _int4_bytes(module: CausalLM) -> int:
@@ -255,9 +261,11 @@ def _finish_int4_layers(module: CausalLM, layers: dict[str, Linear],
         indices = by_layer.get(layer_name)
         layer.finish_int4_load(None if not indices else group_index(
             indices, layer.in_features, layer.int4_group_size))
-    logger.info("int4: %d matmul weights loaded from a %s checkpoint (%.2f GB), %s",
+    embeddings = module.quantize_embeddings()
+    logger.info("int4: %d matmul weights loaded from a %s checkpoint (%.2f GB), %s%s",
                 len(layers), quantization.name(), _int4_bytes(module) / 1e9,
-                w4a16.kernel_description())
+                w4a16.kernel_description(),
+                "; token embedding as int8 rows" if embeddings else "")
 
 
 def build_empty_model(model_cls: type[CausalLM], hf_config: transformers.PretrainedConfig,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed.parallel import Parallel
+from engine.kernels import w8a8
 from engine.layers.linear import Linear
 
 
@@ -88,11 +89,34 @@ class VocabParallelEmbedding(nn.Embedding):
     rank's rows past the vocabulary are zero). A lookup reads the local rows, zeros the tokens
     of other ranks, and all-reduces: each token's row comes from exactly one rank."""
 
+    int8_rows: w8a8.QuantizedWeight | None = None  # the table as int8 rows (`quantize_int8`)
+
     def __init__(self, vocab_size: int, hidden_size: int, parallel: Parallel) -> None:
         self.vocab_start, num_rows = parallel.vocab_range(vocab_size)
         super().__init__(num_rows, hidden_size)
         self.vocab_size = vocab_size
         self.parallel = parallel
+
+    def quantize_int8(self) -> bool:
+        """Hold the table as int8 rows, one scale per token (w8a8's per-row quantization), a
+        quarter of float32's bytes, where a lookup dequantizes only the rows it reads: with the
+        matmuls quantized, a 150k-token vocabulary's table is otherwise the largest tensor left.
+        A tied LM head must have its own copy first. False (kept) off the CPU or where the
+        width is not a multiple of w8a8.BLOCK."""
+        if self.weight.device.type != "cpu" or not w8a8.can_quantize(self.embedding_dim):
+            return False
+        self.int8_rows = w8a8.quantize_weight(self.weight.detach())
+        self.weight = nn.Parameter(self.weight.new_empty(0, self.embedding_dim),
+                                   requires_grad=False)
+        return True
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.int8_rows is None:
+            return F.embedding(ids, self.weight)
+        flat = ids.reshape(-1)
+        rows = self.int8_rows.data.index_select(0, flat).float().sub_(128)
+        rows.mul_(self.int8_rows.scales.index_select(0, flat)[:, None])
+        return rows.to(self.weight.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def local_part(self, param_leaf: str, shard_id: str | None,
                    tensor: torch.Tensor) -> torch.Tensor:
@@ -102,9 +126,9 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.tp_size == 1:
-            return super().forward(input_ids)
+            return self._rows(input_ids)
         local_ids = input_ids - self.vocab_start
         is_local = (local_ids >= 0) & (local_ids < self.num_embeddings)
-        out = F.embedding(local_ids.masked_fill(~is_local, 0), self.weight)
+        out = self._rows(local_ids.masked_fill(~is_local, 0))
         out.masked_fill_(~is_local.unsqueeze(-1), 0)  # [num_tokens, hidden_size]
         return self.parallel.all_reduce(out)

@@ -16,6 +16,7 @@ from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
 from engine.layers.linear import Linear, prepack_linears, quantize_linears
+from engine.layers.parallel import VocabParallelEmbedding
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -114,13 +115,24 @@ class CausalLM(nn.Module):
     def quantize_weights(self, bits: int) -> tuple[int, int]:
         """Quantize every matmul weight whose in_features the format allows (CPU): int8
         (engine/kernels/w8a8.py) or group-wise int4 (w4a16.py); MoE experts through their
-        split, a tied LM head as a quantized copy. Returns (quantized, left in the model
-        dtype)."""
+        split, a tied LM head as a quantized copy; then the token embedding (int8 rows).
+        Returns (quantized, left in the model dtype) of the matmuls."""
         if self.needs_tied_head_copy():
             quantized_from = Linear.int8_from if bits == 8 else Linear.int4_from
             self.tied_output_head = quantized_from(self.output_embedding())
         self.split_stacked_weights()
-        return quantize_linears(self, bits)
+        counts = quantize_linears(self, bits)
+        self.quantize_embeddings()
+        return counts
+
+    def quantize_embeddings(self) -> int:
+        """Token embedding tables to int8 rows (`VocabParallelEmbedding.quantize_int8`), for a
+        model whose matmuls are quantized (by flag or by its checkpoint); not while a tied LM
+        head multiplies by the table itself (it has no copy). Returns how many were."""
+        if self.needs_tied_head_copy():
+            return 0
+        return sum(module.quantize_int8() for module in self.modules()
+                   if isinstance(module, VocabParallelEmbedding))
 
     def needs_tied_head_copy(self) -> bool:
         """Whether the LM head is the embedding and has no packed/quantized copy yet (only

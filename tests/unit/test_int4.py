@@ -233,8 +233,9 @@ def test_checkpoint_matches_its_dequantized_weights(method: str, act_order: bool
                                                     tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups of 32 (the default tiny model's 64 columns), act-order's permuted groups: the
-    logits are those of a model holding the dequantized weights (on F.linear, as int4's
-    reference path runs; the decode kernel has tests of its own in test_int4_kernel.py)."""
+    logits are those of a model holding the dequantized weights and the same int8 embedding
+    rows (on F.linear, as int4's reference path runs; the decode kernel has tests of its own
+    in test_int4_kernel.py)."""
     monkeypatch.setenv(PREPACK_ENV, "0")
     monkeypatch.setattr(w4a16, "takes_kernel", lambda x, weight: False)
     source = save_tiny_model("llama", tmp_path / "llama")
@@ -243,6 +244,7 @@ def test_checkpoint_matches_its_dequantized_weights(method: str, act_order: bool
     indices = [m.int4_weight.group_index for m in _int4_linears(loaded) if m.int4_weight]
     assert all((index is not None) == act_order for index in indices)
     dense = load_model(str(_dense_copy(packed)), dtype="bfloat16", device="cpu").model
+    assert dense.quantize_embeddings() == 1  # as a quantized model holds its table
     torch.testing.assert_close(_greedy_logits(loaded, TOKENS), _greedy_logits(dense, TOKENS),
                                rtol=1e-5, atol=1e-5)
 
@@ -322,3 +324,26 @@ def test_int4_quantizes_a_tied_head(tmp_path: Path) -> None:
                        quantization="int4").model
     assert model.output_head() is None
     assert model.tied_output_head is not None and model.tied_output_head.int4_weight is not None
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantization_holds_the_token_embedding_as_int8_rows(quantization: str,
+                                                              tmp_path: Path) -> None:
+    """The table goes to int8 rows (a quarter of float32's bytes) within half a step of the
+    float ones, and a lookup returns those rows in the model dtype; a tied head keeps its own
+    quantized copy."""
+    source = save_tiny_model("qwen2", tmp_path / "qwen2", **{**WIDE, "tie_word_embeddings": True})
+    plain = load_model(str(source), dtype="bfloat16", device="cpu").model
+    model = load_model(str(source), dtype="bfloat16", device="cpu",
+                       quantization=quantization).model
+    embedding, table = model.model.embed_tokens, plain.model.embed_tokens.weight.float()
+    assert embedding.int8_rows is not None and embedding.weight.numel() == 0
+    assert model.tied_output_head is not None
+    rows = embedding.int8_rows.dequantize()
+    step = table.abs().amax(dim=1, keepdim=True) / 127
+    assert ((rows - table).abs() <= step / 2 * (1 + 1e-5)).all()
+    ids = torch.tensor([[0, 5, 5], [7, 1, 2]])
+    got = embedding(ids)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, rows[ids].bfloat16())
+    logits, float_logits = _greedy_logits(model, TOKENS), _greedy_logits(plain, TOKENS)
+    assert float(F.cosine_similarity(logits, float_logits, dim=-1).mean()) > 0.8
