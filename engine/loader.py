@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +123,10 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
         weights = convert_weights(weights, quantized_checkpoint, group_indices)
     with stage("loading weights", total=checkpoint_numel(model_dir), unit="param",
                unit_scale=True) as progress:
-        module.load_weights(_advancing(weights, progress))
+        module.load_weights(_advancing(weights, progress),
+                            _quantize_when_loaded(module, quantization)
+                            if quantization is not None and quantized_checkpoint is None
+                            else None)
     if quantized_checkpoint is not None:
         _finish_int4_layers(module, int4_layers, group_indices, quantized_checkpoint)
     module.eval()
@@ -150,10 +153,13 @@ def _load_model(model: str, dtype: str, device: str, allow_pickle: bool,
 
 def _advancing(weights: Iterator[tuple[str, torch.Tensor]],
                progress: Stage) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights, advancing the stage by each tensor's elements once it has been copied."""
+    """The weights, advancing the stage by each tensor's elements once it has been copied.
+    Holds no tensor while the next is read (a 545 MB head would overlap the embedding)."""
     for name, tensor in weights:
+        numel = tensor.numel()
         yield name, tensor
-        progress.advance(tensor.numel())
+        del tensor
+        progress.advance(numel)
 
 
 def _prepack(module: CausalLM) -> None:
@@ -201,6 +207,24 @@ def _quantize(module: CausalLM, quantization: str) -> None:
                 if kept else "", kernel,
                 f"; token embedding as int8 rows ({embedding_bytes / 1e9:.2f} GB)"
                 if embeddings else "")
+
+
+def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str], None]:
+    """The loader's per-module callback under --quantization: each Linear (and the token
+    embedding, unless a tied head still needs it whole) is quantized as soon as its weights
+    are written, and its float weight freed, so the float model is never resident whole
+    (the default model in fp32: 2.5 GB). `_quantize` then does what is left (a tied head's
+    copy, stacked MoE experts) and says what was done."""
+    bits = 8 if quantization == "int8" else 4
+
+    def quantize(name: str) -> None:
+        layer = model.get_submodule(name)
+        if isinstance(layer, Linear):
+            _ = layer.quantize_int8() if bits == 8 else layer.quantize_int4()
+        elif isinstance(layer, VocabParallelEmbedding) and not model.needs_tied_head_copy():
+            layer.quantize_int8()
+
+    return quantize
 
 
 def _int4_bytes(module: CausalLM) -> int:

@@ -103,6 +103,8 @@ class VocabParallelEmbedding(nn.Embedding):
         matmuls quantized, a 150k-token vocabulary's table is otherwise the largest tensor left.
         A tied LM head must have its own copy first. False (kept) off the CPU or where the
         width is not a multiple of w8a8.BLOCK."""
+        if self.int8_rows is not None:
+            return True
         if self.weight.device.type != "cpu" or not w8a8.can_quantize(self.embedding_dim):
             return False
         self.int8_rows = w8a8.quantize_weight(self.weight.detach())

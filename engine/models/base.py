@@ -144,10 +144,13 @@ class CausalLM(nn.Module):
         """Give weights stored as stacks (MoE experts) one Linear per matmul, so prepacking
         and int8 reach them like any layer; a no-op for dense models."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     on_module_loaded: Callable[[str], None] | None = None) -> None:
         """Copy checkpoint tensors (HF names) into the parameters, converting dtype and device
-        per tensor; every parameter (every shard of a fused one) must be written once."""
-        load_named_weights(self, weights, self.map_checkpoint_name)
+        per tensor; every parameter (every shard of a fused one) must be written once.
+        `on_module_loaded(name)` runs as soon as all of a module's own parameters are written
+        (the loader quantizes a layer there, so the float model never exists whole)."""
+        load_named_weights(self, weights, self.map_checkpoint_name, on_module_loaded)
 
     def map_checkpoint_name(self, name: str) -> WeightTarget | None:
         """`map_weight_name` of this pipeline stage: tensors of other stages' layers (and,
@@ -171,9 +174,13 @@ class CausalLM(nn.Module):
 
 
 def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                       map_name: NameMapper) -> None:
+                       map_name: NameMapper,
+                       on_module_loaded: Callable[[str], None] | None = None) -> None:
     params = dict(model.named_parameters())
     expected = _expected_targets(model)
+    by_module: dict[str, set[tuple[str, str | None]]] = {}
+    for param_name, shard_id in expected:
+        by_module.setdefault(param_name.rpartition(".")[0], set()).add((param_name, shard_id))
     loaded: set[tuple[str, str | None]] = set()
     with torch.no_grad():
         for name, tensor in weights:
@@ -190,11 +197,19 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                     f"{tuple(destination.shape)}: config.json does not match the weights")
             destination.copy_(tensor)
+            del tensor, destination  # not alive while the next tensor is read
             if target.shard_id is None:  # the whole tensor: every shard of a fused one
                 loaded.update((target.param_name, shard_id)
                               for shard_id in _shard_ids(model, target.param_name))
             else:
                 loaded.add((target.param_name, target.shard_id))
+            module_name = target.param_name.rpartition(".")[0]
+            if (on_module_loaded is not None and module_name in by_module
+                    and by_module[module_name] <= loaded):
+                on_module_loaded(module_name)
+                # reported once; what the callback replaced is not kept alive from here
+                for param_name, _ in by_module.pop(module_name):
+                    params.pop(param_name, None)
     missing = sorted(f"{p}[{s}]" if s else p for p, s in expected - loaded)
     if missing:
         raise UnsupportedModelError(

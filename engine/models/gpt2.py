@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import transformers
@@ -172,8 +172,10 @@ class GPT2LMHeadModel(CausalLM):
         assert self.transformer.wte is not None, "only the first stage holds the LM head"
         return self.transformer.wte.weight
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights((name, _from_conv1d(name, tensor)) for name, tensor in weights)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     on_module_loaded: Callable[[str], None] | None = None) -> None:
+        super().load_weights(((name, _from_conv1d(name, tensor)) for name, tensor in weights),
+                             on_module_loaded)
 
     def map_weight_name(self, name: str) -> WeightTarget | None:
         if name.endswith(_SKIPPED_SUFFIXES) or (self.lm_head is None and name == "lm_head.weight"):

@@ -6,6 +6,7 @@ here from a known int4 quantization give exactly the logits of that quantization
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import engine.models.base
 from engine import LLM, SamplingParams
 from engine.errors import InvalidRequestError, UnsupportedModelError
 from engine.kernels import w4a16, w8a8
@@ -347,3 +349,51 @@ def test_quantization_holds_the_token_embedding_as_int8_rows(quantization: str,
     assert got.dtype == torch.bfloat16 and torch.equal(got, rows[ids].bfloat16())
     logits, float_logits = _greedy_logits(model, TOKENS), _greedy_logits(plain, TOKENS)
     assert float(F.cosine_similarity(logits, float_logits, dim=-1).mean()) > 0.8
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_load_quantizes_each_layer_as_soon_as_it_is_written(arch: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--quantization quantizes a layer in the loader's callback, right after the last of its
+    tensors (a fused qkv after q, k and v; a bias too), not once the whole float model is
+    resident; the result equals quantizing after the load."""
+    source = save_tiny_model(arch, tmp_path / arch, **WIDE if arch == "qwen2" else
+                             dict(n_embd=128, n_inner=256))
+    events: list[str] = []
+    real_load = engine.models.base.load_named_weights
+
+    def recording(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                  map_name: Callable[[str], object],
+                  on_module_loaded: Callable[[str], None]) -> None:
+        def read(pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in pairs:
+                events.append(f"tensor {name}")
+                yield name, tensor
+
+        def loaded(module_name: str) -> None:
+            module = model.get_submodule(module_name)
+            before = isinstance(module, Linear) and module.int4_weight is None
+            on_module_loaded(module_name)
+            if before and module.int4_weight is not None:
+                events.append(f"quantized {module_name}")
+
+        real_load(model, read(weights), map_name, loaded)
+
+    monkeypatch.setattr(engine.models.base, "load_named_weights", recording)
+    model = load_model(str(source), dtype="bfloat16", device="cpu", quantization="int4").model
+    monkeypatch.undo()
+    quantized = [e.removeprefix("quantized ") for e in events if e.startswith("quantized ")]
+    layers = [m for m in _int4_linears(model) if m is not model.tied_output_head]
+    assert len(quantized) == len(layers) >= 8  # every one during the load (a tied head after)
+    first_layer = "model.layers.0" if arch == "qwen2" else "transformer.h.0"
+    fused = f"{first_layer}.self_attn.qkv_proj" if arch == "qwen2" else f"{first_layer}.attn.c_attn"
+    at = events.index(f"quantized {fused}")
+    parts = (("q_proj", "k_proj", "v_proj") if arch == "qwen2" else ("c_attn",))
+    for leaf in ("weight", "bias"):
+        written = [i for i, e in enumerate(events) if e.startswith(f"tensor {first_layer}.")
+                   and any(f".{p}.{leaf}" in e for p in parts)]
+        assert len(written) == len(parts) and max(written) < at  # all before, none after
+    assert at < max(i for i, e in enumerate(events) if e.startswith("tensor "))
+    after = load_model(str(source), dtype="bfloat16", device="cpu").model
+    after.quantize_weights(4)
+    assert torch.equal(_greedy_logits(model, TOKENS), _greedy_logits(after, TOKENS))
