@@ -522,3 +522,138 @@ int int4_dequantize_f32(const uint8_t *packed, const float *scales, const float 
     }
     return 0;
 }
+
+/* Weight-int8 linear with int8 activations for decode-sized batches, y = x @ W^T * w_scale +
+ * bias: w8a8.py's arithmetic (the AVX-512 VNNI kernel's, in cpu_kernels.c) for CPUs without
+ * AVX-512. x is quantized per row and block of 64 columns (scale = max|block| / 127, values
+ * x * (1 / scale) rounded half to even and clamped to +-127, as w8a8.quantize_activations);
+ * weights are bytes q + 128. A block's products are summed exactly in int32 (AVX2: maddubs
+ * of |q| with x carrying q's sign, so both factors fit its unsigned x signed form without
+ * saturating: 2 * 127 * 127 < 2^15), scaled by the block's activation scale, and the row's sum
+ * by the weight row's scale.
+ *   x [M, K] float32; weights [N, K] uint8; w_scales [N]; bias [N] or NULL; out [M, N]. */
+#define W8_BLOCK 64
+
+static void w8_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq,
+                             float *x_scales) {
+    const int64_t blocks = K / W8_BLOCK;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *src = x + m * K + b * W8_BLOCK;
+            float amax = 0.0f;
+            for (int i = 0; i < W8_BLOCK; i++) amax = fmaxf(amax, fabsf(src[i]));
+            const float scale = amax / 127.0f;
+            const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+            for (int i = 0; i < W8_BLOCK; i++) {
+                float v = nearbyintf(src[i] * inv);
+                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+                xq[m * K + b * W8_BLOCK + i] = (int8_t)v;
+            }
+            x_scales[m * blocks + b] = scale;
+        }
+}
+
+static float w8_row_dot_c(const uint8_t *row, const int8_t *xq, const float *x_scales,
+                          int64_t K) {
+    float total = 0.0f;
+    for (int64_t b = 0; b < K / W8_BLOCK; b++) {
+        int32_t dot = 0;
+        for (int i = 0; i < W8_BLOCK; i++)
+            dot += ((int32_t)row[b * W8_BLOCK + i] - 128) * xq[b * W8_BLOCK + i];
+        total += (float)dot * x_scales[b];
+    }
+    return total;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* sum(q * x) of 32 bytes of weights (stored q + 128) and 32 int8 activations, as 8 int32
+ * lanes. */
+static inline __m256i w8_dot32(__m256i stored, __m256i x) {
+    const __m256i q = _mm256_xor_si256(stored, _mm256_set1_epi8((char)0x80)); /* q, signed */
+    const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+}
+
+/* Rows n0 .. n0 + 3 of W for one row of x. */
+static void w8_four_rows_avx2(const int8_t *xq, const float *x_scales, const uint8_t *weights,
+                              int64_t n0, int64_t K, float totals_out[4]) {
+    __m256 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / W8_BLOCK; b++) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + b * W8_BLOCK));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + b * W8_BLOCK + 32));
+        const __m256 scale = _mm256_set1_ps(x_scales[b]);
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *w = weights + (n0 + r) * K + b * W8_BLOCK;
+            const __m256i dot = _mm256_add_epi32(
+                w8_dot32(_mm256_loadu_si256((const __m256i *)w), x0),
+                w8_dot32(_mm256_loadu_si256((const __m256i *)(w + 32)), x1));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) totals_out[r] = hsum256(acc[r]);
+}
+
+/* One row of W for one row of x. */
+static float w8_row_avx2(const int8_t *xq, const float *x_scales, const uint8_t *row,
+                         int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < K / W8_BLOCK; b++) {
+        const uint8_t *w = row + b * W8_BLOCK;
+        const __m256i dot = _mm256_add_epi32(
+            w8_dot32(_mm256_loadu_si256((const __m256i *)w),
+                     _mm256_loadu_si256((const __m256i *)(xq + b * W8_BLOCK))),
+            w8_dot32(_mm256_loadu_si256((const __m256i *)(w + 32)),
+                     _mm256_loadu_si256((const __m256i *)(xq + b * W8_BLOCK + 32))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(x_scales[b]), acc);
+    }
+    return hsum256(acc);
+}
+#endif
+
+int w8a8_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *weights,
+                    const float *w_scales, const float *bias, int64_t N, float *out,
+                    int nthreads) {
+    if (M < 1 || K % W8_BLOCK) return -1;
+    const int64_t blocks = K / W8_BLOCK;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *x_scales = malloc(sizeof(float) * (size_t)(M * blocks));
+    if (!xq || !x_scales) {
+        free(xq);
+        free(x_scales);
+        return -2;
+    }
+    w8_quantize_rows(x, M, K, xq, x_scales);
+#if defined(__AVX2__) && defined(__FMA__)
+    if (M == 1) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t quad = 0; quad < N / 4; quad++) {
+            float totals[4];
+            w8_four_rows_avx2(xq, x_scales, weights, 4 * quad, K, totals);
+            for (int r = 0; r < 4; r++) {
+                const int64_t n = 4 * quad + r;
+                out[n] = totals[r] * w_scales[n] + (bias ? bias[n] : 0.0f);
+            }
+        }
+        for (int64_t n = N - N % 4; n < N; n++)
+            out[n] = w8_row_dot_c(weights + n * K, xq, x_scales, K) * w_scales[n] +
+                     (bias ? bias[n] : 0.0f);
+    } else {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                out[m * N + n] =
+                    w8_row_avx2(xq + m * K, x_scales + m * blocks, weights + n * K, K) *
+                        w_scales[n] + (bias ? bias[n] : 0.0f);
+    }
+#else
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            out[m * N + n] = w8_row_dot_c(weights + n * K, xq + m * K, x_scales + m * blocks, K) *
+                                 w_scales[n] + (bias ? bias[n] : 0.0f);
+#endif
+    free(xq);
+    free(x_scales);
+    return 0;
+}

@@ -1,10 +1,10 @@
 """Builds and loads cpu_portable.c: kernels in plain C that the compiler vectorizes for the
 CPU it runs on (-march=native), so they need no particular instruction set: the float32 paged
 decode attention, the weight-int4 linears for decode (int8 or float32 activations) and the
-int4 dequantize of prefill. Built once per source version and CPU
-into the cache directory, as native.py builds the AVX-512 ones. Where it cannot be built (no
-compiler, not Linux, or PAGEDSERVE_NATIVE_KERNELS=0), `portable_library()` is None and callers
-use torch."""
+int4 dequantize of prefill, and the weight-int8 linear for decode on CPUs without AVX-512.
+Built once per source version and CPU into the cache directory, as native.py builds the
+AVX-512 ones. Where it cannot be built (no compiler, not Linux, or
+PAGEDSERVE_NATIVE_KERNELS=0), `portable_library()` is None and callers use torch."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ SIGNATURES = {
                                        _I32]),
     "int4_linear_q8": (ctypes.c_int, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _I32]),
     "int4_dequantize_f32": (ctypes.c_int, [_P, _P, _P, _I64, _I64, _I64, _P, _I32]),
+    "w8a8_linear_f32": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
 }
 INT4_MAX_ROWS = 16  # the int4 kernel's most activation rows (INT4_MAX_ROWS in the C source)
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kernels.dequantized import linear_in_row_slices
 from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 GROUP_SIZE = 128  # input columns per scale and zero point of `--quantization int4`
 MAX_LEVEL = 15  # 4-bit values are in [0, 15]
 Q8_BLOCK = 32  # activation columns per scale in the int8-activation kernel (cpu_portable.c)
 _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds the float32 copy of a large head
-DEQUANTIZE_CHUNK = 1 << 21  # weight values reference_linear dequantizes at a time (8 MB float32)
 # scales are stored float16 (what GPTQ and AWQ checkpoints ship); a group whose range is
 # below 15 * this keeps this scale rather than a subnormal one that loses its precision
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)
@@ -150,22 +150,11 @@ def group_scale_and_zero(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def reference_linear(x: torch.Tensor, weight: Int4Weight,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T + bias over W dequantized to x's dtype: the oracle, and the path of large
-    batches (dequantizing costs a pass over the weight, small beside a prefill's matmul).
-    A weight of more than DEQUANTIZE_CHUNK values goes in slices of output rows, each
-    dequantized and multiplied while it is still in cache: no full float copy of it, which
-    for an LM head would be hundreds of MB, and whose fresh pages cost more to fault in than
-    the dequantizing itself."""
-    bias = None if bias is None else bias.to(x.dtype)
-    num_rows, in_features = weight.shape
-    rows_per_chunk = max(1, DEQUANTIZE_CHUNK // in_features)
-    if num_rows <= rows_per_chunk:
-        return torch.nn.functional.linear(x, weight.dequantize(x.dtype), bias)
-    out = torch.empty(*x.shape[:-1], num_rows, dtype=x.dtype, device=x.device)
-    for start in range(0, num_rows, rows_per_chunk):
-        end = min(start + rows_per_chunk, num_rows)
-        out[..., start:end] = torch.nn.functional.linear(
-            x, weight.dequantize(x.dtype, start, end), None if bias is None else bias[start:end])
-    return out
+    batches (dequantizing costs a pass over the weight, small beside a prefill's matmul), a
+    slice of rows at a time (dequantized.linear_in_row_slices)."""
+    return linear_in_row_slices(
+        x, weight.shape, lambda start, end: weight.dequantize(x.dtype, start, end),
+        None if bias is None else bias.to(x.dtype))
 
 
 def kernel_linear(x: torch.Tensor, weight: Int4Weight,

@@ -1,7 +1,8 @@
 """Weight-int8 linear layers for CPU decode: weights quantized once per output row, activations
 per row and per block of 64 columns on every call, products summed exactly in int32 by AVX-512
-VNNI (cpu_kernels.c explains the arithmetic). `reference_linear` is the same arithmetic in torch:
-the fallback where the native kernel cannot be built, and the oracle its tests compare with."""
+VNNI (cpu_kernels.c explains the arithmetic), or on CPUs without it by the portable kernel
+(cpu_portable.c: w8a8_linear_f32, AVX2). `reference_linear` is the same arithmetic in torch:
+the fallback where neither can be built, and the oracle their tests compare with."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kernels.dequantized import linear_in_row_slices
 from engine.kernels.native import native_library
+from engine.kernels.portable import portable_library
 
 BLOCK = 64  # activation columns per scale; K must be a multiple (cpu_kernels.c's BLOCK)
 _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds the float32 copy of a large head
@@ -30,8 +33,9 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return self.data.shape[0], self.data.shape[1]
 
-    def dequantize(self) -> torch.Tensor:
-        return (self.data.float() - 128) * self.scales[:, None]
+    def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) of W in float32."""
+        return (self.data[start:end].float() - 128) * self.scales[start:end, None]
 
 
 def can_quantize(in_features: int) -> bool:
@@ -74,7 +78,7 @@ def reference_linear(x: torch.Tensor, weight: QuantizedWeight,
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
-        out = torch.nn.functional.linear(flat.float(), weight.dequantize(), bias)
+        out = linear_in_row_slices(flat.float(), weight.shape, weight.dequantize, bias)
         return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
     values, scales = quantize_activations(flat)
     wq = (weight.data.float() - 128).reshape(weight.shape[0], -1, BLOCK)
@@ -87,10 +91,34 @@ def reference_linear(x: torch.Tensor, weight: QuantizedWeight,
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def portable_linear(x: torch.Tensor, weight: QuantizedWeight,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """`reference_linear`'s decode arithmetic through the portable kernel (cpu_portable.c:
+    w8a8_linear_f32, AVX2 where the AVX-512 one cannot run), float32 activations in."""
+    library = portable_library()
+    assert library is not None
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1]).float().contiguous()
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.float32)
+    bias32 = None if bias is None else bias.float().contiguous()
+    status = library.w8a8_linear_f32(flat.data_ptr(), flat.shape[0], flat.shape[1],
+                                     weight.data.data_ptr(), weight.scales.data_ptr(),
+                                     None if bias32 is None else bias32.data_ptr(),
+                                     weight.shape[0], out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"w8a8_linear_f32 refused {flat.shape[0]} rows of a {weight.shape} "
+                         "weight")
+    return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T + bias with W int8 (`bias`: float32 or None); x any float dtype on CPU."""
+    """y = x @ W^T + bias with W int8 (`bias`: float32 or None); x any float dtype on CPU.
+    The AVX-512 kernel where it runs; else, for decode-sized batches, the portable one."""
     lib = native_library()
     if lib is None:
+        if (x.numel() < DEQUANTIZE_MIN_ROWS * x.shape[-1] and x.device.type == "cpu"
+                and portable_library() is not None):
+            return portable_linear(x, weight, bias)
         return reference_linear(x, weight, bias)
     shape = x.shape
     flat = x.reshape(-1, shape[-1])

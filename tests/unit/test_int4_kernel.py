@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels import w4a16
+from engine.kernels import dequantized, w4a16
 from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 pytestmark = pytest.mark.skipif(portable_library() is None,
@@ -164,9 +164,9 @@ def test_dequantize_kernel_is_bitwise_the_torch_one(num_rows: int, in_features: 
 
 
 def test_large_weights_dequantize_in_slices_of_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past DEQUANTIZE_CHUNK values the reference multiplies slices of rows (the last one
-    short), each dequantized alone: the rows of the whole product, bias included."""
-    monkeypatch.setattr(w4a16, "DEQUANTIZE_CHUNK", 10 * 256)
+    """Past dequantized.CHUNK_VALUES values the reference multiplies slices of rows (the
+    last one short), each dequantized alone: the rows of the whole product, bias included."""
+    monkeypatch.setattr(dequantized, "CHUNK_VALUES", 10 * 256)
     weight = quantized(45, 256, 128, seed=9)
     assert torch.equal(weight.dequantize(start=10, end=20), weight.dequantize_in_torch()[10:20])
     generator = torch.Generator().manual_seed(10)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.kernels import native, w8a8
+from engine.kernels import dequantized, native, w8a8
+from engine.kernels.portable import portable_library
 from engine.layers.linear import Linear
 from engine.loader import load_model
 from tests.devices import cpu_only
@@ -139,6 +140,74 @@ def test_kernel_edge_rows_and_layouts() -> None:
     assert torch.equal(batched.view(6, 20), out)
     strided = torch.cat([x.float(), x.float()], dim=1)[:, :128]
     assert torch.equal(w8a8.linear(strided, weight, bias).bfloat16(), out)
+
+
+def test_reference_prefill_multiplies_slices_of_dequantized_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dequantized, "CHUNK_VALUES", 16 * 128)
+    gen = torch.Generator().manual_seed(11)
+    weight = w8a8.quantize_weight(torch.randn(40, 128, generator=gen))
+    assert torch.equal(weight.dequantize(16, 32), weight.dequantize()[16:32])
+    x = torch.randn(w8a8.DEQUANTIZE_MIN_ROWS, 128, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    torch.testing.assert_close(w8a8.reference_linear(x, weight, bias),
+                               F.linear(x, weight.dequantize(), bias), rtol=1e-5, atol=1e-5)
+
+
+# ---- the portable kernel (CPUs without AVX-512) ------------------------------------------------
+
+needs_portable = pytest.mark.skipif(portable_library() is None,
+                                    reason="portable CPU kernels unavailable here")
+
+
+@needs_portable
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 16, 127])
+@pytest.mark.parametrize(("out_features", "in_features"), [(8, 64), (13, 192), (130, 896)])
+def test_portable_kernel_matches_reference(num_rows: int, out_features: int,
+                                           in_features: int) -> None:
+    """Rows in fours and the remainder (one activation row), several activation rows; the
+    activations quantized as the reference does, so only float addition order differs."""
+    gen = torch.Generator().manual_seed(num_rows * 1000 + out_features)
+    weight = w8a8.quantize_weight(torch.randn(out_features, in_features, generator=gen))
+    x = torch.randn(num_rows, in_features, generator=gen)
+    x[0, :w8a8.BLOCK] = 0  # a zero block: scale 0, no division by it
+    for bias in (None, torch.randn(out_features, generator=gen)):
+        out = w8a8.portable_linear(x, weight, bias)
+        assert out.dtype == torch.float32 and out.shape == (num_rows, out_features)
+        expected = w8a8.reference_linear(x.double(), weight,
+                                         None if bias is None else bias.double())
+        scale = expected.abs().max().item()
+        assert (out.double() - expected).abs().max().item() <= 2e-6 * scale * in_features**0.5
+
+
+@needs_portable
+def test_portable_kernel_keeps_outliers_in_their_block_and_the_bias_exact() -> None:
+    gen = torch.Generator().manual_seed(7)
+    weight = w8a8.quantize_weight(torch.randn(20, 128, generator=gen))
+    bias = torch.randn(20, generator=gen)
+    x = torch.randn(6, 128, generator=gen)
+    x[2] = 0.0  # an all-zero activation row gives the bias exactly
+    x[4, 70] = 3e4  # a huge outlier in one block
+    out = w8a8.portable_linear(x.bfloat16().view(2, 3, 128), weight, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 20)
+    assert torch.equal(out.view(6, 20)[2], bias.bfloat16())
+    expected = w8a8.reference_linear(x.bfloat16().float(), weight, bias)
+    assert _within_bf16_rounding(out.view(6, 20), expected)
+
+
+@pytest.mark.skipif(NATIVE is not None, reason="the AVX-512 kernel runs here")
+def test_without_avx512_decode_takes_the_portable_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = w8a8.portable_linear
+    monkeypatch.setattr(w8a8, "portable_linear",
+                        lambda x, *args: calls.append(x.numel() // x.shape[-1]) or real(x, *args))
+    weight = w8a8.quantize_weight(torch.randn(16, 128))
+    for num_rows in (1, w8a8.DEQUANTIZE_MIN_ROWS - 1, w8a8.DEQUANTIZE_MIN_ROWS):
+        x = torch.randn(num_rows, 128)
+        torch.testing.assert_close(w8a8.linear(x, weight, None),
+                                   w8a8.reference_linear(x, weight, None), rtol=1e-4, atol=1e-4)
+    expected_calls = [1, w8a8.DEQUANTIZE_MIN_ROWS - 1] if portable_library() else []
+    assert calls == expected_calls
 
 
 @needs_native
