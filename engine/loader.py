@@ -194,6 +194,7 @@ def _quantize(module: CausalLM, quantization: str) -> None:
                         if isinstance(m, Linear) and m.int8_weight is not None)
         columns = w8a8.BLOCK
         kernel = ("native VNNI kernel" if native_library() is not None
+                  else "portable kernel (no AVX-512 here)" if portable_library() is not None
                   else "torch fallback kernel (slow)")
     else:
         num_bytes, columns = _int4_bytes(module), w4a16.GROUP_SIZE
