@@ -3,6 +3,8 @@ activations) against their torch oracles, and which calls take which."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -41,13 +43,18 @@ def test_kernel_matches_the_reference_in_float32(num_x_rows: int, num_rows: int,
     assert (got.double() - expected).abs().max().item() < 2e-6 * scale * in_features ** 0.5
 
 
-def test_kernel_takes_bf16_activations_and_keeps_leading_dims() -> None:
+@pytest.mark.parametrize(("kernel", "oracle"),
+                         [(w4a16.kernel_linear, w4a16.reference_linear),
+                          (w4a16.kernel_linear_q8, w4a16.reference_linear_q8)],
+                         ids=["float-activations", "int8-activations"])
+def test_kernels_take_bf16_activations_and_keep_leading_dims(
+        kernel: Callable[..., torch.Tensor], oracle: Callable[..., torch.Tensor]) -> None:
     """bf16 in, bf16 out: the float32 result rounded once (the reference in bf16 would also
     round the dequantized weight, so the float32 reference is the one to meet)."""
     weight = quantized(96, 512, 128, seed=3)
     x = torch.randn(2, 3, 512).bfloat16()
-    got = w4a16.kernel_linear(x, weight, None)
-    expected = w4a16.reference_linear(x.float(), weight, None)
+    got = kernel(x, weight, None)
+    expected = oracle(x.float(), weight, None)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
     assert torch.allclose(got.float(), expected, rtol=2 ** -8, atol=1e-3)
 
@@ -136,15 +143,6 @@ def test_activation_quantization_keeps_each_block_within_half_a_step() -> None:
                        torch.zeros(w4a16.Q8_BLOCK))
     steps = (got_blocks / (peaks / 127)).nan_to_num()
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # integers times the block's step
-
-
-def test_int8_activation_kernel_takes_bf16_and_keeps_leading_dims() -> None:
-    weight = quantized(96, 512, 128, seed=3)
-    x = torch.randn(2, 3, 512).bfloat16()
-    got = w4a16.kernel_linear_q8(x, weight, None)
-    expected = w4a16.reference_linear_q8(x.float(), weight, None)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
-    assert torch.allclose(got.float(), expected, rtol=2 ** -8, atol=1e-3)
 
 
 @pytest.mark.parametrize(("num_rows", "in_features", "group_size"),
