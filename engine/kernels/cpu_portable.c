@@ -391,49 +391,49 @@ static void int4_q8_four_rows_avx2(const int8_t *xq, const float *x_scales,
     for (int r = 0; r < 4; r++) out[n0 + r] = hsum256(totals[r]) - zero_terms[r];
 }
 
-/* One row n of W for M rows of x: a group's blocks unpacked once, then used for every row. */
+/* One row n of W for `rows` (1 to 4, a constant where it is inlined) rows of x from m0: each
+ * block unpacked once for them, their sums kept in registers. */
+static inline __attribute__((always_inline)) void int4_q8_row_tile_avx2(
+    const int8_t *xq, const float *x_scales, const float *x_group_sums, const uint8_t *row,
+    const float *scales, const float *zero_scaled, int64_t n, int64_t m0, const int rows,
+    int64_t N, int64_t K, int64_t G, float *out) {
+    const int64_t blocks = K / Q8_BLOCK, per_group = blocks / G;
+    __m256 totals[4];
+    float zero_terms[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < rows; i++) totals[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 acc[4];
+        for (int i = 0; i < rows; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+            const __m256i w = int4_unpack_block(row + b * Q8_BLOCK / 2);
+            for (int i = 0; i < rows; i++) {
+                const int64_t m = m0 + i;
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + m * K + b * Q8_BLOCK));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q8_block_dot(w, x)),
+                                         _mm256_set1_ps(x_scales[m * blocks + b]), acc[i]);
+            }
+        }
+        const __m256 scale = _mm256_set1_ps(scales[n * G + g]);
+        for (int i = 0; i < rows; i++) {
+            totals[i] = _mm256_fmadd_ps(acc[i], scale, totals[i]);
+            zero_terms[i] += zero_scaled[n * G + g] * x_group_sums[(m0 + i) * G + g];
+        }
+    }
+    for (int i = 0; i < rows; i++) out[(m0 + i) * N + n] = hsum256(totals[i]) - zero_terms[i];
+}
+
+/* One row n of W for M rows of x: tiles of four rows, then single ones. */
 static void int4_q8_row_many_avx2(const int8_t *xq, const float *x_scales,
                                   const float *x_group_sums, const uint8_t *row,
                                   const float *scales, const float *zero_scaled, int64_t n,
                                   int64_t M, int64_t N, int64_t K, int64_t G, float *out) {
-    const int64_t blocks = K / Q8_BLOCK, per_group = blocks / G;
-    __m256 totals[INT4_MAX_ROWS];
-    float zero_terms[INT4_MAX_ROWS];
-    for (int64_t m = 0; m < M; m++) {
-        totals[m] = _mm256_setzero_ps();
-        zero_terms[m] = 0.0f;
-    }
-    __m256i weights[1024 / Q8_BLOCK];
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t first = g * per_group;
-        for (int64_t i = 0; i < per_group; i++)
-            weights[i] = int4_unpack_block(row + (first + i) * Q8_BLOCK / 2);
-        const __m256 scale = _mm256_set1_ps(scales[n * G + g]);
-        const float zero = zero_scaled[n * G + g];
-        for (int64_t m = 0; m < M; m++) {
-            const int8_t *x = xq + m * K + first * Q8_BLOCK;
-            const float *x_scale = x_scales + m * blocks + first;
-            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 1 < per_group; i += 2) { /* two chains */
-                const __m256i d0 = q8_block_dot(weights[i], _mm256_loadu_si256(
-                    (const __m256i *)(x + i * Q8_BLOCK)));
-                const __m256i d1 = q8_block_dot(weights[i + 1], _mm256_loadu_si256(
-                    (const __m256i *)(x + (i + 1) * Q8_BLOCK)));
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(x_scale[i]), acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(x_scale[i + 1]),
-                                       acc1);
-            }
-            if (i < per_group) {
-                const __m256i d0 = q8_block_dot(weights[i], _mm256_loadu_si256(
-                    (const __m256i *)(x + i * Q8_BLOCK)));
-                acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(x_scale[i]), acc0);
-            }
-            totals[m] = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1), scale, totals[m]);
-            zero_terms[m] += zero * x_group_sums[m * G + g];
-        }
-    }
-    for (int64_t m = 0; m < M; m++) out[m * N + n] = hsum256(totals[m]) - zero_terms[m];
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4)
+        int4_q8_row_tile_avx2(xq, x_scales, x_group_sums, row, scales, zero_scaled, n, m0, 4, N,
+                              K, G, out);
+    for (; m0 < M; m0++)
+        int4_q8_row_tile_avx2(xq, x_scales, x_group_sums, row, scales, zero_scaled, n, m0, 1, N,
+                              K, G, out);
 }
 #endif
 
