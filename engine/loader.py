@@ -221,7 +221,7 @@ def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str],
     def quantize(name: str) -> None:
         layer = model.get_submodule(name)
         if isinstance(layer, Linear):
-            _ = layer.quantize_int8() if bits == 8 else layer.quantize_int4()
+            layer.quantize(bits)
         elif isinstance(layer, VocabParallelEmbedding) and not model.needs_tied_head_copy():
             layer.quantize_int8()
 

@@ -9,8 +9,9 @@ arithmetic (2.2-2.4x the float kernel's speed at one row, as the w8a8 decode pat
 int8 weights); `kernel_linear`, float32 activations times nibbles converted to float, takes
 groups that are not a multiple of Q8_BLOCK. Larger batches (prefill, where the matmul's compute
 dominates), act-order checkpoints, other devices and machines without the kernels take
-`reference_linear`, which dequantizes the whole weight to the activation dtype and runs a float
-matmul: the oracle of the float kernel (`reference_linear_q8` is the int8 one's).
+`reference_linear`, which dequantizes the weight to the activation dtype, a slice of rows at a
+time, and runs float matmuls: the oracle of the float kernel (`reference_linear_q8` is the
+int8 one's).
 """
 
 from __future__ import annotations
@@ -76,25 +77,26 @@ class Int4Weight:
                 self.group_size, out.data_ptr(), torch.get_num_threads())
             if status == 0:
                 return out.to(dtype)
-        return self.dequantize_in_torch(dtype)[start:end]
+        return self.dequantize_in_torch(dtype, start, end)
 
-    def dequantize_in_torch(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize_in_torch(self, dtype: torch.dtype = torch.float32, start: int = 0,
+                            end: int | None = None) -> torch.Tensor:
         """`dequantize` in torch ops: any device, act-order group indices."""
-        values = unpack_nibbles(self.packed).float()
+        rows = slice(start, end)
+        values = unpack_nibbles(self.packed[rows]).float()
+        scales, zeros = self.scales[rows].float(), self.zeros[rows].float()
         num_rows, num_columns = values.shape
         if self.group_index is None and num_columns % self.group_size == 0:
             # per group, broadcast: no [N, K] copies of the scales and zeros
             grouped = values.view(num_rows, -1, self.group_size)
-            grouped.sub_(self.zeros.float()[..., None]).mul_(self.kernel_scales[..., None])
+            grouped.sub_(zeros[..., None]).mul_(scales[..., None])
             return values.to(dtype)
         if self.group_index is None:
-            scales = self.scales.float().repeat_interleave(self.group_size, dim=1)
-            zeros = self.zeros.float().repeat_interleave(self.group_size, dim=1)
-            num_columns = values.shape[1]
-            scales, zeros = scales[:, :num_columns], zeros[:, :num_columns]
+            scales = scales.repeat_interleave(self.group_size, dim=1)[:, :num_columns]
+            zeros = zeros.repeat_interleave(self.group_size, dim=1)[:, :num_columns]
         else:
-            scales = self.scales.float().index_select(1, self.group_index)
-            zeros = self.zeros.float().index_select(1, self.group_index)
+            scales = scales.index_select(1, self.group_index)
+            zeros = zeros.index_select(1, self.group_index)
         return ((values - zeros) * scales).to(dtype)
 
 

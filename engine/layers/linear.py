@@ -68,6 +68,10 @@ class Linear(nn.Linear):
         self._drop_dense_weight()
         return True
 
+    def quantize(self, bits: int) -> bool:
+        """`quantize_int8` (bits 8) or `quantize_int4` (bits 4)."""
+        return self.quantize_int8() if bits == 8 else self.quantize_int4()
+
     def prepare_int4_load(self, group_size: int) -> None:
         """Trade the dense weight for empty int4 parameters in w4a16's layout, which the loader
         fills from a GPTQ/AWQ checkpoint (converted tensor by tensor; rows per shard of a fused
@@ -164,8 +168,7 @@ def quantize_linears(model: nn.Module, bits: int = 8) -> tuple[int, int]:
     """Quantize every Linear of `model` to int8 or int4 where its in_features allow:
     (quantized, left as is)."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    quantized = sum(layer.quantize_int8() if bits == 8 else layer.quantize_int4()
-                    for layer in layers)
+    quantized = sum(layer.quantize(bits) for layer in layers)
     return quantized, len(layers) - quantized
 
 

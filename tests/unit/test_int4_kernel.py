@@ -167,6 +167,9 @@ def test_large_weights_dequantize_in_slices_of_rows(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(dequantized, "CHUNK_VALUES", 10 * 256)
     weight = quantized(45, 256, 128, seed=9)
     assert torch.equal(weight.dequantize(start=10, end=20), weight.dequantize_in_torch()[10:20])
+    act_order = w4a16.Int4Weight(weight.packed, weight.scales, weight.zeros, 128,
+                                 torch.arange(256) % 2)  # a slice reads only its rows' values
+    assert torch.equal(act_order.dequantize(start=10, end=20), act_order.dequantize()[10:20])
     generator = torch.Generator().manual_seed(10)
     x = torch.randn(2, 40, 256, generator=generator)
     bias = torch.randn(45, generator=generator)
