@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata, DecodePlan
-from engine.kernels.native import loaded_library, takes_bf16
+from engine.kernels.native import has_bf16_dot_products, loaded_library, takes_bf16
 from engine.kernels.portable import portable_library, takes_f32
 
 
@@ -263,7 +263,11 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     i sits at absolute position p = seq_len - query_len + i and sees keys [0, p], or with a
     sliding window (p - sliding_window, p]."""
     query_len = query.shape[0]
-    if sliding_window is not None and sliding_window < seq_len:
+    windowed = sliding_window is not None and sliding_window < seq_len
+    if not windowed and native_prefill_works(query, k_cache, v_cache):
+        return prefill_attention_native(query, k_cache, v_cache, block_table, seq_len, scale)
+    if windowed:
+        assert sliding_window is not None
         keys, values, mask = _windowed_context(key, value, k_cache, v_cache, block_table,
                                                seq_len, sliding_window)
     elif query_len == seq_len:  # nothing cached: the fresh K/V are the whole context
@@ -277,6 +281,36 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=query.device)
         mask = mask.tril(diagonal=seq_len - query_len)  # [query_len, seq_len]
     return _sdpa(query, keys, values, mask, scale)
+
+
+def native_prefill_works(query: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor) -> bool:
+    """Whether prefill_attention_native serves these tensors: bf16 on a CPU with AVX512-BF16
+    (and the native library), head size 64 or 128."""
+    return (query.shape[-1] in (64, 128) and takes_bf16(k_cache, v_cache)
+            and query.dtype == torch.bfloat16 and has_bf16_dot_products())
+
+
+def prefill_attention_native(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_table: torch.Tensor, seq_len: int,
+                             scale: float) -> torch.Tensor:
+    """_prefill_attention in one native call: the chunk's K/V must already be in the cache
+    (forward writes them first), and the whole context is read from it through the block
+    table, tiled with an online softmax on AVX512-BF16 dot products. A 512-token chunk, 14
+    query heads over 2 KV heads, 2 threads (Zen 5), against the two flash calls: 39.5 vs
+    96.5 ms a layer at an 8k context (369 vs 151 GFLOP/s), 4.1 vs 14.2 ms at 1k."""
+    query = query.contiguous()
+    query_len, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    table = block_table.reshape(-1).to(torch.int32).contiguous()
+    out = torch.empty_like(query)
+    status = loaded_library().paged_prefill_attention_bf16(
+        query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), seq_len,
+        query_len, num_heads, num_kv_heads, head_dim, block_size, scale, out.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("paged_prefill_attention_bf16 could not allocate its scratch")
+    return out
 
 
 def _sdpa(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

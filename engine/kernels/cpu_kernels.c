@@ -446,3 +446,191 @@ void silu_and_mul_bf16(const uint16_t *gate_up, int64_t M, int64_t I, uint16_t *
         }
     }
 }
+
+/* ---- Prefill attention with AVX512-BF16 dot products (FlashAttention's tiling) ----
+ *
+ * One sequence's chunk of query_len new tokens, the last ones of its seq_len-token context
+ * (their K/V already written to the paged cache): query i sits at p = seq_len - query_len + i
+ * and sees keys [0, p]. Per KV head, its group's query heads are folded with the positions
+ * into rows (row = i * group + g), so a tile of rows shares every K/V read. K and V are first
+ * repacked from the cache into the pair-interleaved layout vdpbf16ps takes (each 32-bit lane
+ * holds two bf16 of adjacent reduction indices: K as [16 keys][2 dims] per dim pair, V as
+ * [16 dims][2 keys] per key pair), once per call; then every tile walks the key blocks it can
+ * see with an online softmax: scores in float32 registers (no score matrix is stored), the
+ * running max and sum per row, the output rescaled when the max grows. Probabilities are
+ * rounded to bf16 for the p.v products (as torch's bf16 flash attention does), the sums are
+ * float32, the output is rounded once. Key blocks past a tile's last visible key are never
+ * read: causal work is about half the square. */
+#define PF_KEYS 32 /* keys per softmax step: two 16-lane score vectors per row */
+
+typedef struct {
+    const uint16_t *q;
+    const uint32_t *kp; /* per KV head: [ctx_pad / 16][D / 2][16] pairs of dims */
+    const uint32_t *vp; /* per KV head: [ctx_pad / 2][D] pairs of keys */
+    int64_t H, group, D, query_len, first_pos;
+    float scale;
+    uint16_t *out;
+} prefill_args;
+
+/* rows [r0, r0 + MR) of one KV head (rows past the end repeat the last and are not stored) */
+static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_tile(
+    const prefill_args *a, int64_t kvh, int64_t r0, int64_t rows_total, const int MR,
+    const int D) {
+    const int64_t H = a->H, group = a->group;
+    const uint16_t *qrow[4];
+    int64_t limit[4]; /* the last key each row sees */
+    int64_t last = 0, first_masked = INT64_MAX;
+    for (int r = 0; r < MR; r++) {
+        const int64_t row = r0 + r < rows_total ? r0 + r : rows_total - 1;
+        const int64_t i = row / group, g = row % group;
+        qrow[r] = a->q + (i * H + kvh * group + g) * D;
+        limit[r] = a->first_pos + i;
+        last = limit[r] > last ? limit[r] : last;
+        first_masked = limit[r] + 1 < first_masked ? limit[r] + 1 : first_masked;
+    }
+    __m512 o[4][8]; /* [MR][D / 16] */
+    __m512 lsum[4];
+    float m[4];
+    for (int r = 0; r < MR; r++) {
+        for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_setzero_ps();
+        lsum[r] = _mm512_setzero_ps();
+        m[r] = -INFINITY;
+    }
+    const __m512 scale = _mm512_set1_ps(a->scale);
+    const int64_t nblocks = last / PF_KEYS + 1;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t j0 = b * PF_KEYS;
+        __m512 s[4][PF_KEYS / 16];
+        for (int r = 0; r < MR; r++)
+            for (int h = 0; h < PF_KEYS / 16; h++) s[r][h] = _mm512_setzero_ps();
+        const uint32_t *kb = a->kp + (j0 / 16) * (D / 2) * 16;
+        for (int p = 0; p < D / 2; p++) {
+            __m512bh kv[PF_KEYS / 16];
+            for (int h = 0; h < PF_KEYS / 16; h++)
+                kv[h] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (h * (D / 2) + p) * 16));
+            for (int r = 0; r < MR; r++) {
+                uint32_t pair;
+                memcpy(&pair, qrow[r] + 2 * p, sizeof pair);
+                const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int h = 0; h < PF_KEYS / 16; h++) s[r][h] = _mm512_dpbf16_ps(s[r][h], qv, kv[h]);
+            }
+        }
+        const int masked = j0 + PF_KEYS > first_masked;
+        for (int r = 0; r < MR; r++) {
+            __mmask16 keep[PF_KEYS / 16];
+            __m512 top = _mm512_set1_ps(-INFINITY);
+            for (int h = 0; h < PF_KEYS / 16; h++) {
+                keep[h] = 0xffff;
+                if (masked) {
+                    const int64_t visible = limit[r] + 1 - (j0 + 16 * h); /* lanes that see */
+                    keep[h] = visible >= 16 ? 0xffff
+                              : visible <= 0 ? 0 : (__mmask16)((1u << visible) - 1u);
+                }
+                s[r][h] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), keep[h], s[r][h], scale);
+                top = _mm512_max_ps(top, s[r][h]);
+            }
+            const float block_max = _mm512_reduce_max_ps(top);
+            if (block_max == -INFINITY) continue; /* the row sees none of these keys */
+            const float m_new = block_max > m[r] ? block_max : m[r];
+            if (m_new > m[r]) { /* rescale what was summed under the old max */
+                const __m512 alpha = exp_ps(_mm512_set1_ps(m[r] - m_new));
+                for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_mul_ps(o[r][c], alpha);
+                lsum[r] = _mm512_mul_ps(lsum[r], alpha);
+                m[r] = m_new;
+            }
+            __m512 prob[PF_KEYS / 16];
+            for (int h = 0; h < PF_KEYS / 16; h++) {
+                prob[h] = _mm512_maskz_mov_ps(
+                    keep[h], exp_ps(_mm512_sub_ps(s[r][h], _mm512_set1_ps(m_new))));
+                lsum[r] = _mm512_add_ps(lsum[r], prob[h]);
+            }
+            /* probabilities as bf16, key pairs in 32-bit lanes: pair t = keys 2t, 2t+1 */
+            uint32_t pairs[PF_KEYS / 2];
+            for (int h = 0; h < PF_KEYS / 32 + (PF_KEYS % 32 != 0); h++)
+                _mm512_storeu_si512((void *)(pairs + 16 * h),
+                                    (__m512i)_mm512_cvtne2ps_pbh(prob[2 * h + 1], prob[2 * h]));
+            const uint32_t *vb = a->vp + (j0 / 2) * D;
+            for (int t = 0; t < PF_KEYS / 2; t++) {
+                const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pairs[t]);
+                for (int c = 0; c < D / 16; c++)
+                    o[r][c] = _mm512_dpbf16_ps(
+                        o[r][c], pv, (__m512bh)_mm512_loadu_si512((const void *)(vb + t * D + 16 * c)));
+            }
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        const int64_t row = r0 + r;
+        if (row >= rows_total) break;
+        const int64_t i = row / group, g = row % group;
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum[r]));
+        uint16_t *dst = a->out + (i * H + kvh * group + g) * D;
+        for (int c = 0; c < D / 16; c++) store16_bf16(dst + 16 * c, _mm512_mul_ps(o[r][c], inv));
+    }
+}
+
+/* K of positions [0, len) of one KV head as [len_pad / 16][D / 2][16] dim pairs and V as
+ * [len_pad / 2][D] key pairs, zero past len. */
+static void pack_kv(const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+                    int64_t len, int64_t len_pad, int64_t BS, int64_t KVH, int64_t kvh, int64_t D,
+                    int64_t block16, uint32_t *kp, uint32_t *vp) {
+    const int64_t j0 = block16 * 16;
+    uint32_t *kdst = kp + block16 * (D / 2) * 16;
+    for (int64_t j = 0; j < 16; j++) {
+        const int64_t t = j0 + j;
+        const uint16_t *k = NULL, *v = NULL;
+        if (t < len) {
+            const int64_t slot = (int64_t)table[t / BS] * BS + t % BS;
+            k = k_cache + (slot * KVH + kvh) * D;
+            v = v_cache + (slot * KVH + kvh) * D;
+        }
+        for (int64_t p = 0; p < D / 2; p++) {
+            uint32_t pair = 0;
+            if (k) memcpy(&pair, k + 2 * p, sizeof pair);
+            kdst[p * 16 + j] = pair;
+        }
+        uint16_t *vdst = (uint16_t *)(vp + (t / 2) * D) + (t % 2);
+        for (int64_t d = 0; d < D; d++) vdst[2 * d] = v ? v[d] : 0;
+    }
+    (void)len_pad;
+}
+
+/* q, out [query_len, H, D] bf16; caches [num_blocks, BS, KVH, D] bf16; table: the sequence's
+ * block ids. D must be 64 or 128. Returns 0, -1 when scratch memory ran out, -2 for a D it
+ * does not handle. */
+__attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
+    const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
+    int64_t seq_len, int64_t query_len, int64_t H, int64_t KVH, int64_t D, int64_t BS,
+    float scale, uint16_t *out, int nthreads) {
+    if (D != 64 && D != 128) return -2;
+    const int64_t len_pad = (seq_len + PF_KEYS - 1) / PF_KEYS * PF_KEYS;
+    const size_t per_head = (size_t)(len_pad * D / 2); /* uint32 pairs of K (and of V) */
+    uint32_t *packed = aligned_alloc(64, sizeof(uint32_t) * per_head * 2 * (size_t)KVH);
+    if (!packed) return -1;
+    const int64_t group = H / KVH, rows_total = query_len * group;
+    const int MR = D == 64 ? 4 : 2;
+    const int64_t tiles = (rows_total + MR - 1) / MR;
+    prefill_args args = {q, NULL, NULL, H, group, D, query_len, seq_len - query_len, scale, out};
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t kvh = 0; kvh < KVH; kvh++)
+            for (int64_t b = 0; b < len_pad / 16; b++)
+                pack_kv(k_cache, v_cache, table, seq_len, len_pad, BS, KVH, kvh, D, b,
+                        packed + (size_t)kvh * 2 * per_head,
+                        packed + (size_t)kvh * 2 * per_head + per_head);
+        /* later tiles see more keys: dynamic, largest first */
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (int64_t kvh = 0; kvh < KVH; kvh++)
+            for (int64_t t = tiles - 1; t >= 0; t--) {
+                prefill_args mine = args;
+                mine.kp = packed + (size_t)kvh * 2 * per_head;
+                mine.vp = mine.kp + per_head;
+                if (D == 64)
+                    prefill_tile(&mine, kvh, t * MR, rows_total, 4, 64);
+                else
+                    prefill_tile(&mine, kvh, t * MR, rows_total, 2, 128);
+            }
+    }
+    free(packed);
+    return 0;
+}

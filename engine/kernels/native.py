@@ -39,6 +39,8 @@ SIGNATURES = {
     "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                                    _I64, _I64, _F32, _P, _I32]),
+    "paged_prefill_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                                                    _I64, _I64, _F32, _P, _I32]),
 }
 
 
@@ -80,6 +82,13 @@ def takes_bf16(*tensors: torch.Tensor) -> bool:
     library available here."""
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
                for t in tensors) and native_library() is not None
+
+
+@functools.cache
+def has_bf16_dot_products() -> bool:
+    """Whether this CPU has AVX512-BF16 (vdpbf16ps), which paged_prefill_attention_bf16 needs
+    beyond the library's own flags."""
+    return "avx512_bf16" in cpu_flags()
 
 
 def loaded_library() -> ctypes.CDLL:

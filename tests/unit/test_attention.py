@@ -35,7 +35,8 @@ class SeqData:
 
 
 def make_sequences(shapes: Sequence[tuple[int, int]], num_heads: int, num_kv_heads: int,
-                   block_size: int, seed: int) -> tuple[list[SeqData], int]:
+                   block_size: int, seed: int,
+                   head_dim: int = HEAD_DIM) -> tuple[list[SeqData], int]:
     """(num_cached, query_len) per sequence -> sequences with random data and blocks drawn
     from a shuffled pool (with spares), plus the pool size."""
     gen = torch.Generator().manual_seed(seed)
@@ -48,10 +49,10 @@ def make_sequences(shapes: Sequence[tuple[int, int]], num_heads: int, num_kv_hea
         seq_len = cached + q_len
         seqs.append(SeqData(
             cached, q_len, block_ids,
-            keys=torch.randn(seq_len, num_kv_heads, HEAD_DIM, generator=gen, dtype=torch.float64),
-            values=torch.randn(seq_len, num_kv_heads, HEAD_DIM, generator=gen,
+            keys=torch.randn(seq_len, num_kv_heads, head_dim, generator=gen, dtype=torch.float64),
+            values=torch.randn(seq_len, num_kv_heads, head_dim, generator=gen,
                                dtype=torch.float64),
-            queries=torch.randn(q_len, num_heads, HEAD_DIM, generator=gen, dtype=torch.float64),
+            queries=torch.randn(q_len, num_heads, head_dim, generator=gen, dtype=torch.float64),
         ))
     return seqs, sum(needs) + 4
 
@@ -91,15 +92,15 @@ def run_backend(seqs: list[SeqData], num_blocks: int, block_size: int, scale: fl
                 dtype: torch.dtype = torch.float32,
                 sliding_window: int | None = None) -> tuple[torch.Tensor, ...]:
     """Fill a garbage cache with each prefix's K/V, run one step of the new tokens."""
-    num_kv_heads = seqs[0].keys.shape[1]
-    shape = (num_blocks, block_size, num_kv_heads, HEAD_DIM)
+    num_kv_heads, head_dim = seqs[0].keys.shape[1:]
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = (torch.randn(shape) * 100).to(dtype)  # garbage, so a stray read shows
     v_cache = (torch.randn(shape) * 100).to(dtype)
     for seq in seqs:
         for position in range(seq.num_cached):
             slot = seq.slot(position, block_size)
-            k_cache.view(-1, num_kv_heads, HEAD_DIM)[slot] = seq.keys[position].to(dtype)
-            v_cache.view(-1, num_kv_heads, HEAD_DIM)[slot] = seq.values[position].to(dtype)
+            k_cache.view(-1, num_kv_heads, head_dim)[slot] = seq.keys[position].to(dtype)
+            v_cache.view(-1, num_kv_heads, head_dim)[slot] = seq.values[position].to(dtype)
     new = [slice(seq.num_cached, seq.seq_len) for seq in seqs]
     query = torch.cat([seq.queries for seq in seqs]).to(dtype)
     key = torch.cat([seq.keys[s] for seq, s in zip(seqs, new, strict=True)]).to(dtype)
@@ -226,6 +227,47 @@ def test_float32_decode_takes_the_kernel_on_cpu(monkeypatch: pytest.MonkeyPatch)
     out, _, _ = run_backend(seqs, num_blocks, 4, scale=0.5)
     expected = torch.cat([naive_attention(seq, 0.5) for seq in seqs])
     assert calls == [1] and (out.double() - expected).abs().max().item() < 1e-5
+
+
+needs_bf16_prefill_kernel = pytest.mark.skipif(
+    not torch_ref.native_prefill_works(torch.empty(1, 1, 64, dtype=torch.bfloat16),
+                                       torch.empty(1, dtype=torch.bfloat16),
+                                       torch.empty(1, dtype=torch.bfloat16)),
+    reason="the bf16 prefill kernel needs AVX-512 VNNI and BF16 and a C compiler")
+# fresh prompts and chunks after cached prefixes: lengths on and off the kernel's 32-key
+# steps and 4-row tiles, a context of several hundred keys (many online-softmax rescales)
+PREFILL_SHAPES = [(0, 37), (16, 16), (37, 23), (5, 64), (100, 2), (0, 2), (700, 90), (31, 33)]
+
+
+@needs_bf16_prefill_kernel
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (14, 2), (4, 1)],
+                         ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_bf16_prefill_kernel_matches_naive_attention(head_dim: int, num_heads: int,
+                                                     num_kv_heads: int, block_size: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The native bf16 prefill kernel (the whole context read from the cache through shuffled
+    block tables) against float64 attention, and against torch's bf16 path on the same
+    inputs: each within bf16's error, the kernel no further from the truth than torch."""
+    seqs, num_blocks = make_sequences(PREFILL_SHAPES, num_heads, num_kv_heads, block_size,
+                                      seed=head_dim + num_heads + block_size, head_dim=head_dim)
+    for seq in seqs:  # scores of a few units: sharp rows, so a wrong max or rescale shows
+        seq.queries *= 3
+    scale = head_dim**-0.5
+    expected = torch.cat([naive_attention(seq, scale) for seq in seqs])
+    calls: list[int] = []
+    real = torch_ref.prefill_attention_native
+    monkeypatch.setattr(torch_ref, "prefill_attention_native",
+                        lambda *args: calls.append(1) or real(*args))
+    native, _, _ = run_backend(seqs, num_blocks, block_size, scale, dtype=torch.bfloat16)
+    assert len(calls) == len(seqs)  # every sequence here has several query tokens
+    monkeypatch.setattr(torch_ref, "native_prefill_works", lambda *args: False)
+    reference, _, _ = run_backend(seqs, num_blocks, block_size, scale, dtype=torch.bfloat16)
+    native_error = (native.double() - expected).abs()
+    reference_error = (reference.double() - expected).abs()
+    assert native_error.max().item() < 5e-2
+    assert native_error.mean().item() < 1.5 * reference_error.mean().item()
 
 
 def test_new_kv_are_written_at_their_slots() -> None:
