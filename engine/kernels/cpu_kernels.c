@@ -463,6 +463,22 @@ void silu_and_mul_bf16(const uint16_t *gate_up, int64_t M, int64_t I, uint16_t *
  * read: causal work is about half the square. */
 #define PF_KEYS 32 /* keys per softmax step: two 16-lane score vectors per row */
 
+/* e^x for x <= 0 to ~3e-6 relative (degree-5 Taylor on |r| <= ln2/2): the probabilities are
+ * rounded to bf16 (4e-3) before they are used, so exp_ps's last digits would be wasted */
+static inline __m512 exp_probability_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945f), x);
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
 typedef struct {
     const uint16_t *q;
     const uint32_t *kp; /* per KV head: [ctx_pad / 16][D / 2][16] pairs of dims */
@@ -472,10 +488,19 @@ typedef struct {
     uint16_t *out;
 } prefill_args;
 
-/* rows [r0, r0 + MR) of one KV head (rows past the end repeat the last and are not stored) */
+/* A row's online-softmax state between stretches of keys: its output sums, its exp-sum per
+ * lane and its running max. */
+typedef struct {
+    float o[128];
+    float lsum[16];
+    float m;
+} prefill_state;
+
+/* Rows [r0, r0 + MR) of one KV head (rows past the end repeat the last and are not stored)
+ * over the key blocks [b_begin, b_end) they can see, from and back to their states. */
 static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_tile(
-    const prefill_args *a, int64_t kvh, int64_t r0, int64_t rows_total, const int MR,
-    const int D) {
+    const prefill_args *a, int64_t kvh, int64_t r0, int64_t rows_total, int64_t b_begin,
+    int64_t b_end, prefill_state *state, const int MR, const int D) {
     const int64_t H = a->H, group = a->group;
     const uint16_t *qrow[4];
     int64_t limit[4]; /* the last key each row sees */
@@ -488,17 +513,18 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
         last = limit[r] > last ? limit[r] : last;
         first_masked = limit[r] + 1 < first_masked ? limit[r] + 1 : first_masked;
     }
+    if (last / PF_KEYS + 1 < b_end) b_end = last / PF_KEYS + 1;
+    if (b_begin >= b_end) return;
     __m512 o[4][8]; /* [MR][D / 16] */
     __m512 lsum[4];
     float m[4];
     for (int r = 0; r < MR; r++) {
-        for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_setzero_ps();
-        lsum[r] = _mm512_setzero_ps();
-        m[r] = -INFINITY;
+        for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_loadu_ps(state[r].o + 16 * c);
+        lsum[r] = _mm512_loadu_ps(state[r].lsum);
+        m[r] = state[r].m;
     }
     const __m512 scale = _mm512_set1_ps(a->scale);
-    const int64_t nblocks = last / PF_KEYS + 1;
-    for (int64_t b = 0; b < nblocks; b++) {
+    for (int64_t b = b_begin; b < b_end; b++) {
         const int64_t j0 = b * PF_KEYS;
         __m512 s[4][PF_KEYS / 16];
         for (int r = 0; r < MR; r++)
@@ -516,6 +542,8 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
             }
         }
         const int masked = j0 + PF_KEYS > first_masked;
+        /* probabilities as bf16, key pairs in 32-bit lanes: pairs[r][t] = keys 2t, 2t+1 */
+        uint32_t pairs[4][PF_KEYS / 2];
         for (int r = 0; r < MR; r++) {
             __mmask16 keep[PF_KEYS / 16];
             __m512 top = _mm512_set1_ps(-INFINITY);
@@ -530,7 +558,7 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
                 top = _mm512_max_ps(top, s[r][h]);
             }
             const float block_max = _mm512_reduce_max_ps(top);
-            if (block_max == -INFINITY) continue; /* the row sees none of these keys */
+            /* a row that sees none of these keys (max -inf) adds zeros */
             const float m_new = block_max > m[r] ? block_max : m[r];
             if (m_new > m[r]) { /* rescale what was summed under the old max */
                 const __m512 alpha = exp_ps(_mm512_set1_ps(m[r] - m_new));
@@ -541,30 +569,66 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
             __m512 prob[PF_KEYS / 16];
             for (int h = 0; h < PF_KEYS / 16; h++) {
                 prob[h] = _mm512_maskz_mov_ps(
-                    keep[h], exp_ps(_mm512_sub_ps(s[r][h], _mm512_set1_ps(m_new))));
+                    keep[h], exp_probability_ps(_mm512_sub_ps(s[r][h], _mm512_set1_ps(m[r]))));
                 lsum[r] = _mm512_add_ps(lsum[r], prob[h]);
             }
-            /* probabilities as bf16, key pairs in 32-bit lanes: pair t = keys 2t, 2t+1 */
-            uint32_t pairs[PF_KEYS / 2];
-            for (int h = 0; h < PF_KEYS / 32 + (PF_KEYS % 32 != 0); h++)
-                _mm512_storeu_si512((void *)(pairs + 16 * h),
+            for (int h = 0; h < PF_KEYS / 32; h++)
+                _mm512_storeu_si512((void *)(pairs[r] + 16 * h),
                                     (__m512i)_mm512_cvtne2ps_pbh(prob[2 * h + 1], prob[2 * h]));
-            const uint32_t *vb = a->vp + (j0 / 2) * D;
-            for (int t = 0; t < PF_KEYS / 2; t++) {
-                const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pairs[t]);
-                for (int c = 0; c < D / 16; c++)
-                    o[r][c] = _mm512_dpbf16_ps(
-                        o[r][c], pv, (__m512bh)_mm512_loadu_si512((const void *)(vb + t * D + 16 * c)));
+        }
+        /* each value row is loaded once for the whole tile */
+        const uint32_t *vb = a->vp + (j0 / 2) * D;
+        for (int t = 0; t < PF_KEYS / 2; t++) {
+            __m512bh vv[8];
+            for (int c = 0; c < D / 16; c++)
+                vv[c] = (__m512bh)_mm512_loadu_si512((const void *)(vb + t * D + 16 * c));
+            for (int r = 0; r < MR; r++) {
+                const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pairs[r][t]);
+                for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_dpbf16_ps(o[r][c], pv, vv[c]);
             }
         }
     }
     for (int r = 0; r < MR; r++) {
-        const int64_t row = r0 + r;
-        if (row >= rows_total) break;
-        const int64_t i = row / group, g = row % group;
-        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(lsum[r]));
-        uint16_t *dst = a->out + (i * H + kvh * group + g) * D;
-        for (int c = 0; c < D / 16; c++) store16_bf16(dst + 16 * c, _mm512_mul_ps(o[r][c], inv));
+        for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(state[r].o + 16 * c, o[r][c]);
+        _mm512_storeu_ps(state[r].lsum, lsum[r]);
+        state[r].m = m[r];
+    }
+}
+
+/* A group of PF_GROUP_ROWS rows of one KV head: the keys go past in stretches of
+ * PF_STRETCH_KEYS (their packed K and V, 64 KB at head size 64, stay in L2 while every tile of
+ * the group reads them; a whole 8k context's 2 MB would come from L3 for each tile). */
+#define PF_GROUP_ROWS 32
+#define PF_STRETCH_KEYS 256
+
+static __attribute__((target("avx512bf16"))) void prefill_group(
+    const prefill_args *a, int64_t kvh, int64_t g0, int64_t rows_total, int64_t seq_len,
+    prefill_state *state) {
+    const int D = (int)a->D, MR = D == 64 ? 4 : 2;
+    const int64_t g_end = g0 + PF_GROUP_ROWS < rows_total ? g0 + PF_GROUP_ROWS : rows_total;
+    for (int64_t r = 0; r < g_end - g0; r++) {
+        memset(&state[r], 0, sizeof state[r]);
+        state[r].m = -INFINITY;
+    }
+    const int64_t nblocks = (seq_len + PF_KEYS - 1) / PF_KEYS;
+    const int64_t step = PF_STRETCH_KEYS / PF_KEYS;
+    for (int64_t b0 = 0; b0 < nblocks; b0 += step) {
+        const int64_t b1 = b0 + step < nblocks ? b0 + step : nblocks;
+        for (int64_t r0 = g0; r0 < g_end; r0 += MR) {
+            if (D == 64)
+                prefill_tile(a, kvh, r0, g_end, b0, b1, state + (r0 - g0), 4, 64);
+            else
+                prefill_tile(a, kvh, r0, g_end, b0, b1, state + (r0 - g0), 2, 128);
+        }
+    }
+    (void)MR;
+    for (int64_t row = g0; row < g_end; row++) {
+        const prefill_state *st = &state[row - g0];
+        const int64_t i = row / a->group, g = row % a->group;
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(st->lsum)));
+        uint16_t *dst = a->out + (i * a->H + kvh * a->group + g) * D;
+        for (int c = 0; c < D / 16; c++)
+            store16_bf16(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(st->o + 16 * c), inv));
     }
 }
 
@@ -607,28 +671,25 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
     uint32_t *packed = aligned_alloc(64, sizeof(uint32_t) * per_head * 2 * (size_t)KVH);
     if (!packed) return -1;
     const int64_t group = H / KVH, rows_total = query_len * group;
-    const int MR = D == 64 ? 4 : 2;
-    const int64_t tiles = (rows_total + MR - 1) / MR;
+    const int64_t groups = (rows_total + PF_GROUP_ROWS - 1) / PF_GROUP_ROWS;
     prefill_args args = {q, NULL, NULL, H, group, D, query_len, seq_len - query_len, scale, out};
 #pragma omp parallel num_threads(nthreads)
     {
+        prefill_state state[PF_GROUP_ROWS];
 #pragma omp for schedule(static) collapse(2)
         for (int64_t kvh = 0; kvh < KVH; kvh++)
             for (int64_t b = 0; b < len_pad / 16; b++)
                 pack_kv(k_cache, v_cache, table, seq_len, len_pad, BS, KVH, kvh, D, b,
                         packed + (size_t)kvh * 2 * per_head,
                         packed + (size_t)kvh * 2 * per_head + per_head);
-        /* later tiles see more keys: dynamic, largest first */
+        /* later rows see more keys: dynamic, largest first */
 #pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t kvh = 0; kvh < KVH; kvh++)
-            for (int64_t t = tiles - 1; t >= 0; t--) {
+            for (int64_t t = groups - 1; t >= 0; t--) {
                 prefill_args mine = args;
                 mine.kp = packed + (size_t)kvh * 2 * per_head;
                 mine.vp = mine.kp + per_head;
-                if (D == 64)
-                    prefill_tile(&mine, kvh, t * MR, rows_total, 4, 64);
-                else
-                    prefill_tile(&mine, kvh, t * MR, rows_total, 2, 128);
+                prefill_group(&mine, kvh, t * PF_GROUP_ROWS, rows_total, seq_len, state);
             }
     }
     free(packed);
