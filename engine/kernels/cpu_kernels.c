@@ -461,7 +461,7 @@ void silu_and_mul_bf16(const uint16_t *gate_up, int64_t M, int64_t I, uint16_t *
  * rounded to bf16 for the p.v products (as torch's bf16 flash attention does), the sums are
  * float32, the output is rounded once. Key blocks past a tile's last visible key are never
  * read: causal work is about half the square. */
-#define PF_KEYS 32 /* keys per softmax step: two 16-lane score vectors per row */
+#define PF_KEYS 64 /* keys per softmax step: four 16-lane score vectors per row */
 
 /* e^x for x <= 0 to ~3e-6 relative (degree-5 Taylor on |r| <= ln2/2): the probabilities are
  * rounded to bf16 (4e-3) before they are used, so exp_ps's last digits would be wasted */
@@ -515,39 +515,35 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
     }
     if (last / PF_KEYS + 1 < b_end) b_end = last / PF_KEYS + 1;
     if (b_begin >= b_end) return;
-    __m512 o[4][8]; /* [MR][D / 16] */
-    __m512 lsum[4];
-    float m[4];
-    for (int r = 0; r < MR; r++) {
-        for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_loadu_ps(state[r].o + 16 * c);
-        lsum[r] = _mm512_loadu_ps(state[r].lsum);
-        m[r] = state[r].m;
-    }
+    enum { SV = PF_KEYS / 16 }; /* score vectors per row */
     const __m512 scale = _mm512_set1_ps(a->scale);
     for (int64_t b = b_begin; b < b_end; b++) {
         const int64_t j0 = b * PF_KEYS;
-        __m512 s[4][PF_KEYS / 16];
+        /* scores: MR x SV independent sums (16 at head size 64), so the dot-product units
+         * never wait on one sum's latency */
+        __m512 s[4][SV];
         for (int r = 0; r < MR; r++)
-            for (int h = 0; h < PF_KEYS / 16; h++) s[r][h] = _mm512_setzero_ps();
+            for (int h = 0; h < SV; h++) s[r][h] = _mm512_setzero_ps();
         const uint32_t *kb = a->kp + (j0 / 16) * (D / 2) * 16;
         for (int p = 0; p < D / 2; p++) {
-            __m512bh kv[PF_KEYS / 16];
-            for (int h = 0; h < PF_KEYS / 16; h++)
+            __m512bh kv[SV];
+            for (int h = 0; h < SV; h++)
                 kv[h] = (__m512bh)_mm512_loadu_si512((const void *)(kb + (h * (D / 2) + p) * 16));
             for (int r = 0; r < MR; r++) {
                 uint32_t pair;
                 memcpy(&pair, qrow[r] + 2 * p, sizeof pair);
                 const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)pair);
-                for (int h = 0; h < PF_KEYS / 16; h++) s[r][h] = _mm512_dpbf16_ps(s[r][h], qv, kv[h]);
+                for (int h = 0; h < SV; h++) s[r][h] = _mm512_dpbf16_ps(s[r][h], qv, kv[h]);
             }
         }
         const int masked = j0 + PF_KEYS > first_masked;
         /* probabilities as bf16, key pairs in 32-bit lanes: pairs[r][t] = keys 2t, 2t+1 */
         uint32_t pairs[4][PF_KEYS / 2];
+        __m512 alpha[4];
         for (int r = 0; r < MR; r++) {
-            __mmask16 keep[PF_KEYS / 16];
+            __mmask16 keep[SV];
             __m512 top = _mm512_set1_ps(-INFINITY);
-            for (int h = 0; h < PF_KEYS / 16; h++) {
+            for (int h = 0; h < SV; h++) {
                 keep[h] = 0xffff;
                 if (masked) {
                     const int64_t visible = limit[r] + 1 - (j0 + 16 * h); /* lanes that see */
@@ -558,25 +554,33 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
                 top = _mm512_max_ps(top, s[r][h]);
             }
             const float block_max = _mm512_reduce_max_ps(top);
-            /* a row that sees none of these keys (max -inf) adds zeros */
-            const float m_new = block_max > m[r] ? block_max : m[r];
-            if (m_new > m[r]) { /* rescale what was summed under the old max */
-                const __m512 alpha = exp_ps(_mm512_set1_ps(m[r] - m_new));
-                for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_mul_ps(o[r][c], alpha);
-                lsum[r] = _mm512_mul_ps(lsum[r], alpha);
-                m[r] = m_new;
+            /* a row that sees none of these keys (max -inf) adds zeros; the state stays in
+             * memory between blocks, leaving the registers to the 16 score sums */
+            __m512 lsum = _mm512_loadu_ps(state[r].lsum);
+            alpha[r] = _mm512_set1_ps(1.0f);
+            if (block_max > state[r].m) { /* what was summed under the old max shrinks */
+                alpha[r] = exp_ps(_mm512_set1_ps(state[r].m - block_max));
+                lsum = _mm512_mul_ps(lsum, alpha[r]);
+                state[r].m = block_max;
             }
-            __m512 prob[PF_KEYS / 16];
-            for (int h = 0; h < PF_KEYS / 16; h++) {
-                prob[h] = _mm512_maskz_mov_ps(
-                    keep[h], exp_probability_ps(_mm512_sub_ps(s[r][h], _mm512_set1_ps(m[r]))));
-                lsum[r] = _mm512_add_ps(lsum[r], prob[h]);
+            __m512 prob[SV];
+            const __m512 m_row = _mm512_set1_ps(state[r].m);
+            for (int h = 0; h < SV; h++) {
+                prob[h] = _mm512_maskz_mov_ps(keep[h],
+                                              exp_probability_ps(_mm512_sub_ps(s[r][h], m_row)));
+                lsum = _mm512_add_ps(lsum, prob[h]);
             }
-            for (int h = 0; h < PF_KEYS / 32; h++)
+            _mm512_storeu_ps(state[r].lsum, lsum);
+            for (int h = 0; h < SV / 2; h++)
                 _mm512_storeu_si512((void *)(pairs[r] + 16 * h),
                                     (__m512i)_mm512_cvtne2ps_pbh(prob[2 * h + 1], prob[2 * h]));
         }
-        /* each value row is loaded once for the whole tile */
+        /* the output sums come in from the state for this block only (registers are for the
+         * scores above), rescaled, and each value row is loaded once for the whole tile */
+        __m512 o[4][8]; /* [MR][D / 16] */
+        for (int r = 0; r < MR; r++)
+            for (int c = 0; c < D / 16; c++)
+                o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(state[r].o + 16 * c), alpha[r]);
         const uint32_t *vb = a->vp + (j0 / 2) * D;
         for (int t = 0; t < PF_KEYS / 2; t++) {
             __m512bh vv[8];
@@ -587,11 +591,8 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
                 for (int c = 0; c < D / 16; c++) o[r][c] = _mm512_dpbf16_ps(o[r][c], pv, vv[c]);
             }
         }
-    }
-    for (int r = 0; r < MR; r++) {
-        for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(state[r].o + 16 * c, o[r][c]);
-        _mm512_storeu_ps(state[r].lsum, lsum[r]);
-        state[r].m = m[r];
+        for (int r = 0; r < MR; r++)
+            for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(state[r].o + 16 * c, o[r][c]);
     }
 }
 
@@ -601,10 +602,10 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
 #define PF_GROUP_ROWS 32
 #define PF_STRETCH_KEYS 256
 
-static __attribute__((target("avx512bf16"))) void prefill_group(
+static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_group(
     const prefill_args *a, int64_t kvh, int64_t g0, int64_t rows_total, int64_t seq_len,
-    prefill_state *state) {
-    const int D = (int)a->D, MR = D == 64 ? 4 : 2;
+    prefill_state *state, const int D) {
+    const int MR = D == 64 ? 4 : 2;
     const int64_t g_end = g0 + PF_GROUP_ROWS < rows_total ? g0 + PF_GROUP_ROWS : rows_total;
     for (int64_t r = 0; r < g_end - g0; r++) {
         memset(&state[r], 0, sizeof state[r]);
@@ -614,14 +615,9 @@ static __attribute__((target("avx512bf16"))) void prefill_group(
     const int64_t step = PF_STRETCH_KEYS / PF_KEYS;
     for (int64_t b0 = 0; b0 < nblocks; b0 += step) {
         const int64_t b1 = b0 + step < nblocks ? b0 + step : nblocks;
-        for (int64_t r0 = g0; r0 < g_end; r0 += MR) {
-            if (D == 64)
-                prefill_tile(a, kvh, r0, g_end, b0, b1, state + (r0 - g0), 4, 64);
-            else
-                prefill_tile(a, kvh, r0, g_end, b0, b1, state + (r0 - g0), 2, 128);
-        }
+        for (int64_t r0 = g0; r0 < g_end; r0 += MR)
+            prefill_tile(a, kvh, r0, g_end, b0, b1, state + (r0 - g0), MR, D);
     }
-    (void)MR;
     for (int64_t row = g0; row < g_end; row++) {
         const prefill_state *st = &state[row - g0];
         const int64_t i = row / a->group, g = row % a->group;
@@ -630,6 +626,19 @@ static __attribute__((target("avx512bf16"))) void prefill_group(
         for (int c = 0; c < D / 16; c++)
             store16_bf16(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(st->o + 16 * c), inv));
     }
+}
+
+/* one function per head size: each gets the registers to itself */
+static __attribute__((noinline, target("avx512bf16"))) void prefill_group_64(
+    const prefill_args *a, int64_t kvh, int64_t g0, int64_t rows_total, int64_t seq_len,
+    prefill_state *state) {
+    prefill_group(a, kvh, g0, rows_total, seq_len, state, 64);
+}
+
+static __attribute__((noinline, target("avx512bf16"))) void prefill_group_128(
+    const prefill_args *a, int64_t kvh, int64_t g0, int64_t rows_total, int64_t seq_len,
+    prefill_state *state) {
+    prefill_group(a, kvh, g0, rows_total, seq_len, state, 128);
 }
 
 /* K of positions [0, len) of one KV head as [len_pad / 16][D / 2][16] dim pairs and V as
@@ -689,7 +698,10 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
                 prefill_args mine = args;
                 mine.kp = packed + (size_t)kvh * 2 * per_head;
                 mine.vp = mine.kp + per_head;
-                prefill_group(&mine, kvh, t * PF_GROUP_ROWS, rows_total, seq_len, state);
+                if (D == 64)
+                    prefill_group_64(&mine, kvh, t * PF_GROUP_ROWS, rows_total, seq_len, state);
+                else
+                    prefill_group_128(&mine, kvh, t * PF_GROUP_ROWS, rows_total, seq_len, state);
             }
     }
     free(packed);
