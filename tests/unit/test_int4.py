@@ -292,10 +292,14 @@ def test_quantized_checkpoint_refuses_int8(wide_llama: Path, tmp_path: Path) -> 
 
 # ---- --quantization int4 on whole models -------------------------------------------------------
 
-def test_int4_quantizes_moe_experts_and_keeps_narrow_layers(tmp_path: Path) -> None:
+def test_int4_quantizes_moe_experts_and_keeps_narrow_layers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir = save_tiny_model("mixtral", tmp_path / "mixtral", **WIDE)
     int4 = load_model(str(model_dir), dtype="bfloat16", device="cpu", quantization="int4").model
+    # the reference keeps its dense expert stacks (a bf16-capable CPU would prepack them)
+    monkeypatch.setenv(PREPACK_ENV, "0")
     plain = load_model(str(model_dir), dtype="bfloat16", device="cpu").model
+    monkeypatch.undo()
     experts = [m for m in int4.modules() if isinstance(m, StackedExperts)]
     assert experts and all(e.expert_layers is not None for e in experts)
     expert_linears = [m for e in experts for m in e.modules() if isinstance(m, Linear)]
@@ -394,6 +398,7 @@ def test_load_quantizes_each_layer_as_soon_as_it_is_written(arch: str, tmp_path:
                    and any(f".{p}.{leaf}" in e for p in parts)]
         assert len(written) == len(parts) and max(written) < at  # all before, none after
     assert at < max(i for i, e in enumerate(events) if e.startswith("tensor "))
+    monkeypatch.setenv(PREPACK_ENV, "0")  # dense weights to quantize (bf16 CPUs prepack them)
     after = load_model(str(source), dtype="bfloat16", device="cpu").model
     after.quantize_weights(4)
     assert torch.equal(_greedy_logits(model, TOKENS), _greedy_logits(after, TOKENS))
