@@ -263,13 +263,11 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     i sits at absolute position p = seq_len - query_len + i and sees keys [0, p], or with a
     sliding window (p - sliding_window, p]."""
     query_len = query.shape[0]
-    windowed = sliding_window is not None and sliding_window < seq_len
-    if not windowed and native_prefill_works(query, k_cache, v_cache):
-        return prefill_attention_native(query, k_cache, v_cache, block_table, seq_len, scale)
-    if windowed:
-        assert sliding_window is not None
+    if sliding_window is not None and sliding_window < seq_len:
         keys, values, mask = _windowed_context(key, value, k_cache, v_cache, block_table,
                                                seq_len, sliding_window)
+    elif native_prefill_works(query, k_cache, v_cache):
+        return prefill_attention_native(query, k_cache, v_cache, block_table, seq_len, scale)
     elif query_len == seq_len:  # nothing cached: the fresh K/V are the whole context
         keys, values, mask = key, value, None
     elif _split_prefill_works(query):

@@ -472,7 +472,7 @@ typedef struct {
     const uint16_t *q;
     const uint32_t *kp; /* per KV head: [ctx_pad / 16][D / 2][16] pairs of dims */
     const uint32_t *vp; /* per KV head: [ctx_pad / 2][D] pairs of keys */
-    int64_t H, group, D, query_len, first_pos;
+    int64_t H, group, D, first_pos; /* first_pos: the chunk's first query position */
     float scale;
     uint16_t *out;
 } prefill_args;
@@ -633,8 +633,8 @@ static __attribute__((noinline, target("avx512bf16"))) void prefill_group_128(
 /* K of positions [0, len) of one KV head as [len_pad / 16][D / 2][16] dim pairs and V as
  * [len_pad / 2][D] key pairs, zero past len. */
 static void pack_kv(const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *table,
-                    int64_t len, int64_t len_pad, int64_t BS, int64_t KVH, int64_t kvh, int64_t D,
-                    int64_t block16, uint32_t *kp, uint32_t *vp) {
+                    int64_t len, int64_t BS, int64_t KVH, int64_t kvh, int64_t D, int64_t block16,
+                    uint32_t *kp, uint32_t *vp) {
     const int64_t j0 = block16 * 16;
     uint32_t *kdst = kp + block16 * (D / 2) * 16;
     for (int64_t j = 0; j < 16; j++) {
@@ -653,7 +653,6 @@ static void pack_kv(const uint16_t *k_cache, const uint16_t *v_cache, const int3
         uint16_t *vdst = (uint16_t *)(vp + (t / 2) * D) + (t % 2);
         for (int64_t d = 0; d < D; d++) vdst[2 * d] = v ? v[d] : 0;
     }
-    (void)len_pad;
 }
 
 /* q, out [query_len, H, D] bf16; caches [num_blocks, BS, KVH, D] bf16; table: the sequence's
@@ -670,14 +669,14 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
     if (!packed) return -1;
     const int64_t group = H / KVH, rows_total = query_len * group;
     const int64_t groups = (rows_total + PF_GROUP_ROWS - 1) / PF_GROUP_ROWS;
-    prefill_args args = {q, NULL, NULL, H, group, D, query_len, seq_len - query_len, scale, out};
+    prefill_args args = {q, NULL, NULL, H, group, D, seq_len - query_len, scale, out};
 #pragma omp parallel num_threads(nthreads)
     {
         prefill_state state[PF_GROUP_ROWS];
 #pragma omp for schedule(static) collapse(2)
         for (int64_t kvh = 0; kvh < KVH; kvh++)
-            for (int64_t b = 0; b < len_pad / 16; b++)
-                pack_kv(k_cache, v_cache, table, seq_len, len_pad, BS, KVH, kvh, D, b,
+            for (int64_t b = 0; b < len_pad / 16; b++) /* a KV head's K, then its V */
+                pack_kv(k_cache, v_cache, table, seq_len, BS, KVH, kvh, D, b,
                         packed + (size_t)kvh * 2 * per_head,
                         packed + (size_t)kvh * 2 * per_head + per_head);
         /* later rows see more keys: dynamic, largest first */
