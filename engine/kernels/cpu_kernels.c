@@ -458,29 +458,48 @@ void silu_and_mul_bf16(const uint16_t *gate_up, int64_t M, int64_t I, uint16_t *
  * holds two bf16 of adjacent reduction indices: K as [16 keys][2 dims] per dim pair, V as
  * [16 dims][2 keys] per key pair), once per call; then every tile walks the key blocks it can
  * see with an online softmax: scores in float32 registers (no score matrix is stored), the
- * running max and sum per row, the output rescaled when the max grows. Probabilities are
- * rounded to bf16 for the p.v products (as torch's bf16 flash attention does), the sums are
- * float32, the output is rounded once. Key blocks past a tile's last visible key are never
+ * running max and sum per row, the output rescaled when the max grows (lazily: see
+ * PF_LAZY_LOG2). Probabilities are rounded to bf16 for the p.v products (as torch's bf16 flash
+ * attention does), the sums are float32, the output is rounded once. Key blocks past a tile's last visible key are never
  * read: causal work is about half the square. */
 #define PF_KEYS 64 /* keys per softmax step: four 16-lane score vectors per row */
 
-/* e^x to ~3e-6 relative (degree 5): the attention probabilities are rounded to bf16 (4e-3)
- * before they are used, so exp_ps's last digits would be wasted */
-static inline __m512 exp_probability_ps(__m512 x) { return exp_taylor_ps(x, 5); }
+#define PF_MAX_ROWS 6 /* query rows per tile: 6 at head size 64, 2 at 128 (32 registers) */
+/* The running max moves only when a score passes it by 2^PF_LAZY_LOG2 in probability: the
+ * probabilities stay below 256 (well inside float32 sums and bf16's range), and most key
+ * blocks skip the max reduction and the output rescale. */
+#define PF_LAZY_LOG2 8.0f
+
+/* 2^x to ~4e-5 relative (Taylor, degree 4 on [-1/2, 1/2]): the attention probabilities are
+ * rounded to bf16 (4e-3) before they are used. Taking 2^x lets the caller fold the softmax
+ * scale and log2(e) into one fused multiply-subtract. Lanes of x that are not finite give NaN
+ * and must be masked by the caller. */
+static inline __m512 exp2_probability_ps(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(0.0096181291f); /* ln2^4 / 24 */
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0555041087f)); /* ln2^3 / 6 */
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.2402265070f)); /* ln2^2 / 2 */
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6931471806f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
 
 typedef struct {
     const uint16_t *q;
     const uint32_t *kp; /* per KV head: [ctx_pad / 16][D / 2][16] pairs of dims */
     const uint32_t *vp; /* per KV head: [ctx_pad / 2][D] pairs of keys */
     int64_t H, group, D, first_pos; /* first_pos: the chunk's first query position */
-    float scale;
+    float scale, scale_log2e; /* scale_log2e = scale * log2(e) */
+    float lazy;               /* PF_LAZY_LOG2 in raw (unscaled) score units */
     uint16_t *out;
 } prefill_args;
 
 /* A row's online-softmax state between stretches of keys: its output sums, its exp-sum per
- * lane and its running max. */
+ * lane and its running max in raw score units (aligned: the output sums go in and out of
+ * registers at every key block). */
 typedef struct {
-    float o[128];
+    _Alignas(64) float o[128];
     float lsum[16];
     float m;
 } prefill_state;
@@ -491,8 +510,8 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
     const prefill_args *a, int64_t kvh, int64_t r0, int64_t rows_total, int64_t b_begin,
     int64_t b_end, prefill_state *state, const int MR, const int D) {
     const int64_t H = a->H, group = a->group;
-    const uint16_t *qrow[4];
-    int64_t limit[4]; /* the last key each row sees */
+    const uint16_t *qrow[PF_MAX_ROWS];
+    int64_t limit[PF_MAX_ROWS]; /* the last key each row sees */
     int64_t last = 0, first_masked = INT64_MAX;
     for (int r = 0; r < MR; r++) {
         const int64_t row = r0 + r < rows_total ? r0 + r : rows_total - 1;
@@ -505,12 +524,12 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
     if (last / PF_KEYS + 1 < b_end) b_end = last / PF_KEYS + 1;
     if (b_begin >= b_end) return;
     enum { SV = PF_KEYS / 16 }; /* score vectors per row */
-    const __m512 scale = _mm512_set1_ps(a->scale);
+    const __m512 scale_log2e = _mm512_set1_ps(a->scale_log2e);
     for (int64_t b = b_begin; b < b_end; b++) {
         const int64_t j0 = b * PF_KEYS;
-        /* scores: MR x SV independent sums (16 at head size 64), so the dot-product units
-         * never wait on one sum's latency */
-        __m512 s[4][SV];
+        /* raw scores q.k: MR x SV independent sums (24 at head size 64), so the dot-product
+         * units never wait on one sum's latency */
+        __m512 s[PF_MAX_ROWS][SV];
         for (int r = 0; r < MR; r++)
             for (int h = 0; h < SV; h++) s[r][h] = _mm512_setzero_ps();
         const uint32_t *kb = a->kp + (j0 / 16) * (D / 2) * 16;
@@ -527,8 +546,9 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
         }
         const int masked = j0 + PF_KEYS > first_masked;
         /* probabilities as bf16, key pairs in 32-bit lanes: pairs[r][t] = keys 2t, 2t+1 */
-        uint32_t pairs[4][PF_KEYS / 2];
-        __m512 alpha[4];
+        uint32_t pairs[PF_MAX_ROWS][PF_KEYS / 2];
+        float alpha[PF_MAX_ROWS];
+        int rescale = 0;
         for (int r = 0; r < MR; r++) {
             __mmask16 keep[SV];
             __m512 top = _mm512_set1_ps(-INFINITY);
@@ -539,24 +559,27 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
                     keep[h] = visible >= 16 ? 0xffff
                               : visible <= 0 ? 0 : (__mmask16)((1u << visible) - 1u);
                 }
-                s[r][h] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), keep[h], s[r][h], scale);
-                top = _mm512_max_ps(top, s[r][h]);
+                top = _mm512_mask_max_ps(top, keep[h], top, s[r][h]);
             }
-            const float block_max = _mm512_reduce_max_ps(top);
-            /* a row that sees none of these keys (max -inf) adds zeros; the state stays in
-             * memory between blocks, leaving the registers to the 16 score sums */
+            /* the state stays in memory between blocks, leaving the registers to the score
+             * sums; a row that sees none of these keys (top -inf) adds zeros */
             __m512 lsum = _mm512_loadu_ps(state[r].lsum);
-            alpha[r] = _mm512_set1_ps(1.0f);
-            if (block_max > state[r].m) { /* what was summed under the old max shrinks */
-                alpha[r] = exp_ps(_mm512_set1_ps(state[r].m - block_max));
-                lsum = _mm512_mul_ps(lsum, alpha[r]);
+            alpha[r] = 1.0f;
+            if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(state[r].m + a->lazy), _CMP_GT_OQ)) {
+                /* what was summed under the old max shrinks (e^-inf = 0 on the first block) */
+                const float block_max = _mm512_reduce_max_ps(top);
+                alpha[r] = _mm512_cvtss_f32(
+                    exp_ps(_mm512_set1_ps(a->scale * (state[r].m - block_max))));
+                lsum = _mm512_mul_ps(lsum, _mm512_set1_ps(alpha[r]));
                 state[r].m = block_max;
+                rescale = 1;
             }
+            /* p = 2^(s * scale * log2(e) - m * scale * log2(e)) = e^(scale * (s - m)) */
+            const __m512 m_scaled = _mm512_set1_ps(state[r].m * a->scale_log2e);
             __m512 prob[SV];
-            const __m512 m_row = _mm512_set1_ps(state[r].m);
             for (int h = 0; h < SV; h++) {
-                prob[h] = _mm512_maskz_mov_ps(keep[h],
-                                              exp_probability_ps(_mm512_sub_ps(s[r][h], m_row)));
+                prob[h] = _mm512_maskz_mov_ps(
+                    keep[h], exp2_probability_ps(_mm512_fmsub_ps(s[r][h], scale_log2e, m_scaled)));
                 lsum = _mm512_add_ps(lsum, prob[h]);
             }
             _mm512_storeu_ps(state[r].lsum, lsum);
@@ -565,11 +588,16 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
                                     (__m512i)_mm512_cvtne2ps_pbh(prob[2 * h + 1], prob[2 * h]));
         }
         /* the output sums come in from the state for this block only (registers are for the
-         * scores above), rescaled, and each value row is loaded once for the whole tile */
-        __m512 o[4][8]; /* [MR][D / 16] */
+         * scores above), rescaled only if a max moved, and each value row is loaded once for
+         * the whole tile */
+        __m512 o[PF_MAX_ROWS][8]; /* [MR][D / 16] */
         for (int r = 0; r < MR; r++)
             for (int c = 0; c < D / 16; c++)
-                o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(state[r].o + 16 * c), alpha[r]);
+                o[r][c] = _mm512_loadu_ps(state[r].o + 16 * c);
+        if (rescale)
+            for (int r = 0; r < MR; r++)
+                for (int c = 0; c < D / 16; c++)
+                    o[r][c] = _mm512_mul_ps(o[r][c], _mm512_set1_ps(alpha[r]));
         const uint32_t *vb = a->vp + (j0 / 2) * D;
         for (int t = 0; t < PF_KEYS / 2; t++) {
             __m512bh vv[8];
@@ -588,13 +616,13 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_
 /* A group of PF_GROUP_ROWS rows of one KV head: the keys go past in stretches of
  * PF_STRETCH_KEYS (their packed K and V, 64 KB at head size 64, stay in L2 while every tile of
  * the group reads them; a whole 8k context's 2 MB would come from L3 for each tile). */
-#define PF_GROUP_ROWS 32
+#define PF_GROUP_ROWS 48
 #define PF_STRETCH_KEYS 256
 
 static inline __attribute__((always_inline, target("avx512bf16"))) void prefill_group(
     const prefill_args *a, int64_t kvh, int64_t g0, int64_t rows_total, int64_t seq_len,
     prefill_state *state, const int D) {
-    const int MR = D == 64 ? 4 : 2;
+    const int MR = D == 64 ? PF_MAX_ROWS : 2;
     const int64_t g_end = g0 + PF_GROUP_ROWS < rows_total ? g0 + PF_GROUP_ROWS : rows_total;
     for (int64_t r = 0; r < g_end - g0; r++) {
         memset(&state[r], 0, sizeof state[r]);
@@ -669,7 +697,9 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
     if (!packed) return -1;
     const int64_t group = H / KVH, rows_total = query_len * group;
     const int64_t groups = (rows_total + PF_GROUP_ROWS - 1) / PF_GROUP_ROWS;
-    prefill_args args = {q, NULL, NULL, H, group, D, seq_len - query_len, scale, out};
+    const float scale_log2e = scale * 1.44269504088896341f;
+    prefill_args args = {q,     NULL,        NULL,        H, group, D, seq_len - query_len,
+                         scale, scale_log2e, PF_LAZY_LOG2 / scale_log2e, out};
 #pragma omp parallel num_threads(nthreads)
     {
         prefill_state state[PF_GROUP_ROWS];

@@ -234,8 +234,8 @@ needs_bf16_prefill_kernel = pytest.mark.skipif(
                                        torch.empty(1, dtype=torch.bfloat16),
                                        torch.empty(1, dtype=torch.bfloat16)),
     reason="the bf16 prefill kernel needs AVX-512 VNNI and BF16 and a C compiler")
-# fresh prompts and chunks after cached prefixes: lengths on and off the kernel's 32-key
-# steps and 4-row tiles, a context of several hundred keys (many online-softmax rescales)
+# fresh prompts and chunks after cached prefixes: lengths on and off the kernel's 64-key
+# steps and 6-row tiles, a context of several hundred keys (many online-softmax rescales)
 PREFILL_SHAPES = [(0, 37), (16, 16), (37, 23), (5, 64), (100, 2), (0, 2), (700, 90), (31, 33)]
 
 
@@ -264,6 +264,38 @@ def test_bf16_prefill_kernel_matches_naive_attention(head_dim: int, num_heads: i
     assert len(calls) == len(seqs)  # every sequence here has several query tokens
     monkeypatch.setattr(torch_ref, "native_prefill_works", lambda *args: False)
     reference, _, _ = run_backend(seqs, num_blocks, block_size, scale, dtype=torch.bfloat16)
+    native_error = (native.double() - expected).abs()
+    reference_error = (reference.double() - expected).abs()
+    assert native_error.max().item() < 5e-2
+    assert native_error.mean().item() < 1.5 * reference_error.mean().item()
+
+
+@needs_bf16_prefill_kernel
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("slope", [1.0, -1.0], ids=["rising", "falling"])
+def test_bf16_prefill_kernel_follows_a_moving_max(head_dim: int, slope: float,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores that climb 200 units along the context (the running max passes its lazy
+    threshold in block after block) or fall as much (the first block's max holds to the end):
+    the kernel's rescaling against float64 attention on the same bf16 inputs, and against
+    torch's bf16 path."""
+    seqs, num_blocks = make_sequences([(700, 90), (0, 130), (200, 64)], 14, 2, 16, seed=11,
+                                      head_dim=head_dim)
+    scale = head_dim**-0.5
+    for seq in seqs:  # the scaled score's first term: -100 to 100 along the context
+        seq.keys[:, :, 0] = torch.linspace(-100, 100, seq.seq_len, dtype=torch.float64)[:, None]
+        seq.queries[:, :, 0] = slope / scale
+        for data in (seq.keys, seq.queries, seq.values):  # the truth: the same bf16 inputs
+            data.copy_(data.to(torch.bfloat16).double())
+    expected = torch.cat([naive_attention(seq, scale) for seq in seqs])
+    calls: list[int] = []
+    real = torch_ref.prefill_attention_native
+    monkeypatch.setattr(torch_ref, "prefill_attention_native",
+                        lambda *args: calls.append(1) or real(*args))
+    native, _, _ = run_backend(seqs, num_blocks, 16, scale, dtype=torch.bfloat16)
+    assert len(calls) == len(seqs)
+    monkeypatch.setattr(torch_ref, "native_prefill_works", lambda *args: False)
+    reference, _, _ = run_backend(seqs, num_blocks, 16, scale, dtype=torch.bfloat16)
     native_error = (native.double() - expected).abs()
     reference_error = (reference.double() - expected).abs()
     assert native_error.max().item() < 5e-2
