@@ -44,6 +44,10 @@ CPU per token counts work rather than waiting, so it stays comparable under othe
 --offline also runs the same prompts through LLM.generate in this process (max_num_seqs = the
 scenario's concurrency): the ratio of served to offline tokens/s is the server overhead.
 Machines shared with other work are noisy: compare ratios from one run, not across runs.
+--interleave goes further: every server is up at once (each started after the last is ready;
+pagedserve's variants on --port + 1, + 2, ...) and each scenario runs on every server in turn
+before the next scenario, so the two figures a ratio compares are minutes apart at most, not a
+whole run apart.
 """
 
 from __future__ import annotations
@@ -225,39 +229,133 @@ def load_config(scenario: Scenario, position: int, url: str, pid: int | None,
                       seed=args.seed + position, pid=pid, endpoint=args.endpoint)
 
 
+def run_scenario(run: ServerRun, url: str, pid: int | None, position: int, scenario: Scenario,
+                 args: argparse.Namespace, tokenizer) -> None:  # noqa: ANN001
+    """The scenario at `position` in --scenarios against one server, into `run`."""
+    config = load_config(scenario, position, url, pid, args)
+    prompts = build_prompts(tokenizer, config)
+    asyncio.run(warm_up(config, tokenizer, args.warmup))
+    summary = asyncio.run(run_load(config, prompts))
+    run.scenarios[scenario.key] = summary
+    logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
+                   "prefill %s tok/s, TPOT mean %.1f ms, %s, %d failed", run.name, scenario.key,
+                   summary["output_tok_s"], summary["mean_output_tokens"],
+                   summary["ttft_s"]["p50"], _fmt(summary["prefill_tok_s"], ".0f"),  # type: ignore[index]
+                   summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
+                   format_spec_decode(summary["spec_decode"]), summary["num_failed"])
+
+
 def run_scenarios(name: str, url: str, pid: int | None, args: argparse.Namespace,
                   tokenizer) -> ServerRun:  # noqa: ANN001
     run = ServerRun(name)
     for position, scenario in enumerate(parse_scenarios(args.scenarios, args.workload)):
-        config = load_config(scenario, position, url, pid, args)
-        prompts = build_prompts(tokenizer, config)
-        asyncio.run(warm_up(config, tokenizer, args.warmup))
-        summary = asyncio.run(run_load(config, prompts))
-        run.scenarios[scenario.key] = summary
-        logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
-                       "prefill %s tok/s, TPOT mean %.1f ms, %s, %d failed", name, scenario.key,
-                       summary["output_tok_s"], summary["mean_output_tokens"],
-                       summary["ttft_s"]["p50"], _fmt(summary["prefill_tok_s"], ".0f"),  # type: ignore[index]
-                       summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
-                       format_spec_decode(summary["spec_decode"]), summary["num_failed"])
+        run_scenario(run, url, pid, position, scenario, args, tokenizer)
     return run
 
 
-def bench_started(name: str, argv: list[str], url: str, args: argparse.Namespace,
-                  tokenizer) -> ServerRun:  # noqa: ANN001
+def start_server(name: str, argv: list[str], url: str,
+                 args: argparse.Namespace) -> tuple[StartedServer, float]:
+    """Start a server and wait until it serves; (the server, seconds to ready)."""
     log_path = Path(args.log_dir) / f"{name.replace(' ', '-')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.warning("starting %s: %s (log: %s)", name, shlex.join(argv), log_path)
     server = StartedServer(argv, log_path)
     try:
         ready_s = wait_ready(url, server.process, args.ready_timeout)
-        logger.warning("%s ready in %.1f s", name, ready_s)
+    except BaseException:
+        server.stop()
+        raise
+    logger.warning("%s ready in %.1f s", name, ready_s)
+    return server, ready_s
+
+
+def bench_started(name: str, argv: list[str], url: str, args: argparse.Namespace,
+                  tokenizer) -> ServerRun:  # noqa: ANN001
+    server, ready_s = start_server(name, argv, url, args)
+    try:
         run = run_scenarios(name, url, server.process.pid, args, tokenizer)
         run.ready_s = ready_s
     finally:
         peak = server.stop()
     run.peak_rss_gb = peak
     return run
+
+
+def bench_in_turn(args: argparse.Namespace, tokenizer) -> list[ServerRun]:  # noqa: ANN001
+    """One server at a time: each started, run through every scenario and stopped before the
+    next starts."""
+    runs: list[ServerRun] = []
+    if not args.skip_ours:
+        url = f"http://127.0.0.1:{args.port}"
+        runs += [bench_started(name, argv, url, args, tokenizer)
+                 for name, argv in our_servers(args)]
+    if args.peer_cmd:
+        runs.append(bench_started(args.peer_name, shlex.split(args.peer_cmd),
+                                  f"http://127.0.0.1:{args.peer_port}", args, tokenizer))
+    elif args.peer_url:
+        run = run_scenarios(args.peer_name, args.peer_url, args.peer_pid, args, tokenizer)
+        run.peak_rss_gb = peak_rss_of_scenarios(run)
+        runs.append(run)
+    return runs
+
+
+def bench_interleaved(args: argparse.Namespace, tokenizer) -> list[ServerRun]:  # noqa: ANN001
+    """--interleave: every server up at once (each started after the last is ready), and each
+    scenario run on one server after the other before the next scenario, so the figures a
+    ratio compares are taken minutes apart at most, not a whole run apart: on a shared
+    machine whose speed drifts by several % from one minute to the next, that is what keeps
+    the ratios honest. An idle server must not compete for the cores (pagedserve and vLLM's
+    CPU build stay below 1% of a core while idle)."""
+    targets: list[tuple[ServerRun, str, StartedServer | None]] = []
+    try:
+        for name, argv, url in servers_to_start(args):
+            server, ready_s = start_server(name, argv, url, args)
+            targets.append((ServerRun(name, ready_s=ready_s), url, server))
+        if args.peer_url:
+            targets.append((ServerRun(args.peer_name), args.peer_url, None))
+        for position, scenario in enumerate(parse_scenarios(args.scenarios, args.workload)):
+            for run, url, server in targets:
+                pid = server.process.pid if server else args.peer_pid
+                run_scenario(run, url, pid, position, scenario, args, tokenizer)
+    finally:
+        for run, _, server in targets:
+            if server is not None:
+                run.peak_rss_gb = server.stop()
+    for run, _, server in targets:
+        if server is None:
+            run.peak_rss_gb = peak_rss_of_scenarios(run)
+    return [run for run, _, _ in targets]
+
+
+def peak_rss_of_scenarios(run: ServerRun) -> float | None:
+    """A server this run did not start: the peak of its scenarios' RSS samples (--peer-pid)."""
+    peaks = [s["peak_rss_gb"] for s in run.scenarios.values() if s.get("peak_rss_gb")]
+    return max(peaks) if peaks else None  # type: ignore[type-var]
+
+
+def servers_to_start(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
+    """(name, argv, url) of every server this run starts: pagedserve's runs (each on its own
+    port under --interleave, where they are all up at once), then the peer's command."""
+    servers = []
+    if not args.skip_ours:
+        for index, (name, argv) in enumerate(our_servers(args)):
+            port = args.port + index
+            servers.append((name, _with_port(argv, args.port, port), f"http://127.0.0.1:{port}"))
+    if args.peer_cmd:
+        servers.append((args.peer_name, shlex.split(args.peer_cmd),
+                        f"http://127.0.0.1:{args.peer_port}"))
+    return servers
+
+
+def _with_port(argv: list[str], old: int, new: int) -> list[str]:
+    """argv with its --port `old` changed to `new` (a variant under --interleave)."""
+    if old == new:
+        return argv
+    if "--port" not in argv or argv[argv.index("--port") + 1] != str(old):
+        raise ValueError(f"--interleave with variants needs --port {old} in --ours-cmd")
+    argv = list(argv)
+    argv[argv.index("--port") + 1] = str(new)
+    return argv
 
 
 def bench_offline(args: argparse.Namespace, tokenizer) -> ServerRun:  # noqa: ANN001
@@ -425,6 +523,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights-bytes", type=int, default=None,
                         help="weight bytes read per decoded token (default: --model's "
                         "config.json, in bf16)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all servers up at once; each scenario runs on every server in "
+                        "turn before the next scenario (fair ratios on a drifting machine)")
     parser.add_argument("--offline", action="store_true",
                         help="also run the prompts through LLM.generate (server overhead)")
     parser.add_argument("--log-dir", default="/tmp", help="where the servers' logs go")
@@ -448,19 +549,7 @@ def main() -> None:
         args.model = str(ensure_default_model())
     tokenizer = load_tokenizer(args.model)
     roofline = measure_roofline(args)
-    runs: list[ServerRun] = []
-    if not args.skip_ours:
-        url = f"http://127.0.0.1:{args.port}"
-        runs += [bench_started(name, argv, url, args, tokenizer)
-                 for name, argv in our_servers(args)]
-    if args.peer_cmd:
-        runs.append(bench_started(args.peer_name, shlex.split(args.peer_cmd),
-                                  f"http://127.0.0.1:{args.peer_port}", args, tokenizer))
-    elif args.peer_url:
-        run = run_scenarios(args.peer_name, args.peer_url, args.peer_pid, args, tokenizer)
-        peaks = [s["peak_rss_gb"] for s in run.scenarios.values() if s.get("peak_rss_gb")]
-        run.peak_rss_gb = max(peaks) if peaks else None  # type: ignore[type-var]
-        runs.append(run)
+    runs = (bench_interleaved if args.interleave else bench_in_turn)(args, tokenizer)
     if args.offline:
         runs.append(bench_offline(args, tokenizer))
     report(args, runs, roofline)

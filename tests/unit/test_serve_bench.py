@@ -22,6 +22,7 @@ from bench.compare import (
     parse_scenarios,
     parse_variant,
     ratios,
+    servers_to_start,
     table,
 )
 from bench.edit_workload import edit_tasks
@@ -231,6 +232,22 @@ def test_load_config_takes_the_scenario_length_and_its_own_seed() -> None:
             for c in configs] == [(4096, 2, 1, 7, 8), (230, 32, 16, 8, 8)]
     with pytest.raises(SystemExit):  # rejected before any server starts
         parse_args(["--scenarios", "edit:1:2@4096"])
+
+
+def test_interleave_starts_every_server_on_its_own_port() -> None:
+    args = parse_args(["--ours-cmd", "python -m server serve --port 8011", "--ours-variant",
+                       "base=", "--ours-variant", "int8=--quantization int8", "--peer-cmd",
+                       "vllm serve m --port 8100", "--interleave"])
+    assert servers_to_start(args) == [
+        ("pagedserve base", ["python", "-m", "server", "serve", "--port", "8011"],
+         "http://127.0.0.1:8011"),
+        ("pagedserve int8", ["python", "-m", "server", "serve", "--port", "8012",
+                             "--quantization", "int8"], "http://127.0.0.1:8012"),
+        ("peer", ["vllm", "serve", "m", "--port", "8100"], "http://127.0.0.1:8100")]
+    no_port = parse_args(["--ours-cmd", "python -m server serve", "--ours-variant", "a=",
+                          "--ours-variant", "b=--seed 1", "--interleave"])
+    with pytest.raises(ValueError, match="needs --port 8011"):
+        servers_to_start(no_port)
 
 
 def test_variant_flags_keep_a_quoted_json_value_whole() -> None:
