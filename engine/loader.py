@@ -190,10 +190,14 @@ def _quantize(module: CausalLM, quantization: str) -> None:
     with stage(f"quantizing weights to {quantization}"):
         quantized, kept = module.quantize_weights(bits)
     if bits == 8:
-        num_bytes = sum(m.int8_weight.data.numel() for m in module.modules()
-                        if isinstance(m, Linear) and m.int8_weight is not None)
+        weights = [m.int8_weight for m in module.modules()
+                   if isinstance(m, Linear) and m.int8_weight is not None]
+        num_bytes = sum(w.data.numel() for w in weights)
         columns = w8a8.BLOCK
-        kernel = ("native VNNI kernel" if native_library() is not None
+        packed = sum(w.columns.numel() for w in weights if w.columns is not None)
+        kernel = (f"native VNNI kernels (row tiles for decode, GEMM from "
+                  f"{w8a8.GEMM_MIN_ROWS} rows over a column-packed copy: {packed / 1e9:.2f} GB)"
+                  if native_library() is not None
                   else "portable kernel (no AVX-512 here)" if portable_library() is not None
                   else "torch fallback kernel (slow)")
     else:

@@ -72,8 +72,10 @@ static inline void store16_bf16(uint16_t *p, __m512 v) {
 }
 
 /* One row of K bf16 activations -> K int8 (round half to even of x / scale) and K/BLOCK
- * scales (max |x| / 127 over the block). */
-static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *scales) {
+ * scales (max |x| / 127 over the block); with `offsets`, also -128 * (the block's sum of int8
+ * values) per block: what the weights' +128 adds to a block's dot product (w8a8_gemm). */
+static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *scales,
+                         int32_t *offsets) {
     for (int64_t b = 0; b < K / BLOCK; b++) {
         const uint16_t *xb = x + b * BLOCK;
         __m512 v[BLOCK / 16];
@@ -85,13 +87,16 @@ static void quantize_row(const uint16_t *x, int64_t K, int8_t *xq, float *scales
         float max_abs = _mm512_reduce_max_ps(amax);
         float scale = max_abs / 127.0f;
         __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        __m512i total = _mm512_setzero_si512();
         for (int i = 0; i < BLOCK / 16; i++) {
             __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv)); /* nearest even */
             q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)),
                                  _mm512_set1_epi32(-127));
+            total = _mm512_add_epi32(total, q);
             _mm_storeu_si128((__m128i *)(xq + b * BLOCK + 16 * i), _mm512_cvtepi32_epi8(q));
         }
         scales[b] = scale;
+        if (offsets) offsets[b] = -128 * _mm512_reduce_add_epi32(total);
     }
 }
 
@@ -174,7 +179,7 @@ int w8a8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const
         return -1;
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
-    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xs + m * nb);
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xq + m * K, xs + m * nb, NULL);
     const int64_t tiles = (N + ROWS - 1) / ROWS;
     /* a chunk of activation rows stays in L2 while every weight tile streams past it once */
     for (int64_t m0 = 0; m0 < M; m0 += XCHUNK) {
@@ -189,6 +194,123 @@ int w8a8_linear(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const
     }
     free(xq);
     free(xs);
+    return 0;
+}
+
+/* ---- int8 GEMM for batches (W8A8): the same arithmetic as w8a8_linear, laid out for many
+ * activation rows ----
+ *
+ * w8a8_linear's tiles dot 64 bytes of one weight row with 64 of one activation row: one
+ * vpdpbusd then a conversion and an FMA per block, a third of the int8 rate. Here a vpdpbusd
+ * takes 16 output columns at once, 4 reduction indices each, against 4 bytes of one activation
+ * row broadcast, so a block of 64 columns is 16 vpdpbusd into one int32 sum per output before
+ * its single conversion and FMA by the activation's block scale. The weights are repacked
+ * once at load for it: [N / 16][K / 4][16][4] bytes (wq + 128, as the rows store them; N
+ * padded with zero weights). The +128 comes back out exactly: each int32 sum starts at -128 x
+ * the activation block's sum. A register tile is GEMM_ROWS activation rows x GEMM_COLS
+ * 16-column groups: 12 int32 and 12 float sums, the weights read once per 4 rows.
+ * Throughput against oneDNN's bf16 matmul (2 threads, Zen 5): 1.3-1.5x at 256 rows, 1.4-2x at
+ * 16, for the default model's four shapes. */
+#define GEMM_ROWS 4
+#define GEMM_COLS 3
+
+/* w [N, K] bytes -> the packed layout above, into out [(N + 15) / 16 * 16 * K] */
+void w8_pack_columns(const uint8_t *w, int64_t N, int64_t K, uint8_t *out, int nthreads) {
+    const int64_t groups = (N + 15) / 16, quads = K / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < groups; j++)
+        for (int64_t l = 0; l < 16; l++) {
+            const int64_t n = j * 16 + l;
+            for (int64_t q = 0; q < quads; q++) {
+                uint32_t quad = 0x80808080u; /* four zero weights */
+                if (n < N) memcpy(&quad, w + n * K + q * 4, sizeof quad);
+                memcpy(out + ((j * quads + q) * 16 + l) * 4, &quad, sizeof quad);
+            }
+        }
+}
+
+static inline __attribute__((always_inline)) void gemm_tile(
+    const int8_t *xq, const float *xs, const int32_t *xoff, int64_t m0, const int rows,
+    const uint8_t *wp, int64_t j0, int cols, const float *wscale, const float *bias,
+    uint16_t *y, int64_t N, int64_t K) {
+    const int64_t nb = K / BLOCK, quads = K / 4;
+    __m512 acc[GEMM_ROWS][GEMM_COLS];
+    const uint8_t *wj[GEMM_COLS];
+    for (int c = 0; c < GEMM_COLS; c++) /* a missing group repeats one, never stored */
+        wj[c] = wp + (j0 + (c < cols ? c : 0)) * quads * 64;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < GEMM_COLS; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i dot[GEMM_ROWS][GEMM_COLS];
+        for (int r = 0; r < rows; r++) {
+            const __m512i start = _mm512_set1_epi32(xoff[(m0 + r) * nb + b]);
+            for (int c = 0; c < GEMM_COLS; c++) dot[r][c] = start;
+        }
+        /* unrolled: GCC otherwise copies every sum between registers on each step */
+        _Pragma("GCC unroll 16") for (int q = 0; q < BLOCK / 4; q++) {
+            __m512i wv[GEMM_COLS];
+            for (int c = 0; c < GEMM_COLS; c++)
+                wv[c] = _mm512_loadu_si512((const void *)(wj[c] + (b * (BLOCK / 4) + q) * 64));
+            for (int r = 0; r < rows; r++) {
+                int32_t quad;
+                memcpy(&quad, xq + (m0 + r) * K + b * BLOCK + q * 4, sizeof quad);
+                const __m512i xv = _mm512_set1_epi32(quad);
+                for (int c = 0; c < GEMM_COLS; c++)
+                    dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], wv[c], xv);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const __m512 scale = _mm512_set1_ps(xs[(m0 + r) * nb + b]);
+            for (int c = 0; c < GEMM_COLS; c++)
+                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][c]), scale, acc[r][c]);
+        }
+    }
+    for (int c = 0; c < cols; c++) {
+        const int64_t n0 = (j0 + c) * 16;
+        const int64_t width = N - n0 < 16 ? N - n0 : 16;
+        const __mmask16 keep = (__mmask16)((1u << width) - 1u);
+        const __m512 ws = _mm512_maskz_loadu_ps(keep, wscale + n0);
+        const __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            uint16_t out[16];
+            store16_bf16(out, _mm512_fmadd_ps(acc[r][c], ws, add));
+            memcpy(y + (m0 + r) * N + n0, out, sizeof(uint16_t) * (size_t)width);
+        }
+    }
+}
+
+/* x [M, K] bf16, w packed by w8_pack_columns, wscale [N] f32, bias [N] f32 or NULL, y [M, N]
+ * bf16. K must be a multiple of 64. Returns 0, or -1 when scratch memory ran out. */
+int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const float *wscale,
+              const float *bias, int64_t N, uint16_t *y, int nthreads) {
+    const int64_t nb = K / BLOCK;
+    int8_t *xq = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *xs = malloc(sizeof(float) * (size_t)(M * nb));
+    int32_t *xoff = malloc(sizeof(int32_t) * (size_t)(M * nb));
+    if (!xq || !xs || !xoff) {
+        free(xq);
+        free(xs);
+        free(xoff);
+        return -1;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, xq + m * K, xs + m * nb, xoff + m * nb);
+    const int64_t groups = (N + 15) / 16, tiles = (groups + GEMM_COLS - 1) / GEMM_COLS;
+    /* each thread's weight columns stay in cache while every activation row passes them */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t j0 = t * GEMM_COLS;
+        const int cols = (int)(groups - j0 < GEMM_COLS ? groups - j0 : GEMM_COLS);
+        int64_t m0 = 0;
+        for (; m0 + GEMM_ROWS <= M; m0 += GEMM_ROWS)
+            gemm_tile(xq, xs, xoff, m0, GEMM_ROWS, w, j0, cols, wscale, bias, y, N, K);
+        for (; m0 < M; m0++)
+            gemm_tile(xq, xs, xoff, m0, 1, w, j0, cols, wscale, bias, y, N, K);
+    }
+    free(xq);
+    free(xs);
+    free(xoff);
     return 0;
 }
 

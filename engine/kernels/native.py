@@ -35,6 +35,8 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {
     "w8a8_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "w8_dequantize": (None, [_P, _P, _I64, _I64, _P, _I32]),
+    "w8_pack_columns": (None, [_P, _I64, _I64, _P, _I32]),
+    "w8a8_gemm": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
     "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,

@@ -51,7 +51,7 @@ class Linear(nn.Linear):
             return True
         if self.packed_weight is not None or not w8a8.can_quantize(self.in_features):
             return False
-        self.int8_weight = w8a8.quantize_weight(self.weight.detach())
+        self.int8_weight = w8a8.with_columns(w8a8.quantize_weight(self.weight.detach()))
         self.int8_bias = None if self.bias is None else self.bias.detach().float()
         self._drop_dense_weight()
         return True

@@ -5,6 +5,7 @@ text from the int8 engine, and the flag reaching the loader from the CLI's setti
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -122,6 +123,48 @@ def test_prefill_sized_batches_use_the_dequantized_weight(num_rows: int) -> None
     NATIVE.w8_dequantize(weight.data.data_ptr(), weight.scales.data_ptr(), 72, 192,
                          dense.data_ptr(), 1)
     assert torch.equal(dense, weight.dequantize().to(torch.bfloat16))
+
+
+@needs_native
+@pytest.mark.parametrize("num_rows", [4, 5, 7, 16, 65, w8a8.DEQUANTIZE_MIN_ROWS - 1])
+@pytest.mark.parametrize(("out_features", "in_features"), [(13, 192), (48, 64), (130, 896)])
+def test_batch_gemm_matches_reference(num_rows: int, out_features: int, in_features: int) -> None:
+    """From GEMM_MIN_ROWS rows (batched decode), a weight with its column-packed copy takes the
+    GEMM: the row tiles' per-block int8 arithmetic (tiles of 4 rows and the remainders, groups
+    of 16 columns padded, 3 groups a tile)."""
+    gen = torch.Generator().manual_seed(num_rows * 1000 + out_features)
+    weight = w8a8.with_columns(w8a8.quantize_weight(
+        torch.randn(out_features, in_features, generator=gen)))
+    assert weight.columns is not None
+    assert weight.columns.numel() == -(-out_features // 16) * 16 * in_features
+    x = torch.randn(num_rows, in_features, generator=gen).to(torch.bfloat16)
+    x[1] = 0.0  # an all-zero row: the bias exactly
+    x[2, 5] = 3e4  # an outlier, which only its own block's scale sees
+    for bias in (None, torch.randn(out_features, generator=gen)):
+        out = w8a8.linear(x, weight, bias)
+        assert out.dtype == torch.bfloat16 and out.shape == (num_rows, out_features)
+        expected = w8a8.reference_linear(x.float(), weight, bias)
+        assert _within_bf16_rounding(out, expected)
+        assert torch.equal(out[1], torch.zeros(out_features, dtype=torch.bfloat16)
+                           if bias is None else bias.to(torch.bfloat16))
+    # below GEMM_MIN_ROWS the row tiles run, on the same arithmetic
+    head = x[:w8a8.GEMM_MIN_ROWS - 1]
+    assert _within_bf16_rounding(w8a8.linear(head, weight, None),
+                                 w8a8.reference_linear(head.float(), weight, None))
+    # from DEQUANTIZE_MIN_ROWS (prefill) the dequantized weight, copy or not
+    tall = x.repeat(-(-w8a8.DEQUANTIZE_MIN_ROWS // num_rows), 1)
+    plain = dataclasses.replace(weight, columns=None)
+    assert torch.equal(w8a8.linear(tall, weight, None), w8a8.linear(tall, plain, None))
+
+
+@needs_native
+def test_column_packing_lays_out_sixteen_columns_by_four_bytes() -> None:
+    weight = w8a8.with_columns(w8a8.quantize_weight(torch.randn(20, 128)))
+    assert weight.columns is not None
+    packed = weight.columns.view(2, 128 // 4, 16, 4)
+    rows = torch.cat([weight.data, torch.full((12, 128), 128, dtype=torch.uint8)])
+    expected = rows.view(2, 16, 32, 4).permute(0, 2, 1, 3)  # [group][quad][column][byte]
+    assert torch.equal(packed, expected)
 
 
 @needs_native
