@@ -9,7 +9,7 @@ from engine.kv_cache.hashing import HASH_ALGORITHMS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "w8a8", "int4")
 # "auto": Triton kernels on CUDA when Triton imports, else the torch reference; "torch":
 # always the reference; "triton": the kernels or an error (on CPU only under TRITON_INTERPRET=1)
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -24,7 +24,7 @@ class ModelConfig:
     tokenizer: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    quantization: str | None = None  # "int8"/"int4": weight-only int matmuls on CPU
+    quantization: str | None = None  # "int8"/"w8a8"/"int4": int weights on CPU
     attention_backend: str | None = None  # None: $PAGEDSERVE_ATTENTION_BACKEND, else "auto"
     enforce_eager: bool = False  # CUDA: no decode graphs
     max_model_len: int | None = None

@@ -186,9 +186,9 @@ def _auto_dtype_reason(hf_config: transformers.PretrainedConfig, chosen: torch.d
 def _quantize(module: CausalLM, quantization: str) -> None:
     """--quantization int8 or int4 at load, and one line saying what it did."""
     started = time.perf_counter()
-    bits = 8 if quantization == "int8" else 4
+    bits = 4 if quantization == "int4" else 8
     with stage(f"quantizing weights to {quantization}"):
-        quantized, kept = module.quantize_weights(bits)
+        quantized, kept = module.quantize_weights(bits, int8_prefill=quantization == "w8a8")
     if bits == 8:
         weights = [m.int8_weight for m in module.modules()
                    if isinstance(m, Linear) and m.int8_weight is not None]
@@ -220,12 +220,13 @@ def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str],
     are written, and its float weight freed, so the float model is never resident whole
     (the default model in fp32: 2.5 GB). `_quantize` then does what is left (a tied head's
     copy, stacked MoE experts) and says what was done."""
-    bits = 8 if quantization == "int8" else 4
+    bits = 4 if quantization == "int4" else 8
+    int8_prefill = quantization == "w8a8"
 
     def quantize(name: str) -> None:
         layer = model.get_submodule(name)
         if isinstance(layer, Linear):
-            layer.quantize(bits)
+            layer.quantize(bits, int8_prefill)
         elif isinstance(layer, VocabParallelEmbedding) and not model.needs_tied_head_copy():
             layer.quantize_int8()
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.kernels.native import native_library, unsupported_reason
+from engine.kernels.native import has_bf16_dot_products, native_library, unsupported_reason
 from engine.layers.linear import Linear
 
 if TYPE_CHECKING:
@@ -64,12 +64,17 @@ def _kernels(engine: LLMEngine) -> str:
         return f"torch on CUDA, decode {'in CUDA graphs' if captured else 'eager'}"
     parts: list[str] = []
     # native_library() is cached: the loader built (or gave up on) it for these two cases
-    if engine.config.model.quantization == "int8":
-        parts.append("int8 matmuls on the native VNNI kernel" if native_library() is not None
+    quantization = engine.config.model.quantization
+    if quantization in ("int8", "w8a8"):
+        prefill = "int8 activations" if quantization == "w8a8" else "bf16 activations"
+        parts.append(f"int8 matmuls on the native VNNI kernels (prefill: {prefill})"
+                     if native_library() is not None
                      else "int8 matmuls on the torch fallback (slow)")
     if loaded.dtype == torch.bfloat16:
-        parts.append("native CPU kernels (RMSNorm, SwiGLU, paged decode attention)"
-                     if native_library() is not None
+        prefill_attention = (", paged prefill attention (AVX512-BF16)"
+                             if has_bf16_dot_products() else "")
+        parts.append(f"native CPU kernels (RMSNorm, SwiGLU, paged decode attention"
+                     f"{prefill_attention})" if native_library() is not None
                      else f"torch fallbacks ({unsupported_reason() or 'native build failed'})")
         if any(isinstance(m, Linear) and m.packed_weight is not None
                for m in loaded.model.modules()):

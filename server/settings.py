@@ -92,13 +92,14 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weight and activation dtype")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="device to run on")
-    quantization: Literal["int8", "int4"] | None = Field(
-        None, description="int8: weight-only int8 matmuls on CPU (AVX-512 VNNI kernel, "
-        "activations quantized per 64 values): half the weight bytes per token, so faster "
-        "decode and less memory, at a small cost in fidelity; int4: group-wise 4-bit weights "
-        "(128 per scale and zero), a quarter of bf16's weight bytes, for now a torch "
-        "dequantize+matmul path (slower decode); GPTQ/AWQ checkpoints load as int4 "
-        "without it (default: none, the dtype's weights)")
+    quantization: Literal["int8", "w8a8", "int4"] | None = Field(
+        None, description="int8: int8 weights on CPU (AVX-512 VNNI kernels, decode "
+        "activations quantized per 64 values, prefill in bf16 over the dequantized weight): "
+        "half the weight bytes per token, so faster decode and less memory, at a small cost "
+        "in fidelity; w8a8: int8 and int8 activations for prefill too (the int8 GEMM, faster "
+        "prefill and batches, a little more fidelity lost); int4: group-wise 4-bit weights "
+        "(128 per scale and zero), a quarter of bf16's weight bytes; GPTQ/AWQ checkpoints "
+        "load as int4 without it (default: none, the dtype's weights)")
     attention_backend: Literal["auto", "torch", "triton"] | None = Field(
         None, description="attention kernels: auto (Triton on CUDA, the torch reference on "
         "CPU), torch, or triton (default: $PAGEDSERVE_ATTENTION_BACKEND, else auto)")

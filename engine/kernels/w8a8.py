@@ -4,10 +4,12 @@ VNNI (cpu_kernels.c explains the arithmetic), or on CPUs without it by the porta
 (cpu_portable.c: w8a8_linear_f32, AVX2). A few rows take the row tiles (w8a8_linear); batched
 decode, from GEMM_MIN_ROWS rows, the same arithmetic as a GEMM over a column-packed copy of the
 weight (w8a8_gemm). Prefill-sized batches, from DEQUANTIZE_MIN_ROWS rows, multiply bf16
-activations by the dequantized weight: int8 activations there cost fidelity (teacher-forced on
-the default model: 96.9% top-1 agreement with bf16 and +1.65% NLL, against 99.0% and +0.1%).
-`reference_linear` is the same arithmetic in torch: the fallback where neither can be built,
-and the oracle their tests compare with."""
+activations by the dequantized weight (`--quantization int8`), or take the GEMM too
+(`--quantization w8a8`, `int8_prefill`): 1.3-1.5x oneDNN's bf16 matmul there, for a little
+fidelity (the default model over bench/data/perplexity.txt, 3,555 tokens: perplexity +0.17%
+against bf16, top-1 agreement 95.9%; int8 +0.06%, 96.5%). `reference_linear` is the same
+arithmetic in torch: the fallback where neither can be built, and the oracle their tests
+compare with."""
 
 from __future__ import annotations
 
@@ -22,10 +24,9 @@ from engine.kernels.portable import portable_library
 
 BLOCK = 64  # activation columns per scale; K must be a multiple (cpu_kernels.c's BLOCK)
 _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds the float32 copy of a large head
-# From this many rows (prefill) a bf16 matmul over the weight dequantized for the call: int8
-# activations would lose fidelity there (above), and it beats the int8 row tiles (1.08x at 128
-# rows, 1.2x at 256-2048); below it (decode, short prompts) the int8 weights' halved traffic
-# wins.
+# From this many rows (prefill), unless the weight takes int8 activations there too: a bf16
+# matmul over the weight dequantized for the call (it beats the int8 row tiles: 1.08x at 128
+# rows, 1.2x at 256-2048; below it the int8 weights' halved traffic wins).
 DEQUANTIZE_MIN_ROWS = 128
 # From this many rows, where the column-packed copy exists, the GEMM beats the row tiles (their
 # conversion and FMA per 64-byte dot product cost more than the weight traffic once a few rows
@@ -41,6 +42,9 @@ class QuantizedWeight:
     scales: torch.Tensor  # [N] float32
     # `data` repacked for w8a8_gemm ([N / 16][K / 4][16][4], N padded), or None
     columns: torch.Tensor | None = None
+    # int8 activations from DEQUANTIZE_MIN_ROWS rows too (--quantization w8a8), where the
+    # GEMM runs
+    int8_prefill: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,9 +76,10 @@ def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(data, scales)
 
 
-def with_columns(weight: QuantizedWeight) -> QuantizedWeight:
+def with_columns(weight: QuantizedWeight, int8_prefill: bool = False) -> QuantizedWeight:
     """`weight` plus its column-packed copy for batches, where the AVX-512 kernels run (the
-    copy costs the int8 bytes once more)."""
+    copy costs the int8 bytes once more); `int8_prefill`: the GEMM for prefill-sized batches
+    too."""
     lib = native_library()
     if lib is None or weight.columns is not None:
         return weight
@@ -82,7 +87,7 @@ def with_columns(weight: QuantizedWeight) -> QuantizedWeight:
     columns = torch.empty(-(-num_rows // 16) * 16 * in_features, dtype=torch.uint8)
     lib.w8_pack_columns(weight.data.data_ptr(), num_rows, in_features, columns.data_ptr(),
                         torch.get_num_threads())
-    return dataclasses.replace(weight, columns=columns)
+    return dataclasses.replace(weight, columns=columns, int8_prefill=int8_prefill)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,11 +104,11 @@ def reference_linear(x: torch.Tensor, weight: QuantizedWeight,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """`linear`'s arithmetic in torch: int8 activations per block, and every per-block dot
     product of int8 values is exact in float32 (|sum| <= 64 * 127 * 127 < 2**24), so only the
-    scaling rounds. From DEQUANTIZE_MIN_ROWS rows: a float matmul over the dequantized
-    weight."""
+    scaling rounds. From DEQUANTIZE_MIN_ROWS rows, unless the weight runs the GEMM there
+    (`int8_prefill`): a float matmul over the dequantized weight."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    if flat.shape[0] >= DEQUANTIZE_MIN_ROWS:
+    if flat.shape[0] >= DEQUANTIZE_MIN_ROWS and not _gemm_takes(weight, flat.shape[0]):
         out = linear_in_row_slices(flat.float(), weight.shape, weight.dequantize, bias)
         return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
     values, scales = quantize_activations(flat)
@@ -137,6 +142,12 @@ def portable_linear(x: torch.Tensor, weight: QuantizedWeight,
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def _gemm_takes(weight: QuantizedWeight, num_rows: int) -> bool:
+    """Whether w8a8_gemm runs `num_rows` rows of `weight` (where its column copy exists)."""
+    return (weight.columns is not None and num_rows >= GEMM_MIN_ROWS
+            and (num_rows < DEQUANTIZE_MIN_ROWS or weight.int8_prefill))
+
+
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T + bias with W int8 (`bias`: float32 or None); x any float dtype on CPU.
     The AVX-512 kernel where it runs; else, for decode-sized batches, the portable one."""
@@ -152,7 +163,7 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
         flat = flat.to(torch.bfloat16).contiguous()
     num_rows, in_features = flat.shape
     out_features = weight.shape[0]
-    if weight.columns is not None and GEMM_MIN_ROWS <= num_rows < DEQUANTIZE_MIN_ROWS:
+    if weight.columns is not None and _gemm_takes(weight, num_rows):
         out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
         status = lib.w8a8_gemm(flat.data_ptr(), num_rows, in_features, weight.columns.data_ptr(),
                                weight.scales.data_ptr(),

@@ -44,14 +44,16 @@ class Linear(nn.Linear):
     int4_group_size = w4a16.GROUP_SIZE  # of the int4_* parameters a checkpoint loads into
     weight_dtype = torch.float32
 
-    def quantize_int8(self) -> bool:
-        """Replace the weight by its int8 form; False (nothing changed) where the kernel's
-        block size does not divide in_features."""
+    def quantize_int8(self, int8_prefill: bool = False) -> bool:
+        """Replace the weight by its int8 form (`int8_prefill`: int8 activations for prefill
+        too, w8a8.with_columns); False (nothing changed) where the kernel's block size does not
+        divide in_features."""
         if self.int8_weight is not None:
             return True
         if self.packed_weight is not None or not w8a8.can_quantize(self.in_features):
             return False
-        self.int8_weight = w8a8.with_columns(w8a8.quantize_weight(self.weight.detach()))
+        self.int8_weight = w8a8.with_columns(w8a8.quantize_weight(self.weight.detach()),
+                                             int8_prefill)
         self.int8_bias = None if self.bias is None else self.bias.detach().float()
         self._drop_dense_weight()
         return True
@@ -68,9 +70,9 @@ class Linear(nn.Linear):
         self._drop_dense_weight()
         return True
 
-    def quantize(self, bits: int) -> bool:
+    def quantize(self, bits: int, int8_prefill: bool = False) -> bool:
         """`quantize_int8` (bits 8) or `quantize_int4` (bits 4)."""
-        return self.quantize_int8() if bits == 8 else self.quantize_int4()
+        return self.quantize_int8(int8_prefill) if bits == 8 else self.quantize_int4()
 
     def prepare_int4_load(self, group_size: int) -> None:
         """Trade the dense weight for empty int4 parameters in w4a16's layout, which the loader
@@ -127,11 +129,11 @@ class Linear(nn.Linear):
         return layer
 
     @classmethod
-    def int8_from(cls, weight: torch.Tensor) -> Linear | None:
+    def int8_from(cls, weight: torch.Tensor, int8_prefill: bool = False) -> Linear | None:
         """A bias-free int8 layer computing x @ weight.T (a tied LM head), or None where the
         kernel cannot take its shape."""
         layer = cls.over(weight)
-        return layer if layer.quantize_int8() else None
+        return layer if layer.quantize_int8(int8_prefill) else None
 
     @classmethod
     def int4_from(cls, weight: torch.Tensor) -> Linear | None:
@@ -164,11 +166,12 @@ def prepack_linears(model: nn.Module) -> int:
     return len(layers)
 
 
-def quantize_linears(model: nn.Module, bits: int = 8) -> tuple[int, int]:
+def quantize_linears(model: nn.Module, bits: int = 8,
+                     int8_prefill: bool = False) -> tuple[int, int]:
     """Quantize every Linear of `model` to int8 or int4 where its in_features allow:
     (quantized, left as is)."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
-    quantized = sum(layer.quantize(bits) for layer in layers)
+    quantized = sum(layer.quantize(bits, int8_prefill) for layer in layers)
     return quantized, len(layers) - quantized
 
 

@@ -158,6 +158,26 @@ def test_batch_gemm_matches_reference(num_rows: int, out_features: int, in_featu
 
 
 @needs_native
+@pytest.mark.parametrize("num_rows", [w8a8.DEQUANTIZE_MIN_ROWS, 300])
+def test_w8a8_weights_take_the_gemm_for_prefill_sized_batches(num_rows: int) -> None:
+    """`int8_prefill` (--quantization w8a8): int8 activations from DEQUANTIZE_MIN_ROWS rows
+    too, the decode arithmetic at prefill sizes, not the dequantized weight's."""
+    gen = torch.Generator().manual_seed(num_rows)
+    quantized = w8a8.quantize_weight(torch.randn(72, 192, generator=gen))
+    weight = w8a8.with_columns(quantized, int8_prefill=True)
+    assert weight.int8_prefill
+    x = torch.randn(num_rows, 192, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(72, generator=gen)
+    out = w8a8.linear(x, weight, bias)
+    expected = w8a8.reference_linear(x.float(), weight, bias)
+    assert _within_bf16_rounding(out, expected)
+    # the block arithmetic, row by row: as the row tiles compute each row alone
+    rows = torch.cat([w8a8.reference_linear(x[i:i + 1].float(), quantized, bias)
+                      for i in range(0, num_rows, 37)])
+    assert _within_bf16_rounding(out[::37], rows)
+
+
+@needs_native
 def test_column_packing_lays_out_sixteen_columns_by_four_bytes() -> None:
     weight = w8a8.with_columns(w8a8.quantize_weight(torch.randn(20, 128)))
     assert weight.columns is not None
@@ -283,18 +303,24 @@ def test_turned_off_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- models ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2"])
-def test_int8_model_logits_close_to_bf16(arch: str, tiny_model_dirs: dict[str, Path],
+@pytest.mark.parametrize("quantization", ["int8", "w8a8"])
+def test_int8_model_logits_close_to_bf16(arch: str, quantization: str,
+                                         tiny_model_dirs: dict[str, Path],
                                          caplog: pytest.LogCaptureFixture) -> None:
     model_dir = tiny_model_dirs[arch]
     with caplog.at_level(logging.INFO, logger="engine.loader"):
         int8 = load_model(str(model_dir), dtype="bfloat16", device="cpu",
-                          quantization="int8").model
+                          quantization=quantization).model
     plain = load_model(str(model_dir), dtype="bfloat16", device="cpu").model
     linears = [m for m in int8.modules() if isinstance(m, Linear)]
     assert linears and all(m.int8_weight is not None for m in linears)
     head = int8.output_head() or int8.tied_output_head
     assert head is not None and head.int8_weight is not None
-    assert "int8:" in caplog.text
+    # w8a8 marks every weight for int8 prefill (where the column copy, hence the GEMM, exists)
+    if NATIVE is not None:
+        assert all(w.int8_weight.int8_prefill == (quantization == "w8a8")
+                   for w in [*linears, head] if w.int8_weight is not None)
+    assert f"{quantization}:" in caplog.text
     tokens = [5, 17, 99, 3, 250, 41, 7]
     ours, reference = _greedy_logits(int8, tokens).float(), _greedy_logits(plain, tokens).float()
     cosine = F.cosine_similarity(ours, reference, dim=-1)
