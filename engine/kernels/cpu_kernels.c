@@ -314,6 +314,172 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
     return 0;
 }
 
+/* ---- int4 weights with int8 activations on AVX-512 VNNI: w4a16's q8 arithmetic over 16
+ * output columns at a time ----
+ *
+ * cpu_portable.c's int4_linear_q8 (AVX2) dots one weight row's nibbles with one activation
+ * row's int8 values, maddubs and madd per 32-value block. Here, as in w8a8_gemm, one vpdpbusd
+ * takes 16 output columns and 4 reduction indices against 4 activation bytes broadcast. The
+ * nibbles are repacked once at load: [N / 16][K / 8][16] 32-bit lanes, lane l of a group
+ * holding column 16j + l's values k .. k + 7 of an octet as the low nibbles (k .. k + 3) and the
+ * high ones (k + 4 .. k + 7) of its four bytes, so one load, a shift and two ANDs give two
+ * vpdpbusd operands. Scales and zero * scale go to [N / 16][G][16]. Padding columns are zero.
+ * Activations: int4_q8_quantize_row's blocks of 32 (w4a16.quantize_activations_q8's rounding),
+ * in their natural order. Per block: an exact int32 sum of 32 products per column, times the
+ * block's scale into the group's float sum; per group: times the column's scale, less its zero
+ * term (zero * scale x the group's sum of dequantized activations). */
+#define Q4_BLOCK 32
+#define Q4_ROWS 4
+#define Q4_COLS 2
+
+void int4_pack_columns(const uint8_t *packed, const float *scales, const float *zero_scaled,
+                       int64_t N, int64_t K, int64_t G, uint32_t *w, float *s, float *z,
+                       int nthreads) {
+    const int64_t groups = (N + 15) / 16, octets = K / 8, half = K / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < groups; j++)
+        for (int64_t l = 0; l < 16; l++) {
+            const int64_t n = j * 16 + l;
+            for (int64_t o = 0; o < octets; o++) {
+                uint32_t lane = 0;
+                if (n < N)
+                    for (int c = 0; c < 4; c++) {
+                        /* values k = 8o + c and 8o + 4 + c; byte b of a row holds 2b (low) and
+                         * 2b + 1 (high) */
+                        const int64_t lo_k = 8 * o + c, hi_k = 8 * o + 4 + c;
+                        const uint8_t lo = (packed[n * half + lo_k / 2] >> (4 * (lo_k % 2))) & 15;
+                        const uint8_t hi = (packed[n * half + hi_k / 2] >> (4 * (hi_k % 2))) & 15;
+                        lane |= (uint32_t)(lo | hi << 4) << (8 * c);
+                    }
+                w[(j * octets + o) * 16 + l] = lane;
+            }
+            for (int64_t g = 0; g < G; g++) {
+                s[(j * G + g) * 16 + l] = n < N ? scales[n * G + g] : 0.0f;
+                z[(j * G + g) * 16 + l] = n < N ? zero_scaled[n * G + g] : 0.0f;
+            }
+        }
+}
+
+/* One row of K float32 activations -> int8 per block of 32 (scale max|x| / 127, values
+ * nearbyint(x * (127 / max|x|))), the block scales, and per group the sum of the dequantized
+ * values (block scale x the block's integer sum, added block by block). */
+static void int4_q8_quantize_row(const float *x, int64_t K, int64_t group_size, int8_t *xq,
+                                 float *x_scales, float *x_group_sums) {
+    const int64_t blocks = K / Q4_BLOCK;
+    for (int64_t g = 0; g < K / group_size; g++) x_group_sums[g] = 0.0f;
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *src = x + b * Q4_BLOCK;
+        const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+        const float amax = _mm512_reduce_max_ps(
+            _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)); /* nearest even */
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        _mm_storeu_si128((__m128i *)(xq + b * Q4_BLOCK), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(xq + b * Q4_BLOCK + 16), _mm512_cvtepi32_epi8(q1));
+        const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        x_scales[b] = amax / 127.0f;
+        x_group_sums[b * Q4_BLOCK / group_size] += amax / 127.0f * (float)sum;
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_tile(
+    const int8_t *xq, const float *xs, const float *xgs, int64_t m0, const int rows,
+    const uint32_t *w, const float *s, const float *z, int64_t j0, int cols, float *out,
+    int64_t N, int64_t K, int64_t G) {
+    const int64_t octets = K / 8, blocks = K / Q4_BLOCK, per_group = blocks / G;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 total[Q4_ROWS][Q4_COLS];
+    const uint32_t *wj[Q4_COLS];
+    for (int c = 0; c < Q4_COLS; c++) wj[c] = w + (j0 + (c < cols ? c : 0)) * octets * 16;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < Q4_COLS; c++) total[r][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[Q4_ROWS][Q4_COLS];
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < Q4_COLS; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+            __m512i dot[Q4_ROWS][Q4_COLS];
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < Q4_COLS; c++) dot[r][c] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 4") for (int o = 0; o < Q4_BLOCK / 8; o++) {
+                __m512i lo[Q4_COLS], hi[Q4_COLS];
+                for (int c = 0; c < Q4_COLS; c++) {
+                    const __m512i lanes = _mm512_loadu_si512(
+                        (const void *)(wj[c] + (b * (Q4_BLOCK / 8) + o) * 16));
+                    lo[c] = _mm512_and_si512(lanes, low);
+                    hi[c] = _mm512_and_si512(_mm512_srli_epi32(lanes, 4), low);
+                }
+                for (int r = 0; r < rows; r++) {
+                    int32_t first, second;
+                    memcpy(&first, xq + (m0 + r) * K + b * Q4_BLOCK + 8 * o, 4);
+                    memcpy(&second, xq + (m0 + r) * K + b * Q4_BLOCK + 8 * o + 4, 4);
+                    const __m512i xa = _mm512_set1_epi32(first), xb = _mm512_set1_epi32(second);
+                    for (int c = 0; c < Q4_COLS; c++) {
+                        dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], lo[c], xa);
+                        dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], hi[c], xb);
+                    }
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m512 scale = _mm512_set1_ps(xs[(m0 + r) * blocks + b]);
+                for (int c = 0; c < Q4_COLS; c++)
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][c]), scale, acc[r][c]);
+            }
+        }
+        for (int c = 0; c < Q4_COLS; c++) {
+            const __m512 scale = _mm512_loadu_ps(s + ((j0 + c) * G + g) * 16);
+            const __m512 zero = _mm512_loadu_ps(z + ((j0 + c) * G + g) * 16);
+            for (int r = 0; r < rows; r++) {
+                total[r][c] = _mm512_fmadd_ps(acc[r][c], scale, total[r][c]);
+                total[r][c] = _mm512_fnmadd_ps(zero, _mm512_set1_ps(xgs[(m0 + r) * G + g]),
+                                               total[r][c]);
+            }
+        }
+    }
+    for (int c = 0; c < cols; c++) {
+        const int64_t n0 = (j0 + c) * 16;
+        const __mmask16 keep = (__mmask16)((1u << (N - n0 < 16 ? N - n0 : 16)) - 1u);
+        for (int r = 0; r < rows; r++)
+            _mm512_mask_storeu_ps(out + (m0 + r) * N + n0, keep, total[r][c]);
+    }
+}
+
+/* x [M, K] float32; w, s, z from int4_pack_columns; out [M, N] float32. group_size must be a
+ * multiple of 32 dividing K. Returns 0, -1 for a shape it does not take, -2 when scratch
+ * memory ran out. */
+int int4_gemm_q8(const float *x, int64_t M, int64_t K, const uint32_t *w, const float *s,
+                 const float *z, int64_t N, int64_t group_size, float *out, int nthreads) {
+    if (M < 1 || group_size % Q4_BLOCK || K % group_size) return -1;
+    const int64_t G = K / group_size, blocks = K / Q4_BLOCK;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xs = malloc(sizeof(float) * (size_t)(M * blocks));
+    float *xgs = malloc(sizeof(float) * (size_t)(M * G));
+    if (!xq || !xs || !xgs) {
+        free(xq);
+        free(xs);
+        free(xgs);
+        return -2;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
+    for (int64_t m = 0; m < M; m++)
+        int4_q8_quantize_row(x + m * K, K, group_size, xq + m * K, xs + m * blocks, xgs + m * G);
+    const int64_t groups = (N + 15) / 16, tiles = (groups + Q4_COLS - 1) / Q4_COLS;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t j0 = t * Q4_COLS;
+        const int cols = (int)(groups - j0 < Q4_COLS ? groups - j0 : Q4_COLS);
+        int64_t m0 = 0;
+        for (; m0 + Q4_ROWS <= M; m0 += Q4_ROWS)
+            int4_tile(xq, xs, xgs, m0, Q4_ROWS, w, s, z, j0, cols, out, N, K, G);
+        for (; m0 < M; m0++) int4_tile(xq, xs, xgs, m0, 1, w, s, z, j0, cols, out, N, K, G);
+    }
+    free(xq);
+    free(xs);
+    free(xgs);
+    return 0;
+}
+
 /* W [N, K] back to bf16, (wu - 128) * scale_n: for prefill-sized batches, where a bf16 matmul
  * over the dequantized weight beats the int8 tiles (compute-bound there, not memory-bound).
  * Exact: |wq| <= 127 fits bf16's 8 significant bits, and the product rounds once. */

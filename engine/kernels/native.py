@@ -37,6 +37,8 @@ SIGNATURES = {
     "w8_dequantize": (None, [_P, _P, _I64, _I64, _P, _I32]),
     "w8_pack_columns": (None, [_P, _I64, _I64, _P, _I32]),
     "w8a8_gemm": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
+    "int4_pack_columns": (None, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I32]),
+    "int4_gemm_q8": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _I32]),
     "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
     "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,

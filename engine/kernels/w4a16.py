@@ -7,7 +7,10 @@ kernels (cpu_portable.c), which read only the packed bytes: `kernel_linear_q8` q
 activations to int8 per block of Q8_BLOCK columns and multiplies them by the nibbles in integer
 arithmetic (2.2-2.4x the float kernel's speed at one row, as the w8a8 decode path does with
 int8 weights); `kernel_linear`, float32 activations times nibbles converted to float, takes
-groups that are not a multiple of Q8_BLOCK. Larger batches (prefill, where the matmul's compute
+groups that are not a multiple of Q8_BLOCK. Where the AVX-512 VNNI kernels run, a weight made
+by `with_columns` also holds a copy of its nibbles laid out 16 output columns at a time, and
+`columns_linear_q8` runs kernel_linear_q8's arithmetic on it with vpdpbusd (cpu_kernels.c:
+int4_gemm_q8; 2.7x the AVX2 kernel at one row, 6x at 16, on the default model's gate/up). Larger batches (prefill, where the matmul's compute
 dominates), act-order checkpoints, other devices and machines without the kernels take
 `reference_linear`, which dequantizes the weight to the activation dtype, a slice of rows at a
 time, and runs float matmuls: the oracle of the float kernel (`reference_linear_q8` is the
@@ -16,11 +19,13 @@ int8 one's).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.kernels.dequantized import linear_in_row_slices
+from engine.kernels.native import native_library
 from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 GROUP_SIZE = 128  # input columns per scale and zero point of `--quantization int4`
@@ -43,6 +48,7 @@ class Int4Weight:
     zeros: torch.Tensor  # [N, num_groups] uint8: GPTQ's zero+1 offset can make it 16
     group_size: int
     group_index: torch.Tensor | None = None  # [K] int64; None: column k in group k // size
+    columns: Int4Columns | None = None  # the AVX-512 kernel's copy (`with_columns`), or None
     # the kernel's view of scales and zeros, float32 [N, num_groups]: scale, and zero * scale
     kernel_scales: torch.Tensor = field(init=False, repr=False)
     kernel_zero_scaled: torch.Tensor = field(init=False, repr=False)
@@ -209,6 +215,58 @@ def reference_linear_q8(x: torch.Tensor, weight: Int4Weight,
     return out.to(x.dtype)
 
 
+@dataclass(frozen=True, slots=True)
+class Int4Columns:
+    """An Int4Weight repacked for cpu_kernels.c's int4_gemm_q8 (int4_pack_columns): the nibbles
+    of 16 output columns by 8 input columns per 64 bytes, scales and zero * scale per group
+    of 16 columns."""
+
+    nibbles: torch.Tensor  # [ceil(N / 16) * K / 8 * 16] int32 lanes
+    scales: torch.Tensor  # [ceil(N / 16), num_groups, 16] float32
+    zero_scaled: torch.Tensor  # the same shape
+
+
+def with_columns(weight: Int4Weight) -> Int4Weight:
+    """`weight` plus its copy for the AVX-512 VNNI kernel, where that kernel runs and takes the
+    weight (groups in order and a multiple of Q8_BLOCK columns); else `weight` itself. The
+    copy costs the packed bytes once more."""
+    lib = native_library()
+    if (lib is None or weight.columns is not None or weight.group_index is not None
+            or weight.group_size % Q8_BLOCK or weight.shape[1] % weight.group_size
+            or not weight.packed.is_contiguous()):
+        return weight
+    num_rows, in_features = weight.shape
+    groups, num_groups = -(-num_rows // 16), in_features // weight.group_size
+    columns = Int4Columns(torch.empty(groups * in_features * 2, dtype=torch.int32),
+                          torch.empty(groups, num_groups, 16), torch.empty(groups, num_groups, 16))
+    lib.int4_pack_columns(weight.packed.data_ptr(), weight.kernel_scales.data_ptr(),
+                          weight.kernel_zero_scaled.data_ptr(), num_rows, in_features,
+                          num_groups, columns.nibbles.data_ptr(), columns.scales.data_ptr(),
+                          columns.zero_scaled.data_ptr(), torch.get_num_threads())
+    return dataclasses.replace(weight, columns=columns)
+
+
+def columns_linear_q8(x: torch.Tensor, weight: Int4Weight,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """`kernel_linear_q8`'s arithmetic through the AVX-512 VNNI kernel (cpu_kernels.c:
+    int4_gemm_q8) over the weight's column copy."""
+    lib, columns = native_library(), weight.columns
+    assert lib is not None and columns is not None
+    num_rows, in_features = weight.shape
+    rows = x.reshape(-1, in_features).float().contiguous()
+    out = torch.empty(rows.shape[0], num_rows, dtype=torch.float32)
+    status = lib.int4_gemm_q8(rows.data_ptr(), rows.shape[0], in_features,
+                              columns.nibbles.data_ptr(), columns.scales.data_ptr(),
+                              columns.zero_scaled.data_ptr(), num_rows, weight.group_size,
+                              out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"int4_gemm_q8 refused {rows.shape[0]} rows of a {weight.shape} "
+                         f"weight in groups of {weight.group_size} (status {status})")
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], num_rows)
+
+
 def kernel_linear_q8(x: torch.Tensor, weight: Int4Weight,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T + bias through the int8-activation kernel (cpu_portable.c: int4_linear_q8):
@@ -239,6 +297,10 @@ def takes_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
 
 def kernel_description() -> str:
     """What runs int4 matmuls on this machine, for the load log line."""
+    if native_library() is not None:
+        return (f"AVX-512 VNNI int4 kernel with int8 activations for batches of up to "
+                f"{INT4_MAX_ROWS} rows (act-order checkpoints excepted), dequantize + float "
+                "matmul for larger ones")
     if portable_library() is None:
         return "torch dequantize fallback (the portable kernel is unavailable: slow decode)"
     return (f"portable int4 kernel with int8 activations for batches of up to {INT4_MAX_ROWS} "
@@ -249,6 +311,8 @@ def linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> to
     """y = x @ W^T + bias with W int4: a kernel for decode-sized batches where one runs (int8
     activations where the groups allow), the dequantizing reference otherwise."""
     if takes_kernel(x, weight):
+        if weight.columns is not None:  # the AVX-512 kernel, on the same arithmetic
+            return columns_linear_q8(x, weight, bias)
         if weight.group_size % Q8_BLOCK == 0:
             return kernel_linear_q8(x, weight, bias)
         return kernel_linear(x, weight, bias)

@@ -150,7 +150,7 @@ def _gemm_takes(weight: QuantizedWeight, num_rows: int) -> bool:
 
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ W^T + bias with W int8 (`bias`: float32 or None); x any float dtype on CPU.
-    The AVX-512 kernel where it runs; else, for decode-sized batches, the portable one."""
+    The AVX-512 kernels where they run; else, for decode-sized batches, the portable one."""
     lib = native_library()
     if lib is None:
         if (x.numel() < DEQUANTIZE_MIN_ROWS * x.shape[-1] and x.device.type == "cpu"
@@ -163,27 +163,22 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
         flat = flat.to(torch.bfloat16).contiguous()
     num_rows, in_features = flat.shape
     out_features = weight.shape[0]
-    if weight.columns is not None and _gemm_takes(weight, num_rows):
-        out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-        status = lib.w8a8_gemm(flat.data_ptr(), num_rows, in_features, weight.columns.data_ptr(),
-                               weight.scales.data_ptr(),
-                               bias.data_ptr() if bias is not None else None,
-                               out_features, out.data_ptr(), torch.get_num_threads())
-        if status != 0:
-            raise MemoryError("w8a8_gemm could not allocate its scratch")
-        return out.to(x.dtype).reshape(*shape[:-1], out_features)
-    if num_rows >= DEQUANTIZE_MIN_ROWS:
+    if num_rows >= DEQUANTIZE_MIN_ROWS and not _gemm_takes(weight, num_rows):
         dense = torch.empty(out_features, in_features, dtype=torch.bfloat16)
         lib.w8_dequantize(weight.data.data_ptr(), weight.scales.data_ptr(), out_features,
                           in_features, dense.data_ptr(), torch.get_num_threads())
         out = torch.nn.functional.linear(flat, dense, None if bias is None else bias.to(
             torch.bfloat16))
         return out.to(x.dtype).reshape(*shape[:-1], out_features)
+    # the GEMM over the column-packed copy, or the row tiles over the rows: same arguments
+    if weight.columns is not None and _gemm_takes(weight, num_rows):
+        kernel, name, weight_bytes = lib.w8a8_gemm, "w8a8_gemm", weight.columns
+    else:
+        kernel, name, weight_bytes = lib.w8a8_linear, "w8a8_linear", weight.data
     out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
-    status = lib.w8a8_linear(flat.data_ptr(), num_rows, in_features, weight.data.data_ptr(),
-                             weight.scales.data_ptr(),
-                             bias.data_ptr() if bias is not None else None,
-                             out_features, out.data_ptr(), torch.get_num_threads())
+    status = kernel(flat.data_ptr(), num_rows, in_features, weight_bytes.data_ptr(),
+                    weight.scales.data_ptr(), bias.data_ptr() if bias is not None else None,
+                    out_features, out.data_ptr(), torch.get_num_threads())
     if status != 0:
-        raise MemoryError("w8a8_linear could not allocate its activation scratch")
+        raise MemoryError(f"{name} could not allocate its activation scratch")
     return out.to(x.dtype).reshape(*shape[:-1], out_features)

@@ -66,7 +66,7 @@ class Linear(nn.Linear):
         if (self.packed_weight is not None or self.int8_weight is not None
                 or not w4a16.can_quantize(self.in_features)):
             return False
-        self.int4_weight = w4a16.quantize_weight(self.weight.detach())
+        self.int4_weight = w4a16.with_columns(w4a16.quantize_weight(self.weight.detach()))
         self._drop_dense_weight()
         return True
 
@@ -93,8 +93,8 @@ class Linear(nn.Linear):
         """`int4_weight` from the loaded int4 parameters, which it replaces."""
         packed, scales, zeros = (getattr(self, name).data
                                  for name in ("int4_packed", "int4_scales", "int4_zeros"))
-        self.int4_weight = w4a16.Int4Weight(packed, scales, zeros, self.int4_group_size,
-                                            group_index)
+        self.int4_weight = w4a16.with_columns(w4a16.Int4Weight(
+            packed, scales, zeros, self.int4_group_size, group_index))
         for name in ("int4_packed", "int4_scales", "int4_zeros"):
             delattr(self, name)
         self.weight = nn.Parameter(packed.new_empty(0, dtype=self.weight_dtype),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.kernels import dequantized, w4a16
+from engine.kernels.native import native_library
 from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 pytestmark = pytest.mark.skipif(portable_library() is None,
@@ -177,3 +178,78 @@ def test_large_weights_dequantize_in_slices_of_rows(monkeypatch: pytest.MonkeyPa
     expected = torch.nn.functional.linear(x, weight.dequantize_in_torch(), bias)
     assert got.shape == (2, 40, 45)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # summation order
+
+
+# ---- the AVX-512 VNNI kernel over the column copy (cpu_kernels.c: int4_gemm_q8) -----------------
+
+needs_native = pytest.mark.skipif(native_library() is None,
+                                  reason="the AVX-512 kernels are unavailable here")
+
+
+@needs_native
+@pytest.mark.parametrize("num_x_rows", [1, 3, 4, 5, INT4_MAX_ROWS])
+@pytest.mark.parametrize(("num_rows", "in_features", "group_size"),
+                         [(896, 896, 128), (37, 256, 32), (64, 1024, 1024), (6, 2048, 64),
+                          (895, 4864, 128)],
+                         ids=["square", "odd-rows", "one-group", "few-rows", "wide"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_avx512_kernel_matches_the_int8_activation_oracle(num_x_rows: int, num_rows: int,
+                                                          in_features: int, group_size: int,
+                                                          bias: bool) -> None:
+    """The same activation bytes and scales as kernel_linear_q8's oracle, exact int32 sums of
+    32 products per column and block: only the order of the float additions differs (tiles of
+    4 rows and single ones, 16-column groups padded past the last row of W)."""
+    weight = w4a16.with_columns(quantized(num_rows, in_features, group_size))
+    assert weight.columns is not None
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(num_x_rows, in_features, generator=generator) * 3
+    x[0, :w4a16.Q8_BLOCK] = 0  # a zero block: scale 0, no division by it
+    b = torch.randn(num_rows, generator=generator) if bias else None
+    expected = torch.nn.functional.linear(w4a16.quantize_activations_q8(x).double(),
+                                          weight.dequantize().double(),
+                                          None if b is None else b.double())
+    got = w4a16.columns_linear_q8(x, weight, b)
+    assert got.dtype == torch.float32 and got.shape == (num_x_rows, num_rows)
+    scale = expected.abs().max().item()
+    assert (got.double() - expected).abs().max().item() < 2e-6 * scale * in_features ** 0.5
+    assert torch.allclose(got, w4a16.reference_linear_q8(x, weight, b), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_column_copy_holds_sixteen_columns_by_eight_values_per_64_bytes() -> None:
+    weight = w4a16.with_columns(quantized(20, 64, 32, seed=8))
+    assert weight.columns is not None
+    values = w4a16.unpack_nibbles(weight.packed).int()  # [20, 64]
+    values = torch.cat([values, torch.zeros(12, 64, dtype=torch.int32)])  # padded to 32 rows
+    lanes = weight.columns.nibbles.view(2, 64 // 8, 16)  # [column group][octet][column]
+    octets = values.view(2, 16, 8, 8).permute(0, 2, 1, 3)  # [group][octet][column][value]
+    nibbles = [(lanes >> (4 * i)) & 15 for i in range(8)]  # byte c: low i = 2c, high 2c + 1
+    for c in range(4):
+        assert torch.equal(nibbles[2 * c], octets[..., c])  # values k .. k + 3: low nibbles
+        assert torch.equal(nibbles[2 * c + 1], octets[..., 4 + c])  # k + 4 .. k + 7: high
+    # [column group][group][16] -> [row][group]: the kernel's scales and zero terms, zeros past
+    # the last row
+    for packed, plain in ((weight.columns.scales, weight.kernel_scales),
+                          (weight.columns.zero_scaled, weight.kernel_zero_scaled)):
+        by_row = packed.permute(0, 2, 1).reshape(32, 2)
+        assert torch.equal(by_row[:20], plain) and not by_row[20:].any()
+
+
+@needs_native
+def test_linear_takes_the_avx512_kernel_for_decode_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights with the column copy run it up to INT4_MAX_ROWS rows, the dequantizing reference
+    beyond; act-order weights get no copy (their groups are not in column order)."""
+    weight = w4a16.with_columns(quantized(64, 256, 128, seed=9))
+    calls: list[int] = []
+    real = w4a16.columns_linear_q8
+    monkeypatch.setattr(w4a16, "columns_linear_q8",
+                        lambda x, *args: calls.append(x.numel() // x.shape[-1]) or real(x, *args))
+    for num_x_rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1):
+        x = torch.randn(num_x_rows, 256)
+        oracle = (w4a16.reference_linear_q8 if num_x_rows <= INT4_MAX_ROWS
+                  else w4a16.reference_linear)
+        assert torch.allclose(w4a16.linear(x, weight, None), oracle(x, weight, None), atol=1e-4)
+    assert calls == [1, INT4_MAX_ROWS]
+    permuted = w4a16.Int4Weight(weight.packed, weight.scales, weight.zeros, 128,
+                                torch.arange(256) % 2)
+    assert w4a16.with_columns(permuted).columns is None
