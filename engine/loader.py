@@ -195,8 +195,8 @@ def _quantize(module: CausalLM, quantization: str) -> None:
         num_bytes = sum(w.data.numel() for w in weights)
         columns = w8a8.BLOCK
         packed = sum(w.columns.numel() for w in weights if w.columns is not None)
-        kernel = (f"native VNNI kernels (row tiles for decode, GEMM from "
-                  f"{w8a8.GEMM_MIN_ROWS} rows over a column-packed copy: {packed / 1e9:.2f} GB)"
+        kernel = (f"native VNNI kernels (a GEMM over a column-packed copy of the weights: "
+                  f"{packed / 1e9:.2f} GB)"
                   if native_library() is not None
                   else "portable kernel (no AVX-512 here)" if portable_library() is not None
                   else "torch fallback kernel (slow)")

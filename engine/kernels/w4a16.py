@@ -10,11 +10,11 @@ int8 weights); `kernel_linear`, float32 activations times nibbles converted to f
 groups that are not a multiple of Q8_BLOCK. Where the AVX-512 VNNI kernels run, a weight made
 by `with_columns` also holds a copy of its nibbles laid out 16 output columns at a time, and
 `columns_linear_q8` runs kernel_linear_q8's arithmetic on it with vpdpbusd (cpu_kernels.c:
-int4_gemm_q8; 2.7x the AVX2 kernel at one row, 6x at 16, on the default model's gate/up). Larger batches (prefill, where the matmul's compute
-dominates), act-order checkpoints, other devices and machines without the kernels take
-`reference_linear`, which dequantizes the weight to the activation dtype, a slice of rows at a
-time, and runs float matmuls: the oracle of the float kernel (`reference_linear_q8` is the
-int8 one's).
+int4_gemm_q8; 2.7x the AVX2 kernel at one row, 6x at 16, on the default model's gate/up).
+Larger batches (prefill, where the matmul's compute dominates), act-order checkpoints, other
+devices and machines without the kernels take `reference_linear`, which dequantizes the weight
+to the activation dtype, a slice of rows at a time, and runs float matmuls: the oracle of the
+float kernel (`reference_linear_q8` is the int8 one's).
 """
 
 from __future__ import annotations

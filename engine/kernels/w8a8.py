@@ -1,9 +1,10 @@
 """Weight-int8 linear layers for CPU: weights quantized once per output row, activations per
 row and per block of 64 columns on every call, products summed exactly in int32 by AVX-512
 VNNI (cpu_kernels.c explains the arithmetic), or on CPUs without it by the portable kernel
-(cpu_portable.c: w8a8_linear_f32, AVX2). A few rows take the row tiles (w8a8_linear); batched
-decode, from GEMM_MIN_ROWS rows, the same arithmetic as a GEMM over a column-packed copy of the
-weight (w8a8_gemm). Prefill-sized batches, from DEQUANTIZE_MIN_ROWS rows, multiply bf16
+(cpu_portable.c: w8a8_linear_f32, AVX2). With the AVX-512 kernels, decode runs a GEMM over a
+column-packed copy of the weight (w8a8_gemm, `with_columns`): one row to a batch, it beats the
+row tiles over the [N, K] bytes (w8a8_linear), which take weights without the copy.
+Prefill-sized batches, from DEQUANTIZE_MIN_ROWS rows, multiply bf16
 activations by the dequantized weight (`--quantization int8`), or take the GEMM too
 (`--quantization w8a8`, `int8_prefill`): 1.3-1.5x oneDNN's bf16 matmul there, for a little
 fidelity (the default model over bench/data/perplexity.txt, 3,555 tokens: perplexity +0.17%
@@ -28,10 +29,6 @@ _QUANTIZE_ROWS = 8192  # rows quantized at a time: bounds the float32 copy of a 
 # matmul over the weight dequantized for the call (it beats the int8 row tiles: 1.08x at 128
 # rows, 1.2x at 256-2048; below it the int8 weights' halved traffic wins).
 DEQUANTIZE_MIN_ROWS = 128
-# From this many rows, where the column-packed copy exists, the GEMM beats the row tiles (their
-# conversion and FMA per 64-byte dot product cost more than the weight traffic once a few rows
-# share it): 1.4-2x oneDNN's bf16 matmul at 16 rows on the default model's shapes.
-GEMM_MIN_ROWS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +141,7 @@ def portable_linear(x: torch.Tensor, weight: QuantizedWeight,
 
 def _gemm_takes(weight: QuantizedWeight, num_rows: int) -> bool:
     """Whether w8a8_gemm runs `num_rows` rows of `weight` (where its column copy exists)."""
-    return (weight.columns is not None and num_rows >= GEMM_MIN_ROWS
-            and (num_rows < DEQUANTIZE_MIN_ROWS or weight.int8_prefill))
+    return weight.columns is not None and (num_rows < DEQUANTIZE_MIN_ROWS or weight.int8_prefill)
 
 
 def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -126,12 +126,12 @@ def test_prefill_sized_batches_use_the_dequantized_weight(num_rows: int) -> None
 
 
 @needs_native
-@pytest.mark.parametrize("num_rows", [4, 5, 7, 16, 65, w8a8.DEQUANTIZE_MIN_ROWS - 1])
+@pytest.mark.parametrize("num_rows", [3, 4, 5, 7, 16, 65, w8a8.DEQUANTIZE_MIN_ROWS - 1])
 @pytest.mark.parametrize(("out_features", "in_features"), [(13, 192), (48, 64), (130, 896)])
 def test_batch_gemm_matches_reference(num_rows: int, out_features: int, in_features: int) -> None:
-    """From GEMM_MIN_ROWS rows (batched decode), a weight with its column-packed copy takes the
-    GEMM: the row tiles' per-block int8 arithmetic (tiles of 4 rows and the remainders, groups
-    of 16 columns padded, 3 groups a tile)."""
+    """Below DEQUANTIZE_MIN_ROWS (decode), a weight with its column-packed copy takes the GEMM:
+    the row tiles' per-block int8 arithmetic (tiles of 4 rows and the remainders, groups of 16
+    columns padded, 3 groups a tile)."""
     gen = torch.Generator().manual_seed(num_rows * 1000 + out_features)
     weight = w8a8.with_columns(w8a8.quantize_weight(
         torch.randn(out_features, in_features, generator=gen)))
@@ -147,13 +147,13 @@ def test_batch_gemm_matches_reference(num_rows: int, out_features: int, in_featu
         assert _within_bf16_rounding(out, expected)
         assert torch.equal(out[1], torch.zeros(out_features, dtype=torch.bfloat16)
                            if bias is None else bias.to(torch.bfloat16))
-    # below GEMM_MIN_ROWS the row tiles run, on the same arithmetic
-    head = x[:w8a8.GEMM_MIN_ROWS - 1]
-    assert _within_bf16_rounding(w8a8.linear(head, weight, None),
-                                 w8a8.reference_linear(head.float(), weight, None))
+    # one row alone, and the row tiles (a weight without the copy): the same arithmetic
+    plain = dataclasses.replace(weight, columns=None)
+    for rows in (x[:1], x):
+        assert _within_bf16_rounding(w8a8.linear(rows, weight, None),
+                                     w8a8.linear(rows, plain, None))
     # from DEQUANTIZE_MIN_ROWS (prefill) the dequantized weight, copy or not
     tall = x.repeat(-(-w8a8.DEQUANTIZE_MIN_ROWS // num_rows), 1)
-    plain = dataclasses.replace(weight, columns=None)
     assert torch.equal(w8a8.linear(tall, weight, None), w8a8.linear(tall, plain, None))
 
 
