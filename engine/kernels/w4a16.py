@@ -20,6 +20,7 @@ float kernel (`reference_linear_q8` is the int8 one's).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -252,19 +253,12 @@ def columns_linear_q8(x: torch.Tensor, weight: Int4Weight,
     int4_gemm_q8) over the weight's column copy."""
     lib, columns = native_library(), weight.columns
     assert lib is not None and columns is not None
-    num_rows, in_features = weight.shape
-    rows = x.reshape(-1, in_features).float().contiguous()
-    out = torch.empty(rows.shape[0], num_rows, dtype=torch.float32)
-    status = lib.int4_gemm_q8(rows.data_ptr(), rows.shape[0], in_features,
-                              columns.nibbles.data_ptr(), columns.scales.data_ptr(),
-                              columns.zero_scaled.data_ptr(), num_rows, weight.group_size,
-                              out.data_ptr(), torch.get_num_threads())
-    if status != 0:
-        raise ValueError(f"int4_gemm_q8 refused {rows.shape[0]} rows of a {weight.shape} "
-                         f"weight in groups of {weight.group_size} (status {status})")
-    if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], num_rows)
+    return _int8_activation_kernel(
+        "int4_gemm_q8", x, weight, bias,
+        lambda rows, out: lib.int4_gemm_q8(
+            rows.data_ptr(), rows.shape[0], rows.shape[1], columns.nibbles.data_ptr(),
+            columns.scales.data_ptr(), columns.zero_scaled.data_ptr(), out.shape[1],
+            weight.group_size, out.data_ptr(), torch.get_num_threads()))
 
 
 def kernel_linear_q8(x: torch.Tensor, weight: Int4Weight,
@@ -273,16 +267,26 @@ def kernel_linear_q8(x: torch.Tensor, weight: Int4Weight,
     the conditions of `kernel_linear`, and groups a multiple of Q8_BLOCK columns."""
     library = portable_library()
     assert library is not None and weight.group_index is None
+    return _int8_activation_kernel(
+        "int4_linear_q8", x, weight, bias,
+        lambda rows, out: library.int4_linear_q8(
+            rows.data_ptr(), weight.packed.data_ptr(), weight.kernel_scales.data_ptr(),
+            weight.kernel_zero_scaled.data_ptr(), rows.shape[0], out.shape[1], rows.shape[1],
+            weight.group_size, out.data_ptr(), torch.get_num_threads()))
+
+
+def _int8_activation_kernel(name: str, x: torch.Tensor, weight: Int4Weight,
+                            bias: torch.Tensor | None,
+                            run: Callable[[torch.Tensor, torch.Tensor], int]) -> torch.Tensor:
+    """x's rows in float32 through `run(rows, out)` (a kernel call returning its status),
+    then the bias, in x's dtype and leading dims."""
     num_rows, in_features = weight.shape
     rows = x.reshape(-1, in_features).float().contiguous()
     out = torch.empty(rows.shape[0], num_rows, dtype=torch.float32)
-    status = library.int4_linear_q8(
-        rows.data_ptr(), weight.packed.data_ptr(), weight.kernel_scales.data_ptr(),
-        weight.kernel_zero_scaled.data_ptr(), rows.shape[0], num_rows, in_features,
-        weight.group_size, out.data_ptr(), torch.get_num_threads())
+    status = run(rows, out)
     if status != 0:
-        raise ValueError(f"int4_linear_q8 refused {rows.shape[0]} rows of a {weight.shape} "
-                         f"weight in groups of {weight.group_size}")
+        raise ValueError(f"{name} refused {rows.shape[0]} rows of a {weight.shape} weight in "
+                         f"groups of {weight.group_size} (status {status})")
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], num_rows)

@@ -108,12 +108,20 @@ def test_the_int8_activation_kernel_refuses_groups_it_cannot_block() -> None:
                           (895, 4864, 128)],  # 895: rows past the last four (M=1's plain C)
                          ids=["square", "odd-rows", "one-group", "few-rows", "wide"])
 @pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kernel", ["portable", "avx512"])
 def test_int8_activation_kernel_matches_its_oracle(num_x_rows: int, num_rows: int,
                                                    in_features: int, group_size: int,
-                                                   bias: bool) -> None:
+                                                   bias: bool, kernel: str) -> None:
     """The activations quantized as the oracle does (the same bytes and scales), so only the
-    order of the float additions differs: the integer dot products are exact."""
+    order of the float additions differs: the integer dot products are exact. The portable
+    kernel (int4_linear_q8) and the AVX-512 one over the column copy (int4_gemm_q8: tiles of
+    4 rows and single ones, 16-column groups padded past the last row of W)."""
     weight = quantized(num_rows, in_features, group_size)
+    if kernel == "avx512":
+        if native_library() is None:
+            pytest.skip("the AVX-512 kernels are unavailable here")
+        weight = w4a16.with_columns(weight)
+        assert weight.columns is not None
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(num_x_rows, in_features, generator=generator) * 3
     x[0, :w4a16.Q8_BLOCK] = 0  # a zero block: scale 0, no division by it
@@ -121,7 +129,8 @@ def test_int8_activation_kernel_matches_its_oracle(num_x_rows: int, num_rows: in
     expected = torch.nn.functional.linear(w4a16.quantize_activations_q8(x).double(),
                                           weight.dequantize().double(),
                                           None if b is None else b.double())
-    got = w4a16.kernel_linear_q8(x, weight, b)
+    run = w4a16.columns_linear_q8 if kernel == "avx512" else w4a16.kernel_linear_q8
+    got = run(x, weight, b)
     assert got.dtype == torch.float32 and got.shape == (num_x_rows, num_rows)
     scale = expected.abs().max().item()
     assert (got.double() - expected).abs().max().item() < 2e-6 * scale * in_features ** 0.5
@@ -184,35 +193,6 @@ def test_large_weights_dequantize_in_slices_of_rows(monkeypatch: pytest.MonkeyPa
 
 needs_native = pytest.mark.skipif(native_library() is None,
                                   reason="the AVX-512 kernels are unavailable here")
-
-
-@needs_native
-@pytest.mark.parametrize("num_x_rows", [1, 3, 4, 5, INT4_MAX_ROWS])
-@pytest.mark.parametrize(("num_rows", "in_features", "group_size"),
-                         [(896, 896, 128), (37, 256, 32), (64, 1024, 1024), (6, 2048, 64),
-                          (895, 4864, 128)],
-                         ids=["square", "odd-rows", "one-group", "few-rows", "wide"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_avx512_kernel_matches_the_int8_activation_oracle(num_x_rows: int, num_rows: int,
-                                                          in_features: int, group_size: int,
-                                                          bias: bool) -> None:
-    """The same activation bytes and scales as kernel_linear_q8's oracle, exact int32 sums of
-    32 products per column and block: only the order of the float additions differs (tiles of
-    4 rows and single ones, 16-column groups padded past the last row of W)."""
-    weight = w4a16.with_columns(quantized(num_rows, in_features, group_size))
-    assert weight.columns is not None
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(num_x_rows, in_features, generator=generator) * 3
-    x[0, :w4a16.Q8_BLOCK] = 0  # a zero block: scale 0, no division by it
-    b = torch.randn(num_rows, generator=generator) if bias else None
-    expected = torch.nn.functional.linear(w4a16.quantize_activations_q8(x).double(),
-                                          weight.dequantize().double(),
-                                          None if b is None else b.double())
-    got = w4a16.columns_linear_q8(x, weight, b)
-    assert got.dtype == torch.float32 and got.shape == (num_x_rows, num_rows)
-    scale = expected.abs().max().item()
-    assert (got.double() - expected).abs().max().item() < 2e-6 * scale * in_features ** 0.5
-    assert torch.allclose(got, w4a16.reference_linear_q8(x, weight, b), rtol=1e-4, atol=1e-4)
 
 
 @needs_native
