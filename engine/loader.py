@@ -186,9 +186,9 @@ def _auto_dtype_reason(hf_config: transformers.PretrainedConfig, chosen: torch.d
 def _quantize(module: CausalLM, quantization: str) -> None:
     """--quantization int8 or int4 at load, and one line saying what it did."""
     started = time.perf_counter()
-    bits = 4 if quantization == "int4" else 8
+    bits, int8_prefill = _quantization_args(quantization)
     with stage(f"quantizing weights to {quantization}"):
-        quantized, kept = module.quantize_weights(bits, int8_prefill=quantization == "w8a8")
+        quantized, kept = module.quantize_weights(bits, int8_prefill)
     if bits == 8:
         weights = [m.int8_weight for m in module.modules()
                    if isinstance(m, Linear) and m.int8_weight is not None]
@@ -214,14 +214,19 @@ def _quantize(module: CausalLM, quantization: str) -> None:
                 if embeddings else "")
 
 
+def _quantization_args(quantization: str) -> tuple[int, bool]:
+    """--quantization as (bits, int8 activations for prefill too): int8 (8, False), w8a8
+    (8, True), int4 (4, False)."""
+    return (4 if quantization == "int4" else 8), quantization == "w8a8"
+
+
 def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str], None]:
     """The loader's per-module callback under --quantization: each Linear (and the token
     embedding, unless a tied head still needs it whole) is quantized as soon as its weights
     are written, and its float weight freed, so the float model is never resident whole
     (the default model in fp32: 2.5 GB). `_quantize` then does what is left (a tied head's
     copy, stacked MoE experts) and says what was done."""
-    bits = 4 if quantization == "int4" else 8
-    int8_prefill = quantization == "w8a8"
+    bits, int8_prefill = _quantization_args(quantization)
 
     def quantize(name: str) -> None:
         layer = model.get_submodule(name)

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.kernels.native import has_bf16_dot_products, native_library, unsupported_reason
+from engine.attention.torch_ref import native_prefill_serves
+from engine.kernels.native import native_library, unsupported_reason
 from engine.layers.linear import Linear
+from engine.models import kv_cache_spec
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -71,8 +73,9 @@ def _kernels(engine: LLMEngine) -> str:
                      if native_library() is not None
                      else "int8 matmuls on the torch fallback (slow)")
     if loaded.dtype == torch.bfloat16:
+        head_dim = kv_cache_spec(loaded.hf_config, loaded.parallel).head_dim
         prefill_attention = (", paged prefill attention (AVX512-BF16)"
-                             if has_bf16_dot_products() else "")
+                             if native_prefill_serves(head_dim) else "")
         parts.append(f"native CPU kernels (RMSNorm, SwiGLU, paged decode attention"
                      f"{prefill_attention})" if native_library() is not None
                      else f"torch fallbacks ({unsupported_reason() or 'native build failed'})")

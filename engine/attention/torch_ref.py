@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionMetadata, DecodePlan
-from engine.kernels.native import has_bf16_dot_products, loaded_library, takes_bf16
+from engine.kernels.native import (
+    has_bf16_dot_products,
+    loaded_library,
+    native_library,
+    takes_bf16,
+)
 from engine.kernels.portable import portable_library, takes_f32
 
 
@@ -283,10 +288,15 @@ def _prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def native_prefill_works(query: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor) -> bool:
-    """Whether prefill_attention_native serves these tensors: bf16 on a CPU with AVX512-BF16
-    (and the native library), head size 64 or 128."""
-    return (query.shape[-1] in (64, 128) and takes_bf16(k_cache, v_cache)
-            and query.dtype == torch.bfloat16 and has_bf16_dot_products())
+    """Whether prefill_attention_native serves these tensors: bf16 (`native_prefill_serves`)."""
+    return (native_prefill_serves(query.shape[-1]) and takes_bf16(k_cache, v_cache)
+            and query.dtype == torch.bfloat16)
+
+
+def native_prefill_serves(head_dim: int) -> bool:
+    """Whether prefill_attention_native runs on this CPU for this head size: AVX512-BF16 (and
+    the native library), head size 64 or 128."""
+    return head_dim in (64, 128) and has_bf16_dot_products() and native_library() is not None
 
 
 def prefill_attention_native(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

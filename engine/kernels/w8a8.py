@@ -159,7 +159,8 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
         flat = flat.to(torch.bfloat16).contiguous()
     num_rows, in_features = flat.shape
     out_features = weight.shape[0]
-    if num_rows >= DEQUANTIZE_MIN_ROWS and not _gemm_takes(weight, num_rows):
+    gemm = _gemm_takes(weight, num_rows)
+    if num_rows >= DEQUANTIZE_MIN_ROWS and not gemm:
         dense = torch.empty(out_features, in_features, dtype=torch.bfloat16)
         lib.w8_dequantize(weight.data.data_ptr(), weight.scales.data_ptr(), out_features,
                           in_features, dense.data_ptr(), torch.get_num_threads())
@@ -167,7 +168,7 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
             torch.bfloat16))
         return out.to(x.dtype).reshape(*shape[:-1], out_features)
     # the GEMM over the column-packed copy, or the row tiles over the rows: same arguments
-    if weight.columns is not None and _gemm_takes(weight, num_rows):
+    if gemm and weight.columns is not None:
         kernel, name, weight_bytes = lib.w8a8_gemm, "w8a8_gemm", weight.columns
     else:
         kernel, name, weight_bytes = lib.w8a8_linear, "w8a8_linear", weight.data
