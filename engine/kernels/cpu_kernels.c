@@ -331,6 +331,7 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
 #define Q4_BLOCK 32
 #define Q4_ROWS 4
 #define Q4_COLS 2
+#define Q4_ROW_STRETCH 128 /* activation rows per pass over the weights (int4_gemm_q8) */
 
 void int4_pack_columns(const uint8_t *packed, const float *scales, const float *zero_scaled,
                        int64_t N, int64_t K, int64_t G, uint32_t *w, float *s, float *z,
@@ -363,13 +364,16 @@ void int4_pack_columns(const uint8_t *packed, const float *scales, const float *
 /* One row of K float32 activations -> int8 per block of 32 (scale max|x| / 127, values
  * nearbyint(x * (127 / max|x|))), the block scales, and per group the sum of the dequantized
  * values (block scale x the block's integer sum, added block by block). */
-static void int4_q8_quantize_row(const float *x, int64_t K, int64_t group_size, int8_t *xq,
-                                 float *x_scales, float *x_group_sums) {
+static void int4_q8_quantize_row(const void *x, int bf16, int64_t K, int64_t group_size,
+                                 int8_t *xq, float *x_scales, float *x_group_sums) {
     const int64_t blocks = K / Q4_BLOCK;
     for (int64_t g = 0; g < K / group_size; g++) x_group_sums[g] = 0.0f;
     for (int64_t b = 0; b < blocks; b++) {
-        const float *src = x + b * Q4_BLOCK;
-        const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+        const int64_t at = b * Q4_BLOCK;
+        const __m512 v0 = bf16 ? load16_bf16((const uint16_t *)x + at)
+                               : _mm512_loadu_ps((const float *)x + at);
+        const __m512 v1 = bf16 ? load16_bf16((const uint16_t *)x + at + 16)
+                               : _mm512_loadu_ps((const float *)x + at + 16);
         const float amax = _mm512_reduce_max_ps(
             _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
@@ -385,8 +389,8 @@ static void int4_q8_quantize_row(const float *x, int64_t K, int64_t group_size, 
 
 static inline __attribute__((always_inline)) void int4_tile(
     const int8_t *xq, const float *xs, const float *xgs, int64_t m0, const int rows,
-    const uint32_t *w, const float *s, const float *z, int64_t j0, int cols, float *out,
-    int64_t N, int64_t K, int64_t G) {
+    const uint32_t *w, const float *s, const float *z, int64_t j0, int cols, void *out,
+    int bf16, int64_t N, int64_t K, int64_t G, const char *prefetch) {
     const int64_t octets = K / 8, blocks = K / Q4_BLOCK, per_group = blocks / G;
     const __m512i low = _mm512_set1_epi8(15);
     __m512 total[Q4_ROWS][Q4_COLS];
@@ -402,6 +406,9 @@ static inline __attribute__((always_inline)) void int4_tile(
             __m512i dot[Q4_ROWS][Q4_COLS];
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < Q4_COLS; c++) dot[r][c] = _mm512_setzero_si512();
+            if (prefetch) /* a later tile's block, in step (see rows_block) */
+                for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
+                    _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_T1);
             _Pragma("GCC unroll 4") for (int o = 0; o < Q4_BLOCK / 8; o++) {
                 __m512i lo[Q4_COLS], hi[Q4_COLS];
                 for (int c = 0; c < Q4_COLS; c++) {
@@ -439,19 +446,29 @@ static inline __attribute__((always_inline)) void int4_tile(
     }
     for (int c = 0; c < cols; c++) {
         const int64_t n0 = (j0 + c) * 16;
-        const __mmask16 keep = (__mmask16)((1u << (N - n0 < 16 ? N - n0 : 16)) - 1u);
-        for (int r = 0; r < rows; r++)
-            _mm512_mask_storeu_ps(out + (m0 + r) * N + n0, keep, total[r][c]);
+        const int64_t width = N - n0 < 16 ? N - n0 : 16;
+        const __mmask16 keep = (__mmask16)((1u << width) - 1u);
+        for (int r = 0; r < rows; r++) {
+            if (bf16) {
+                uint16_t row[16];
+                store16_bf16(row, total[r][c]);
+                memcpy((uint16_t *)out + (m0 + r) * N + n0, row, sizeof(uint16_t) * (size_t)width);
+            } else {
+                _mm512_mask_storeu_ps((float *)out + (m0 + r) * N + n0, keep, total[r][c]);
+            }
+        }
     }
 }
 
-/* x [M, K] float32; w, s, z from int4_pack_columns; out [M, N] float32. group_size must be a
- * multiple of 32 dividing K. Returns 0, -1 for a shape it does not take, -2 when scratch
- * memory ran out. */
-int int4_gemm_q8(const float *x, int64_t M, int64_t K, const uint32_t *w, const float *s,
-                 const float *z, int64_t N, int64_t group_size, float *out, int nthreads) {
+/* x [M, K] and out [M, N], float32, or bf16 where `bf16` is set (prefill's activations,
+ * neither copied nor widened: at 4096 rows a float32 copy of x costs more than the matmul's
+ * saving); w, s, z from int4_pack_columns. group_size must be a multiple of 32 dividing K.
+ * Returns 0, -1 for a shape it does not take, -2 when scratch memory ran out. */
+int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const float *s,
+                 const float *z, int64_t N, int64_t group_size, void *out, int bf16,
+                 int nthreads) {
     if (M < 1 || group_size % Q4_BLOCK || K % group_size) return -1;
-    const int64_t G = K / group_size, blocks = K / Q4_BLOCK;
+    const int64_t G = K / group_size, blocks = K / Q4_BLOCK, octets = K / 8;
     int8_t *xq = malloc((size_t)(M * K));
     float *xs = malloc(sizeof(float) * (size_t)(M * blocks));
     float *xgs = malloc(sizeof(float) * (size_t)(M * G));
@@ -463,16 +480,29 @@ int int4_gemm_q8(const float *x, int64_t M, int64_t K, const uint32_t *w, const 
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 8)
     for (int64_t m = 0; m < M; m++)
-        int4_q8_quantize_row(x + m * K, K, group_size, xq + m * K, xs + m * blocks, xgs + m * G);
+        int4_q8_quantize_row(bf16 ? (const void *)((const uint16_t *)x + m * K)
+                                  : (const void *)((const float *)x + m * K),
+                             bf16, K, group_size, xq + m * K, xs + m * blocks, xgs + m * G);
     const int64_t groups = (N + 15) / 16, tiles = (groups + Q4_COLS - 1) / Q4_COLS;
+    /* rows in stretches whose int8 activations stay in L2 while every weight tile passes */
+    for (int64_t m_start = 0; m_start < M; m_start += Q4_ROW_STRETCH) {
+        const int64_t m_end = M - m_start < Q4_ROW_STRETCH ? M : m_start + Q4_ROW_STRETCH;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t j0 = t * Q4_COLS;
-        const int cols = (int)(groups - j0 < Q4_COLS ? groups - j0 : Q4_COLS);
-        int64_t m0 = 0;
-        for (; m0 + Q4_ROWS <= M; m0 += Q4_ROWS)
-            int4_tile(xq, xs, xgs, m0, Q4_ROWS, w, s, z, j0, cols, out, N, K, G);
-        for (; m0 < M; m0++) int4_tile(xq, xs, xgs, m0, 1, w, s, z, j0, cols, out, N, K, G);
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t j0 = t * Q4_COLS;
+            const int cols = (int)(groups - j0 < Q4_COLS ? groups - j0 : Q4_COLS);
+            /* the tile PREFETCH_TILES ahead (contiguous), into L2 during the first pass */
+            const char *ahead = j0 + (PREFETCH_TILES + 1) * Q4_COLS <= groups
+                                    ? (const char *)(w + (j0 + PREFETCH_TILES * Q4_COLS) * octets * 16)
+                                    : NULL;
+            int64_t m0 = m_start;
+            for (; m0 + Q4_ROWS <= m_end; m0 += Q4_ROWS)
+                int4_tile(xq, xs, xgs, m0, Q4_ROWS, w, s, z, j0, cols, out, bf16, N, K, G,
+                          m0 == m_start ? ahead : NULL);
+            for (; m0 < m_end; m0++)
+                int4_tile(xq, xs, xgs, m0, 1, w, s, z, j0, cols, out, bf16, N, K, G,
+                          m0 == m_start ? ahead : NULL);
+        }
     }
     free(xq);
     free(xs);

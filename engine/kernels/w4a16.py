@@ -2,19 +2,18 @@
 as group-wise asymmetric 4-bit integers, two per byte, with one scale and one zero point per
 group of input columns and output row; activations stay in the model dtype.
 
-`linear` runs decode-sized batches (up to INT4_MAX_ROWS rows) on CPU through the portable C
-kernels (cpu_portable.c), which read only the packed bytes: `kernel_linear_q8` quantizes the
-activations to int8 per block of Q8_BLOCK columns and multiplies them by the nibbles in integer
-arithmetic (2.2-2.4x the float kernel's speed at one row, as the w8a8 decode path does with
-int8 weights); `kernel_linear`, float32 activations times nibbles converted to float, takes
-groups that are not a multiple of Q8_BLOCK. Where the AVX-512 VNNI kernels run, a weight made
-by `with_columns` also holds a copy of its nibbles laid out 16 output columns at a time, and
-`columns_linear_q8` runs kernel_linear_q8's arithmetic on it with vpdpbusd (cpu_kernels.c:
-int4_gemm_q8; 2.7x the AVX2 kernel at one row, 6x at 16, on the default model's gate/up).
-Larger batches (prefill, where the matmul's compute dominates), act-order checkpoints, other
-devices and machines without the kernels take `reference_linear`, which dequantizes the weight
-to the activation dtype, a slice of rows at a time, and runs float matmuls: the oracle of the
-float kernel (`reference_linear_q8` is the int8 one's).
+Where the AVX-512 VNNI kernels run, a weight made by `with_columns` also holds a copy of its
+nibbles laid out 16 output columns at a time, and `columns_linear_q8` multiplies any number of
+activation rows by it (cpu_kernels.c: int4_gemm_q8): activations quantized to int8 per block of
+Q8_BLOCK columns, vpdpbusd on the nibbles, 1.3-1.46 TOPS from 230 rows up on the default
+model's shapes (1.4-2.7x the dequantizing path at prefill sizes, 6-7x at 16 rows). Elsewhere
+`linear` runs decode-sized batches (up to INT4_MAX_ROWS rows) through the portable C kernels
+(cpu_portable.c), which read only the packed bytes: `kernel_linear_q8`, the same arithmetic
+with AVX2 maddubs, and `kernel_linear`, float32 activations times nibbles converted to float,
+for groups that are not a multiple of Q8_BLOCK. Larger batches there, act-order checkpoints and
+other devices take `reference_linear`, which dequantizes the weight to the activation dtype, a
+slice of rows at a time, and runs float matmuls: the oracle of the float kernel
+(`reference_linear_q8` is the int8 one's).
 """
 
 from __future__ import annotations
@@ -225,6 +224,13 @@ class Int4Columns:
     nibbles: torch.Tensor  # [ceil(N / 16) * K / 8 * 16] int32 lanes
     scales: torch.Tensor  # [ceil(N / 16), num_groups, 16] float32
     zero_scaled: torch.Tensor  # the same shape
+    # the weight's (N, K, group size) and the three tensors' addresses, the kernel's fixed
+    # arguments: a one-row call is ~3 us of kernel, and ~100 of them make a decode step
+    arguments: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arguments", (
+            self.nibbles.data_ptr(), self.scales.data_ptr(), self.zero_scaled.data_ptr()))
 
 
 def with_columns(weight: Int4Weight) -> Int4Weight:
@@ -250,15 +256,28 @@ def with_columns(weight: Int4Weight) -> Int4Weight:
 def columns_linear_q8(x: torch.Tensor, weight: Int4Weight,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """`kernel_linear_q8`'s arithmetic through the AVX-512 VNNI kernel (cpu_kernels.c:
-    int4_gemm_q8) over the weight's column copy."""
+    int4_gemm_q8) over the weight's column copy, any number of rows: bf16 activations go in and
+    come out as they are (prefill's rows are many: no float32 copies of them), others through
+    float32."""
     lib, columns = native_library(), weight.columns
     assert lib is not None and columns is not None
-    return _int8_activation_kernel(
-        "int4_gemm_q8", x, weight, bias,
-        lambda rows, out: lib.int4_gemm_q8(
-            rows.data_ptr(), rows.shape[0], rows.shape[1], columns.nibbles.data_ptr(),
-            columns.scales.data_ptr(), columns.zero_scaled.data_ptr(), out.shape[1],
-            weight.group_size, out.data_ptr(), torch.get_num_threads()))
+    num_rows, in_features = weight.shape
+    bf16 = x.dtype == torch.bfloat16
+    rows = x.reshape(-1, in_features)
+    rows = rows.contiguous() if bf16 else rows.float().contiguous()
+    out = torch.empty(rows.shape[0], num_rows, dtype=rows.dtype)
+    nibbles, scales, zero_scaled = columns.arguments
+    status = lib.int4_gemm_q8(rows.data_ptr(), rows.shape[0], in_features, nibbles, scales,
+                              zero_scaled, num_rows, weight.group_size, out.data_ptr(),
+                              bf16, torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"int4_gemm_q8 refused {rows.shape[0]} rows of a {weight.shape} "
+                         f"weight in groups of {weight.group_size} (status {status})")
+    if bias is not None:
+        out += bias.to(out.dtype)
+    if not bf16:
+        out = out.to(x.dtype)
+    return out.view(*x.shape[:-1], num_rows)
 
 
 def kernel_linear_q8(x: torch.Tensor, weight: Int4Weight,
@@ -292,6 +311,12 @@ def _int8_activation_kernel(name: str, x: torch.Tensor, weight: Int4Weight,
     return out.to(x.dtype).reshape(*x.shape[:-1], num_rows)
 
 
+def takes_columns_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
+    """Whether `columns_linear_q8` runs this call: any rows on CPU, the weight's column copy
+    made (`with_columns`)."""
+    return weight.columns is not None and x.device.type == "cpu"
+
+
 def takes_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
     """Whether `kernel_linear` can run this call (see its conditions)."""
     return (x.device.type == "cpu" and weight.group_index is None
@@ -302,9 +327,8 @@ def takes_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
 def kernel_description() -> str:
     """What runs int4 matmuls on this machine, for the load log line."""
     if native_library() is not None:
-        return (f"AVX-512 VNNI int4 kernel with int8 activations for batches of up to "
-                f"{INT4_MAX_ROWS} rows (act-order checkpoints excepted), dequantize + float "
-                "matmul for larger ones")
+        return ("AVX-512 VNNI int4 kernel with int8 activations at every batch size "
+                "(act-order checkpoints dequantize + float matmul)")
     if portable_library() is None:
         return "torch dequantize fallback (the portable kernel is unavailable: slow decode)"
     return (f"portable int4 kernel with int8 activations for batches of up to {INT4_MAX_ROWS} "
@@ -312,11 +336,13 @@ def kernel_description() -> str:
 
 
 def linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ W^T + bias with W int4: a kernel for decode-sized batches where one runs (int8
-    activations where the groups allow), the dequantizing reference otherwise."""
+    """y = x @ W^T + bias with W int4: the AVX-512 VNNI kernel at every batch size where it
+    holds the weight (1.4-7x the dequantizing path, prefill included), else a portable kernel
+    for decode-sized batches (int8 activations where the groups allow), else the dequantizing
+    reference."""
+    if takes_columns_kernel(x, weight):
+        return columns_linear_q8(x, weight, bias)
     if takes_kernel(x, weight):
-        if weight.columns is not None:  # the AVX-512 kernel, on the same arithmetic
-            return columns_linear_q8(x, weight, bias)
         if weight.group_size % Q8_BLOCK == 0:
             return kernel_linear_q8(x, weight, bias)
         return kernel_linear(x, weight, bias)

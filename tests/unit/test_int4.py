@@ -240,6 +240,7 @@ def test_checkpoint_matches_its_dequantized_weights(method: str, act_order: bool
     in test_int4_kernel.py)."""
     monkeypatch.setenv(PREPACK_ENV, "0")
     monkeypatch.setattr(w4a16, "takes_kernel", lambda x, weight: False)
+    monkeypatch.setattr(w4a16, "takes_columns_kernel", lambda x, weight: False)
     source = save_tiny_model("llama", tmp_path / "llama")
     packed = _write_quantized(source, tmp_path / method, method, 32, act_order)
     loaded = load_model(str(packed), dtype="bfloat16", device="cpu").model

@@ -216,20 +216,37 @@ def test_column_copy_holds_sixteen_columns_by_eight_values_per_64_bytes() -> Non
 
 
 @needs_native
-def test_linear_takes_the_avx512_kernel_for_decode_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Weights with the column copy run it up to INT4_MAX_ROWS rows, the dequantizing reference
-    beyond; act-order weights get no copy (their groups are not in column order)."""
+def test_linear_takes_the_avx512_kernel_at_every_batch_size(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights with the column copy run it for decode batches and prefill-sized ones alike
+    (rows past the kernel's 128-row stretches and 4-row tiles included); act-order weights get
+    no copy (their groups are not in column order)."""
     weight = w4a16.with_columns(quantized(64, 256, 128, seed=9))
     calls: list[int] = []
     real = w4a16.columns_linear_q8
     monkeypatch.setattr(w4a16, "columns_linear_q8",
                         lambda x, *args: calls.append(x.numel() // x.shape[-1]) or real(x, *args))
-    for num_x_rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1):
+    sizes = (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 300)
+    for num_x_rows in sizes:
         x = torch.randn(num_x_rows, 256)
-        oracle = (w4a16.reference_linear_q8 if num_x_rows <= INT4_MAX_ROWS
-                  else w4a16.reference_linear)
-        assert torch.allclose(w4a16.linear(x, weight, None), oracle(x, weight, None), atol=1e-4)
-    assert calls == [1, INT4_MAX_ROWS]
+        assert torch.allclose(w4a16.linear(x, weight, None),
+                              w4a16.reference_linear_q8(x, weight, None), atol=1e-4)
+    assert calls == list(sizes)
     permuted = w4a16.Int4Weight(weight.packed, weight.scales, weight.zeros, 128,
                                 torch.arange(256) % 2)
     assert w4a16.with_columns(permuted).columns is None
+
+
+@needs_native
+@pytest.mark.parametrize("num_x_rows", [1, 7, 300])
+def test_bf16_activations_go_through_the_kernel_unwidened(num_x_rows: int) -> None:
+    """bf16 rows go into the kernel as they are and come back bf16: the same int8 activations
+    and sums as the float32 path (bf16 values are exact in float32), rounded once at the end;
+    the bias is added in bf16 after it, as the float path adds it in float32."""
+    weight = w4a16.with_columns(quantized(40, 256, 64, seed=10))
+    x = torch.randn(num_x_rows, 256).bfloat16()
+    got = w4a16.linear(x, weight, None)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, w4a16.linear(x.float(), weight, None).bfloat16())
+    bias = torch.randn(40).bfloat16()
+    assert torch.equal(w4a16.linear(x, weight, bias), got + bias)
