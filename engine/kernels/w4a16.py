@@ -41,26 +41,41 @@ _MIN_SCALE = float(torch.finfo(torch.float16).tiny)
 class Int4Weight:
     """W [N, K] as W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g] with g the group of column
     k: k // group_size, or group_index[k] where a checkpoint orders groups by activation
-    (GPTQ act-order). q is packed two per byte, column 2j in the low nibble of byte j."""
+    (GPTQ act-order). q is packed two per byte, column 2j in the low nibble of byte j; once
+    `with_columns` has made the AVX-512 kernel's copy, that copy is the only one (`packed` is
+    left empty: every CPU call runs the kernel, and `dequantize` reads the copy)."""
 
-    packed: torch.Tensor  # [N, K // 2] uint8
+    packed: torch.Tensor  # [N, K // 2] uint8, or [N, 0] once the column copy holds the values
     scales: torch.Tensor  # [N, num_groups] float16
     zeros: torch.Tensor  # [N, num_groups] uint8: GPTQ's zero+1 offset can make it 16
     group_size: int
     group_index: torch.Tensor | None = None  # [K] int64; None: column k in group k // size
     columns: Int4Columns | None = None  # the AVX-512 kernel's copy (`with_columns`), or None
+    size: tuple[int, int] | None = None  # (N, K); None: read from `packed`
     # the kernel's view of scales and zeros, float32 [N, num_groups]: scale, and zero * scale
     kernel_scales: torch.Tensor = field(init=False, repr=False)
     kernel_zero_scaled: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.size is None:
+            object.__setattr__(self, "size", (self.packed.shape[0], self.packed.shape[1] * 2))
+        if not self.has_rows:  # the column copy holds the kernel's scales: the rows' are unused
+            object.__setattr__(self, "kernel_scales", self.scales.new_empty(0, dtype=torch.float32))
+            object.__setattr__(self, "kernel_zero_scaled", self.kernel_scales)
+            return
         scales = self.scales.float().contiguous()
         object.__setattr__(self, "kernel_scales", scales)
         object.__setattr__(self, "kernel_zero_scaled", (self.zeros.float() * scales).contiguous())
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * 2
+        assert self.size is not None
+        return self.size
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether `packed` holds the values (not only the column copy)."""
+        return self.packed.shape[1] * 2 == self.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0,
                    end: int | None = None) -> torch.Tensor:
@@ -71,7 +86,7 @@ class Int4Weight:
         num_rows, num_columns = self.shape
         end = num_rows if end is None else end
         library = portable_library()
-        if (self.group_index is None and num_columns % self.group_size == 0
+        if (self.group_index is None and num_columns % self.group_size == 0 and self.has_rows
                 and self.packed.device.type == "cpu" and self.packed.is_contiguous()
                 and library is not None):
             out = torch.empty(end - start, num_columns, dtype=torch.float32)
@@ -89,7 +104,8 @@ class Int4Weight:
                             end: int | None = None) -> torch.Tensor:
         """`dequantize` in torch ops: any device, act-order group indices."""
         rows = slice(start, end)
-        values = unpack_nibbles(self.packed[rows]).float()
+        values = (unpack_nibbles(self.packed[rows]) if self.has_rows
+                  else self._column_values(start, end)).float()
         scales, zeros = self.scales[rows].float(), self.zeros[rows].float()
         num_rows, num_columns = values.shape
         if self.group_index is None and num_columns % self.group_size == 0:
@@ -104,6 +120,25 @@ class Int4Weight:
             scales = scales.index_select(1, self.group_index)
             zeros = zeros.index_select(1, self.group_index)
         return ((values - zeros) * scales).to(dtype)
+
+
+    def _column_values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) of q, [rows, K] uint8, read back from the column copy: lane l of
+        group j holds column 16j + l's octet, values k .. k + 3 in the low nibbles of its four
+        bytes and k + 4 .. k + 7 in the high ones (cpu_kernels.c: int4_pack_columns)."""
+        assert self.columns is not None
+        num_rows, num_columns = self.shape
+        end = num_rows if end is None else end
+        first, last = start // 16, -(-end // 16)
+        lanes = self.columns.nibbles.view(-1, num_columns // 8, 16)[first:last]
+        # nibble i of a lane: byte i // 2, low (k + i // 2) or high (k + 4 + i // 2) half
+        nibbles = torch.stack([(lanes >> (4 * i)) & 15 for i in _NIBBLES_IN_K_ORDER], dim=-1)
+        values = nibbles.permute(0, 2, 1, 3).reshape(-1, num_columns)  # [16 * groups, K]
+        return values[start - 16 * first:end - 16 * first].to(torch.uint8)
+
+
+# the nibble of a column-copy lane that holds value k + i of its octet, for i = 0 .. 7
+_NIBBLES_IN_K_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
@@ -234,9 +269,10 @@ class Int4Columns:
 
 
 def with_columns(weight: Int4Weight) -> Int4Weight:
-    """`weight` plus its copy for the AVX-512 VNNI kernel, where that kernel runs and takes the
-    weight (groups in order and a multiple of Q8_BLOCK columns); else `weight` itself. The
-    copy costs the packed bytes once more."""
+    """`weight` as the AVX-512 VNNI kernel's copy, where that kernel runs and takes the weight
+    (groups in order and a multiple of Q8_BLOCK columns); else `weight` itself. The row-major
+    nibbles are dropped: every CPU call then takes the kernel, at any batch size, and the
+    copy is all `dequantize` needs (the default model's int4 weights: 0.25 GB less)."""
     lib = native_library()
     if (lib is None or weight.columns is not None or weight.group_index is not None
             or weight.group_size % Q8_BLOCK or weight.shape[1] % weight.group_size
@@ -250,7 +286,8 @@ def with_columns(weight: Int4Weight) -> Int4Weight:
                           weight.kernel_zero_scaled.data_ptr(), num_rows, in_features,
                           num_groups, columns.nibbles.data_ptr(), columns.scales.data_ptr(),
                           columns.zero_scaled.data_ptr(), torch.get_num_threads())
-    return dataclasses.replace(weight, columns=columns)
+    return dataclasses.replace(weight, columns=columns,
+                               packed=weight.packed.new_empty(num_rows, 0))
 
 
 def columns_linear_q8(x: torch.Tensor, weight: Int4Weight,
@@ -319,7 +356,7 @@ def takes_columns_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
 
 def takes_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
     """Whether `kernel_linear` can run this call (see its conditions)."""
-    return (x.device.type == "cpu" and weight.group_index is None
+    return (x.device.type == "cpu" and weight.group_index is None and weight.has_rows
             and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and weight.packed.is_contiguous()
             and portable_library() is not None)
 

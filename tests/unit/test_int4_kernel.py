@@ -197,9 +197,10 @@ needs_native = pytest.mark.skipif(native_library() is None,
 
 @needs_native
 def test_column_copy_holds_sixteen_columns_by_eight_values_per_64_bytes() -> None:
-    weight = w4a16.with_columns(quantized(20, 64, 32, seed=8))
+    rows = quantized(20, 64, 32, seed=8)
+    weight = w4a16.with_columns(rows)
     assert weight.columns is not None
-    values = w4a16.unpack_nibbles(weight.packed).int()  # [20, 64]
+    values = w4a16.unpack_nibbles(rows.packed).int()  # [20, 64]
     values = torch.cat([values, torch.zeros(12, 64, dtype=torch.int32)])  # padded to 32 rows
     lanes = weight.columns.nibbles.view(2, 64 // 8, 16)  # [column group][octet][column]
     octets = values.view(2, 16, 8, 8).permute(0, 2, 1, 3)  # [group][octet][column][value]
@@ -209,10 +210,28 @@ def test_column_copy_holds_sixteen_columns_by_eight_values_per_64_bytes() -> Non
         assert torch.equal(nibbles[2 * c + 1], octets[..., 4 + c])  # k + 4 .. k + 7: high
     # [column group][group][16] -> [row][group]: the kernel's scales and zero terms, zeros past
     # the last row
-    for packed, plain in ((weight.columns.scales, weight.kernel_scales),
-                          (weight.columns.zero_scaled, weight.kernel_zero_scaled)):
+    for packed, plain in ((weight.columns.scales, rows.kernel_scales),
+                          (weight.columns.zero_scaled, rows.kernel_zero_scaled)):
         by_row = packed.permute(0, 2, 1).reshape(32, 2)
         assert torch.equal(by_row[:20], plain) and not by_row[20:].any()
+
+
+@needs_native
+@pytest.mark.parametrize(("num_rows", "start", "end"),
+                         [(20, 0, None), (40, 5, 37), (40, 16, 32), (896, 100, 101)])
+def test_column_copy_replaces_the_rows_and_dequantizes_alike(num_rows: int, start: int,
+                                                             end: int | None) -> None:
+    """with_columns keeps one copy of the nibbles, the kernel's; `dequantize` (any row
+    slice, through the group scales and zeros) reads it back to the same values."""
+    rows = quantized(num_rows, 256, 64, seed=num_rows)
+    weight = w4a16.with_columns(rows)
+    assert weight.columns is not None and weight.packed.numel() == 0 and not weight.has_rows
+    assert weight.kernel_scales.numel() == 0  # the copy holds the scales the kernel reads
+    assert weight.shape == rows.shape and rows.has_rows
+    assert torch.equal(weight.dequantize(start=start, end=end),
+                       rows.dequantize(start=start, end=end))
+    assert torch.equal(weight.dequantize(torch.bfloat16), rows.dequantize(torch.bfloat16))
+    assert not w4a16.takes_kernel(torch.randn(1, 256), weight)  # no rows for the portable one
 
 
 @needs_native
