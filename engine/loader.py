@@ -192,11 +192,10 @@ def _quantize(module: CausalLM, quantization: str) -> None:
     if bits == 8:
         weights = [m.int8_weight for m in module.modules()
                    if isinstance(m, Linear) and m.int8_weight is not None]
-        num_bytes = sum(w.data.numel() for w in weights)
+        num_bytes = sum(w.shape[0] * w.shape[1] for w in weights)
         columns = w8a8.BLOCK
-        packed = sum(w.columns.numel() for w in weights if w.columns is not None)
-        kernel = (f"native VNNI kernels (a GEMM over a column-packed copy of the weights: "
-                  f"{packed / 1e9:.2f} GB)"
+        packed = sum(w.columns is not None for w in weights)
+        kernel = (f"native VNNI kernels (a GEMM over column-packed weights, {packed} of them)"
                   if native_library() is not None
                   else "portable kernel (no AVX-512 here)" if portable_library() is not None
                   else "torch fallback kernel (slow)")

@@ -529,6 +529,48 @@ void w8_dequantize(const uint8_t *w, const float *wscale, int64_t N, int64_t K, 
     }
 }
 
+/* w8_dequantize over w8_pack_columns' layout ([N / 16][K / 4][16][4]), for weights whose
+ * column copy is their only copy. Four quads of a 16-column group (64 bytes each: a dword of
+ * 4 values per column) are transposed in registers, 4 x 4 dwords per 128-bit lane, into each
+ * column's 16 consecutive values, then scaled and stored as a row of the bf16 weight. */
+#define W8_STORE_ROW(r, lane)                                                                  \
+    do {                                                                                       \
+        const int64_t n = j * 16 + 4 * (lane) + (r);                                           \
+        if (n < N) {                                                                           \
+            const __m512 v = _mm512_cvtepi32_ps(                                               \
+                _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(rows[r], lane)));               \
+            store16_bf16(out + n * K + 4 * q,                                                  \
+                         _mm512_mul_ps(_mm512_sub_ps(v, offset), _mm512_set1_ps(wscale[n])));  \
+        }                                                                                      \
+    } while (0)
+
+void w8_dequantize_columns(const uint8_t *w, const float *wscale, int64_t N, int64_t K,
+                           uint16_t *out, int nthreads) {
+    const int64_t groups = (N + 15) / 16, quads = K / 4;
+    const __m512 offset = _mm512_set1_ps(128.0f);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t j = 0; j < groups; j++)
+        for (int64_t q = 0; q < quads; q += 4) { /* K is a multiple of 64: quads of 4 */
+            const uint8_t *src = w + (j * quads + q) * 64;
+            const __m512i v0 = _mm512_loadu_si512((const void *)src);
+            const __m512i v1 = _mm512_loadu_si512((const void *)(src + 64));
+            const __m512i v2 = _mm512_loadu_si512((const void *)(src + 128));
+            const __m512i v3 = _mm512_loadu_si512((const void *)(src + 192));
+            const __m512i t0 = _mm512_unpacklo_epi32(v0, v1), t1 = _mm512_unpackhi_epi32(v0, v1);
+            const __m512i t2 = _mm512_unpacklo_epi32(v2, v3), t3 = _mm512_unpackhi_epi32(v2, v3);
+            /* rows[r], 128-bit lane L: column 4L + r's values 4q .. 4q + 15 */
+            const __m512i rows[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                                     _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            for (int r = 0; r < 4; r++) {
+                W8_STORE_ROW(r, 0);
+                W8_STORE_ROW(r, 1);
+                W8_STORE_ROW(r, 2);
+                W8_STORE_ROW(r, 3);
+            }
+        }
+}
+#undef W8_STORE_ROW
+
 /* RMSNorm over rows of bf16, with transformers' Llama rounding: normalize in float32, round to
  * bf16, then multiply by the bf16 weight and round again. One call instead of the eight small
  * torch ops (casts, pow, mean, rsqrt, muls) whose dispatch costs more than the math at decode

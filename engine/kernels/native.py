@@ -35,6 +35,7 @@ _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 SIGNATURES = {
     "w8a8_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "w8_dequantize": (None, [_P, _P, _I64, _I64, _P, _I32]),
+    "w8_dequantize_columns": (None, [_P, _P, _I64, _I64, _P, _I32]),
     "w8_pack_columns": (None, [_P, _I64, _I64, _P, _I32]),
     "w8a8_gemm": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "int4_pack_columns": (None, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I32]),

@@ -1,9 +1,10 @@
 """Weight-int8 linear layers for CPU: weights quantized once per output row, activations per
 row and per block of 64 columns on every call, products summed exactly in int32 by AVX-512
 VNNI (cpu_kernels.c explains the arithmetic), or on CPUs without it by the portable kernel
-(cpu_portable.c: w8a8_linear_f32, AVX2). With the AVX-512 kernels, decode runs a GEMM over a
-column-packed copy of the weight (w8a8_gemm, `with_columns`): one row to a batch, it beats the
-row tiles over the [N, K] bytes (w8a8_linear), which take weights without the copy.
+(cpu_portable.c: w8a8_linear_f32, AVX2). With the AVX-512 kernels, decode runs a GEMM over the
+weight repacked 16 columns at a time (w8a8_gemm, `with_columns`, which keeps no other copy):
+one row to a batch, it beats the row tiles over [N, K] bytes (w8a8_linear), which take
+weights without the repacking.
 Prefill-sized batches, from DEQUANTIZE_MIN_ROWS rows, multiply bf16
 activations by the dequantized weight (`--quantization int8`), or take the GEMM too
 (`--quantization w8a8`, `int8_prefill`): 1.3-1.5x oneDNN's bf16 matmul there, for a little
@@ -33,23 +34,49 @@ DEQUANTIZE_MIN_ROWS = 128
 
 @dataclass(frozen=True, slots=True)
 class QuantizedWeight:
-    """W [N, K] as bytes round(W / scale) + 128 (in [1, 255]) and one float32 scale per row."""
+    """W [N, K] as bytes round(W / scale) + 128 (in [1, 255]) and one float32 scale per row.
+    Once `with_columns` has made the GEMM's copy, that copy is the only one (`data` is left
+    empty; `values` reads the bytes back from it)."""
 
-    data: torch.Tensor  # [N, K] uint8
+    data: torch.Tensor  # [N, K] uint8, or [N, 0] once the column copy holds the bytes
     scales: torch.Tensor  # [N] float32
     # `data` repacked for w8a8_gemm ([N / 16][K / 4][16][4], N padded), or None
     columns: torch.Tensor | None = None
     # int8 activations from DEQUANTIZE_MIN_ROWS rows too (--quantization w8a8), where the
     # GEMM runs
     int8_prefill: bool = False
+    size: tuple[int, int] | None = None  # (N, K); None: read from `data`
+
+    def __post_init__(self) -> None:
+        if self.size is None:
+            object.__setattr__(self, "size", (self.data.shape[0], self.data.shape[1]))
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape[0], self.data.shape[1]
+        assert self.size is not None
+        return self.size
+
+    @property
+    def has_rows(self) -> bool:
+        """Whether `data` holds the bytes (not only the column copy)."""
+        return self.data.shape[1] == self.shape[1]
+
+    def values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows [start, end) of the stored bytes, [rows, K] uint8, from `data` or read back
+        from the column copy."""
+        if self.has_rows:
+            return self.data[start:end]
+        assert self.columns is not None
+        num_rows, in_features = self.shape
+        end = num_rows if end is None else end
+        first, last = start // 16, -(-end // 16)
+        groups = self.columns.view(-1, in_features // 4, 16, 4)[first:last]
+        rows = groups.permute(0, 2, 1, 3).reshape(-1, in_features)  # [16 * groups, K]
+        return rows[start - 16 * first:end - 16 * first]
 
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows [start, end) of W in float32."""
-        return (self.data[start:end].float() - 128) * self.scales[start:end, None]
+        return (self.values(start, end).float() - 128) * self.scales[start:end, None]
 
 
 def can_quantize(in_features: int) -> bool:
@@ -74,9 +101,10 @@ def quantize_weight(weight: torch.Tensor) -> QuantizedWeight:
 
 
 def with_columns(weight: QuantizedWeight, int8_prefill: bool = False) -> QuantizedWeight:
-    """`weight` plus its column-packed copy for batches, where the AVX-512 kernels run (the
-    copy costs the int8 bytes once more); `int8_prefill`: the GEMM for prefill-sized batches
-    too."""
+    """`weight` as its column-packed copy for the GEMM, where the AVX-512 kernels run: every
+    decode batch takes the GEMM, prefill either too (`int8_prefill`) or a matmul over the
+    weight dequantized from the copy (w8_dequantize_columns), so the [N, K] bytes are dropped
+    (the default model's int8 weights: 0.49 GB less)."""
     lib = native_library()
     if lib is None or weight.columns is not None:
         return weight
@@ -84,7 +112,8 @@ def with_columns(weight: QuantizedWeight, int8_prefill: bool = False) -> Quantiz
     columns = torch.empty(-(-num_rows // 16) * 16 * in_features, dtype=torch.uint8)
     lib.w8_pack_columns(weight.data.data_ptr(), num_rows, in_features, columns.data_ptr(),
                         torch.get_num_threads())
-    return dataclasses.replace(weight, columns=columns, int8_prefill=int8_prefill)
+    return dataclasses.replace(weight, columns=columns, int8_prefill=int8_prefill,
+                               data=weight.data.new_empty(num_rows, 0))
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +138,7 @@ def reference_linear(x: torch.Tensor, weight: QuantizedWeight,
         out = linear_in_row_slices(flat.float(), weight.shape, weight.dequantize, bias)
         return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
     values, scales = quantize_activations(flat)
-    wq = (weight.data.float() - 128).reshape(weight.shape[0], -1, BLOCK)
+    wq = (weight.values().float() - 128).reshape(weight.shape[0], -1, BLOCK)
     out = torch.zeros(flat.shape[0], weight.shape[0], dtype=torch.float32)
     for b in range(values.shape[1]):
         out += (values[:, b] @ wq[:, b].T) * scales[:, b]
@@ -162,8 +191,11 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
     gemm = _gemm_takes(weight, num_rows)
     if num_rows >= DEQUANTIZE_MIN_ROWS and not gemm:
         dense = torch.empty(out_features, in_features, dtype=torch.bfloat16)
-        lib.w8_dequantize(weight.data.data_ptr(), weight.scales.data_ptr(), out_features,
-                          in_features, dense.data_ptr(), torch.get_num_threads())
+        dequantize = lib.w8_dequantize if weight.has_rows else lib.w8_dequantize_columns
+        source = weight.data if weight.has_rows else weight.columns
+        assert source is not None
+        dequantize(source.data_ptr(), weight.scales.data_ptr(), out_features, in_features,
+                   dense.data_ptr(), torch.get_num_threads())
         out = torch.nn.functional.linear(flat, dense, None if bias is None else bias.to(
             torch.bfloat16))
         return out.to(x.dtype).reshape(*shape[:-1], out_features)
@@ -171,6 +203,8 @@ def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) 
     if gemm and weight.columns is not None:
         kernel, name, weight_bytes = lib.w8a8_gemm, "w8a8_gemm", weight.columns
     else:
+        if not weight.has_rows:  # only a hand-made weight: with_columns keeps the copy
+            raise ValueError("an int8 weight with neither its rows nor its column copy")
         kernel, name, weight_bytes = lib.w8a8_linear, "w8a8_linear", weight.data
     out = torch.empty(num_rows, out_features, dtype=torch.bfloat16)
     status = kernel(flat.data_ptr(), num_rows, in_features, weight_bytes.data_ptr(),

@@ -5,7 +5,6 @@ text from the int8 engine, and the flag reaching the loader from the CLI's setti
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import subprocess
@@ -133,9 +132,9 @@ def test_batch_gemm_matches_reference(num_rows: int, out_features: int, in_featu
     the row tiles' per-block int8 arithmetic (tiles of 4 rows and the remainders, groups of 16
     columns padded, 3 groups a tile)."""
     gen = torch.Generator().manual_seed(num_rows * 1000 + out_features)
-    weight = w8a8.with_columns(w8a8.quantize_weight(
-        torch.randn(out_features, in_features, generator=gen)))
-    assert weight.columns is not None
+    plain = w8a8.quantize_weight(torch.randn(out_features, in_features, generator=gen))
+    weight = w8a8.with_columns(plain)
+    assert weight.columns is not None and not weight.has_rows  # the copy is the only one
     assert weight.columns.numel() == -(-out_features // 16) * 16 * in_features
     x = torch.randn(num_rows, in_features, generator=gen).to(torch.bfloat16)
     x[1] = 0.0  # an all-zero row: the bias exactly
@@ -147,12 +146,12 @@ def test_batch_gemm_matches_reference(num_rows: int, out_features: int, in_featu
         assert _within_bf16_rounding(out, expected)
         assert torch.equal(out[1], torch.zeros(out_features, dtype=torch.bfloat16)
                            if bias is None else bias.to(torch.bfloat16))
-    # one row alone, and the row tiles (a weight without the copy): the same arithmetic
-    plain = dataclasses.replace(weight, columns=None)
+    # one row alone, and the row tiles (the weight before the copy): the same arithmetic
     for rows in (x[:1], x):
         assert _within_bf16_rounding(w8a8.linear(rows, weight, None),
                                      w8a8.linear(rows, plain, None))
-    # from DEQUANTIZE_MIN_ROWS (prefill) the dequantized weight, copy or not
+    # from DEQUANTIZE_MIN_ROWS (prefill) the dequantized weight, from the copy
+    # (w8_dequantize_columns) or from the rows (w8_dequantize): the same bf16 weight
     tall = x.repeat(-(-w8a8.DEQUANTIZE_MIN_ROWS // num_rows), 1)
     assert torch.equal(w8a8.linear(tall, weight, None), w8a8.linear(tall, plain, None))
 
@@ -179,12 +178,31 @@ def test_w8a8_weights_take_the_gemm_for_prefill_sized_batches(num_rows: int) -> 
 
 @needs_native
 def test_column_packing_lays_out_sixteen_columns_by_four_bytes() -> None:
-    weight = w8a8.with_columns(w8a8.quantize_weight(torch.randn(20, 128)))
+    plain = w8a8.quantize_weight(torch.randn(20, 128))
+    weight = w8a8.with_columns(plain)
     assert weight.columns is not None
     packed = weight.columns.view(2, 128 // 4, 16, 4)
-    rows = torch.cat([weight.data, torch.full((12, 128), 128, dtype=torch.uint8)])
+    rows = torch.cat([plain.data, torch.full((12, 128), 128, dtype=torch.uint8)])
     expected = rows.view(2, 16, 32, 4).permute(0, 2, 1, 3)  # [group][quad][column][byte]
     assert torch.equal(packed, expected)
+
+
+@needs_native
+@pytest.mark.parametrize(("num_rows", "start", "end"),
+                         [(20, 0, None), (40, 5, 37), (896, 100, 101)])
+def test_column_copy_reads_back_as_the_rows(num_rows: int, start: int, end: int | None) -> None:
+    """A weight whose copy is its only one: the bytes, the float weight (any row slice) and
+    the bf16 weight dequantized in C from the copy are the rows' own."""
+    plain = w8a8.quantize_weight(torch.randn(num_rows, 192))
+    weight = w8a8.with_columns(plain)
+    assert weight.data.numel() == 0 and weight.shape == plain.shape
+    assert torch.equal(weight.values(start, end), plain.data[start:end])
+    assert torch.equal(weight.dequantize(start, end), plain.dequantize(start, end))
+    dense = torch.empty(num_rows, 192, dtype=torch.bfloat16)
+    assert weight.columns is not None
+    NATIVE.w8_dequantize_columns(weight.columns.data_ptr(), weight.scales.data_ptr(), num_rows,
+                                 192, dense.data_ptr(), 2)
+    assert torch.equal(dense, plain.dequantize().to(torch.bfloat16))
 
 
 @needs_native
