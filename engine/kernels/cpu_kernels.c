@@ -332,6 +332,9 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
 #define Q4_ROWS 4
 #define Q4_COLS 2
 #define Q4_ROW_STRETCH 128 /* activation rows per pass over the weights (int4_gemm_q8) */
+/* one-row decode prefetches the next tile into L1 during the first pass over this one: 7%
+ * faster than the int8 kernel's two tiles ahead into L2, over the default model's matmuls */
+#define Q4_PREFETCH_TILES 1
 
 void int4_pack_columns(const uint8_t *packed, const float *scales, const float *zero_scaled,
                        int64_t N, int64_t K, int64_t G, uint32_t *w, float *s, float *z,
@@ -408,7 +411,7 @@ static inline __attribute__((always_inline)) void int4_tile(
                 for (int c = 0; c < Q4_COLS; c++) dot[r][c] = _mm512_setzero_si512();
             if (prefetch) /* a later tile's block, in step (see rows_block) */
                 for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
-                    _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_T1);
+                    _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_T0);
             _Pragma("GCC unroll 4") for (int o = 0; o < Q4_BLOCK / 8; o++) {
                 __m512i lo[Q4_COLS], hi[Q4_COLS];
                 for (int c = 0; c < Q4_COLS; c++) {
@@ -491,10 +494,11 @@ int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const f
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t j0 = t * Q4_COLS;
             const int cols = (int)(groups - j0 < Q4_COLS ? groups - j0 : Q4_COLS);
-            /* the tile PREFETCH_TILES ahead (contiguous), into L2 during the first pass */
-            const char *ahead = j0 + (PREFETCH_TILES + 1) * Q4_COLS <= groups
-                                    ? (const char *)(w + (j0 + PREFETCH_TILES * Q4_COLS) * octets * 16)
-                                    : NULL;
+            /* the tile Q4_PREFETCH_TILES ahead (contiguous), during the first pass */
+            const char *ahead =
+                j0 + (Q4_PREFETCH_TILES + 1) * Q4_COLS <= groups
+                    ? (const char *)(w + (j0 + Q4_PREFETCH_TILES * Q4_COLS) * octets * 16)
+                    : NULL;
             int64_t m0 = m_start;
             for (; m0 + Q4_ROWS <= m_end; m0 += Q4_ROWS)
                 int4_tile(xq, xs, xgs, m0, Q4_ROWS, w, s, z, j0, cols, out, bf16, N, K, G,
