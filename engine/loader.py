@@ -242,7 +242,7 @@ def _int4_bytes(module: CausalLM) -> int:
                if isinstance(m, Linear) and m.int4_weight is not None]
     return sum(w.scales.nbytes + w.zeros.nbytes + (
         w.packed.nbytes if w.columns is None
-        else w.columns.nibbles.nbytes + w.columns.scales.nbytes + w.columns.zero_scaled.nbytes)
+        else w.columns.nibbles.nbytes + w.columns.scales.nbytes + w.columns.zeros.nbytes)
         for w in weights)
 
 

@@ -323,7 +323,9 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
  * nibbles are repacked once at load: [N / 16][K / 8][16] 32-bit lanes, lane l of a group
  * holding column 16j + l's values k .. k + 7 of an octet as the low nibbles (k .. k + 3) and the
  * high ones (k + 4 .. k + 7) of its four bytes, so one load, a shift and two ANDs give two
- * vpdpbusd operands. Scales and zero * scale go to [N / 16][G][16]. Padding columns are zero.
+ * vpdpbusd operands. Scales and zero points go to [N / 16][G][16] as float16 (the scales are
+ * float16 already; zero points are small integers): 6% fewer bytes per one-row call than
+ * float32 scale and zero * scale. Padding columns are zero.
  * Activations: int4_q8_quantize_row's blocks of 32 (w4a16.quantize_activations_q8's rounding),
  * in their natural order. Per block: an exact int32 sum of 32 products per column, times the
  * block's scale into the group's float sum; per group: times the column's scale, less its zero
@@ -336,8 +338,8 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
  * faster than the int8 kernel's two tiles ahead into L2, over the default model's matmuls */
 #define Q4_PREFETCH_TILES 1
 
-void int4_pack_columns(const uint8_t *packed, const float *scales, const float *zero_scaled,
-                       int64_t N, int64_t K, int64_t G, uint32_t *w, float *s, float *z,
+void int4_pack_columns(const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
+                       int64_t N, int64_t K, int64_t G, uint32_t *w, uint16_t *s, uint16_t *z,
                        int nthreads) {
     const int64_t groups = (N + 15) / 16, octets = K / 8, half = K / 2;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -358,8 +360,8 @@ void int4_pack_columns(const uint8_t *packed, const float *scales, const float *
                 w[(j * octets + o) * 16 + l] = lane;
             }
             for (int64_t g = 0; g < G; g++) {
-                s[(j * G + g) * 16 + l] = n < N ? scales[n * G + g] : 0.0f;
-                z[(j * G + g) * 16 + l] = n < N ? zero_scaled[n * G + g] : 0.0f;
+                s[(j * G + g) * 16 + l] = n < N ? scales[n * G + g] : 0; /* float16 bits */
+                z[(j * G + g) * 16 + l] = n < N ? _cvtss_sh((float)zeros[n * G + g], 0) : 0;
             }
         }
 }
@@ -392,7 +394,7 @@ static void int4_q8_quantize_row(const void *x, int bf16, int64_t K, int64_t gro
 
 static inline __attribute__((always_inline)) void int4_tile(
     const int8_t *xq, const float *xs, const float *xgs, int64_t m0, const int rows,
-    const uint32_t *w, const float *s, const float *z, int64_t j0, int cols, void *out,
+    const uint32_t *w, const uint16_t *s, const uint16_t *z, int64_t j0, int cols, void *out,
     int bf16, int64_t N, int64_t K, int64_t G, const char *prefetch) {
     const int64_t octets = K / 8, blocks = K / Q4_BLOCK, per_group = blocks / G;
     const __m512i low = _mm512_set1_epi8(15);
@@ -438,8 +440,13 @@ static inline __attribute__((always_inline)) void int4_tile(
             }
         }
         for (int c = 0; c < Q4_COLS; c++) {
-            const __m512 scale = _mm512_loadu_ps(s + ((j0 + c) * G + g) * 16);
-            const __m512 zero = _mm512_loadu_ps(z + ((j0 + c) * G + g) * 16);
+            /* float16 scale and zero point; zero * scale is exact in float32 (an integer
+             * below 17 times an 11-bit significand), as the oracle's */
+            const __m512 scale = _mm512_cvtph_ps(
+                _mm256_loadu_si256((const __m256i *)(s + ((j0 + c) * G + g) * 16)));
+            const __m512 zero = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + ((j0 + c) * G + g) * 16))),
+                scale);
             for (int r = 0; r < rows; r++) {
                 total[r][c] = _mm512_fmadd_ps(acc[r][c], scale, total[r][c]);
                 total[r][c] = _mm512_fnmadd_ps(zero, _mm512_set1_ps(xgs[(m0 + r) * G + g]),
@@ -467,8 +474,8 @@ static inline __attribute__((always_inline)) void int4_tile(
  * neither copied nor widened: at 4096 rows a float32 copy of x costs more than the matmul's
  * saving); w, s, z from int4_pack_columns. group_size must be a multiple of 32 dividing K.
  * Returns 0, -1 for a shape it does not take, -2 when scratch memory ran out. */
-int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const float *s,
-                 const float *z, int64_t N, int64_t group_size, void *out, int bf16,
+int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const uint16_t *s,
+                 const uint16_t *z, int64_t N, int64_t group_size, void *out, int bf16,
                  int nthreads) {
     if (M < 1 || group_size % Q4_BLOCK || K % group_size) return -1;
     const int64_t G = K / group_size, blocks = K / Q4_BLOCK, octets = K / 8;

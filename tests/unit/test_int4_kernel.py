@@ -208,10 +208,10 @@ def test_column_copy_holds_sixteen_columns_by_eight_values_per_64_bytes() -> Non
     for c in range(4):
         assert torch.equal(nibbles[2 * c], octets[..., c])  # values k .. k + 3: low nibbles
         assert torch.equal(nibbles[2 * c + 1], octets[..., 4 + c])  # k + 4 .. k + 7: high
-    # [column group][group][16] -> [row][group]: the kernel's scales and zero terms, zeros past
+    # [column group][group][16] -> [row][group]: the float16 scales and zero points, zeros past
     # the last row
-    for packed, plain in ((weight.columns.scales, rows.kernel_scales),
-                          (weight.columns.zero_scaled, rows.kernel_zero_scaled)):
+    for packed, plain in ((weight.columns.scales, rows.scales),
+                          (weight.columns.zeros, rows.zeros.half())):
         by_row = packed.permute(0, 2, 1).reshape(32, 2)
         assert torch.equal(by_row[:20], plain) and not by_row[20:].any()
 
