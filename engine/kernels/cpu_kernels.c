@@ -718,6 +718,24 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
             int64_t t = 0;
             if (D % 16 == 0) /* 16 keys at a time: converted once, summed by one reduce16 */
                 for (; t + KEY_TILE <= len; t += KEY_TILE) {
+                    /* the context sits in scattered blocks, cold in DRAM at one stream (the
+                     * weights streamed past since the last step): the next tile's keys into
+                     * L1, this tile's values into L2 for the p.v pass. In the model (int4, one
+                     * stream, ~300-token contexts): 27-30 -> 23-29 us a layer; with the
+                     * context already in cache it costs ~7% */
+                    for (int j = 0; j < KEY_TILE; j++) {
+                        const int64_t next = t + KEY_TILE + j;
+                        if (next < len) {
+                            const char *nk = (const char *)(k_cache +
+                                ((block_tables[s * W + next / BS] * BS + next % BS) * KVH + kvh) * D);
+                            for (int64_t line = 0; line < D * 2; line += 64)
+                                _mm_prefetch(nk + line, _MM_HINT_T0);
+                        }
+                        const char *cv = (const char *)(v_cache +
+                            ((block_tables[s * W + (t + j) / BS] * BS + (t + j) % BS) * KVH + kvh) * D);
+                        for (int64_t line = 0; line < D * 2; line += 64)
+                            _mm_prefetch(cv + line, _MM_HINT_T1);
+                    }
                     for (int j = 0; j < KEY_TILE; j++) {
                         const int64_t block = block_tables[s * W + (t + j) / BS];
                         const uint16_t *k =
