@@ -809,6 +809,29 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
     return 0;
 }
 
+/* Rotate-half RoPE on bf16 rows with torch's bf16 rounding (rotary.apply_rotary:
+ * x * cos + roll(x) * sin, each product and the sum rounded to bf16): x [T, heads, D] with
+ * `row_stride` elements between tokens (q and k as a view into the fused qkv output), cos and
+ * sin [T, D] bf16 (sin carrying the signs of the swapped half), out [T, heads, D] contiguous.
+ * One call instead of four torch ops and their temporaries. D a multiple of 32. */
+void rope_bf16(const uint16_t *x, int64_t T, int64_t heads, int64_t D, int64_t row_stride,
+               const uint16_t *cos, const uint16_t *sin, uint16_t *out, int nthreads) {
+    const int64_t half = D / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T * heads > 256)
+    for (int64_t th = 0; th < T * heads; th++) {
+        const int64_t t = th / heads, h = th % heads;
+        const uint16_t *row = x + t * row_stride + h * D;
+        uint16_t *dst = out + th * D;
+        for (int64_t d = 0; d < D; d += 16) {
+            /* roll by half: position d reads d + half in the first half, d - half after */
+            const int64_t src = d < half ? d + half : d - half;
+            const __m512 a = round_bf16_ps(_mm512_mul_ps(load16_bf16(row + d), load16_bf16(cos + t * D + d)));
+            const __m512 b = round_bf16_ps(_mm512_mul_ps(load16_bf16(row + src), load16_bf16(sin + t * D + d)));
+            store16_bf16(dst + d, _mm512_add_ps(a, b));
+        }
+    }
+}
+
 /* SwiGLU on a fused [M, 2I] gate|up row of bf16: out = bf16(bf16(silu(gate)) * up), the
  * rounding of torch's bf16 `F.silu(gate) * up`, in one pass instead of two ops and their
  * intermediate tensors. */

@@ -36,6 +36,7 @@ SIGNATURES = {
     "w8a8_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "w8_dequantize": (None, [_P, _P, _I64, _I64, _P, _I32]),
     "w8_dequantize_columns": (None, [_P, _P, _I64, _I64, _P, _I32]),
+    "rope_bf16": (None, [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _I32]),
     "w8_pack_columns": (None, [_P, _I64, _I64, _P, _I32]),
     "w8a8_gemm": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
     "int4_pack_columns": (None, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I32]),

@@ -13,6 +13,7 @@ import transformers
 from torch import nn
 
 from engine.errors import UnsupportedModelError
+from engine.kernels.native import loaded_library, native_library
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
@@ -291,5 +292,37 @@ def apply_rotary(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tens
     x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) is the half-swap (x2, x1)
     times the signs folded into sin_signed. Bit-identical to HF's form, in four ops (no
     chunk/cat per call), and it takes q and k together as one [num_tokens, heads, dim] view."""
+    if _takes_native(x, cos_full, sin_signed):
+        return apply_rotary_native(x, cos_full, sin_signed)
+    return apply_rotary_reference(x, cos_full, sin_signed)
+
+
+def apply_rotary_reference(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor
+                           ) -> torch.Tensor:
+    """`apply_rotary` in torch ops: any dtype and device, and the native kernel's oracle."""
     swapped = torch.roll(x, shifts=x.shape[-1] // 2, dims=-1)  # (x2, x1)
     return x * cos_full + swapped * sin_signed
+
+
+def apply_rotary_native(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor
+                        ) -> torch.Tensor:
+    """`apply_rotary` in one native call (bf16 on CPU, the same three roundings), reading x
+    in place where its tokens are strided (q and k as a view into the fused qkv output): at
+    one decode token, ~2 us against ~15 for the four torch ops."""
+    num_tokens, num_heads, head_dim = x.shape
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=x.dtype)
+    loaded_library().rope_bf16(x.data_ptr(), num_tokens, num_heads, head_dim, x.stride(0),
+                               cos_full.data_ptr(), sin_signed.data_ptr(), out.data_ptr(),
+                               torch.get_num_threads())
+    return out
+
+
+def _takes_native(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> bool:
+    """rope_bf16's conditions: bf16 on CPU, halves of whole 16-lane vectors, heads contiguous
+    within a token (tokens may be strided), one factor row per token."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3
+            and x.shape[-1] % 32 == 0 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+            and x.shape[0] == cos_full.shape[0] and cos_full.device.type == "cpu"
+            and cos_full.dtype == sin_signed.dtype == torch.bfloat16
+            and cos_full.is_contiguous() and sin_signed.is_contiguous()
+            and native_library() is not None)

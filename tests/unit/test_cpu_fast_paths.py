@@ -397,3 +397,39 @@ def test_native_silu_and_mul_matches_the_reference(num_rows: int, intermediate: 
     steps = (ours.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-30)
     assert float(steps.max()) <= 2.0**-7  # at most one bf16 step, where exp rounds apart
     assert float((ours != expected).float().mean()) < 0.01
+
+
+# ---- native RoPE -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("num_tokens", "num_heads", "head_dim"),
+                         [(1, 16, 64), (37, 16, 64), (300, 6, 128)])
+def test_native_rope_matches_the_reference_bit_for_bit(num_tokens: int, num_heads: int,
+                                                       head_dim: int) -> None:
+    """q and k as a strided view into a wider qkv row, as LlamaAttention passes them: the
+    kernel's three bf16 roundings are torch's, so the result is the same to the bit."""
+    from engine.kernels.native import native_library
+    from engine.layers.rotary import (
+        RopeSettings,
+        RotaryEmbedding,
+        apply_rotary,
+        apply_rotary_native,
+        apply_rotary_reference,
+    )
+
+    if native_library() is None:
+        pytest.skip("native CPU kernels unavailable here")
+    gen = torch.Generator().manual_seed(num_tokens)
+    qkv = (torch.randn(num_tokens, (num_heads + 2) * head_dim, generator=gen) * 4).bfloat16()
+    x = qkv[:, :num_heads * head_dim].view(num_tokens, num_heads, head_dim)  # tokens strided
+    rope = RotaryEmbedding(head_dim, 4096, RopeSettings(theta=1e6))
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen)
+    cos_full, sin_signed = rope(positions, torch.bfloat16)
+    expected = apply_rotary_reference(x, cos_full, sin_signed)
+    ours = apply_rotary_native(x, cos_full, sin_signed)
+    assert ours.dtype == torch.bfloat16 and ours.is_contiguous()
+    assert torch.equal(ours, expected)
+    assert torch.equal(apply_rotary(x, cos_full, sin_signed), expected)  # the dispatch
+    # head sizes whose halves are not whole vectors take the torch ops
+    odd = torch.randn(num_tokens, 2, 48, generator=gen).bfloat16()
+    small = RotaryEmbedding(48, 4096, RopeSettings(theta=1e6))(positions, torch.bfloat16)
+    assert torch.equal(apply_rotary(odd, *small), apply_rotary_reference(odd, *small))
