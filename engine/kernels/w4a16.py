@@ -121,7 +121,6 @@ class Int4Weight:
             zeros = zeros.index_select(1, self.group_index)
         return ((values - zeros) * scales).to(dtype)
 
-
     def _column_values(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Rows [start, end) of q, [rows, K] uint8, read back from the column copy: lane l of
         group j holds column 16j + l's octet, values k .. k + 3 in the low nibbles of its four
