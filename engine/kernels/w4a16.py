@@ -52,7 +52,8 @@ class Int4Weight:
     group_index: torch.Tensor | None = None  # [K] int64; None: column k in group k // size
     columns: Int4Columns | None = None  # the AVX-512 kernel's copy (`with_columns`), or None
     size: tuple[int, int] | None = None  # (N, K); None: read from `packed`
-    # the kernel's view of scales and zeros, float32 [N, num_groups]: scale, and zero * scale
+    # the portable kernels' view of scales and zeros, float32 [N, num_groups]: scale, and
+    # zero * scale (empty once the column copy is the only copy: it holds its own)
     kernel_scales: torch.Tensor = field(init=False, repr=False)
     kernel_zero_scaled: torch.Tensor = field(init=False, repr=False)
 
@@ -300,23 +301,14 @@ def columns_linear_q8(x: torch.Tensor, weight: Int4Weight,
     float32."""
     lib, columns = native_library(), weight.columns
     assert lib is not None and columns is not None
-    num_rows, in_features = weight.shape
-    bf16 = x.dtype == torch.bfloat16
-    rows = x.reshape(-1, in_features)
-    rows = rows.contiguous() if bf16 else rows.float().contiguous()
-    out = torch.empty(rows.shape[0], num_rows, dtype=rows.dtype)
     nibbles, scales, zeros = columns.arguments
-    status = lib.int4_gemm_q8(rows.data_ptr(), rows.shape[0], in_features, nibbles, scales,
-                              zeros, num_rows, weight.group_size, out.data_ptr(),
-                              bf16, torch.get_num_threads())
-    if status != 0:
-        raise ValueError(f"int4_gemm_q8 refused {rows.shape[0]} rows of a {weight.shape} "
-                         f"weight in groups of {weight.group_size} (status {status})")
-    if bias is not None:
-        out += bias.to(out.dtype)
-    if not bf16:
-        out = out.to(x.dtype)
-    return out.view(*x.shape[:-1], num_rows)
+    return _int8_activation_kernel(
+        "int4_gemm_q8", x, weight, bias,
+        lambda rows, out: lib.int4_gemm_q8(
+            rows.data_ptr(), rows.shape[0], rows.shape[1], nibbles, scales, zeros, out.shape[1],
+            weight.group_size, out.data_ptr(), rows.dtype == torch.bfloat16,
+            torch.get_num_threads()),
+        keep_bf16=True)
 
 
 def kernel_linear_q8(x: torch.Tensor, weight: Int4Weight,
@@ -335,19 +327,24 @@ def kernel_linear_q8(x: torch.Tensor, weight: Int4Weight,
 
 def _int8_activation_kernel(name: str, x: torch.Tensor, weight: Int4Weight,
                             bias: torch.Tensor | None,
-                            run: Callable[[torch.Tensor, torch.Tensor], int]) -> torch.Tensor:
-    """x's rows in float32 through `run(rows, out)` (a kernel call returning its status),
-    then the bias, in x's dtype and leading dims."""
+                            run: Callable[[torch.Tensor, torch.Tensor], int],
+                            keep_bf16: bool = False) -> torch.Tensor:
+    """x's rows through `run(rows, out)` (a kernel call returning its status), then the bias,
+    in x's dtype and leading dims: rows and out float32, or bf16 as they come where the kernel
+    takes them (`keep_bf16`)."""
     num_rows, in_features = weight.shape
-    rows = x.reshape(-1, in_features).float().contiguous()
-    out = torch.empty(rows.shape[0], num_rows, dtype=torch.float32)
+    rows = x.reshape(-1, in_features)
+    rows = (rows if keep_bf16 and rows.dtype == torch.bfloat16 else rows.float()).contiguous()
+    out = torch.empty(rows.shape[0], num_rows, dtype=rows.dtype)
     status = run(rows, out)
     if status != 0:
         raise ValueError(f"{name} refused {rows.shape[0]} rows of a {weight.shape} weight in "
                          f"groups of {weight.group_size} (status {status})")
     if bias is not None:
-        out += bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], num_rows)
+        out += bias.to(out.dtype)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out.view(*x.shape[:-1], num_rows)
 
 
 def takes_columns_kernel(x: torch.Tensor, weight: Int4Weight) -> bool:
