@@ -114,8 +114,10 @@ class DecodeGraphs:
 
     def can_run(self, metadata: AttentionMetadata) -> bool:
         # a step with a decode plan has a backend that plans on the host: its plan would be
-        # captured with the graph and replayed stale, the static buffers refilled around it
+        # captured with the graph and replayed stale, the static buffers refilled around it;
+        # a graph returns every row's hidden states
         return (metadata.is_decode_only and metadata.decode_plan is None
+                and metadata.output_rows is None
                 and metadata.num_seqs <= self.max_size
                 and metadata.block_tables.shape[1] <= self.block_tables.shape[1])
 

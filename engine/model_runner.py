@@ -93,8 +93,8 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
-    # rows of hidden states that sample: one per sampling row, 1 + k for a row verifying k
-    # proposals (the target's distributions after each accepted-so-far prefix)
+    # rows of the model's output that sample: one per sampling row, 1 + k for a row verifying
+    # k proposals (the target's distributions after each accepted-so-far prefix)
     sample_indices: torch.Tensor  # [num_samples] int64
     sampling_rows: list[ScheduledRow]
     prompt_rows: PromptLogprobRows
@@ -314,10 +314,16 @@ class ModelRunner:
                 sampling_rows.append(row)
         block_tables = pad_block_tables([block_ids[row.sequence.sequence_id] for row in rows])
         metadata, positions = self.build_metadata(query_lens, seq_lens, block_tables)
+        sample_indices = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        if not prompt_rows.spans and len(sample_rows) < len(input_ids):
+            # only the sampling rows are read: the last layer computes nothing more for the
+            # rest (a prefill chunk's other rows, or all of them for a chunk that samples
+            # nothing), and the model returns the sampling rows alone, in order
+            metadata.output_rows = sample_indices
+            sample_indices = torch.arange(len(sample_rows), device=self.device)
         return StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
-            positions=positions, metadata=metadata,
-            sample_indices=torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+            positions=positions, metadata=metadata, sample_indices=sample_indices,
             sampling_rows=sampling_rows, prompt_rows=prompt_rows)
 
     def build_metadata(self, query_lens: list[int], seq_lens: list[int],

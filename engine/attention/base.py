@@ -49,10 +49,20 @@ class AttentionMetadata:
     # metadata: attention keeps nothing between calls. None: no decode rows, a backend that
     # plans nothing, or metadata built by hand (a host-planning backend then plans per call)
     decode_plan: DecodePlan | None = None
+    # the rows whose final hidden states the caller reads (int64, ascending), None: all. The
+    # last layer runs past attention for these rows alone and the model returns just them: a
+    # prefill chunk that samples nothing only fills the last layer's cache
+    output_rows: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens_cpu)
+
+    @property
+    def num_output_rows(self) -> int:
+        """How many rows of hidden states the model returns."""
+        rows = self.output_rows if self.output_rows is not None else self.slot_mapping
+        return rows.shape[0]
 
     @property
     def is_decode_only(self) -> bool:
@@ -70,6 +80,11 @@ class AttentionBackend(Protocol):
                     k_cache: torch.Tensor) -> DecodePlan | None:
         """The plan `forward` reads for this step's decode rows, or None when it reads none.
         `k_cache` is any layer's cache (all share one shape, dtype and device)."""
+        ...
+
+    def write_cache(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, metadata: AttentionMetadata) -> None:
+        """Only the first half of `forward`: the new tokens' K/V into the paged cache."""
         ...
 
     def forward(

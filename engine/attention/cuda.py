@@ -37,6 +37,13 @@ class CudaAttentionBackend:
             return None
         return self.fallback.plan_decode(metadata, k_cache)
 
+    def write_cache(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, metadata: AttentionMetadata) -> None:
+        if kernels_apply(key, k_cache):
+            kernels.reshape_and_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
+        else:
+            self.fallback.write_cache(key, value, k_cache, v_cache, metadata)
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

@@ -130,6 +130,10 @@ class TorchAttentionBackend:
                     k_cache: torch.Tensor) -> DecodePlan | None:
         return plan_decode_rows(metadata, k_cache.shape[1], k_cache.shape[2])
 
+    def write_cache(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, metadata: AttentionMetadata) -> None:
+        write_kv(key, value, k_cache, v_cache, metadata.slot_mapping)
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

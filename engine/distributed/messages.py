@@ -26,6 +26,7 @@ class ForwardStep:
     query_lens: list[int]
     seq_lens: list[int]
     block_tables: list[list[int]]
+    output_rows: list[int] | None = None
     scratch: bool = False
 
     @classmethod
@@ -34,7 +35,10 @@ class ForwardStep:
         return cls(input_ids=input_ids.tolist(), positions=positions.tolist(),
                    slot_mapping=metadata.slot_mapping.tolist(),
                    query_lens=list(metadata.query_lens_cpu), seq_lens=list(metadata.seq_lens_cpu),
-                   block_tables=metadata.block_tables.tolist(), scratch=scratch)
+                   block_tables=metadata.block_tables.tolist(),
+                   output_rows=(None if metadata.output_rows is None
+                                else metadata.output_rows.tolist()),
+                   scratch=scratch)
 
     def metadata(self, device: torch.device) -> AttentionMetadata:
         """The attention metadata rank 0 built for this pass (without its decode plan)."""
@@ -47,7 +51,9 @@ class ForwardStep:
             seq_lens=torch.tensor(self.seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(self.block_tables, dtype=torch.int32, device=device),
             max_seqlen_q=max(self.query_lens), max_seqlen_k=max(self.seq_lens),
-            query_lens_cpu=list(self.query_lens), seq_lens_cpu=list(self.seq_lens))
+            query_lens_cpu=list(self.query_lens), seq_lens_cpu=list(self.seq_lens),
+            output_rows=(None if self.output_rows is None
+                         else torch.tensor(self.output_rows, dtype=torch.long, device=device)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,17 +132,21 @@ class Parallel:
         dist.recv(hidden_states, src=source, group=self.stage_group)
         return hidden_states
 
-    def finish_stage(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+    def finish_stage(self, hidden_states: torch.Tensor, num_rows: int) -> torch.Tensor | None:
         """After this stage's layers: the first stage gets the whole stack's output back (the
-        final norm and the LM head are its), the others pass theirs on and get None. With
-        one stage, `hidden_states` itself."""
+        final norm and the LM head are its), `num_rows` rows of it (the last layer may keep
+        only the rows that are read); the others pass theirs on and get None. With one stage,
+        `hidden_states` itself."""
         if self.pp_size == 1:
             return hidden_states
-        self.send_hidden(hidden_states)
+        if num_rows or not self.is_last_stage:  # when no row is read, nothing comes back
+            self.send_hidden(hidden_states)
         if not self.is_first_stage:
             return None
-        return self.recv_hidden(hidden_states.shape[0], hidden_states.shape[1],
-                                hidden_states.dtype, hidden_states.device)
+        if not num_rows:
+            return hidden_states[:0]
+        return self.recv_hidden(num_rows, hidden_states.shape[1], hidden_states.dtype,
+                                hidden_states.device)
 
     def _world_rank(self, pp_rank: int, tp_rank: int) -> int:
         return pp_rank * self.tp_size + tp_rank

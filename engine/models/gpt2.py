@@ -58,11 +58,25 @@ class GPT2Attention(nn.Module):
         self.c_proj = RowParallelLinear(hidden, hidden, (rows[0], local), True, parallel)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        qkv = self.c_attn(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.unbind(1)  # each [num_tokens, num_heads, head_dim]
+                metadata: AttentionMetadata,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output of every row, or of `output_rows` only (the cache still gets
+        every row's K/V)."""
+        q, k, v = self._qkv(hidden_states)
         out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale)
+        if output_rows is not None:
+            out = out[output_rows]
         return self.c_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def fill_cache(self, hidden_states: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                   metadata: AttentionMetadata) -> None:
+        """The new tokens' K/V into the cache, without attending: no row's output is read."""
+        _, k, v = self._qkv(hidden_states)
+        self.attn_backend.write_cache(k, v, kv_cache[0], kv_cache[1], metadata)
+
+    def _qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        qkv = self.c_attn(hidden_states).view(-1, 3, self.num_heads, self.head_dim)
+        return qkv.unbind(1)  # each [num_tokens, num_heads, head_dim]
 
 
 class GPT2MLP(nn.Module):
@@ -90,8 +104,18 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(hf_config, parallel)
 
     def forward(self, hidden_states: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), kv_cache, metadata)
+                metadata: AttentionMetadata,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every row's output, or `output_rows`' only (the model's last block: past attention
+        nothing else reads the others)."""
+        normed = self.ln_1(hidden_states)
+        if output_rows is not None and not len(output_rows):
+            self.attn.fill_cache(normed, kv_cache, metadata)
+            return hidden_states[:0]
+        attn_out = self.attn(normed, kv_cache, metadata, output_rows)
+        if output_rows is not None:
+            hidden_states = hidden_states[output_rows]
+        hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
@@ -117,12 +141,14 @@ class GPT2Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states = self._stage_input(input_ids, positions)  # [num_tokens, hidden_size]
-        for block, kv_cache in zip(self.h, kv_caches, strict=True):
-            hidden_states = block(hidden_states, kv_cache, metadata)
-        final = self.parallel.finish_stage(hidden_states)
+        last = len(self.h) - 1 if self.parallel.is_last_stage else -1
+        for index, (block, kv_cache) in enumerate(zip(self.h, kv_caches, strict=True)):
+            rows = metadata.output_rows if index == last else None
+            hidden_states = block(hidden_states, kv_cache, metadata, rows)
+        final = self.parallel.finish_stage(hidden_states, metadata.num_output_rows)
         if final is None or self.ln_f is None:
             return hidden_states  # a later pipeline stage: nothing reads it
-        return self.ln_f(final)
+        return self.ln_f(final) if len(final) else final
 
     def _stage_input(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The embedded tokens on the first stage, the previous stage's output elsewhere."""

@@ -104,14 +104,30 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if options.qk_norm else None
 
     def forward(self, hidden_states: torch.Tensor, rope: Rope,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention output of every row, or of `output_rows` only (the cache still gets
+        every row's K/V)."""
+        q, k, v = self._qkv(hidden_states, rope)
+        out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale,
+                                        sliding_window=self.sliding_window)
+        if output_rows is not None:
+            out = out[output_rows]
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def fill_cache(self, hidden_states: torch.Tensor, rope: Rope,
+                   kv_cache: tuple[torch.Tensor, torch.Tensor],
+                   metadata: AttentionMetadata) -> None:
+        """The new tokens' K/V into the cache, without attending: no row's output is read."""
+        _, k, v = self._qkv(hidden_states, rope)
+        self.attn_backend.write_cache(k, v, kv_cache[0], kv_cache[1], metadata)
+
+    def _qkv(self, hidden_states: torch.Tensor,
+             rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, (num_heads + 2 * kv_heads) * dim]
         q, k = self._rotated_qk(qkv, rope)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn_backend.forward(q, k, v, kv_cache[0], kv_cache[1], metadata, self.scale,
-                                        sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
 
     def _rotated_qk(self, qkv: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim] after
@@ -171,9 +187,17 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = build_mlp(hf_config, options, layer_index, parallel)
 
     def forward(self, hidden_states: torch.Tensor, rope: Rope,
-                kv_cache: tuple[torch.Tensor, torch.Tensor],
-                metadata: AttentionMetadata) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(hidden_states), rope, kv_cache, metadata)
+                kv_cache: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every row's output, or `output_rows`' only (the model's last layer: past attention
+        nothing else reads the others)."""
+        normed = self.input_layernorm(hidden_states)
+        if output_rows is not None and not len(output_rows):
+            self.self_attn.fill_cache(normed, rope, kv_cache, metadata)
+            return hidden_states[:0]
+        attn_out = self.self_attn(normed, rope, kv_cache, metadata, output_rows)
+        if output_rows is not None:
+            hidden_states = hidden_states[output_rows]
         hidden_states = hidden_states + attn_out
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -203,12 +227,14 @@ class LlamaModel(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states = self._stage_input(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb(positions, hidden_states.dtype)  # computed once for all layers
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden_states = layer(hidden_states, rope, kv_cache, metadata)
-        final = self.parallel.finish_stage(hidden_states)
+        last = len(self.layers) - 1 if self.parallel.is_last_stage else -1
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            rows = metadata.output_rows if index == last else None
+            hidden_states = layer(hidden_states, rope, kv_cache, metadata, rows)
+        final = self.parallel.finish_stage(hidden_states, metadata.num_output_rows)
         if final is None or self.norm is None:
             return hidden_states  # a later pipeline stage: nothing reads it
-        return self.norm(final)
+        return self.norm(final) if len(final) else final
 
     def _stage_input(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedded tokens on the first stage, the previous stage's output elsewhere."""

@@ -171,6 +171,45 @@ def test_paged_batch_decode_and_chunked_prefill(arch: str, block_size: int,
         assert_close(seq_logits[-1], reference_logits(reference, seq)[-1])
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@torch.inference_mode()
+def test_output_rows_skip_the_rest_of_the_last_layer(arch: str,
+                                                     tiny_model_dirs: dict[str, Path]) -> None:
+    """With metadata.output_rows the model returns those rows alone, as a full pass computes
+    them, and every row's K/V still reaches every layer's cache: a chunk that samples
+    nothing (no output rows) fills the cache exactly as a full pass does."""
+    ours, reference = load_pair(tiny_model_dirs[arch])
+    rng = random.Random(3)
+    prompt, other = random_tokens(rng, 30), random_tokens(rng, 9)
+    full, pruned = (PagedSession(ours, 4, [30, 10], seed=5) for _ in range(2))
+    pruned.kv_caches = [(k.clone(), v.clone()) for k, v in full.kv_caches]  # the same garbage
+
+    def chunk_one(session: PagedSession, output_rows: list[int] | None) -> torch.Tensor:
+        seqs = [(session.block_ids[0], 0, prompt[:12]), (session.block_ids[1], 0, other)]
+        input_ids, positions, metadata = build_batch(seqs, 4)
+        if output_rows is not None:
+            metadata.output_rows = torch.tensor(output_rows, dtype=torch.long,
+                                                device=TEST_DEVICE)
+        return ours(input_ids, positions, session.kv_caches, metadata)
+
+    assert chunk_one(full, None).shape[0] == 21
+    assert chunk_one(pruned, []).shape[0] == 0
+    for (k_full, v_full), (k_pruned, v_pruned) in zip(full.kv_caches, pruned.kv_caches,
+                                                      strict=True):
+        assert torch.equal(k_full, k_pruned) and torch.equal(v_full, v_pruned)
+
+    # the second chunk with the other sequence's next token: only each one's last row is read
+    seqs = [(full.block_ids[0], 12, prompt[12:]), (full.block_ids[1], 9, [7])]
+    input_ids, positions, metadata = build_batch(seqs, 4)
+    all_rows = ours.compute_logits(ours(input_ids, positions, full.kv_caches, metadata))
+    metadata.output_rows = torch.tensor([17, 18], dtype=torch.long, device=TEST_DEVICE)
+    read = ours.compute_logits(ours(input_ids, positions, pruned.kv_caches, metadata))
+    assert read.shape[0] == 2
+    assert_close(read.cpu(), all_rows[[17, 18]].cpu())
+    assert_close(read[0].cpu(), reference_logits(reference, prompt)[-1])
+    assert_close(read[1].cpu(), reference_logits(reference, other + [7])[-1])
+
+
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
