@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, signed sin: each [num_tokens, 1, head_dim]
 
-MLP_CHUNK_TOKENS = 512  # prefill rows per MLP slice; bounds peak activation memory
+# prefill rows per MLP slice; bounds peak activation memory. The default 1024-token chunk goes
+# whole: 1.7% faster at a 4k prompt than two 512-row slices (bf16, 2 cores), for 10 MB more
+MLP_CHUNK_TOKENS = 1024
 
 # checkpoint projection name -> (our fused layer, shard id)
 _FUSED_PARTS = {
