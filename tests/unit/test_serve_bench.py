@@ -2,8 +2,8 @@
 seeded, valid Python near its token target; edit requests stop on their own unless a length is
 forced; chat prompts of a run, its warm-ups and its other scenarios part within their first
 tokens; the prefill rate is reported; spec-decode counters are read from Prometheus text and
-diffed; scenarios (a prompt length included) and variants (a JSON flag value in quotes
-included) parse as documented."""
+diffed; the RSS sampler finds a child started late; scenarios (a prompt length included) and
+variants (a JSON flag value in quotes included) parse as documented."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import ast
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +33,7 @@ from bench.serve import (
     LoadConfig,
     Prompt,
     RequestResult,
+    RssSampler,
     build_prompts,
     default_output_tokens,
     format_summary,
@@ -261,3 +265,22 @@ def test_variant_flags_keep_a_quoted_json_value_whole() -> None:
     for bad in ("noflags", "=--seed 1", "x=--speculative-config '{unclosed"):
         with pytest.raises(ValueError):
             parse_variant(bad)
+
+
+def test_rss_sampler_finds_a_child_started_after_its_first_scan() -> None:
+    sampler = RssSampler(os.getpid(), rescan_s=3600.0)
+    alone = sampler.sample()
+    assert alone > 0
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys, time; block = bytearray(200 << 20); "
+                              "sys.stdout.write('ready\\n'); sys.stdout.flush(); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        assert sampler.sample() < alone + (100 << 20)  # the tree is not scanned again yet
+        sampler.rescan_s = 0.0
+        assert sampler.sample() > alone + (150 << 20)
+        assert sampler.peak_bytes > alone + (150 << 20)
+    finally:
+        child.kill()
+        child.wait()
