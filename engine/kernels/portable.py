@@ -50,8 +50,10 @@ def portable_library() -> ctypes.CDLL | None:
 def takes_f32(*tensors: torch.Tensor) -> bool:
     """Whether the float32 kernels can run on these tensors: contiguous float32 on the CPU,
     and the library available here."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-               for t in tensors) and portable_library() is not None
+    for tensor in tensors:  # as takes_bf16
+        if tensor.dtype != torch.float32 or not tensor.is_cpu or not tensor.is_contiguous():
+            return False
+    return portable_library() is not None
 
 
 def unsupported_reason() -> str | None:
