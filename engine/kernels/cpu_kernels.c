@@ -663,24 +663,26 @@ static inline __m512 reduce16_ps(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(z01, z23, 0xDD));
 }
 
-/* acc[g, 0:64] (+)= sum_t probs[g * stride + t] * v_t for 4 heads g of one KV head, head size
- * 64: the 16 sums live in registers and each value row is converted once */
-static inline void pv_64x4(const float *probs, int64_t stride, const uint16_t *v_cache,
-                           const int32_t *table, int64_t len, int64_t BS, int64_t KVH,
-                           int64_t kvh, float *acc) {
+/* acc[g, 0:64] = sum_t probs[g * stride + t] * v_t for `heads` (1 to 4) heads g of one KV
+ * head, head size 64: the sums live in registers and each value row is converted once. Always
+ * inlined with a constant `heads`, so its loops unroll. The sums are axpy_bf16's, term for term
+ * in the same order: the same bits */
+static inline __attribute__((always_inline)) void
+pv_64(const float *probs, int64_t stride, const uint16_t *v_cache, const int32_t *table,
+      int64_t len, int64_t BS, int64_t KVH, int64_t kvh, float *acc, const int heads) {
     __m512 sum[4][4];
-    for (int g = 0; g < 4; g++)
+    for (int g = 0; g < heads; g++)
         for (int c = 0; c < 4; c++) sum[g][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; t++) {
         const uint16_t *v = v_cache + (((int64_t)table[t / BS] * BS + t % BS) * KVH + kvh) * 64;
         __m512 row[4];
         for (int c = 0; c < 4; c++) row[c] = load16_bf16(v + 16 * c);
-        for (int g = 0; g < 4; g++) {
+        for (int g = 0; g < heads; g++) {
             const __m512 p = _mm512_set1_ps(probs[g * stride + t]);
             for (int c = 0; c < 4; c++) sum[g][c] = _mm512_fmadd_ps(p, row[c], sum[g][c]);
         }
     }
-    for (int g = 0; g < 4; g++)
+    for (int g = 0; g < heads; g++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + g * 64 + 16 * c, sum[g][c]);
 }
 
@@ -790,11 +792,23 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
                 for (t = vec_len; t < len; t++) row[t] = bf16_to_f32(f32_to_bf16(row[t] * inv));
             }
             int64_t g0 = 0;
-            if (D == 64) /* the common head size: 4 heads' sums stay in registers */
+            if (D == 64) { /* the common head size: up to 4 heads' sums stay in registers */
+                const int32_t *table = block_tables + s * W;
                 for (; g0 + 4 <= group; g0 += 4)
-                    pv_64x4(scores + g0 * max_len, max_len, v_cache, block_tables + s * W, len,
-                            BS, KVH, kvh, acc + g0 * D);
-            for (t = 0; t < len; t++) {
+                    pv_64(scores + g0 * max_len, max_len, v_cache, table, len, BS, KVH, kvh,
+                          acc + g0 * D, 4);
+                /* the rest (7 query heads a KV head in Qwen2.5-0.5B: 3) in registers too, not
+                 * through axpy_bf16's loads and stores of the sums for every key */
+                const float *rest = scores + g0 * max_len;
+                switch (group - g0) {
+                case 3: pv_64(rest, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 3); break;
+                case 2: pv_64(rest, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 2); break;
+                case 1: pv_64(rest, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 1); break;
+                default: break;
+                }
+                g0 = group;
+            }
+            for (t = 0; t < len && g0 < group; t++) {
                 const int64_t block = block_tables[s * W + t / BS];
                 const uint16_t *v = v_cache + ((block * BS + t % BS) * KVH + kvh) * D;
                 for (int64_t g = g0; g < group; g++)

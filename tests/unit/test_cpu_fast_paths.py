@@ -334,7 +334,8 @@ def test_native_rms_norm_matches_the_reference(num_rows: int, hidden: int) -> No
 # ---- native paged decode attention --------------------------------------------------------------
 
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [
-    (14, 2, 64), (8, 2, 64), (4, 4, 32), (6, 1, 80)])
+    # head size 64: groups of 7 (4 + 3 heads in registers), 4, 6 (4 + 2) and 1
+    (14, 2, 64), (8, 2, 64), (12, 2, 64), (3, 3, 64), (4, 4, 32), (6, 1, 80)])
 def test_native_decode_attention_matches_the_matmul_path(num_heads: int, num_kv_heads: int,
                                                          head_dim: int) -> None:
     """Ragged contexts through shuffled, non-contiguous block tables, a mixed batch's decode
