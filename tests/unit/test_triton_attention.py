@@ -191,6 +191,22 @@ def test_backend_step_matches_the_reference_for_mixed_and_decode_batches() -> No
         assert torch.equal(batch.k_cache, k_expected) and torch.equal(batch.v_cache, v_expected)
 
 
+def test_write_cache_alone_writes_what_a_step_writes() -> None:
+    """`write_cache` (the last layer of a chunk whose rows nobody reads) leaves both caches as
+    the reference backend's whole step does, with the kernels and with the fallback (float64
+    caches the kernels do not cover)."""
+    backend = CudaAttentionBackend()
+    for dtype in (torch.float32, torch.float64):
+        batch = make_batch([(6, 10), (0, 1), (20, 1), (0, 13)], 8, 2, 16, block_size=8, seed=240)
+        key, value = batch.key.to(dtype), batch.value.to(dtype)
+        k_cache, v_cache = batch.k_cache.to(dtype), batch.v_cache.to(dtype)
+        k_expected, v_expected = k_cache.clone(), v_cache.clone()
+        TorchAttentionBackend().forward(batch.query.to(dtype), key, value, k_expected,
+                                        v_expected, batch.metadata, 0.25)
+        backend.write_cache(key, value, k_cache, v_cache, batch.metadata)
+        assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
 def test_only_the_fallback_gets_a_decode_plan() -> None:
     """The kernels read lengths on the device: no host plan for them (and so CUDA graphs may
     capture the step); a cache they do not cover (float64) gets the torch fallback's plan."""
