@@ -18,14 +18,18 @@ class DecodePlan:
     block_size: int  # of the cache it indexes
     num_kv_heads: int
     rows: torch.Tensor | None  # [num_decode] query rows; None: every row (decode-only step)
-    cache_rows: torch.Tensor  # [num_decode * num_kv_heads * max_len] rows of cache.view(-1, dim)
-    is_padding: torch.Tensor  # [num_decode, 1, 1, max_len] bool: past each seq_len
-    max_len: int
+    max_len: int  # the longest context, bucketed: the gathered length of the matmul path
     block_tables: torch.Tensor  # [num_decode, width] int32, contiguous (the native kernel)
     lens: torch.Tensor  # [num_decode] int32
     max_seq_len: int  # the longest context, unpadded: whether a window cuts any context
     # sliding window -> this plan over each context's last `window` positions only
     windowed: dict[int, DecodePlan] = field(default_factory=dict)
+    # the batched-matmul path's gather, made by its first layer of the step (the native
+    # kernel reads block_tables and lens alone): rows of cache.view(-1, dim) ordered [seq,
+    # kv_head, position], [num_decode * num_kv_heads * max_len], and which of them lie past
+    # each seq_len, [num_decode, 1, 1, max_len] bool
+    cache_rows: torch.Tensor | None = None
+    is_padding: torch.Tensor | None = None
 
 
 @dataclass(slots=True)

@@ -66,25 +66,32 @@ def build_decode_plan(metadata: AttentionMetadata, seq_ids: list[int], block_siz
     so one index_select yields K (or V) as [num_decode, num_kv_heads, max_len, head_dim]."""
     device = metadata.block_tables.device
     seq_lens = [metadata.seq_lens_cpu[i] for i in seq_ids]
-    max_len = _bucketed(max(seq_lens))
     is_all = len(seq_ids) == metadata.num_seqs
     ids = None if is_all else torch.tensor(seq_ids, device=device)
     tables = metadata.block_tables if ids is None else metadata.block_tables[ids]
-    positions = torch.arange(max_len, device=device)
-    # past a table's end (bucket padding) read its last entry: any valid block, masked anyway
-    block_index = (positions // block_size).clamp_(max=tables.shape[1] - 1)
-    slots = tables[:, block_index].long() * block_size + positions % block_size
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
-    is_padding = (positions[None, :] >= lens[:, None])[:, None, None, :]  # [seqs, 1, 1, len]
     rows = None
     if not is_all:
         starts = [0]
         for query_len in metadata.query_lens_cpu:
             starts.append(starts[-1] + query_len)
         rows = torch.tensor([starts[i] for i in seq_ids], device=device)
-    return DecodePlan(block_size, num_kv_heads, rows, _cache_rows(slots, num_kv_heads),
-                      is_padding, max_len, tables.to(torch.int32).contiguous(), lens,
-                      max(seq_lens))
+    return DecodePlan(block_size, num_kv_heads, rows, _bucketed(max(seq_lens)),
+                      tables.to(torch.int32).contiguous(), lens, max(seq_lens))
+
+
+def matmul_gather(plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's (cache_rows, is_padding) for the batched-matmul path, made once per plan:
+    the native kernel never reads them, and building them cost ~60 us a step."""
+    if plan.cache_rows is None or plan.is_padding is None:
+        positions = torch.arange(plan.max_len, device=plan.lens.device)
+        tables = plan.block_tables
+        # past a table's end (bucket padding) read its last entry: any valid block, masked
+        block_index = (positions // plan.block_size).clamp_(max=tables.shape[1] - 1)
+        slots = tables[:, block_index].long() * plan.block_size + positions % plan.block_size
+        plan.cache_rows = _cache_rows(slots, plan.num_kv_heads)
+        plan.is_padding = (positions[None, :] >= plan.lens[:, None])[:, None, None, :]
+    return plan.cache_rows, plan.is_padding
 
 
 def windowed_plan(plan: DecodePlan, window: int) -> DecodePlan:
@@ -198,12 +205,13 @@ def decode_attention_matmul(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     shape = (num_seqs, num_kv_heads, plan.max_len, head_dim)
-    keys = k_cache.view(-1, head_dim).index_select(0, plan.cache_rows).view(shape)
-    values = v_cache.view(-1, head_dim).index_select(0, plan.cache_rows).view(shape)
+    cache_rows, is_padding = matmul_gather(plan)
+    keys = k_cache.view(-1, head_dim).index_select(0, cache_rows).view(shape)
+    values = v_cache.view(-1, head_dim).index_select(0, cache_rows).view(shape)
     grouped = query.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped, keys.transpose(2, 3)).float()  # [seqs, kv_heads, group, len]
     # masked_fill, not adding -inf: whatever stale values padding reads (even inf) drop out
-    scores.mul_(scale).masked_fill_(plan.is_padding, float("-inf"))
+    scores.mul_(scale).masked_fill_(is_padding, float("-inf"))
     probs = scores.softmax(dim=-1).to(query.dtype)
     out = torch.matmul(probs, values)  # [num_seqs, num_kv_heads, group, head_dim]
     return out.view(num_seqs, num_heads, head_dim)
