@@ -791,29 +791,25 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
                                                                           _mm512_set1_ps(inv))));
                 for (t = vec_len; t < len; t++) row[t] = bf16_to_f32(f32_to_bf16(row[t] * inv));
             }
-            int64_t g0 = 0;
-            if (D == 64) { /* the common head size: up to 4 heads' sums stay in registers */
-                const int32_t *table = block_tables + s * W;
-                for (; g0 + 4 <= group; g0 += 4)
-                    pv_64(scores + g0 * max_len, max_len, v_cache, table, len, BS, KVH, kvh,
-                          acc + g0 * D, 4);
-                /* the rest (7 query heads a KV head in Qwen2.5-0.5B: 3) in registers too, not
-                 * through axpy_bf16's loads and stores of the sums for every key */
-                const float *rest = scores + g0 * max_len;
-                switch (group - g0) {
-                case 3: pv_64(rest, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 3); break;
-                case 2: pv_64(rest, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 2); break;
-                case 1: pv_64(rest, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 1); break;
-                default: break;
+            if (D == 64) /* the common head size: up to 4 heads' sums stay in registers (7
+                          * query heads a KV head in Qwen2.5-0.5B: 4, then 3) */
+                for (int64_t g0 = 0; g0 < group; g0 += 4) {
+                    const float *p = scores + g0 * max_len;
+                    const int32_t *table = block_tables + s * W;
+                    switch (group - g0) { /* a constant count each, for pv_64's unrolling */
+                    case 1: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 1); break;
+                    case 2: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 2); break;
+                    case 3: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 3); break;
+                    default: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 4);
+                    }
                 }
-                g0 = group;
-            }
-            for (t = 0; t < len && g0 < group; t++) {
-                const int64_t block = block_tables[s * W + t / BS];
-                const uint16_t *v = v_cache + ((block * BS + t % BS) * KVH + kvh) * D;
-                for (int64_t g = g0; g < group; g++)
-                    axpy_bf16(scores[g * max_len + t], v, acc + g * D, D);
-            }
+            else
+                for (t = 0; t < len; t++) {
+                    const int64_t block = block_tables[s * W + t / BS];
+                    const uint16_t *v = v_cache + ((block * BS + t % BS) * KVH + kvh) * D;
+                    for (int64_t g = 0; g < group; g++)
+                        axpy_bf16(scores[g * max_len + t], v, acc + g * D, D);
+                }
             for (int64_t g = 0; g < group; g++)
                 for (int64_t d = 0; d < D; d++)
                     out[(s * H + kvh * group + g) * D + d] = f32_to_bf16(acc[g * D + d]);

@@ -320,9 +320,9 @@ def apply_rotary_native(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: tor
 def _takes_native(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> bool:
     """rope_bf16's conditions: bf16 on CPU, halves of whole 16-lane vectors, heads contiguous
     within a token (tokens may be strided), one factor row per token."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 3
+    return (x.dtype == torch.bfloat16 and x.is_cpu and x.dim() == 3
             and x.shape[-1] % 32 == 0 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
-            and x.shape[0] == cos_full.shape[0] and cos_full.device.type == "cpu"
+            and x.shape[0] == cos_full.shape[0] and cos_full.is_cpu
             and cos_full.dtype == sin_signed.dtype == torch.bfloat16
             and cos_full.is_contiguous() and sin_signed.is_contiguous()
             and native_library() is not None)
