@@ -38,6 +38,24 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+/* The new tokens' K and V rows into the paged caches: token t's row of `row_bytes` (its
+ * KV heads, contiguous) goes to slot slots[t] of both caches, read from key + t * key_stride
+ * and value + t * value_stride (bytes: the rows may be views into a fused qkv output). Any
+ * dtype: the rows are copied as bytes. Returns 0, or -1 before writing anything when a slot
+ * is outside [0, num_slots). One call for both caches, where index_copy_ takes two of ~5 us
+ * each on a decode step's few rows. */
+int kv_cache_write(const char *key, int64_t key_stride, const char *value, int64_t value_stride,
+                   char *k_cache, char *v_cache, const int64_t *slots, int64_t T,
+                   int64_t row_bytes, int64_t num_slots) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(k_cache + slots[t] * row_bytes, key + t * key_stride, (size_t)row_bytes);
+        memcpy(v_cache + slots[t] * row_bytes, value + t * value_stride, (size_t)row_bytes);
+    }
+    return 0;
+}
+
 int paged_decode_attention_f32(const float *q, const float *k_cache, const float *v_cache,
                                const int32_t *block_tables, const int32_t *seq_lens, int64_t S,
                                int64_t H, int64_t KVH, int64_t D, int64_t BS, int64_t W,

@@ -32,6 +32,7 @@ SIGNATURES = {
     "int4_linear_q8": (ctypes.c_int, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _I32]),
     "int4_dequantize_f32": (ctypes.c_int, [_P, _P, _P, _I64, _I64, _I64, _P, _I32]),
     "w8a8_linear_f32": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _P, _I32]),
+    "kv_cache_write": (ctypes.c_int, [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64]),
 }
 INT4_MAX_ROWS = 16  # the int4 kernel's most activation rows (INT4_MAX_ROWS in the C source)
 

@@ -321,6 +321,36 @@ def test_write_kv_touches_only_the_given_slots() -> None:
     assert int((k_cache != 0).any(dim=(2, 3)).sum()) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_takes_views_of_a_fused_qkv_row(dtype: torch.dtype) -> None:
+    """K and V as the models pass them (strided views into one [tokens, q + k + v] output)
+    land where index_copy_ puts them, in the native write and the torch one alike."""
+    torch.manual_seed(0)
+    qkv = torch.randn(6, (4 + 2 + 2) * 8).to(dtype)  # 4 query heads, 2 KV heads, head size 8
+    key, value = qkv[:, 32:48].view(6, 2, 8), qkv[:, 48:].view(6, 2, 8)
+    slots = torch.tensor([5, 0, 31, 12, 13, 7])
+    expected_k, expected_v = torch.zeros(4, 8, 2, 8, dtype=dtype), torch.zeros(4, 8, 2, 8,
+                                                                               dtype=dtype)
+    expected_k.view(-1, 2, 8).index_copy_(0, slots, key)
+    expected_v.view(-1, 2, 8).index_copy_(0, slots, value)
+    k_cache, v_cache = torch.zeros_like(expected_k), torch.zeros_like(expected_v)
+    written = torch_ref._write_kv_native(key, value, k_cache, v_cache, slots)
+    assert written == (torch_ref.portable_library() is not None)
+    write_kv(key, value, k_cache, v_cache, slots)  # again through the public entry: the same
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_write_kv_refuses_a_slot_outside_the_cache() -> None:
+    """An IndexError either way; the native write checks every slot first and so writes
+    nothing (torch's index_copy_ may have copied the rows before the bad one)."""
+    k_cache, v_cache = torch.zeros(2, 4, 1, 4), torch.zeros(2, 4, 1, 4)
+    key, value = torch.ones(2, 1, 4), torch.ones(2, 1, 4)
+    with pytest.raises(IndexError):
+        write_kv(key, value, k_cache, v_cache, torch.tensor([3, 8]))  # 8 slots: 0..7
+    if torch_ref.portable_library() is not None:
+        assert not k_cache.any() and not v_cache.any()
+
+
 def test_bfloat16_caches_and_inputs() -> None:
     seqs, num_blocks = make_sequences(MIXED, 6, 2, block_size=4, seed=5)
     out, _, _ = run_backend(seqs, num_blocks, 4, scale=0.4, dtype=torch.bfloat16)
