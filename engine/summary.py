@@ -12,6 +12,7 @@ from engine.attention.torch_ref import native_prefill_serves
 from engine.kernels.native import native_library, unsupported_reason
 from engine.layers.linear import Linear
 from engine.models import kv_cache_spec
+from engine.models.llama import LlamaModel
 
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
@@ -82,6 +83,9 @@ def _kernels(engine: LLMEngine) -> str:
         if any(isinstance(m, Linear) and m.packed_weight is not None
                for m in loaded.model.modules()):
             parts.append("oneDNN prepacked matmuls")
+        decoder = getattr(loaded.model, "model", None)
+        if isinstance(decoder, LlamaModel) and decoder.native_stack() is not None:
+            parts.append("decode steps through the int4 layers in one native call")
     else:
         parts.append("torch (the native CPU kernels take bfloat16 only)")
     return ", ".join(parts)

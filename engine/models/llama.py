@@ -19,6 +19,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.parallel import RowParallelLinear, VocabParallelEmbedding, vocab_parallel_head
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, rope_settings
 from engine.models.base import CausalLM, KVCaches, KVCacheSpec, WeightTarget
+from engine.models.native_decode import NativeDecodeStack
 
 logger = logging.getLogger(__name__)
 
@@ -224,19 +225,46 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config),
                                           hf_config.max_position_embeddings,
                                           rope_settings(hf_config))
+        # decode steps through int4 layers in one native call (native_decode.py), built at
+        # the first decode step (the weights are quantized by then); off: the modules run
+        self.native_decode_enabled = True
+        self._native_decode: NativeDecodeStack | None = None
+        self._native_decode_built = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches,
                 metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states = self._stage_input(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb(positions, hidden_states.dtype)  # computed once for all layers
-        last = len(self.layers) - 1 if self.parallel.is_last_stage else -1
-        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            rows = metadata.output_rows if index == last else None
-            hidden_states = layer(hidden_states, rope, kv_cache, metadata, rows)
+        native = self.native_stack() if metadata.is_decode_only else None
+        decoded = (native.run(hidden_states, rope, kv_caches, metadata)
+                   if native is not None else None)
+        if decoded is not None:
+            hidden_states = decoded
+        else:
+            hidden_states = self._run_layers(hidden_states, rope, kv_caches, metadata)
         final = self.parallel.finish_stage(hidden_states, metadata.num_output_rows)
         if final is None or self.norm is None:
             return hidden_states  # a later pipeline stage: nothing reads it
         return self.norm(final) if len(final) else final
+
+    def _run_layers(self, hidden_states: torch.Tensor, rope: Rope, kv_caches: KVCaches,
+                    metadata: AttentionMetadata) -> torch.Tensor:
+        last = len(self.layers) - 1 if self.parallel.is_last_stage else -1
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            rows = metadata.output_rows if index == last else None
+            hidden_states = layer(hidden_states, rope, kv_cache, metadata, rows)
+        return hidden_states
+
+    def native_stack(self) -> NativeDecodeStack | None:
+        """The native decode stack of these layers, or None where they are not what it
+        computes (or it is turned off)."""
+        if not self.native_decode_enabled:
+            return None
+        if not self._native_decode_built:
+            single = self.parallel.world_size == 1
+            self._native_decode = NativeDecodeStack.build(list(self.layers), single)
+            self._native_decode_built = True
+        return self._native_decode
 
     def _stage_input(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The embedded tokens on the first stage, the previous stage's output elsewhere."""

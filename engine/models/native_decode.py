@@ -1,0 +1,190 @@
+"""A Llama-family decode step through int4 layers in one native call (cpu_kernels.c:
+llama_q4_decode).
+
+At one stream the kernels of an int4 decode step are ~6 ms of the default model's ~10; the
+rest is the Python between them: module calls, checks, views and the ~10 torch and ctypes
+calls of each layer, ~150 us a layer. The native stack runs the same kernels in the same
+order from C, with the same roundings, so its hidden states are bit-identical to the modules'
+(tests/unit/test_native_decode.py). The embedding, the final norm, the LM head and sampling
+stay in Python: a handful of calls a step.
+
+It takes a model only where every decoder layer is plain Llama (no per-head q/k norms, no
+sliding window, a dense SwiGLU MLP), every linear of the stack is int4 with the AVX-512 VNNI
+kernel's column copy (`--quantization int4` on such a CPU, or a GPTQ/AWQ checkpoint without
+act-order), one rank holds the whole stack (no tensor or pipeline parallelism), and the step
+decodes only (one new token per sequence, bf16 on CPU). Anything else runs the modules."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch import nn
+
+from engine.attention.base import AttentionMetadata
+from engine.attention.torch_ref import TorchAttentionBackend
+from engine.kernels.native import native_library
+from engine.layers.activation import SiluAndMul
+from engine.layers.linear import Linear
+from engine.layers.norm import RMSNorm
+from engine.models.base import KVCaches
+
+if TYPE_CHECKING:
+    from engine.models.llama import LlamaDecoderLayer, LlamaMLP
+
+# llama_q4_decode's own statuses (cpu_kernels.c); a kernel's are small negatives
+_BAD_SLOT, _NO_MEMORY = -100, -101
+
+
+class _Q4Linear(ctypes.Structure):
+    """q4_linear_t"""
+
+    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("group_size", ctypes.c_int64)]
+
+
+class _Q4Layer(ctypes.Structure):
+    """q4_decoder_layer_t"""
+
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("input_eps", ctypes.c_float), ("post_eps", ctypes.c_float),
+                ("qkv", _Q4Linear), ("o", _Q4Linear), ("gate_up", _Q4Linear),
+                ("down", _Q4Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class NativeDecodeStack:
+    """The decoder layers of one LlamaModel as llama_q4_decode's arguments, built once; `run`
+    takes a step where it can and says None where the modules must run it."""
+
+    def __init__(self, layers: Sequence[LlamaDecoderLayer]) -> None:
+        attn = layers[0].self_attn
+        self.num_heads, self.num_kv_heads = attn.num_heads, attn.num_kv_heads
+        self.head_dim, self.scale = attn.head_dim, attn.scale
+        self.hidden_size = layers[0].input_layernorm.weight.shape[0]
+        self.intermediate_size = _mlp(layers[0]).gate_up_proj.out_features // 2
+        self._biases: list[torch.Tensor] = []  # bf16 copies the structs point at: kept alive
+        self._layers = (_Q4Layer * len(layers))()
+        for slot, layer in zip(self._layers, layers, strict=True):
+            slot.input_norm = layer.input_layernorm.weight.data_ptr()
+            slot.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            slot.input_eps = layer.input_layernorm.eps
+            slot.post_eps = layer.post_attention_layernorm.eps
+            slot.qkv = self._linear(layer.self_attn.qkv_proj)
+            slot.o = self._linear(layer.self_attn.o_proj)
+            slot.gate_up = self._linear(_mlp(layer).gate_up_proj)
+            slot.down = self._linear(_mlp(layer).down_proj)
+        self._caches: KVCaches | None = None  # the caches the structs point at
+
+    @classmethod
+    def build(cls, layers: Sequence[nn.Module], single_rank: bool) -> NativeDecodeStack | None:
+        """The stack for these layers, or None where one of them is not what the kernel
+        computes (see the module docstring)."""
+        if not single_rank or not layers or native_library() is None:
+            return None
+        if not all(_plain_int4_layer(layer) for layer in layers):
+            return None
+        plain = cast("list[LlamaDecoderLayer]", list(layers))
+        shapes = {(layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
+                   layer.self_attn.head_dim, _mlp(layer).gate_up_proj.out_features)
+                  for layer in plain}
+        if len(shapes) != 1 or plain[0].self_attn.head_dim % 32:  # rope_bf16: whole halves
+            return None
+        return cls(plain)
+
+    def run(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+            kv_caches: KVCaches,
+            metadata: AttentionMetadata) -> torch.Tensor | None:
+        """The last layer's output for the embedded tokens `hidden_states` [M, hidden] (written
+        in place), or None where this step is not one the kernel takes. `rope`: the step's
+        cos and signed sin, [M, 1, head_dim] each (apply_rotary's factors)."""
+        plan = metadata.decode_plan
+        cos, sin = rope
+        num_rows = hidden_states.shape[0]
+        if (not metadata.is_decode_only or metadata.output_rows is not None or plan is None
+                or plan.rows is not None or hidden_states.dtype != torch.bfloat16
+                or not hidden_states.is_cpu or not hidden_states.is_contiguous()
+                or cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16
+                or cos.shape[0] != num_rows or cos.numel() != num_rows * self.head_dim
+                or not cos.is_contiguous() or not sin.is_contiguous()
+                or plan.lens.shape[0] != num_rows):
+            return None
+        if kv_caches is not self._caches and not self._point_at(kv_caches):
+            return None
+        k_cache = kv_caches[0][0]
+        status = native_library().llama_q4_decode(  # type: ignore[union-attr]
+            ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),
+            num_rows, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.intermediate_size, cos.data_ptr(), sin.data_ptr(),
+            metadata.slot_mapping.data_ptr(), k_cache.shape[0] * k_cache.shape[1],
+            plan.block_tables.data_ptr(), plan.lens.data_ptr(), k_cache.shape[1],
+            plan.block_tables.shape[1], self.scale, torch.get_num_threads())
+        if status == _BAD_SLOT:
+            raise IndexError("a decode row's cache slot is outside the KV cache")
+        if status == _NO_MEMORY:
+            raise MemoryError("llama_q4_decode could not allocate its scratch")
+        if status != 0:
+            raise RuntimeError(f"llama_q4_decode failed in a kernel (status {status})")
+        return hidden_states
+
+    def _point_at(self, kv_caches: KVCaches) -> bool:
+        """Point the layer structs at these caches; False where the kernel cannot read them
+        (not contiguous bf16 on CPU, or another shape)."""
+        expected = (self.num_kv_heads, self.head_dim)
+        if len(kv_caches) != len(self._layers):
+            return False
+        for k_cache, v_cache in kv_caches:
+            for cache in (k_cache, v_cache):
+                if (cache.dtype != torch.bfloat16 or not cache.is_cpu
+                        or not cache.is_contiguous() or tuple(cache.shape[2:]) != expected
+                        or cache.shape != kv_caches[0][0].shape):
+                    return False
+        for slot, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
+            slot.k_cache, slot.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+        self._caches = kv_caches
+        return True
+
+    def _linear(self, layer: Linear) -> _Q4Linear:
+        weight = layer.int4_weight
+        assert weight is not None and weight.columns is not None
+        nibbles, scales, zeros = weight.columns.arguments
+        bias = 0
+        if layer.bias is not None:
+            copy = layer.bias.detach().to(torch.bfloat16).contiguous()
+            self._biases.append(copy)
+            bias = copy.data_ptr()
+        rows, columns = weight.shape
+        return _Q4Linear(nibbles, scales, zeros, bias or None, rows, columns, weight.group_size)
+
+
+def _mlp(layer: LlamaDecoderLayer) -> LlamaMLP:
+    """A checked layer's MLP (`build_mlp` types it as any module)."""
+    return cast("LlamaMLP", layer.mlp)
+
+
+def _plain_int4_layer(layer: nn.Module) -> bool:
+    """Whether one decoder layer computes exactly what llama_q4_decode does."""
+    from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+    if type(layer) is not LlamaDecoderLayer:
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    if (type(attn) is not LlamaAttention or attn.q_norm is not None
+            or attn.sliding_window is not None
+            or not isinstance(attn.attn_backend, TorchAttentionBackend)
+            or type(mlp) is not LlamaMLP or type(mlp.act) is not SiluAndMul):
+        return False
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
+               and norm.weight.is_cpu and norm.weight.is_contiguous() for norm in norms):
+        return False
+    return all(_int4_columns(linear) for linear in (attn.qkv_proj, attn.o_proj,
+                                                    mlp.gate_up_proj, mlp.down_proj))
+
+
+def _int4_columns(layer: Linear) -> bool:
+    """An int4 weight held as the AVX-512 kernel's column copy (every CPU call takes it)."""
+    weight = layer.int4_weight
+    return weight is not None and weight.columns is not None
