@@ -85,7 +85,7 @@ def _kernels(engine: LLMEngine) -> str:
             parts.append("oneDNN prepacked matmuls")
         decoder = getattr(loaded.model, "model", None)
         if isinstance(decoder, LlamaModel) and decoder.native_stack() is not None:
-            parts.append("decode steps through the int4 layers in one native call")
+            parts.append("decode steps through the quantized layers in one native call")
     else:
         parts.append("torch (the native CPU kernels take bfloat16 only)")
     return ", ".join(parts)

@@ -1145,7 +1145,7 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
     return 0;
 }
 
-/* ---- A Llama-family decode step through int4 layers, in one call ----
+/* ---- A Llama-family decode step through quantized layers, in one call ----
  *
  * The decoder layers of a decode step (one new token per sequence, M rows) run the kernels
  * above in the order and with the roundings of the torch modules (engine/models/llama.py):
@@ -1156,29 +1156,35 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
  * us a layer at one row, a third of an int4 decode step of the default model. The caller
  * (engine/models/native_decode.py) checks that every layer has this shape. */
 typedef struct {
-    const uint32_t *w; /* int4_pack_columns' copy: nibbles, scales and zero points */
-    const uint16_t *s, *z;
-    const uint16_t *bias; /* [N] bf16, or NULL */
+    int64_t bits; /* 4: int4_gemm_q8 over (w, s, z); 8: w8a8_gemm over (w, s) */
+    const void *w; /* the column copy: int4_pack_columns' nibbles, or w8_pack_columns' bytes */
+    const void *s; /* int4: float16 scales; int8: float32 row scales */
+    const void *z; /* int4: float16 zero points; int8: unused */
+    const void *bias; /* int4: [N] bf16, added after the rounding; int8: [N] float32, inside */
     int64_t N, K, group_size;
-} q4_linear_t;
+} qlinear_t;
 
 typedef struct {
     const uint16_t *input_norm, *post_norm; /* [E] bf16 */
     float input_eps, post_eps;
-    q4_linear_t qkv, o, gate_up, down;
+    qlinear_t qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache; /* [num_blocks, BS, KVH, D] bf16 */
-} q4_decoder_layer_t;
+} q_decoder_layer_t;
 
-/* y [M, N] = x [M, K] @ W^T (+ bias), bf16 in and out, the bias added as torch's bf16 `+=`
- * rounds it. Returns int4_gemm_q8's status. */
-static int q4_linear(const q4_linear_t *l, const uint16_t *x, int64_t M, uint16_t *y,
-                     int nthreads) {
-    const int status = int4_gemm_q8(x, M, l->K, l->w, l->s, l->z, l->N, l->group_size, y, 1,
-                                    nthreads);
+/* y [M, N] = x [M, K] @ W^T (+ bias), bf16 in and out, with the roundings of the module's
+ * call (w4a16.linear or w8a8.linear). Returns the kernel's status. */
+static int q_linear(const qlinear_t *l, const uint16_t *x, int64_t M, uint16_t *y,
+                    int nthreads) {
+    if (l->bits == 8)
+        return w8a8_gemm(x, M, l->K, (const uint8_t *)l->w, (const float *)l->s,
+                         (const float *)l->bias, l->N, y, nthreads);
+    const int status = int4_gemm_q8(x, M, l->K, (const uint32_t *)l->w, (const uint16_t *)l->s,
+                                    (const uint16_t *)l->z, l->N, l->group_size, y, 1, nthreads);
     if (status != 0 || !l->bias) return status;
+    const uint16_t *bias = (const uint16_t *)l->bias; /* torch's bf16 `out += bias` */
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < l->N; n++)
-            y[m * l->N + n] = f32_to_bf16(bf16_to_f32(y[m * l->N + n]) + bf16_to_f32(l->bias[n]));
+            y[m * l->N + n] = f32_to_bf16(bf16_to_f32(y[m * l->N + n]) + bf16_to_f32(bias[n]));
     return 0;
 }
 
@@ -1193,18 +1199,18 @@ static void add_bf16(uint16_t *h, const uint16_t *x, int64_t n) {
 /* hidden [M, E] bf16, in and out: the embedded tokens in, the last layer's output out.
  * H query heads and KVH KV heads of size D (a multiple of 32, for rope_bf16); I: the MLP's
  * intermediate size; cos, sin [M, D] (apply_rotary's factors); slots [M] (< num_slots); the
- * decode plan's block tables [M, W] and context lengths [M]. Returns 0, Q4_DECODE_BAD_SLOT
- * when a slot is outside the cache (before anything is written), Q4_DECODE_NO_MEMORY when
- * its scratch could not be allocated, or a kernel's own negative status. */
-#define Q4_DECODE_BAD_SLOT (-100)
-#define Q4_DECODE_NO_MEMORY (-101)
-int llama_q4_decode(const q4_decoder_layer_t *layers, int64_t L, uint16_t *hidden, int64_t M,
-                    int64_t E, int64_t H, int64_t KVH, int64_t D, int64_t I,
-                    const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
-                    int64_t num_slots, const int32_t *block_tables, const int32_t *lens,
-                    int64_t BS, int64_t W, float scale, int nthreads) {
+ * decode plan's block tables [M, W] and context lengths [M]. Returns 0, Q_DECODE_BAD_SLOT
+ * when a slot is outside the cache (before anything is written), Q_DECODE_NO_MEMORY when its
+ * scratch could not be allocated, or a kernel's own negative status. */
+#define Q_DECODE_BAD_SLOT (-100)
+#define Q_DECODE_NO_MEMORY (-101)
+int llama_quantized_decode(const q_decoder_layer_t *layers, int64_t L, uint16_t *hidden,
+                           int64_t M, int64_t E, int64_t H, int64_t KVH, int64_t D, int64_t I,
+                           const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                           int64_t num_slots, const int32_t *block_tables, const int32_t *lens,
+                           int64_t BS, int64_t W, float scale, int nthreads) {
     for (int64_t m = 0; m < M; m++)
-        if (slots[m] < 0 || slots[m] >= num_slots) return Q4_DECODE_BAD_SLOT;
+        if (slots[m] < 0 || slots[m] >= num_slots) return Q_DECODE_BAD_SLOT;
     const int64_t qkv_n = (H + 2 * KVH) * D, qk_n = (H + KVH) * D;
     const int64_t widest = qkv_n > 2 * I ? qkv_n : 2 * I;
     uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(M * E));       /* normed input */
@@ -1213,11 +1219,11 @@ int llama_q4_decode(const q4_decoder_layer_t *layers, int64_t L, uint16_t *hidde
     uint16_t *q = malloc(sizeof(uint16_t) * (size_t)(M * H * D));   /* q, contiguous */
     uint16_t *attn = malloc(sizeof(uint16_t) * (size_t)(M * (H * D > I ? H * D : I)));
     uint16_t *out = malloc(sizeof(uint16_t) * (size_t)(M * E));     /* o_proj, then down */
-    int status = (x && wide && qk && q && attn && out) ? 0 : Q4_DECODE_NO_MEMORY;
+    int status = (x && wide && qk && q && attn && out) ? 0 : Q_DECODE_NO_MEMORY;
     for (int64_t l = 0; l < L && status == 0; l++) {
-        const q4_decoder_layer_t *layer = &layers[l];
+        const q_decoder_layer_t *layer = &layers[l];
         rms_norm_bf16(hidden, layer->input_norm, M, E, layer->input_eps, x, nthreads);
-        if ((status = q4_linear(&layer->qkv, x, M, wide, nthreads)) != 0) break;
+        if ((status = q_linear(&layer->qkv, x, M, wide, nthreads)) != 0) break;
         rope_bf16(wide, M, H + KVH, D, qkv_n, cos, sin, qk, nthreads);
         const size_t row_bytes = sizeof(uint16_t) * (size_t)(KVH * D);
         for (int64_t m = 0; m < M; m++) {
@@ -1227,12 +1233,12 @@ int llama_q4_decode(const q4_decoder_layer_t *layers, int64_t L, uint16_t *hidde
         }
         status = paged_decode_attention_bf16(q, layer->k_cache, layer->v_cache, block_tables,
                                              lens, M, H, KVH, D, BS, W, scale, attn, nthreads);
-        if (status != 0 || (status = q4_linear(&layer->o, attn, M, out, nthreads)) != 0) break;
+        if (status != 0 || (status = q_linear(&layer->o, attn, M, out, nthreads)) != 0) break;
         add_bf16(hidden, out, M * E);
         rms_norm_bf16(hidden, layer->post_norm, M, E, layer->post_eps, x, nthreads);
-        if ((status = q4_linear(&layer->gate_up, x, M, wide, nthreads)) != 0) break;
+        if ((status = q_linear(&layer->gate_up, x, M, wide, nthreads)) != 0) break;
         silu_and_mul_bf16(wide, M, I, attn, nthreads);
-        if ((status = q4_linear(&layer->down, attn, M, out, nthreads)) != 0) break;
+        if ((status = q_linear(&layer->down, attn, M, out, nthreads)) != 0) break;
         add_bf16(hidden, out, M * E);
     }
     free(x);

@@ -48,10 +48,11 @@ SIGNATURES = {
                                                    _I64, _I64, _F32, _P, _I32]),
     "paged_prefill_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                                     _I64, _I64, _F32, _P, _I32]),
-    # layers (an array of q4_decoder_layer_t: engine/models/native_decode.py), L, hidden, M,
+    # layers (an array of q_decoder_layer_t: engine/models/native_decode.py), L, hidden, M,
     # E, H, KVH, D, I, cos, sin, slots, num_slots, block tables, lens, BS, W, scale, threads
-    "llama_q4_decode": (ctypes.c_int, [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P,
-                                       _P, _I64, _P, _P, _I64, _I64, _F32, _I32]),
+    "llama_quantized_decode": (ctypes.c_int, [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+                                              _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64,
+                                              _F32, _I32]),
 }
 
 

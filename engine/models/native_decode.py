@@ -1,5 +1,5 @@
-"""A Llama-family decode step through int4 layers in one native call (cpu_kernels.c:
-llama_q4_decode).
+"""A Llama-family decode step through quantized layers in one native call (cpu_kernels.c:
+llama_quantized_decode).
 
 At one stream the kernels of an int4 decode step are ~6 ms of the default model's ~10; the
 rest is the Python between them: module calls, checks, views and the ~10 torch and ctypes
@@ -9,14 +9,17 @@ order from C, with the same roundings, so its hidden states are bit-identical to
 stay in Python: a handful of calls a step.
 
 It takes a model only where every decoder layer is plain Llama (no per-head q/k norms, no
-sliding window, a dense SwiGLU MLP), every linear of the stack is int4 with the AVX-512 VNNI
-kernel's column copy (`--quantization int4` on such a CPU, or a GPTQ/AWQ checkpoint without
-act-order), one rank holds the whole stack (no tensor or pipeline parallelism), and the step
-decodes only (one new token per sequence, bf16 on CPU). Anything else runs the modules."""
+sliding window, a dense SwiGLU MLP), every linear of the stack runs an AVX-512 VNNI kernel
+over its column copy (int4: `--quantization int4`, GPTQ/AWQ checkpoints without act-order;
+int8: `--quantization int8` and `w8a8`), one rank holds the whole stack (no tensor or
+pipeline parallelism), and the step decodes only (one new token per sequence, bf16 on CPU;
+int8 weights without int8 prefill: fewer rows than the modules would send to the dequantizing
+path). Anything else runs the modules."""
 
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from engine.attention.base import AttentionMetadata
 from engine.attention.torch_ref import TorchAttentionBackend
+from engine.kernels import w8a8
 from engine.kernels.native import native_library
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import Linear
@@ -34,30 +38,30 @@ from engine.models.base import KVCaches
 if TYPE_CHECKING:
     from engine.models.llama import LlamaDecoderLayer, LlamaMLP
 
-# llama_q4_decode's own statuses (cpu_kernels.c); a kernel's are small negatives
+# llama_quantized_decode's own statuses (cpu_kernels.c); a kernel's are small negatives
 _BAD_SLOT, _NO_MEMORY = -100, -101
 
 
-class _Q4Linear(ctypes.Structure):
-    """q4_linear_t"""
+class _QLinear(ctypes.Structure):
+    """qlinear_t"""
 
-    _fields_ = [("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-                ("group_size", ctypes.c_int64)]
+    _fields_ = [("bits", ctypes.c_int64), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
+                ("z", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("N", ctypes.c_int64),
+                ("K", ctypes.c_int64), ("group_size", ctypes.c_int64)]
 
 
-class _Q4Layer(ctypes.Structure):
-    """q4_decoder_layer_t"""
+class _QLayer(ctypes.Structure):
+    """q_decoder_layer_t"""
 
     _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 ("input_eps", ctypes.c_float), ("post_eps", ctypes.c_float),
-                ("qkv", _Q4Linear), ("o", _Q4Linear), ("gate_up", _Q4Linear),
-                ("down", _Q4Linear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+                ("qkv", _QLinear), ("o", _QLinear), ("gate_up", _QLinear),
+                ("down", _QLinear), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
 class NativeDecodeStack:
-    """The decoder layers of one LlamaModel as llama_q4_decode's arguments, built once; `run`
-    takes a step where it can and says None where the modules must run it."""
+    """The decoder layers of one LlamaModel as llama_quantized_decode's arguments, built once;
+    `run` takes a step where it can and says None where the modules must run it."""
 
     def __init__(self, layers: Sequence[LlamaDecoderLayer]) -> None:
         attn = layers[0].self_attn
@@ -66,7 +70,13 @@ class NativeDecodeStack:
         self.hidden_size = layers[0].input_layernorm.weight.shape[0]
         self.intermediate_size = _mlp(layers[0]).gate_up_proj.out_features // 2
         self._biases: list[torch.Tensor] = []  # bf16 copies the structs point at: kept alive
-        self._layers = (_Q4Layer * len(layers))()
+        # the most rows a step may have: int8 weights send 128 rows and more to a dequantizing
+        # matmul (w8a8.DEQUANTIZE_MIN_ROWS) unless they take int8 prefill
+        self.max_rows = min((w8a8.DEQUANTIZE_MIN_ROWS - 1 for layer in layers
+                             for linear in _linears(layer)
+                             if linear.int8_weight is not None
+                             and not linear.int8_weight.int8_prefill), default=sys.maxsize)
+        self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
             slot.input_norm = layer.input_layernorm.weight.data_ptr()
             slot.post_norm = layer.post_attention_layernorm.weight.data_ptr()
@@ -84,7 +94,7 @@ class NativeDecodeStack:
         computes (see the module docstring)."""
         if not single_rank or not layers or native_library() is None:
             return None
-        if not all(_plain_int4_layer(layer) for layer in layers):
+        if not all(_plain_quantized_layer(layer) for layer in layers):
             return None
         plain = cast("list[LlamaDecoderLayer]", list(layers))
         shapes = {(layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
@@ -109,12 +119,12 @@ class NativeDecodeStack:
                 or cos.dtype != torch.bfloat16 or sin.dtype != torch.bfloat16
                 or cos.shape[0] != num_rows or cos.numel() != num_rows * self.head_dim
                 or not cos.is_contiguous() or not sin.is_contiguous()
-                or plan.lens.shape[0] != num_rows):
+                or plan.lens.shape[0] != num_rows or num_rows > self.max_rows):
             return None
         if kv_caches is not self._caches and not self._point_at(kv_caches):
             return None
         k_cache = kv_caches[0][0]
-        status = native_library().llama_q4_decode(  # type: ignore[union-attr]
+        status = native_library().llama_quantized_decode(  # type: ignore[union-attr]
             ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),
             num_rows, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
             self.intermediate_size, cos.data_ptr(), sin.data_ptr(),
@@ -124,9 +134,9 @@ class NativeDecodeStack:
         if status == _BAD_SLOT:
             raise IndexError("a decode row's cache slot is outside the KV cache")
         if status == _NO_MEMORY:
-            raise MemoryError("llama_q4_decode could not allocate its scratch")
+            raise MemoryError("llama_quantized_decode could not allocate its scratch")
         if status != 0:
-            raise RuntimeError(f"llama_q4_decode failed in a kernel (status {status})")
+            raise RuntimeError(f"llama_quantized_decode failed in a kernel (status {status})")
         return hidden_states
 
     def _point_at(self, kv_caches: KVCaches) -> bool:
@@ -146,17 +156,29 @@ class NativeDecodeStack:
         self._caches = kv_caches
         return True
 
-    def _linear(self, layer: Linear) -> _Q4Linear:
+    def _linear(self, layer: Linear) -> _QLinear:
+        if layer.int8_weight is not None:
+            int8 = layer.int8_weight
+            assert int8.columns is not None
+            bias = self._keep(layer.int8_bias, torch.float32)  # w8a8.linear's: added inside
+            rows, columns = int8.shape
+            return _QLinear(8, int8.columns.data_ptr(), int8.scales.data_ptr(), None, bias,
+                            rows, columns, columns)
         weight = layer.int4_weight
         assert weight is not None and weight.columns is not None
         nibbles, scales, zeros = weight.columns.arguments
-        bias = 0
-        if layer.bias is not None:
-            copy = layer.bias.detach().to(torch.bfloat16).contiguous()
-            self._biases.append(copy)
-            bias = copy.data_ptr()
+        bias = self._keep(layer.bias, torch.bfloat16)  # w4a16.linear's: added after, in bf16
         rows, columns = weight.shape
-        return _Q4Linear(nibbles, scales, zeros, bias or None, rows, columns, weight.group_size)
+        return _QLinear(4, nibbles, scales, zeros, bias, rows, columns, weight.group_size)
+
+    def _keep(self, bias: torch.Tensor | None, dtype: torch.dtype) -> int | None:
+        """The address of a contiguous `dtype` copy of `bias` that lives as long as the stack,
+        or None."""
+        if bias is None:
+            return None
+        copy = bias.detach().to(dtype).contiguous()
+        self._biases.append(copy)
+        return copy.data_ptr()
 
 
 def _mlp(layer: LlamaDecoderLayer) -> LlamaMLP:
@@ -164,7 +186,12 @@ def _mlp(layer: LlamaDecoderLayer) -> LlamaMLP:
     return cast("LlamaMLP", layer.mlp)
 
 
-def _plain_int4_layer(layer: nn.Module) -> bool:
+def _linears(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:
+    return (layer.self_attn.qkv_proj, layer.self_attn.o_proj, _mlp(layer).gate_up_proj,
+            _mlp(layer).down_proj)
+
+
+def _plain_quantized_layer(layer: nn.Module) -> bool:
     """Whether one decoder layer computes exactly what llama_q4_decode does."""
     from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
@@ -180,11 +207,14 @@ def _plain_int4_layer(layer: nn.Module) -> bool:
     if not all(type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
                and norm.weight.is_cpu and norm.weight.is_contiguous() for norm in norms):
         return False
-    return all(_int4_columns(linear) for linear in (attn.qkv_proj, attn.o_proj,
-                                                    mlp.gate_up_proj, mlp.down_proj))
+    return all(_column_kernel(linear) for linear in (attn.qkv_proj, attn.o_proj,
+                                                     mlp.gate_up_proj, mlp.down_proj))
 
 
-def _int4_columns(layer: Linear) -> bool:
-    """An int4 weight held as the AVX-512 kernel's column copy (every CPU call takes it)."""
+def _column_kernel(layer: Linear) -> bool:
+    """An int4 or int8 weight held as an AVX-512 kernel's column copy, which the module's
+    decode calls run (int4: every call; int8: below DEQUANTIZE_MIN_ROWS rows, or all)."""
+    if layer.int8_weight is not None:
+        return layer.int8_weight.columns is not None
     weight = layer.int4_weight
     return weight is not None and weight.columns is not None

@@ -1,9 +1,10 @@
-"""The native int4 decode stack (engine/models/native_decode.py): decode steps through it give
-the modules' tokens and logprobs bit for bit, and every model or step it does not compute runs
-the modules."""
+"""The native decode stack for quantized layers (engine/models/native_decode.py): decode steps
+through it give the modules' tokens and logprobs bit for bit, and every model or step it does
+not compute runs the modules."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
+from engine.kernels import w8a8
 from engine.kernels.w4a16 import quantize_weight, with_columns
 from engine.models.llama import LlamaModel
 from engine.models.native_decode import NativeDecodeStack
@@ -57,13 +59,17 @@ def _randomize_biases(model_dir: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases
-def test_native_decode_is_bitwise_the_modules(arch: str, model_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize(("arch", "quantization"), [
+    ("llama", "int4"), ("qwen2", "int4"),  # qwen2: q/k/v biases
+    ("qwen2", "int8"), ("llama", "w8a8"),
+])
+def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str,
+                                              model_dirs: dict[str, Path]) -> None:
     if not _has_column_kernel():
-        pytest.skip("the native decode stack needs the AVX-512 VNNI int4 kernel")
+        pytest.skip("the native decode stack needs the AVX-512 VNNI kernels")
     # no prefix caching: the second run must prefill as the first did (bf16 ties are common
     # in a random tiny model, and a cached prefix changes the prompt's last-row arithmetic)
-    llm = LLM(str(model_dirs[arch]), device="cpu", dtype="bfloat16", quantization="int4",
+    llm = LLM(str(model_dirs[arch]), device="cpu", dtype="bfloat16", quantization=quantization,
               num_blocks=64, block_size=4, enable_prefix_caching=False)
     decoder = _decoder(llm)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
@@ -83,7 +89,11 @@ def test_native_decode_is_bitwise_the_modules(arch: str, model_dirs: dict[str, P
             outputs = llm.generate(PROMPTS, params)
         runs[enabled] = [(out.outputs[0].token_ids, out.outputs[0].logprobs) for out in outputs]
     # the stack ran every decode step (batches of 3 rows, then fewer), the modules the rest
-    assert decoder._native_decode is not None
+    stack = decoder._native_decode
+    assert stack is not None
+    # int8 weights without int8 prefill: from 128 rows the modules dequantize, so do they
+    assert stack.max_rows == (w8a8.DEQUANTIZE_MIN_ROWS - 1 if quantization == "int8"
+                              else sys.maxsize)
     assert len(calls) >= 23 and all(calls)
     assert runs[True] == runs[False]
     assert all(len(tokens) == 24 for tokens, _ in runs[True])
@@ -92,7 +102,6 @@ def test_native_decode_is_bitwise_the_modules(arch: str, model_dirs: dict[str, P
 @pytest.mark.parametrize(("arch", "quantization", "overrides"), [
     ("qwen3", "int4", {}),  # per-head q/k norms
     ("llama", None, {}),  # bf16 matmuls: oneDNN's, not the stack's
-    ("llama", "int8", {}),
     ("qwen2", "int4", {"use_sliding_window": True, "sliding_window": 16,
                        "max_window_layers": 0}),
 ])
