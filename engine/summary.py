@@ -84,8 +84,10 @@ def _kernels(engine: LLMEngine) -> str:
                for m in loaded.model.modules()):
             parts.append("oneDNN prepacked matmuls")
         decoder = getattr(loaded.model, "model", None)
-        if isinstance(decoder, LlamaModel) and decoder.native_stack() is not None:
-            parts.append("decode steps through the quantized layers in one native call")
+        stack = decoder.native_stack() if isinstance(decoder, LlamaModel) else None
+        if stack is not None:
+            parts.append("decode steps with no Python between a layer's matmuls" if stack.bf16
+                         else "decode steps through the quantized layers in one native call")
     else:
         parts.append("torch (the native CPU kernels take bfloat16 only)")
     return ", ".join(parts)

@@ -1196,6 +1196,37 @@ static void add_bf16(uint16_t *h, const uint16_t *x, int64_t n) {
     for (; i < n; i++) h[i] = f32_to_bf16(bf16_to_f32(h[i]) + bf16_to_f32(x[i]));
 }
 
+/* The residual add and the next RMSNorm of a decode step, hidden [M, E] += delta, then
+ * out = RMSNorm(hidden) with `weight` (none where weight is NULL: the last layer, whose norm
+ * is the model's). */
+void add_rms_norm_bf16(uint16_t *hidden, const uint16_t *delta, const uint16_t *weight,
+                       int64_t M, int64_t E, float eps, uint16_t *out, int nthreads) {
+    add_bf16(hidden, delta, M * E);
+    if (weight) rms_norm_bf16(hidden, weight, M, E, eps, out, nthreads);
+}
+
+/* A decode step's attention between the qkv and o matmuls: RoPE on q and k of the fused
+ * qkv rows [M, (H + 2 KVH) D], the new K/V into the caches at `slots` (checked by the
+ * caller), decode attention into attn [M, H D]. qk [M, (H + KVH) D] and q [M, H D]: scratch.
+ * Returns paged_decode_attention_bf16's status. */
+static int decode_attention_step(const uint16_t *qkv, int64_t M, int64_t H, int64_t KVH,
+                                 int64_t D, const uint16_t *cos, const uint16_t *sin,
+                                 const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache,
+                                 const int32_t *block_tables, const int32_t *lens, int64_t BS,
+                                 int64_t W, float scale, uint16_t *qk, uint16_t *q,
+                                 uint16_t *attn, int nthreads) {
+    const int64_t qkv_n = (H + 2 * KVH) * D, qk_n = (H + KVH) * D;
+    rope_bf16(qkv, M, H + KVH, D, qkv_n, cos, sin, qk, nthreads);
+    const size_t row_bytes = sizeof(uint16_t) * (size_t)(KVH * D);
+    for (int64_t m = 0; m < M; m++) {
+        memcpy(k_cache + slots[m] * KVH * D, qk + m * qk_n + H * D, row_bytes);
+        memcpy(v_cache + slots[m] * KVH * D, qkv + m * qkv_n + qk_n, row_bytes);
+        memcpy(q + m * H * D, qk + m * qk_n, sizeof(uint16_t) * (size_t)(H * D));
+    }
+    return paged_decode_attention_bf16(q, k_cache, v_cache, block_tables, lens, M, H, KVH, D,
+                                       BS, W, scale, attn, nthreads);
+}
+
 /* hidden [M, E] bf16, in and out: the embedded tokens in, the last layer's output out.
  * H query heads and KVH KV heads of size D (a multiple of 32, for rope_bf16); I: the MLP's
  * intermediate size; cos, sin [M, D] (apply_rotary's factors); slots [M] (< num_slots); the
@@ -1224,15 +1255,9 @@ int llama_quantized_decode(const q_decoder_layer_t *layers, int64_t L, uint16_t 
         const q_decoder_layer_t *layer = &layers[l];
         rms_norm_bf16(hidden, layer->input_norm, M, E, layer->input_eps, x, nthreads);
         if ((status = q_linear(&layer->qkv, x, M, wide, nthreads)) != 0) break;
-        rope_bf16(wide, M, H + KVH, D, qkv_n, cos, sin, qk, nthreads);
-        const size_t row_bytes = sizeof(uint16_t) * (size_t)(KVH * D);
-        for (int64_t m = 0; m < M; m++) {
-            memcpy(layer->k_cache + slots[m] * KVH * D, qk + m * qk_n + H * D, row_bytes);
-            memcpy(layer->v_cache + slots[m] * KVH * D, wide + m * qkv_n + qk_n, row_bytes);
-            memcpy(q + m * H * D, qk + m * qk_n, sizeof(uint16_t) * (size_t)(H * D));
-        }
-        status = paged_decode_attention_bf16(q, layer->k_cache, layer->v_cache, block_tables,
-                                             lens, M, H, KVH, D, BS, W, scale, attn, nthreads);
+        status = decode_attention_step(wide, M, H, KVH, D, cos, sin, slots, layer->k_cache,
+                                       layer->v_cache, block_tables, lens, BS, W, scale, qk, q,
+                                       attn, nthreads);
         if (status != 0 || (status = q_linear(&layer->o, attn, M, out, nthreads)) != 0) break;
         add_bf16(hidden, out, M * E);
         rms_norm_bf16(hidden, layer->post_norm, M, E, layer->post_eps, x, nthreads);
@@ -1247,5 +1272,26 @@ int llama_quantized_decode(const q_decoder_layer_t *layers, int64_t L, uint16_t 
     free(q);
     free(attn);
     free(out);
+    return status;
+}
+
+/* decode_attention_step for the bf16 stack, whose matmuls torch runs (oneDNN): the slots
+ * checked, the scratch allocated here. Returns 0, Q_DECODE_BAD_SLOT, Q_DECODE_NO_MEMORY or the
+ * attention kernel's status. */
+int llama_decode_attention(const uint16_t *qkv, int64_t M, int64_t H, int64_t KVH, int64_t D,
+                           const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                           int64_t num_slots, uint16_t *k_cache, uint16_t *v_cache,
+                           const int32_t *block_tables, const int32_t *lens, int64_t BS,
+                           int64_t W, float scale, uint16_t *attn, int nthreads) {
+    for (int64_t m = 0; m < M; m++)
+        if (slots[m] < 0 || slots[m] >= num_slots) return Q_DECODE_BAD_SLOT;
+    uint16_t *qk = malloc(sizeof(uint16_t) * (size_t)(M * (H + KVH) * D));
+    uint16_t *q = malloc(sizeof(uint16_t) * (size_t)(M * H * D));
+    int status = Q_DECODE_NO_MEMORY;
+    if (qk && q)
+        status = decode_attention_step(qkv, M, H, KVH, D, cos, sin, slots, k_cache, v_cache,
+                                       block_tables, lens, BS, W, scale, qk, q, attn, nthreads);
+    free(qk);
+    free(q);
     return status;
 }

@@ -53,6 +53,11 @@ SIGNATURES = {
     "llama_quantized_decode": (ctypes.c_int, [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
                                               _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64,
                                               _F32, _I32]),
+    # qkv, M, H, KVH, D, cos, sin, slots, num_slots, k cache, v cache, block tables, lens, BS,
+    # W, scale, attn, threads
+    "llama_decode_attention": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P,
+                                              _P, _P, _P, _I64, _I64, _F32, _P, _I32]),
+    "add_rms_norm_bf16": (None, [_P, _P, _P, _I64, _I64, _F32, _P, _I32]),
 }
 
 

@@ -1,20 +1,22 @@
-"""A Llama-family decode step through quantized layers in one native call (cpu_kernels.c:
-llama_quantized_decode).
+"""A Llama-family decode step with no Python between the kernels of a layer
+(cpu_kernels.c: llama_quantized_decode, llama_decode_attention, add_rms_norm_bf16).
 
 At one stream the kernels of an int4 decode step are ~6 ms of the default model's ~10; the
 rest is the Python between them: module calls, checks, views and the ~10 torch and ctypes
 calls of each layer, ~150 us a layer. The native stack runs the same kernels in the same
-order from C, with the same roundings, so its hidden states are bit-identical to the modules'
-(tests/unit/test_native_decode.py). The embedding, the final norm, the LM head and sampling
-stay in Python: a handful of calls a step.
+order, with the same roundings, so its hidden states are bit-identical to the modules'
+(tests/unit/test_native_decode.py). With int4 or int8 matmuls (the AVX-512 VNNI kernels over
+their column copies: `--quantization int4`, GPTQ/AWQ checkpoints without act-order, `int8`,
+`w8a8`) the whole stack is one native call. With bf16 matmuls (oneDNN, prepacked) torch runs
+the four matmuls of a layer and four native calls do the rest: RMSNorm, RoPE + cache write +
+attention, residual add + RMSNorm, SwiGLU. The embedding, the final norm, the LM head and
+sampling stay in Python: a handful of calls a step.
 
 It takes a model only where every decoder layer is plain Llama (no per-head q/k norms, no
-sliding window, a dense SwiGLU MLP), every linear of the stack runs an AVX-512 VNNI kernel
-over its column copy (int4: `--quantization int4`, GPTQ/AWQ checkpoints without act-order;
-int8: `--quantization int8` and `w8a8`), one rank holds the whole stack (no tensor or
-pipeline parallelism), and the step decodes only (one new token per sequence, bf16 on CPU;
-int8 weights without int8 prefill: fewer rows than the modules would send to the dequantizing
-path). Anything else runs the modules."""
+sliding window, a dense SwiGLU MLP), all its matmuls are of one of those kinds, one rank holds
+the whole stack (no tensor or pipeline parallelism), and the step decodes only (one new token
+per sequence, bf16 on CPU; int8 weights without int8 prefill: fewer rows than the modules
+would send to the dequantizing path). Anything else runs the modules."""
 
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ class _QLayer(ctypes.Structure):
 
 
 class NativeDecodeStack:
-    """The decoder layers of one LlamaModel as llama_quantized_decode's arguments, built once;
-    `run` takes a step where it can and says None where the modules must run it."""
+    """The decoder layers of one LlamaModel as the native calls' arguments, built once; `run`
+    takes a step where it can and says None where the modules must run it."""
 
     def __init__(self, layers: Sequence[LlamaDecoderLayer]) -> None:
         attn = layers[0].self_attn
@@ -76,16 +78,24 @@ class NativeDecodeStack:
                              for linear in _linears(layer)
                              if linear.int8_weight is not None
                              and not linear.int8_weight.int8_prefill), default=sys.maxsize)
+        # bf16: the matmuls stay oneDNN's (torch calls them between the native steps);
+        # quantized: the whole stack is one native call over these structs
+        self.bf16 = all(linear.packed_weight is not None for layer in layers
+                        for linear in _linears(layer))
+        self._norms = [(layer.input_layernorm, layer.post_attention_layernorm)
+                       for layer in layers]
+        self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
             slot.input_norm = layer.input_layernorm.weight.data_ptr()
             slot.post_norm = layer.post_attention_layernorm.weight.data_ptr()
             slot.input_eps = layer.input_layernorm.eps
             slot.post_eps = layer.post_attention_layernorm.eps
-            slot.qkv = self._linear(layer.self_attn.qkv_proj)
-            slot.o = self._linear(layer.self_attn.o_proj)
-            slot.gate_up = self._linear(_mlp(layer).gate_up_proj)
-            slot.down = self._linear(_mlp(layer).down_proj)
+            if not self.bf16:
+                slot.qkv = self._linear(layer.self_attn.qkv_proj)
+                slot.o = self._linear(layer.self_attn.o_proj)
+                slot.gate_up = self._linear(_mlp(layer).gate_up_proj)
+                slot.down = self._linear(_mlp(layer).down_proj)
         self._caches: KVCaches | None = None  # the caches the structs point at
 
     @classmethod
@@ -94,7 +104,7 @@ class NativeDecodeStack:
         computes (see the module docstring)."""
         if not single_rank or not layers or native_library() is None:
             return None
-        if not all(_plain_quantized_layer(layer) for layer in layers):
+        if not all(_plain_layer(layer) for layer in layers):
             return None
         plain = cast("list[LlamaDecoderLayer]", list(layers))
         shapes = {(layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
@@ -124,20 +134,55 @@ class NativeDecodeStack:
         if kv_caches is not self._caches and not self._point_at(kv_caches):
             return None
         k_cache = kv_caches[0][0]
-        status = native_library().llama_quantized_decode(  # type: ignore[union-attr]
+        lib = native_library()
+        assert lib is not None
+        step = (cos.data_ptr(), sin.data_ptr(), metadata.slot_mapping.data_ptr(),
+                k_cache.shape[0] * k_cache.shape[1])
+        plan_args = (plan.block_tables.data_ptr(), plan.lens.data_ptr(), k_cache.shape[1],
+                     plan.block_tables.shape[1], self.scale, torch.get_num_threads())
+        if self.bf16:
+            return self._run_bf16(lib, hidden_states, step, plan_args)
+        _check("llama_quantized_decode", lib.llama_quantized_decode(
             ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),
             num_rows, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-            self.intermediate_size, cos.data_ptr(), sin.data_ptr(),
-            metadata.slot_mapping.data_ptr(), k_cache.shape[0] * k_cache.shape[1],
-            plan.block_tables.data_ptr(), plan.lens.data_ptr(), k_cache.shape[1],
-            plan.block_tables.shape[1], self.scale, torch.get_num_threads())
-        if status == _BAD_SLOT:
-            raise IndexError("a decode row's cache slot is outside the KV cache")
-        if status == _NO_MEMORY:
-            raise MemoryError("llama_quantized_decode could not allocate its scratch")
-        if status != 0:
-            raise RuntimeError(f"llama_quantized_decode failed in a kernel (status {status})")
+            self.intermediate_size, *step, *plan_args))
         return hidden_states
+
+    def _run_bf16(self, lib: ctypes.CDLL, hidden: torch.Tensor, step: tuple[int, ...],
+                  plan_args: tuple[int | float, ...]) -> torch.Tensor:
+        """The layers with their oneDNN matmuls called from here and everything between them
+        native: per layer 4 matmuls and 4 native calls, where the modules make ~20 calls and
+        as many checks. The same ops on the same values: bit-identical to the modules."""
+        num_rows, width = hidden.shape
+        threads = plan_args[-1]
+        normed = torch.empty_like(hidden)
+        attn = hidden.new_empty(num_rows, self.num_heads * self.head_dim)
+        act = hidden.new_empty(num_rows, self.intermediate_size)
+        first = self._norms[0][0]
+        lib.rms_norm_bf16(hidden.data_ptr(), first.weight.data_ptr(), num_rows, width, first.eps,
+                          normed.data_ptr(), threads)
+        last = len(self._layers) - 1
+        for index, (qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self._bf16_linears):
+            slot = self._layers[index]
+            post = self._norms[index][1]
+            qkv = _packed_linear(normed, qkv_proj)
+            _check("llama_decode_attention", lib.llama_decode_attention(
+                qkv.data_ptr(), num_rows, self.num_heads, self.num_kv_heads, self.head_dim,
+                *step, slot.k_cache, slot.v_cache, *plan_args[:-1], attn.data_ptr(), threads))
+            # each matmul's output is held by a name until the call that reads it returns
+            out = _packed_linear(attn, o_proj)
+            lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), post.weight.data_ptr(),
+                                  num_rows, width, post.eps, normed.data_ptr(), threads)
+            gate_up = _packed_linear(normed, gate_up_proj)
+            lib.silu_and_mul_bf16(gate_up.data_ptr(), num_rows, self.intermediate_size,
+                                  act.data_ptr(), threads)
+            out = _packed_linear(act, down_proj)
+            following = self._norms[index + 1][0] if index < last else None
+            lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(),
+                                  following.weight.data_ptr() if following else None,
+                                  num_rows, width, following.eps if following else 0.0,
+                                  normed.data_ptr(), threads)
+        return hidden
 
     def _point_at(self, kv_caches: KVCaches) -> bool:
         """Point the layer structs at these caches; False where the kernel cannot read them
@@ -191,7 +236,21 @@ def _linears(layer: LlamaDecoderLayer) -> tuple[Linear, ...]:
             _mlp(layer).down_proj)
 
 
-def _plain_quantized_layer(layer: nn.Module) -> bool:
+def _check(name: str, status: int) -> None:
+    if status == _BAD_SLOT:
+        raise IndexError("a decode row's cache slot is outside the KV cache")
+    if status == _NO_MEMORY:
+        raise MemoryError(f"{name} could not allocate its scratch")
+    if status != 0:
+        raise RuntimeError(f"{name} failed in a kernel (status {status})")
+
+
+def _packed_linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    """Linear.forward's prepacked call, made directly."""
+    return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
+
+
+def _plain_layer(layer: nn.Module) -> bool:
     """Whether one decoder layer computes exactly what llama_q4_decode does."""
     from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
@@ -207,8 +266,10 @@ def _plain_quantized_layer(layer: nn.Module) -> bool:
     if not all(type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
                and norm.weight.is_cpu and norm.weight.is_contiguous() for norm in norms):
         return False
-    return all(_column_kernel(linear) for linear in (attn.qkv_proj, attn.o_proj,
-                                                     mlp.gate_up_proj, mlp.down_proj))
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    return (all(_column_kernel(linear) for linear in linears)
+            or all(linear.packed_weight is not None
+                   and linear.packed_weight.dtype == torch.bfloat16 for linear in linears))
 
 
 def _column_kernel(layer: Linear) -> bool:

@@ -62,8 +62,9 @@ def _randomize_biases(model_dir: Path) -> None:
 @pytest.mark.parametrize(("arch", "quantization"), [
     ("llama", "int4"), ("qwen2", "int4"),  # qwen2: q/k/v biases
     ("qwen2", "int8"), ("llama", "w8a8"),
+    ("llama", None), ("qwen2", None),  # bf16: oneDNN's matmuls between the native steps
 ])
-def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str,
+def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str | None,
                                               model_dirs: dict[str, Path]) -> None:
     if not _has_column_kernel():
         pytest.skip("the native decode stack needs the AVX-512 VNNI kernels")
@@ -94,22 +95,24 @@ def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str,
     # int8 weights without int8 prefill: from 128 rows the modules dequantize, so do they
     assert stack.max_rows == (w8a8.DEQUANTIZE_MIN_ROWS - 1 if quantization == "int8"
                               else sys.maxsize)
+    assert stack.bf16 == (quantization is None)
     assert len(calls) >= 23 and all(calls)
     assert runs[True] == runs[False]
     assert all(len(tokens) == 24 for tokens, _ in runs[True])
 
 
-@pytest.mark.parametrize(("arch", "quantization", "overrides"), [
-    ("qwen3", "int4", {}),  # per-head q/k norms
-    ("llama", None, {}),  # bf16 matmuls: oneDNN's, not the stack's
-    ("qwen2", "int4", {"use_sliding_window": True, "sliding_window": 16,
-                       "max_window_layers": 0}),
+@pytest.mark.parametrize(("arch", "quantization", "dtype", "overrides"), [
+    ("qwen3", "int4", "bfloat16", {}),  # per-head q/k norms
+    ("qwen3", None, "bfloat16", {}),
+    ("llama", None, "float32", {}),  # the native kernels take bf16
+    ("qwen2", "int4", "bfloat16", {"use_sliding_window": True, "sliding_window": 16,
+                                   "max_window_layers": 0}),
 ])
 def test_models_the_stack_does_not_compute_run_the_modules(
-        arch: str, quantization: str | None, overrides: dict[str, object],
+        arch: str, quantization: str | None, dtype: str, overrides: dict[str, object],
         tmp_path: Path) -> None:
     model_dir = save_tiny_model(arch, tmp_path / arch, **WIDE, **overrides)
-    llm = LLM(str(model_dir), device="cpu", dtype="bfloat16", quantization=quantization,
+    llm = LLM(str(model_dir), device="cpu", dtype=dtype, quantization=quantization,
               num_blocks=64, block_size=4)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     outputs = llm.generate(PROMPTS[:2], params)
