@@ -107,6 +107,10 @@ class NativeDecodeStack:
         if not all(_plain_layer(layer) for layer in layers):
             return None
         plain = cast("list[LlamaDecoderLayer]", list(layers))
+        packed = {linear.packed_weight is not None for layer in plain
+                  for linear in _linears(layer)}
+        if len(packed) != 1:  # some layers bf16, others quantized: neither way takes them all
+            return None
         shapes = {(layer.self_attn.num_heads, layer.self_attn.num_kv_heads,
                    layer.self_attn.head_dim, _mlp(layer).gate_up_proj.out_features)
                   for layer in plain}

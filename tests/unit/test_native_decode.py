@@ -119,3 +119,23 @@ def test_models_the_stack_does_not_compute_run_the_modules(
     assert all(len(out.outputs[0].token_ids) == 4 for out in outputs)
     decoder = _decoder(llm)
     assert decoder._native_decode_built and decoder._native_decode is None
+
+
+def test_a_stack_of_bf16_and_quantized_layers_runs_the_modules(
+        model_dirs: dict[str, Path]) -> None:
+    """Each layer alone is one the stack computes, but not both ways at once."""
+    if not _has_column_kernel():
+        pytest.skip("the native decode stack needs the AVX-512 VNNI kernels")
+    llm = LLM(str(model_dirs["llama"]), device="cpu", dtype="bfloat16", num_blocks=64,
+              block_size=4)
+    decoder = _decoder(llm)
+    for linear in (decoder.layers[1].self_attn.qkv_proj, decoder.layers[1].self_attn.o_proj,
+                   decoder.layers[1].mlp.gate_up_proj, decoder.layers[1].mlp.down_proj):
+        dense = linear.packed_weight.to_dense()  # the packed copy, back to [out, in]
+        assert dense.shape == (linear.out_features, linear.in_features)
+        linear.packed_weight = None
+        linear.weight = torch.nn.Parameter(dense, requires_grad=False)
+        assert linear.quantize_int4()
+    assert NativeDecodeStack.build(list(decoder.layers), single_rank=True) is None
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    assert len(llm.generate(PROMPTS[:1], params)[0].outputs[0].token_ids) == 4
