@@ -186,9 +186,9 @@ def _auto_dtype_reason(hf_config: transformers.PretrainedConfig, chosen: torch.d
 def _quantize(module: CausalLM, quantization: str) -> None:
     """--quantization int8 or int4 at load, and one line saying what it did."""
     started = time.perf_counter()
-    bits, int8_prefill = _quantization_args(quantization)
+    bits, int8_prefill, head_and_embedding = _quantization_args(quantization)
     with stage(f"quantizing weights to {quantization}"):
-        quantized, kept = module.quantize_weights(bits, int8_prefill)
+        quantized, kept = module.quantize_weights(bits, int8_prefill, head_and_embedding)
     if bits == 8:
         weights = [m.int8_weight for m in module.modules()
                    if isinstance(m, Linear) and m.int8_weight is not None]
@@ -210,13 +210,19 @@ def _quantize(module: CausalLM, quantization: str) -> None:
                 f", {kept} kept in the model dtype (in_features not a multiple of {columns})"
                 if kept else "", kernel,
                 f"; token embedding as int8 rows ({embedding_bytes / 1e9:.2f} GB)"
-                if embeddings else "")
+                if embeddings else "" if head_and_embedding
+                else "; LM head and token embedding kept in the model dtype")
 
 
-def _quantization_args(quantization: str) -> tuple[int, bool]:
-    """--quantization as (bits, int8 activations for prefill too): int8 (8, False), w8a8
-    (8, True), int4 (4, False)."""
-    return (4 if quantization == "int4" else 8), quantization == "w8a8"
+def _quantization_args(quantization: str) -> tuple[int, bool, bool]:
+    """--quantization as (bits, int8 activations for prefill too, the LM head and the token
+    embedding quantized too): int8 (8, False, True), w8a8 (8, True, False), int4 (4, False,
+    True). w8a8 keeps the LM head and the embedding in the model dtype, as W8A8 checkpoints
+    (llm-compressor's schemes) leave the head: on the default model, teacher-forced over 768
+    answer tokens, they take its agreement with bf16 from 98.4% to 99.0% and its answer NLL
+    from +1.03% to +0.71%, for the head's bf16 bytes at every step."""
+    return ((4 if quantization == "int4" else 8), quantization == "w8a8",
+            quantization != "w8a8")
 
 
 def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str], None]:
@@ -225,13 +231,15 @@ def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str],
     are written, and its float weight freed, so the float model is never resident whole
     (the default model in fp32: 2.5 GB). `_quantize` then does what is left (a tied head's
     copy, stacked MoE experts) and says what was done."""
-    bits, int8_prefill = _quantization_args(quantization)
+    bits, int8_prefill, head_and_embedding = _quantization_args(quantization)
 
     def quantize(name: str) -> None:
         layer = model.get_submodule(name)
         if isinstance(layer, Linear):
-            layer.quantize(bits, int8_prefill)
-        elif isinstance(layer, VocabParallelEmbedding) and not model.needs_tied_head_copy():
+            if head_and_embedding or layer is not model.output_head():
+                layer.quantize(bits, int8_prefill)
+        elif (isinstance(layer, VocabParallelEmbedding) and head_and_embedding
+              and not model.needs_tied_head_copy()):
             layer.quantize_int8()
 
     return quantize

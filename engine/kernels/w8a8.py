@@ -8,8 +8,9 @@ weights without the repacking.
 Prefill-sized batches, from DEQUANTIZE_MIN_ROWS rows, multiply bf16
 activations by the dequantized weight (`--quantization int8`), or take the GEMM too
 (`--quantization w8a8`, `int8_prefill`): 1.3-1.5x oneDNN's bf16 matmul there, for a little
-fidelity (the default model over bench/data/perplexity.txt, 3,555 tokens: perplexity +0.17%
-against bf16, top-1 agreement 95.9%; int8 +0.06%, 96.5%). `reference_linear` is the same
+fidelity (w8a8 keeps the LM head and the token embedding in bf16, engine/loader.py: the
+default model teacher-forced over 768 answer tokens picks bf16's token at 99.0% of positions,
+answer NLL +0.71%). `reference_linear` is the same
 arithmetic in torch: the fallback where neither can be built, and the oracle their tests
 compare with."""
 

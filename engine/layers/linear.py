@@ -166,11 +166,11 @@ def prepack_linears(model: nn.Module) -> int:
     return len(layers)
 
 
-def quantize_linears(model: nn.Module, bits: int = 8,
-                     int8_prefill: bool = False) -> tuple[int, int]:
-    """Quantize every Linear of `model` to int8 or int4 where its in_features allow:
-    (quantized, left as is)."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
+def quantize_linears(model: nn.Module, bits: int = 8, int8_prefill: bool = False,
+                     skip: Linear | None = None) -> tuple[int, int]:
+    """Quantize every Linear of `model` but `skip` to int8 or int4 where its in_features
+    allow: (quantized, left as is for its in_features)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear) and m is not skip]
     quantized = sum(layer.quantize(bits, int8_prefill) for layer in layers)
     return quantized, len(layers) - quantized
 

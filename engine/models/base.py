@@ -112,19 +112,24 @@ class CausalLM(nn.Module):
         self.split_stacked_weights()
         return prepack_linears(self)
 
-    def quantize_weights(self, bits: int, int8_prefill: bool = False) -> tuple[int, int]:
+    def quantize_weights(self, bits: int, int8_prefill: bool = False,
+                         head_and_embedding: bool = True) -> tuple[int, int]:
         """Quantize every matmul weight whose in_features the format allows (CPU): int8
         (engine/kernels/w8a8.py; `int8_prefill`: int8 activations for prefill too) or
         group-wise int4 (w4a16.py); MoE experts through their split, a tied LM head as a
-        quantized copy; then the token embedding (int8 rows). Returns (quantized, left in the
-        model dtype) of the matmuls."""
-        if self.needs_tied_head_copy():
+        quantized copy; then the token embedding (int8 rows). Without `head_and_embedding`
+        the LM head and the token embedding stay in the model dtype (a tied head then gets
+        its packed copy from `prepack_weights`). Returns (quantized, left in the model dtype
+        for their in_features) of the matmuls."""
+        if head_and_embedding and self.needs_tied_head_copy():
             embedding = self.output_embedding()
             self.tied_output_head = (Linear.int8_from(embedding, int8_prefill) if bits == 8
                                      else Linear.int4_from(embedding))
         self.split_stacked_weights()
-        counts = quantize_linears(self, bits, int8_prefill)
-        self.quantize_embeddings()
+        counts = quantize_linears(self, bits, int8_prefill,
+                                  skip=None if head_and_embedding else self.output_head())
+        if head_and_embedding:
+            self.quantize_embeddings()
         return counts
 
     def quantize_embeddings(self) -> int:

@@ -20,6 +20,7 @@ from engine.errors import InvalidRequestError
 from engine.kernels import dequantized, native, w8a8
 from engine.kernels.portable import portable_library
 from engine.layers.linear import Linear
+from engine.layers.parallel import VocabParallelEmbedding
 from engine.loader import load_model
 from tests.devices import cpu_only
 from tests.unit.test_cpu_fast_paths import _greedy_logits
@@ -330,10 +331,19 @@ def test_int8_model_logits_close_to_bf16(arch: str, quantization: str,
         int8 = load_model(str(model_dir), dtype="bfloat16", device="cpu",
                           quantization=quantization).model
     plain = load_model(str(model_dir), dtype="bfloat16", device="cpu").model
-    linears = [m for m in int8.modules() if isinstance(m, Linear)]
-    assert linears and all(m.int8_weight is not None for m in linears)
     head = int8.output_head() or int8.tied_output_head
-    assert head is not None and head.int8_weight is not None
+    assert head is not None
+    linears = [m for m in int8.modules() if isinstance(m, Linear) and m is not head]
+    assert linears and all(m.int8_weight is not None for m in linears)
+    embeddings = [m for m in int8.modules() if isinstance(m, VocabParallelEmbedding)]
+    # int8 quantizes the LM head and holds the embedding as int8 rows; w8a8 keeps both in
+    # the model dtype, as W8A8 checkpoints leave the head (the head packed for oneDNN)
+    if quantization == "int8":
+        assert head.int8_weight is not None
+        assert embeddings and all(m.int8_rows is not None for m in embeddings)
+    else:
+        assert head.int8_weight is None and head.packed_weight is not None
+        assert embeddings and all(m.int8_rows is None for m in embeddings)
     # w8a8 marks every weight for int8 prefill (where the column copy, hence the GEMM, exists)
     if NATIVE is not None:
         assert all(w.int8_weight.int8_prefill == (quantization == "w8a8")
