@@ -205,13 +205,16 @@ def _quantize(module: CausalLM, quantization: str) -> None:
     embeddings = [m.int8_rows for m in module.modules()
                   if isinstance(m, VocabParallelEmbedding) and m.int8_rows is not None]
     embedding_bytes = sum(e.data.nbytes + e.scales.nbytes for e in embeddings)
+    if not head_and_embedding:
+        ends = "; LM head and token embedding kept in the model dtype"
+    elif embeddings:
+        ends = f"; token embedding as int8 rows ({embedding_bytes / 1e9:.2f} GB)"
+    else:
+        ends = ""
     logger.info("%s: %d matmul weights quantized in %.2f s (%.2f GB)%s, %s%s", quantization,
                 quantized, time.perf_counter() - started, num_bytes / 1e9,
                 f", {kept} kept in the model dtype (in_features not a multiple of {columns})"
-                if kept else "", kernel,
-                f"; token embedding as int8 rows ({embedding_bytes / 1e9:.2f} GB)"
-                if embeddings else "" if head_and_embedding
-                else "; LM head and token embedding kept in the model dtype")
+                if kept else "", kernel, ends)
 
 
 def _quantization_args(quantization: str) -> tuple[int, bool, bool]:

@@ -37,8 +37,9 @@ def _write_kv_native(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tens
                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """write_kv in one portable-kernel call (cpu_portable.c: kv_cache_write) where it can:
     CPU caches, K/V rows already in the cache dtype with each token's heads contiguous (views
-    of the fused qkv output are), int64 slots. A decode step's write: ~2 us against ~10 for
-    the two index_copy_. False: the caller copies in torch."""
+    of the fused qkv output are), int64 slots. Against the two index_copy_: the same at one
+    row (~4.8 us, mostly these checks), 1.26x faster at 16 rows, 2.9x at a 1,024-token
+    prefill chunk (19.6 against 57.1 us). False: the caller copies in torch."""
     library = portable_library()
     if (library is None or not k_cache.is_cpu or not slot_mapping.is_cpu
             or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()

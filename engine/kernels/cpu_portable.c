@@ -42,8 +42,8 @@ static inline float exp_nonpositive(float x) {
  * KV heads, contiguous) goes to slot slots[t] of both caches, read from key + t * key_stride
  * and value + t * value_stride (bytes: the rows may be views into a fused qkv output). Any
  * dtype: the rows are copied as bytes. Returns 0, or -1 before writing anything when a slot
- * is outside [0, num_slots). One call for both caches, where index_copy_ takes two of ~5 us
- * each on a decode step's few rows. */
+ * is outside [0, num_slots). One call for both caches, where torch takes two index_copy_
+ * (2.9x the time at a 1,024-token chunk). */
 int kv_cache_write(const char *key, int64_t key_stride, const char *value, int64_t value_stride,
                    char *k_cache, char *v_cache, const int64_t *slots, int64_t T,
                    int64_t row_bytes, int64_t num_slots) {

@@ -225,8 +225,9 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(head_dim_of(hf_config),
                                           hf_config.max_position_embeddings,
                                           rope_settings(hf_config))
-        # decode steps through int4 layers in one native call (native_decode.py), built at
-        # the first decode step (the weights are quantized by then); off: the modules run
+        # decode steps with no Python between the layers' kernels (native_decode.py), built
+        # at the first decode step (the weights are quantized or packed by then); off: the
+        # modules run every step
         self.native_decode_enabled = True
         self._native_decode: NativeDecodeStack | None = None
         self._native_decode_built = False
@@ -236,12 +237,9 @@ class LlamaModel(nn.Module):
         hidden_states = self._stage_input(input_ids)  # [num_tokens, hidden_size]
         rope = self.rotary_emb(positions, hidden_states.dtype)  # computed once for all layers
         native = self.native_stack() if metadata.is_decode_only else None
-        decoded = (native.run(hidden_states, rope, kv_caches, metadata)
-                   if native is not None else None)
-        if decoded is not None:
-            hidden_states = decoded
-        else:
-            hidden_states = self._run_layers(hidden_states, rope, kv_caches, metadata)
+        decoded = native.run(hidden_states, rope, kv_caches, metadata) if native else None
+        hidden_states = (decoded if decoded is not None
+                         else self._run_layers(hidden_states, rope, kv_caches, metadata))
         final = self.parallel.finish_stage(hidden_states, metadata.num_output_rows)
         if final is None or self.norm is None:
             return hidden_states  # a later pipeline stage: nothing reads it

@@ -82,8 +82,6 @@ class NativeDecodeStack:
         # quantized: the whole stack is one native call over these structs
         self.bf16 = all(linear.packed_weight is not None for layer in layers
                         for linear in _linears(layer))
-        self._norms = [(layer.input_layernorm, layer.post_attention_layernorm)
-                       for layer in layers]
         self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
@@ -162,29 +160,28 @@ class NativeDecodeStack:
         normed = torch.empty_like(hidden)
         attn = hidden.new_empty(num_rows, self.num_heads * self.head_dim)
         act = hidden.new_empty(num_rows, self.intermediate_size)
-        first = self._norms[0][0]
-        lib.rms_norm_bf16(hidden.data_ptr(), first.weight.data_ptr(), num_rows, width, first.eps,
+        first = self._layers[0]  # the structs hold each layer's norms and caches
+        lib.rms_norm_bf16(hidden.data_ptr(), first.input_norm, num_rows, width, first.input_eps,
                           normed.data_ptr(), threads)
         last = len(self._layers) - 1
         for index, (qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self._bf16_linears):
             slot = self._layers[index]
-            post = self._norms[index][1]
             qkv = _packed_linear(normed, qkv_proj)
             _check("llama_decode_attention", lib.llama_decode_attention(
                 qkv.data_ptr(), num_rows, self.num_heads, self.num_kv_heads, self.head_dim,
                 *step, slot.k_cache, slot.v_cache, *plan_args[:-1], attn.data_ptr(), threads))
             # each matmul's output is held by a name until the call that reads it returns
             out = _packed_linear(attn, o_proj)
-            lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), post.weight.data_ptr(),
-                                  num_rows, width, post.eps, normed.data_ptr(), threads)
+            lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), slot.post_norm, num_rows,
+                                  width, slot.post_eps, normed.data_ptr(), threads)
             gate_up = _packed_linear(normed, gate_up_proj)
             lib.silu_and_mul_bf16(gate_up.data_ptr(), num_rows, self.intermediate_size,
                                   act.data_ptr(), threads)
             out = _packed_linear(act, down_proj)
-            following = self._norms[index + 1][0] if index < last else None
+            following = self._layers[index + 1] if index < last else None  # None: no norm
             lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(),
-                                  following.weight.data_ptr() if following else None,
-                                  num_rows, width, following.eps if following else 0.0,
+                                  following.input_norm if following else None, num_rows,
+                                  width, following.input_eps if following else 0.0,
                                   normed.data_ptr(), threads)
         return hidden
 
@@ -212,7 +209,7 @@ class NativeDecodeStack:
             bias = self._keep(layer.int8_bias, torch.float32)  # w8a8.linear's: added inside
             rows, columns = int8.shape
             return _QLinear(8, int8.columns.data_ptr(), int8.scales.data_ptr(), None, bias,
-                            rows, columns, columns)
+                            rows, columns, 0)  # int8: one scale per row, no groups
         weight = layer.int4_weight
         assert weight is not None and weight.columns is not None
         nibbles, scales, zeros = weight.columns.arguments
