@@ -35,8 +35,10 @@ weight bytes read per token (from --model's config.json, or --weights-bytes). It
 per server and scenario (tokens/s, which counts the prefill too; tokens per request; TTFT;
 "prefill tok/s", prompt tokens / TTFT per request, median, which counts queueing, so a prefill
 rate at 1 stream; ITL and TPOT; tokens per chunk; CPU ms per output token; the spec-decode
-acceptance and mean accepted length from the server's /metrics; at 1 stream, the decode rate
-1 / TPOT over the roofline: above 1 only speculation can get), the servers' time to ready and
+acceptance and mean accepted length from the server's /metrics; at 1 stream, the read
+bandwidth measured just before and after the scenario (mean; the servers idle) and the decode
+rate 1 / TPOT over the roofline that bandwidth puts: above 1 only speculation can get), the
+servers' time to ready and
 peak RSS, and the ratios, each arranged so that > 1 means the first named is better (tokens/s
 ours / other; TTFT, ITL, TPOT and CPU per token other / ours): each pagedserve run against the
 peers, each variant against the first pagedserve run.
@@ -235,7 +237,11 @@ def run_scenario(run: ServerRun, url: str, pid: int | None, position: int, scena
     config = load_config(scenario, position, url, pid, args)
     prompts = build_prompts(tokenizer, config)
     asyncio.run(warm_up(config, tokenizer, args.warmup))
+    paired = scenario.concurrency == 1 and args.bandwidth_gib > 0
+    before = scenario_bandwidth(args) if paired else None
     summary = asyncio.run(run_load(config, prompts))
+    if before is not None:
+        summary["read_gb_s"] = (before + scenario_bandwidth(args)) / 2
     run.scenarios[scenario.key] = summary
     logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
                    "prefill %s tok/s, TPOT mean %.1f ms, %s, %d failed", run.name, scenario.key,
@@ -407,6 +413,14 @@ def measure_roofline(args: argparse.Namespace) -> dict[str, float | None] | None
             "decode_roofline_tok_s": bound}
 
 
+def scenario_bandwidth(args: argparse.Namespace) -> float:
+    """Read bandwidth now (the servers idle), for the 1-stream scenarios' roofline: taken just
+    before and after each, as this machine's bandwidth swings (37-73 GB/s within minutes,
+    sometimes seconds) and a bound measured once at the start misstates most rows."""
+    return read_bandwidth(int(args.bandwidth_gib * (1 << 30)), args.bandwidth_threads,
+                          repeats=3)
+
+
 def _fmt(value: object, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -414,8 +428,13 @@ def _fmt(value: object, spec: str) -> str:
 def _roofline_ratio(summary: dict[str, object], concurrency: int,
                     roofline: dict[str, float | None] | None) -> float | None:
     """Decode tokens/s (1 / mean TPOT: the prefill, which both sides pay alike, left out) over
-    the batch-1 decode bound; at 1 stream only, where that bound holds."""
+    the batch-1 decode bound; at 1 stream only, where that bound holds. The bound is the
+    bandwidth read around the scenario itself where it was (`scenario_bandwidth`), else the
+    one from the start."""
     bound = roofline and roofline["decode_roofline_tok_s"]
+    paired, weight_bytes = summary.get("read_gb_s"), roofline and roofline["weight_bytes"]
+    if paired and weight_bytes:
+        bound = float(paired) * 1e9 / weight_bytes  # type: ignore[arg-type]
     tpot = (summary.get("tpot_s") or {}).get("mean")  # type: ignore[attr-defined]
     return 1 / tpot / bound if concurrency == 1 and bound and tpot else None
 
@@ -425,7 +444,7 @@ def table(runs: list[ServerRun], scenarios: list[Scenario],
     """One row per server and scenario."""
     header = ["server", "scenario", "tok/s", "out tok/req", "TTFT p50 s", "prefill tok/s",
               "ITL p50 ms", "TPOT ms", "tok/chunk", "CPU ms/tok", "accept", "acc len",
-              "x roofline"]
+              "read GB/s", "x roofline"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for run in runs:
         for scenario in scenarios:
@@ -444,6 +463,7 @@ def table(runs: list[ServerRun], scenarios: list[Scenario],
                      _fmt(summary.get("server_cpu_ms_per_output_token"), ".1f"),
                      _fmt(spec.get("acceptance_rate"), ".1%"),  # type: ignore[union-attr]
                      _fmt(spec.get("mean_accepted_length"), ".2f"),  # type: ignore[union-attr]
+                     _fmt(summary.get("read_gb_s"), ".1f"),
                      _fmt(_roofline_ratio(summary, scenario.concurrency, roofline), ".2f")]
             lines.append(" | ".join(cells))
     return "\n".join(lines)

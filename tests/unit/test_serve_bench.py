@@ -201,6 +201,32 @@ def test_absent_or_idle_spec_counters() -> None:
         "acceptance_rate": None, "mean_accepted_length": None}
 
 
+def test_roofline_column_takes_the_bandwidth_read_around_its_scenario() -> None:
+    """At 1 stream, x roofline = (1 / mean TPOT) / (read GB/s / weight bytes per token): with
+    the bandwidth read around that scenario where there is one, else the run's opening one."""
+    config = LoadConfig(url="", prompt_tokens=230)
+    results = [RequestResult(ok=True, ttft=0.5, e2e=0.5 + 7 * 0.025, prompt_tokens=230,
+                             output_tokens=8, num_chunks=8, chunk_gaps=[0.025] * 7)]
+    paired = summarize(config, results, duration=1.0, peak_rss_bytes=0)
+    assert paired["tpot_s"]["mean"] == pytest.approx(0.025)  # type: ignore[index]
+    paired["read_gb_s"] = 50.0
+    opening_only = dict(paired)
+    del opening_only["read_gb_s"]
+    scenarios = parse_scenarios("1:1,2:2")
+    roofline = {"read_gb_s": 80.0, "threads": 2, "weight_bytes": 1e9,
+                "decode_roofline_tok_s": 80.0}
+    rows = []
+    for summary in (paired, opening_only):
+        run = ServerRun("pagedserve", scenarios={s.key: summary for s in scenarios})
+        lines = table([run], scenarios, roofline).splitlines()
+        header = lines[0].split(" | ")
+        rows.append([line.split(" | ") for line in lines[2:]])
+    column, bandwidth = header.index("x roofline"), header.index("read GB/s")
+    assert rows[0][0][column] == "0.80" and rows[0][0][bandwidth] == "50.0"  # 40 / 50 tok/s
+    assert rows[1][0][column] == "0.50" and rows[1][0][bandwidth] == "-"  # 40 / 80 tok/s
+    assert rows[0][1][column] == "-"  # 2 streams: no batch-1 bound
+
+
 # ------------------------------------------------------------------------ compare's arguments
 
 
