@@ -1,0 +1,39 @@
+"""bench/decode_profile.py on a tiny Llama: the matmuls it times are every weight a decode step
+reads (bench/roofline.py's count of them), each kind was timed, and the engine is left as it
+was found (native decode back on, no hooks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bench.decode_profile import KINDS, profile, table
+from bench.roofline import ModelShape, decode_weight_bytes
+from engine import LLM, SamplingParams
+
+
+def test_profile_times_every_weight_a_step_reads(tiny_llama_dir: Path) -> None:
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_gb=0.05)
+    model = llm.llm_engine.core.runner.model
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    result = profile(llm, prompt_tokens=20, output_tokens=24, rounds=1,
+                     bandwidth_bytes=32 << 20)
+    kinds = result["kinds"]
+    assert set(kinds) == set(KINDS)  # an untied head: five kinds
+    assert all(seconds > 0 for seconds, _ in kinds.values())
+    step_bytes = sum(num_bytes for _, num_bytes in kinds.values())
+    assert step_bytes == decode_weight_bytes(ModelShape.from_config(tiny_llama_dir),
+                                             torch.float32)
+    matmul_seconds = sum(seconds for seconds, _ in kinds.values())
+    assert 0 < matmul_seconds < result["modules_step_s"]
+    assert result["engine_step_s"] > 0 and result["read_gb_s"] > 0
+    rows = table(result).splitlines()
+    assert rows[0].startswith("matmul | ms/step") and rows[2].startswith("qkv_proj | ")
+    # hooks removed and the native stack's switch back where it was
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+               for m in model.modules()) == hooks_before
+    assert all(m.native_decode_enabled for m in model.modules()
+               if hasattr(m, "native_decode_enabled"))
+    answer = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert len(answer.outputs[0].token_ids) == 3
