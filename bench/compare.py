@@ -38,10 +38,9 @@ rate at 1 stream; ITL and TPOT; tokens per chunk; CPU ms per output token; the s
 acceptance and mean accepted length from the server's /metrics; at 1 stream, the read
 bandwidth measured just before and after the scenario (mean; the servers idle) and the decode
 rate 1 / TPOT over the roofline that bandwidth puts: above 1 only speculation can get), the
-servers' time to ready and
-peak RSS, and the ratios, each arranged so that > 1 means the first named is better (tokens/s
-ours / other; TTFT, ITL, TPOT and CPU per token other / ours): each pagedserve run against the
-peers, each variant against the first pagedserve run.
+servers' time to ready and peak RSS, and the ratios, each arranged so that > 1 means the first
+named is better (tokens/s ours / other; TTFT, ITL, TPOT and CPU per token other / ours): each
+pagedserve run against the peers, each variant against the first pagedserve run.
 CPU per token counts work rather than waiting, so it stays comparable under other load.
 --offline also runs the same prompts through LLM.generate in this process (max_num_seqs = the
 scenario's concurrency): the ratio of served to offline tokens/s is the server overhead.
