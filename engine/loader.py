@@ -345,12 +345,33 @@ def _load_config(model_dir: Path, trust_remote_code: bool) -> transformers.Pretr
         raise UnsupportedModelError(f"cannot read {model_dir / 'config.json'}: {exc}") from exc
 
 
+# Tokenizer classes (transformers 5) that keep, as Python objects, the vocabulary and merges
+# they built their Rust tokenizer from, and read them only while constructing it
+_BUILT_FROM_ATTRIBUTES = ("_vocab", "_merges")
+_KEEPS_WHAT_IT_BUILT_FROM = frozenset({"GPT2Tokenizer", "LlamaTokenizer", "Qwen2Tokenizer"})
+
+
 def _load_tokenizer(source: str, trust_remote_code: bool) -> transformers.PreTrainedTokenizerBase:
     try:
-        return transformers.AutoTokenizer.from_pretrained(source,
-                                                          trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise UnsupportedModelError(f"cannot load a tokenizer from {source}: {exc}") from exc
+    drop_construction_copies(tokenizer)
+    return tokenizer
+
+
+def drop_construction_copies(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
+    """Free the Python copies of the vocabulary and merges that the tokenizer classes in
+    _KEEPS_WHAT_IT_BUILT_FROM hold after building their Rust tokenizer, which alone encodes,
+    decodes and answers get_vocab: for the default model's 151k-token vocabulary, a dict and a
+    list of ~151k entries each, 62 MB of RSS. Returns how many attributes were dropped."""
+    if type(tokenizer).__name__ not in _KEEPS_WHAT_IT_BUILT_FROM:
+        return 0
+    dropped = [name for name in _BUILT_FROM_ATTRIBUTES if hasattr(tokenizer, name)]
+    for name in dropped:
+        delattr(tokenizer, name)
+    return len(dropped)
 
 
 def _load_generation_config(model_dir: Path) -> transformers.GenerationConfig | None:
