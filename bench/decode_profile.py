@@ -50,20 +50,12 @@ def kind_of(name: str) -> str | None:
 def weight_bytes(layer: Linear) -> int:
     """The bytes one call of `layer` reads for its weight: the oneDNN-packed copy, the dense
     weight, or the int8/int4 values with their scales (and zero points)."""
-    tensors: list[torch.Tensor] = []
     if layer.int8_weight is not None:
-        w8 = layer.int8_weight
-        tensors += [w8.data, w8.scales] + ([w8.columns] if w8.columns is not None else [])
-    elif layer.int4_weight is not None:
-        w4 = layer.int4_weight
-        tensors += [w4.packed, w4.scales, w4.zeros]
-        if w4.columns is not None:
-            tensors += [w4.columns.nibbles, w4.columns.scales, w4.columns.zeros]
-    elif layer.packed_weight is not None:
-        tensors.append(layer.packed_weight)
-    else:
-        tensors.append(layer.weight)
-    return sum(t.numel() * t.element_size() for t in tensors)
+        return layer.int8_weight.nbytes
+    if layer.int4_weight is not None:
+        return layer.int4_weight.nbytes
+    weight = layer.packed_weight if layer.packed_weight is not None else layer.weight
+    return weight.numel() * weight.element_size()
 
 
 class MatmulTimers:

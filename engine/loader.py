@@ -249,12 +249,8 @@ def _quantize_when_loaded(model: CausalLM, quantization: str) -> Callable[[str],
 
 
 def _int4_bytes(module: CausalLM) -> int:
-    weights = [m.int4_weight for m in module.modules()
-               if isinstance(m, Linear) and m.int4_weight is not None]
-    return sum(w.scales.nbytes + w.zeros.nbytes + (
-        w.packed.nbytes if w.columns is None
-        else w.columns.nibbles.nbytes + w.columns.scales.nbytes + w.columns.zeros.nbytes)
-        for w in weights)
+    return sum(m.int4_weight.nbytes for m in module.modules()
+               if isinstance(m, Linear) and m.int4_weight is not None)
 
 
 def _checkpoint_quantization(hf_config: transformers.PretrainedConfig,

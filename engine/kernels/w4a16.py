@@ -78,6 +78,15 @@ class Int4Weight:
         return self.size
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held: the row-major nibbles (empty once the column copy holds them), the
+        scales and zero points, and the column copy's."""
+        tensors = [self.packed, self.scales, self.zeros]
+        if self.columns is not None:
+            tensors += [self.columns.nibbles, self.columns.scales, self.columns.zeros]
+        return sum(t.nbytes for t in tensors)
+
+    @property
     def has_rows(self) -> bool:
         """Whether `packed` holds the values (not only the column copy)."""
         return self.packed.shape[1] * 2 == self.shape[1]

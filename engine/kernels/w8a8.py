@@ -62,6 +62,12 @@ class QuantizedWeight:
         return self.size
 
     @property
+    def nbytes(self) -> int:
+        """Bytes held: the row-major values (empty once the column copy holds them), the
+        scales and the column copy."""
+        return sum(t.nbytes for t in (self.data, self.scales, self.columns) if t is not None)
+
+    @property
     def has_rows(self) -> bool:
         """Whether `data` holds the bytes (not only the column copy)."""
         return self.data.shape[1] == self.shape[1]

@@ -117,6 +117,11 @@ class Linear(nn.Linear):
             return w4a16.linear(x, self.int4_weight, self.bias)
         if self.packed_weight is None:
             return F.linear(x, self.weight, self.bias)
+        return self.packed_forward(x)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + bias through oneDNN's prepacked weight (`prepack` first): `forward`'s call
+        for such a layer, without its checks (the native decode stack makes it directly)."""
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],
                                                   "")
 

@@ -65,7 +65,7 @@ class NativeDecodeStack:
     """The decoder layers of one LlamaModel as the native calls' arguments, built once; `run`
     takes a step where it can and says None where the modules must run it."""
 
-    def __init__(self, layers: Sequence[LlamaDecoderLayer]) -> None:
+    def __init__(self, layers: Sequence[LlamaDecoderLayer], bf16: bool) -> None:
         attn = layers[0].self_attn
         self.num_heads, self.num_kv_heads = attn.num_heads, attn.num_kv_heads
         self.head_dim, self.scale = attn.head_dim, attn.scale
@@ -80,8 +80,7 @@ class NativeDecodeStack:
                              and not linear.int8_weight.int8_prefill), default=sys.maxsize)
         # bf16: the matmuls stay oneDNN's (torch calls them between the native steps);
         # quantized: the whole stack is one native call over these structs
-        self.bf16 = all(linear.packed_weight is not None for layer in layers
-                        for linear in _linears(layer))
+        self.bf16 = bf16
         self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
@@ -114,7 +113,7 @@ class NativeDecodeStack:
                   for layer in plain}
         if len(shapes) != 1 or plain[0].self_attn.head_dim % 32:  # rope_bf16: whole halves
             return None
-        return cls(plain)
+        return cls(plain, bf16=packed.pop())
 
     def run(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
             kv_caches: KVCaches,
@@ -166,18 +165,18 @@ class NativeDecodeStack:
         last = len(self._layers) - 1
         for index, (qkv_proj, o_proj, gate_up_proj, down_proj) in enumerate(self._bf16_linears):
             slot = self._layers[index]
-            qkv = _packed_linear(normed, qkv_proj)
+            qkv = qkv_proj.packed_forward(normed)
             _check("llama_decode_attention", lib.llama_decode_attention(
                 qkv.data_ptr(), num_rows, self.num_heads, self.num_kv_heads, self.head_dim,
                 *step, slot.k_cache, slot.v_cache, *plan_args[:-1], attn.data_ptr(), threads))
             # each matmul's output is held by a name until the call that reads it returns
-            out = _packed_linear(attn, o_proj)
+            out = o_proj.packed_forward(attn)
             lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), slot.post_norm, num_rows,
                                   width, slot.post_eps, normed.data_ptr(), threads)
-            gate_up = _packed_linear(normed, gate_up_proj)
+            gate_up = gate_up_proj.packed_forward(normed)
             lib.silu_and_mul_bf16(gate_up.data_ptr(), num_rows, self.intermediate_size,
                                   act.data_ptr(), threads)
-            out = _packed_linear(act, down_proj)
+            out = down_proj.packed_forward(act)
             following = self._layers[index + 1] if index < last else None  # None: no norm
             lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(),
                                   following.input_norm if following else None, num_rows,
@@ -246,13 +245,9 @@ def _check(name: str, status: int) -> None:
         raise RuntimeError(f"{name} failed in a kernel (status {status})")
 
 
-def _packed_linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
-    """Linear.forward's prepacked call, made directly."""
-    return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
-
-
 def _plain_layer(layer: nn.Module) -> bool:
-    """Whether one decoder layer computes exactly what llama_q4_decode does."""
+    """Whether one decoder layer computes exactly what the native stack does: plain Llama,
+    bf16 norms, and its four matmuls all on the column kernels or all oneDNN-prepacked bf16."""
     from engine.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 
     if type(layer) is not LlamaDecoderLayer:
