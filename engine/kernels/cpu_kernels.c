@@ -582,6 +582,95 @@ void w8_dequantize_columns(const uint8_t *w, const float *wscale, int64_t N, int
 }
 #undef W8_STORE_ROW
 
+/* Few-row bf16 matmuls (decode) over oneDNN's prepacked weight, read where it lies: blocks of
+ * PACKED_COLS output columns, each [Kp / 2][PACKED_COLS][2] (pairs of inputs, Kp = K rounded
+ * up to PACKED_K_ALIGN, the last block's columns and the pad zero), the layout
+ * mkldnn._reorder_linear_weight gives on AVX512-BF16 CPUs; engine/kernels/packed_bf16.py
+ * checks every weight against oneDNN before it is read here. At one row oneDNN streams the
+ * default model's weights at ~0.75 of the read bandwidth, and this loop, one vdpbf16ps per 64
+ * bytes with the block prefetched ahead, at ~1.0 (same process, 97 matmuls in model order).
+ * The sums are float32 in oneDNN's order, the bias added before the one rounding: the same
+ * values as its call. */
+#define PACKED_COLS 64
+#define PACKED_K_ALIGN 32
+#define PACKED_XROWS 4          /* activation rows per pass over a block */
+#define PACKED_PREFETCH 2048    /* bytes ahead of the loads: four steps of the one-row loop */
+
+/* R activation rows (1..PACKED_XROWS) against one block: out [R][64] float32. One row keeps
+ * even and odd input pairs in separate sums (8 chains), more rows have 4R already. */
+static inline __attribute__((always_inline, target("avx512bf16"))) void packed_block(
+    const __m512i *w, const uint16_t *x, int64_t K, int64_t K2, const int R, float *out) {
+    __m512 acc[PACKED_XROWS][4], odd[4];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; j++) odd[j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    if (R == 1) {
+        const uint32_t *xp = (const uint32_t *)x;
+        for (; k + 1 < K2; k += 2, w += 8) {
+            for (int line = 0; line < 8; line++)
+                _mm_prefetch((const char *)w + PACKED_PREFETCH + 64 * line, _MM_HINT_T0);
+            const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[k]);
+            const __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)xp[k + 1]);
+            for (int j = 0; j < 4; j++) {
+                acc[0][j] = _mm512_dpbf16_ps(acc[0][j], (__m512bh)_mm512_load_si512(w + j), x0);
+                odd[j] = _mm512_dpbf16_ps(odd[j], (__m512bh)_mm512_load_si512(w + 4 + j), x1);
+            }
+        }
+    }
+    for (; k < K2; k++, w += 4) {
+        for (int line = 0; line < 4; line++)
+            _mm_prefetch((const char *)w + PACKED_PREFETCH + 64 * line, _MM_HINT_T0);
+        __m512bh wv[4];
+        for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_load_si512(w + j);
+        for (int r = 0; r < R; r++) {
+            const __m512bh xr = (__m512bh)_mm512_set1_epi32(
+                (int)((const uint32_t *)(x + r * K))[k]);
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv[j], xr);
+        }
+    }
+    for (int j = 0; j < 4; j++) acc[0][j] = _mm512_add_ps(acc[0][j], odd[j]);
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(out + r * 64 + j * 16, acc[r][j]);
+}
+
+/* y [M, N] = x [M, K] @ W^T (+ bias [N]), bf16 in and out, W the prepacked weight above (K
+ * even). Returns 0, or -1 for a K it cannot take. */
+__attribute__((target("avx512bf16"))) int bf16_packed_linear(
+    const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t Kp,
+    const uint16_t *bias, int64_t N, uint16_t *y, int nthreads) {
+    if (K % 2 || Kp < K || Kp % PACKED_K_ALIGN) return -1;
+    const int64_t blocks = (N + PACKED_COLS - 1) / PACKED_COLS, K2 = K / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (blocks > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m512i *block = (const __m512i *)(w + b * PACKED_COLS * Kp);
+        const int64_t n0 = b * PACKED_COLS;
+        const int64_t cols = N - n0 < PACKED_COLS ? N - n0 : PACKED_COLS;
+        for (int64_t m = 0; m < M; m += PACKED_XROWS) {
+            _Alignas(64) float out[PACKED_XROWS * PACKED_COLS];
+            const uint16_t *xm = x + m * K;
+            const int64_t rows = M - m < PACKED_XROWS ? M - m : PACKED_XROWS;
+            switch (rows) { /* constant row counts: the sums stay in registers */
+            case 1: packed_block(block, xm, K, K2, 1, out); break;
+            case 2: packed_block(block, xm, K, K2, 2, out); break;
+            case 3: packed_block(block, xm, K, K2, 3, out); break;
+            default: packed_block(block, xm, K, K2, 4, out); break;
+            }
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t c = 0; c < cols; c += 16) {
+                    const __mmask16 mask = cols - c >= 16 ? 0xffff
+                                                          : (__mmask16)((1u << (cols - c)) - 1);
+                    __m512 v = _mm512_load_ps(out + r * PACKED_COLS + c);
+                    if (bias) v = _mm512_add_ps(v, _mm512_cvtpbh_ps((__m256bh)
+                                      _mm256_maskz_loadu_epi16(mask, bias + n0 + c)));
+                    _mm256_mask_storeu_epi16(y + (m + r) * N + n0 + c, mask,
+                                             (__m256i)_mm512_cvtneps_pbh(v));
+                }
+        }
+    }
+    return 0;
+}
+
 /* RMSNorm over rows of bf16, with transformers' Llama rounding: normalize in float32, round to
  * bf16, then multiply by the bf16 weight and round again. One call instead of the eight small
  * torch ops (casts, pow, mean, rsqrt, muls) whose dispatch costs more than the math at decode
@@ -1145,7 +1234,7 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
     return 0;
 }
 
-/* ---- A Llama-family decode step through quantized layers, in one call ----
+/* ---- A Llama-family decode step in one call ----
  *
  * The decoder layers of a decode step (one new token per sequence, M rows) run the kernels
  * above in the order and with the roundings of the torch modules (engine/models/llama.py):
@@ -1156,12 +1245,15 @@ __attribute__((target("avx512bf16"))) int paged_prefill_attention_bf16(
  * us a layer at one row, a third of an int4 decode step of the default model. The caller
  * (engine/models/native_decode.py) checks that every layer has this shape. */
 typedef struct {
-    int64_t bits; /* 4: int4_gemm_q8 over (w, s, z); 8: w8a8_gemm over (w, s) */
-    const void *w; /* the column copy: int4_pack_columns' nibbles, or w8_pack_columns' bytes */
-    const void *s; /* int4: float16 scales; int8: float32 row scales */
-    const void *z; /* int4: float16 zero points; int8: unused */
-    const void *bias; /* int4: [N] bf16, added after the rounding; int8: [N] float32, inside */
-    int64_t N, K, group_size;
+    int64_t bits; /* 4: int4_gemm_q8 over (w, s, z); 8: w8a8_gemm over (w, s); 16:
+                     bf16_packed_linear over w */
+    const void *w; /* the column copy: int4_pack_columns' nibbles, or w8_pack_columns' bytes;
+                      bf16: oneDNN's prepacked weight */
+    const void *s; /* int4: float16 scales; int8: float32 row scales; bf16: unused */
+    const void *z; /* int4: float16 zero points; int8, bf16: unused */
+    const void *bias; /* int4: [N] bf16, added after the rounding; int8: [N] float32, inside;
+                         bf16: [N] bf16, inside */
+    int64_t N, K, group_size; /* bf16: group_size is the padded K of the prepacked rows */
 } qlinear_t;
 
 typedef struct {
@@ -1175,6 +1267,9 @@ typedef struct {
  * call (w4a16.linear or w8a8.linear). Returns the kernel's status. */
 static int q_linear(const qlinear_t *l, const uint16_t *x, int64_t M, uint16_t *y,
                     int nthreads) {
+    if (l->bits == 16)
+        return bf16_packed_linear(x, M, l->K, (const uint16_t *)l->w, l->group_size,
+                                  (const uint16_t *)l->bias, l->N, y, nthreads);
     if (l->bits == 8)
         return w8a8_gemm(x, M, l->K, (const uint8_t *)l->w, (const float *)l->s,
                          (const float *)l->bias, l->N, y, nthreads);
@@ -1235,7 +1330,7 @@ static int decode_attention_step(const uint16_t *qkv, int64_t M, int64_t H, int6
  * scratch could not be allocated, or a kernel's own negative status. */
 #define Q_DECODE_BAD_SLOT (-100)
 #define Q_DECODE_NO_MEMORY (-101)
-int llama_quantized_decode(const q_decoder_layer_t *layers, int64_t L, uint16_t *hidden,
+int llama_decode_layers(const q_decoder_layer_t *layers, int64_t L, uint16_t *hidden,
                            int64_t M, int64_t E, int64_t H, int64_t KVH, int64_t D, int64_t I,
                            const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
                            int64_t num_slots, const int32_t *block_tables, const int32_t *lens,

@@ -42,6 +42,8 @@ SIGNATURES = {
     "int4_pack_columns": (None, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _I32]),
     "int4_gemm_q8": (ctypes.c_int, [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _I32,
                                      _I32]),
+    # x, M, K, w, Kp, bias, N, y, threads
+    "bf16_packed_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I32]),
     "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
     "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
@@ -50,7 +52,7 @@ SIGNATURES = {
                                                     _I64, _I64, _F32, _P, _I32]),
     # layers (an array of q_decoder_layer_t: engine/models/native_decode.py), L, hidden, M,
     # E, H, KVH, D, I, cos, sin, slots, num_slots, block tables, lens, BS, W, scale, threads
-    "llama_quantized_decode": (ctypes.c_int, [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
+    "llama_decode_layers": (ctypes.c_int, [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
                                               _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64,
                                               _F32, _I32]),
     # qkv, M, H, KVH, D, cos, sin, slots, num_slots, k cache, v cache, block tables, lens, BS,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.kernels import w4a16, w8a8
+from engine.kernels import packed_bf16, w4a16, w8a8
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class Linear(nn.Linear):
     an int4 checkpoint loads into the int4_* parameters)."""
 
     packed_weight: torch.Tensor | None = None
+    # where packed_bf16.linear reads packed_weight (decode-sized calls); None: oneDNN's call
+    packed_address: int | None = None
     int8_weight: w8a8.QuantizedWeight | None = None
     int8_bias: torch.Tensor | None = None  # float32, as the int8 kernel adds it
     int4_weight: w4a16.Int4Weight | None = None
@@ -105,6 +107,9 @@ class Linear(nn.Linear):
             return
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
         self._drop_dense_weight()
+        self.packed_address = packed_bf16.address(
+            self.packed_weight, self.out_features, self.in_features,
+            None if self.bias is None else self.bias.detach())
 
     def _drop_dense_weight(self) -> None:
         # the dense copy would double the weights' memory; nothing reads it any more
@@ -120,8 +125,14 @@ class Linear(nn.Linear):
         return self.packed_forward(x)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T + bias through oneDNN's prepacked weight (`prepack` first): `forward`'s call
-        for such a layer, without its checks (the native decode stack makes it directly)."""
+        """x @ W^T + bias through the prepacked weight (`prepack` first): packed_bf16's kernel
+        for decode-sized calls where it reads the weight, else oneDNN's call. `forward`'s path
+        for such a layer, without its checks (the native decode stack calls it directly)."""
+        if (self.packed_address is not None and x.dim() == 2
+                and x.shape[0] <= packed_bf16.MAX_ROWS and x.dtype == torch.bfloat16
+                and x.is_contiguous()):
+            return packed_bf16.linear(x, self.packed_address, self.in_features, self.bias,
+                                      self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],
                                                   "")
 

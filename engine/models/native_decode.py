@@ -1,5 +1,5 @@
 """A Llama-family decode step with no Python between the kernels of a layer
-(cpu_kernels.c: llama_quantized_decode, llama_decode_attention, add_rms_norm_bf16).
+(cpu_kernels.c: llama_decode_layers, llama_decode_attention, add_rms_norm_bf16).
 
 At one stream the kernels of an int4 decode step are ~6 ms of the default model's ~10; the
 rest is the Python between them: module calls, checks, views and the ~10 torch and ctypes
@@ -7,10 +7,12 @@ calls of each layer, ~150 us a layer. The native stack runs the same kernels in 
 order, with the same roundings, so its hidden states are bit-identical to the modules'
 (tests/unit/test_native_decode.py). With int4 or int8 matmuls (the AVX-512 VNNI kernels over
 their column copies: `--quantization int4`, GPTQ/AWQ checkpoints without act-order, `int8`,
-`w8a8`) the whole stack is one native call. With bf16 matmuls (oneDNN, prepacked) torch runs
-the four matmuls of a layer and four native calls do the rest: RMSNorm, RoPE + cache write +
-attention, residual add + RMSNorm, SwiGLU. The embedding, the final norm, the LM head and
-sampling stay in Python: a handful of calls a step.
+`w8a8`) the whole stack is one native call, and so it is with bf16 matmuls that
+engine/kernels/packed_bf16.py reads in place (oneDNN's prepacked weights, up to its MAX_ROWS
+rows). Otherwise, bf16 matmuls through oneDNN, torch runs the four matmuls of a layer and four
+native calls do the rest: RMSNorm, RoPE + cache write + attention, residual add + RMSNorm,
+SwiGLU. The embedding, the final norm, the LM head and sampling stay in Python: a handful of
+calls a step.
 
 It takes a model only where every decoder layer is plain Llama (no per-head q/k norms, no
 sliding window, a dense SwiGLU MLP), all its matmuls are of one of those kinds, one rank holds
@@ -30,7 +32,7 @@ from torch import nn
 
 from engine.attention.base import AttentionMetadata
 from engine.attention.torch_ref import TorchAttentionBackend
-from engine.kernels import w8a8
+from engine.kernels import packed_bf16, w8a8
 from engine.kernels.native import native_library
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import Linear
@@ -40,7 +42,7 @@ from engine.models.base import KVCaches
 if TYPE_CHECKING:
     from engine.models.llama import LlamaDecoderLayer, LlamaMLP
 
-# llama_quantized_decode's own statuses (cpu_kernels.c); a kernel's are small negatives
+# llama_decode_layers's own statuses (cpu_kernels.c); a kernel's are small negatives
 _BAD_SLOT, _NO_MEMORY = -100, -101
 
 
@@ -78,9 +80,12 @@ class NativeDecodeStack:
                              for linear in _linears(layer)
                              if linear.int8_weight is not None
                              and not linear.int8_weight.int8_prefill), default=sys.maxsize)
-        # bf16: the matmuls stay oneDNN's (torch calls them between the native steps);
-        # quantized: the whole stack is one native call over these structs
+        # quantized, or bf16 weights packed_bf16 reads in place: the whole stack is one native
+        # call over these structs (bf16: up to packed_bf16.MAX_ROWS rows); otherwise torch
+        # calls the bf16 matmuls between the native steps
         self.bf16 = bf16
+        self.bf16_in_place = bf16 and all(linear.packed_address is not None
+                                          for layer in layers for linear in _linears(layer))
         self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
@@ -88,7 +93,7 @@ class NativeDecodeStack:
             slot.post_norm = layer.post_attention_layernorm.weight.data_ptr()
             slot.input_eps = layer.input_layernorm.eps
             slot.post_eps = layer.post_attention_layernorm.eps
-            if not self.bf16:
+            if not self.bf16 or self.bf16_in_place:
                 slot.qkv = self._linear(layer.self_attn.qkv_proj)
                 slot.o = self._linear(layer.self_attn.o_proj)
                 slot.gate_up = self._linear(_mlp(layer).gate_up_proj)
@@ -141,9 +146,9 @@ class NativeDecodeStack:
                 k_cache.shape[0] * k_cache.shape[1])
         plan_args = (plan.block_tables.data_ptr(), plan.lens.data_ptr(), k_cache.shape[1],
                      plan.block_tables.shape[1], self.scale, torch.get_num_threads())
-        if self.bf16:
+        if self.bf16 and not (self.bf16_in_place and num_rows <= packed_bf16.MAX_ROWS):
             return self._run_bf16(lib, hidden_states, step, plan_args)
-        _check("llama_quantized_decode", lib.llama_quantized_decode(
+        _check("llama_decode_layers", lib.llama_decode_layers(
             ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),
             num_rows, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
             self.intermediate_size, *step, *plan_args))
@@ -151,9 +156,10 @@ class NativeDecodeStack:
 
     def _run_bf16(self, lib: ctypes.CDLL, hidden: torch.Tensor, step: tuple[int, ...],
                   plan_args: tuple[int | float, ...]) -> torch.Tensor:
-        """The layers with their oneDNN matmuls called from here and everything between them
-        native: per layer 4 matmuls and 4 native calls, where the modules make ~20 calls and
-        as many checks. The same ops on the same values: bit-identical to the modules."""
+        """The layers with their bf16 matmuls called from here (`packed_forward`, the modules'
+        path) and everything between them native: per layer 4 matmuls and 4 native calls,
+        where the modules make ~20 calls and as many checks. The same ops on the same values:
+        bit-identical to the modules."""
         num_rows, width = hidden.shape
         threads = plan_args[-1]
         normed = torch.empty_like(hidden)
@@ -202,6 +208,10 @@ class NativeDecodeStack:
         return True
 
     def _linear(self, layer: Linear) -> _QLinear:
+        if layer.packed_address is not None:  # packed_bf16.linear's: the bias added inside
+            bias = self._keep(layer.bias, torch.bfloat16)
+            return _QLinear(16, layer.packed_address, None, None, bias, layer.out_features,
+                            layer.in_features, packed_bf16.padded_in_features(layer.in_features))
         if layer.int8_weight is not None:
             int8 = layer.int8_weight
             assert int8.columns is not None

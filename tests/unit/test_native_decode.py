@@ -1,4 +1,4 @@
-"""The native decode stack for quantized layers (engine/models/native_decode.py): decode steps
+"""The native decode stack (engine/models/native_decode.py): decode steps
 through it give the modules' tokens and logprobs bit for bit, and every model or step it does
 not compute runs the modules."""
 
@@ -13,7 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.kernels import w8a8
+from engine.kernels.native import has_bf16_dot_products
 from engine.kernels.w4a16 import quantize_weight, with_columns
+from engine.layers.linear import Linear
 from engine.models.llama import LlamaModel
 from engine.models.native_decode import NativeDecodeStack
 from tests.devices import cpu_only
@@ -59,12 +61,15 @@ def _randomize_biases(model_dir: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize(("arch", "quantization"), [
-    ("llama", "int4"), ("qwen2", "int4"),  # qwen2: q/k/v biases
-    ("qwen2", "int8"), ("llama", "w8a8"),
-    ("llama", None), ("qwen2", None),  # bf16: oneDNN's matmuls between the native steps
+@pytest.mark.parametrize(("arch", "quantization", "in_place"), [
+    ("llama", "int4", False), ("qwen2", "int4", False),  # qwen2: q/k/v biases
+    ("qwen2", "int8", False), ("llama", "w8a8", False),
+    # bf16: packed_bf16's kernel inside the one native call, or oneDNN's matmuls between the
+    # native steps
+    ("llama", None, True), ("qwen2", None, True), ("llama", None, False), ("qwen2", None, False),
 ])
 def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str | None,
+                                              in_place: bool,
                                               model_dirs: dict[str, Path]) -> None:
     if not _has_column_kernel():
         pytest.skip("the native decode stack needs the AVX-512 VNNI kernels")
@@ -73,6 +78,13 @@ def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str | Non
     llm = LLM(str(model_dirs[arch]), device="cpu", dtype="bfloat16", quantization=quantization,
               num_blocks=64, block_size=4, enable_prefix_caching=False)
     decoder = _decoder(llm)
+    if quantization is None and not in_place:  # every matmul on oneDNN's call
+        for linear in decoder.modules():
+            if isinstance(linear, Linear):
+                linear.packed_address = None
+        decoder._native_decode_built = False  # rebuilt without them
+    elif quantization is None and not has_bf16_dot_products():
+        pytest.skip("packed_bf16's kernel needs AVX512-BF16")
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
     runs = {}
     calls = []
@@ -96,6 +108,7 @@ def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str | Non
     assert stack.max_rows == (w8a8.DEQUANTIZE_MIN_ROWS - 1 if quantization == "int8"
                               else sys.maxsize)
     assert stack.bf16 == (quantization is None)
+    assert stack.bf16_in_place == (quantization is None and in_place)
     assert len(calls) >= 23 and all(calls)
     assert runs[True] == runs[False]
     assert all(len(tokens) == 24 for tokens, _ in runs[True])

@@ -1,0 +1,75 @@
+"""Decode-sized bf16 matmuls over oneDNN's prepacked weights, read where they lie
+(cpu_kernels.c: bf16_packed_linear). At one row oneDNN streams a prepacked weight well below
+the read bandwidth (the default model's decode matmuls at ~0.75 of it, the small qkv and o
+projections at ~0.45); this kernel reads the same bytes at about the bandwidth, with the same
+float32 sums and rounding, so its outputs are oneDNN's to the last bit or within one bf16
+rounding. Prefill keeps oneDNN's GEMM on the same copy: no second copy of any weight.
+
+The layout is oneDNN's choice, not ours: `address` checks a weight's size and one product
+against oneDNN's call before anything reads it here, and says None (oneDNN's call stays) where
+they differ: another oneDNN version, a CPU it lays out otherwise, or one without AVX512-BF16."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.kernels.native import has_bf16_dot_products, native_library
+
+COLS = 64  # output columns per block of the prepacked weight (cpu_kernels.c's PACKED_COLS)
+K_ALIGN = 32  # the inputs of a block's rows, zero-padded to a multiple (PACKED_K_ALIGN)
+# the most rows `linear` is given: measured at least as fast as oneDNN up to here (the
+# default model's 97 decode matmuls in order: 1.2x at 1 row, 1.04-1.08x at 16 and 32)
+MAX_ROWS = 32
+# "0" leaves every bf16 matmul on oneDNN's call (A/B benchmarks, debugging)
+ENV = "PAGEDSERVE_PACKED_BF16"
+
+
+def padded_in_features(in_features: int) -> int:
+    return -(-in_features // K_ALIGN) * K_ALIGN
+
+
+def address(packed: torch.Tensor, out_features: int, in_features: int,
+            bias: torch.Tensor | None) -> int | None:
+    """The address of `packed` (mkldnn._reorder_linear_weight's [out, in] bf16 weight) where
+    `linear` can read it: its bytes are the layout the kernel reads (checked by size and by one
+    product against oneDNN's call on the same weight); else None."""
+    if (os.environ.get(ENV, "1") == "0" or not _has_raw_access() or native_library() is None
+            or not has_bf16_dot_products() or in_features % 2
+            or tuple(packed.shape) != (out_features, in_features)
+            or (bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()))):
+        return None
+    blocks = -(-out_features // COLS)
+    if torch.ops.mkldnn._nbytes(packed) != blocks * COLS * padded_in_features(in_features) * 2:
+        return None
+    where = torch.ops.mkldnn.data_ptr(packed)
+    probe = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    expected = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "").float()
+    got = linear(probe, where, in_features, bias, out_features).float()
+    # one bf16 rounding apart at most; another layout gives products of the wrong weights
+    tolerance = 1e-2 * float(expected.abs().max()) + 1e-6
+    return where if bool(((got - expected).abs() <= tolerance).all()) else None
+
+
+def _has_raw_access() -> bool:
+    """Whether this torch gives a oneDNN tensor's address and size (2.3 and later do)."""
+    return all(hasattr(torch.ops.mkldnn, name) for name in ("data_ptr", "_nbytes"))
+
+
+def linear(x: torch.Tensor, weight_address: int, in_features: int, bias: torch.Tensor | None,
+           out_features: int) -> torch.Tensor:
+    """y [M, out] = x [M, in] @ W^T + bias, x contiguous bf16 with at most MAX_ROWS rows (any
+    count is computed; past MAX_ROWS oneDNN is faster), W the prepacked weight at
+    `weight_address` (from `address`)."""
+    lib = native_library()
+    assert lib is not None
+    num_rows = x.shape[0]
+    out = x.new_empty(num_rows, out_features)
+    status = lib.bf16_packed_linear(
+        x.data_ptr(), num_rows, in_features, weight_address, padded_in_features(in_features),
+        None if bias is None else bias.data_ptr(), out_features, out.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"bf16_packed_linear: status {status}")
+    return out

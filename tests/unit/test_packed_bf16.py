@@ -1,0 +1,106 @@
+"""packed_bf16: decode-sized bf16 matmuls read oneDNN's prepacked weights in place. Against
+oneDNN's own call on the same weight (within one bf16 rounding, nearly always equal) and the
+float32 product; weights whose bytes are not the layout the kernel reads are refused; Linear
+sends decode-sized calls to the kernel and larger ones to oneDNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import packed_bf16
+from engine.kernels.native import has_bf16_dot_products, native_library
+from engine.layers.linear import Linear, can_prepack
+from tests.devices import cpu_only
+
+pytestmark = [
+    cpu_only,
+    pytest.mark.skipif(not can_prepack(torch.bfloat16, torch.device("cpu"))
+                       or native_library() is None or not has_bf16_dot_products(),
+                       reason="needs oneDNN bf16, the native kernels and AVX512-BF16"),
+]
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [
+    (64, 64), (100, 64),  # a last block of 36 columns
+    (130, 896), (64, 66), (200, 130), (96, 30),  # inputs padded to 32 in the packed rows
+    (1152, 896), (896, 4864),  # the default model's qkv and down projections
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_gives_onednns_products(out_features: int, in_features: int, bias: bool) -> None:
+    generator = torch.Generator().manual_seed(out_features * in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias_value = torch.randn(out_features, generator=generator).bfloat16() if bias else None
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    address = packed_bf16.address(packed, out_features, in_features, bias_value)
+    assert address is not None
+    for num_rows in (1, 2, 3, 4, 5, 8, 17, packed_bf16.MAX_ROWS, packed_bf16.MAX_ROWS + 3):
+        x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
+        got = packed_bf16.linear(x, address, in_features, bias_value, out_features)
+        expected = _onednn(x, packed, bias_value)
+        assert got.shape == (num_rows, out_features) and got.dtype == torch.bfloat16
+        # float32 sums rounded once: within one bf16 rounding of the exact product, plus what
+        # float32 sums of these terms can lose
+        exact = F.linear(x.double(), weight.double(),
+                         None if bias_value is None else bias_value.double())
+        terms = F.linear(x.double().abs(), weight.double().abs(),
+                         None if bias_value is None else bias_value.double().abs())
+        error = (got.double() - exact).abs()
+        assert bool((error <= exact.abs() * 2.0 ** -8 + terms * 1e-5).all()), num_rows
+        # and oneDNN's sums in its order: the same bf16 values nearly everywhere
+        assert float((got != expected).float().mean()) < 0.01
+
+
+def test_a_weight_in_another_layout_is_refused() -> None:
+    """The kernel reads bytes, not a descriptor: a buffer of the right size holding the weight
+    in another order is refused, and so are odd inputs and biases it cannot take."""
+    weight = torch.randn(128, 64).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    assert packed_bf16.address(packed, 128, 64, None) is not None
+    assert packed_bf16.address(packed, 64, 128, None) is None  # not its shape
+    # the same size in another layout (row-major, which oneDNN's call reads as such)
+    other = weight.to_mkldnn()
+    assert torch.ops.mkldnn._nbytes(other) == torch.ops.mkldnn._nbytes(packed)
+    assert torch.equal(_onednn(torch.eye(64).bfloat16(), other, None), weight.t())
+    assert packed_bf16.address(other, 128, 64, None) is None
+    odd = torch.ops.mkldnn._reorder_linear_weight(torch.randn(64, 33).bfloat16(), None)
+    assert packed_bf16.address(odd, 64, 33, None) is None  # pairs of inputs only
+    assert packed_bf16.address(packed, 128, 64, torch.zeros(128)) is None  # a float32 bias
+    assert packed_bf16.address(packed, 128, 64, torch.randn(128).bfloat16()) is not None
+
+
+def test_linear_sends_decode_rows_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = Linear(896, 1152, bias=True).to(torch.bfloat16)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.prepack()
+    assert layer.packed_address is not None
+    calls: list[int] = []
+    real = packed_bf16.linear
+
+    def counting(x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_bf16, "linear", counting)
+    for num_rows in (1, 16, packed_bf16.MAX_ROWS, packed_bf16.MAX_ROWS + 1, 300):
+        x = torch.randn(num_rows, 896).bfloat16()
+        out = layer(x)
+        torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float(),
+                                                         bias.float()), atol=0.05, rtol=0.02)
+    assert calls == [1, 16, packed_bf16.MAX_ROWS]
+    strided = torch.randn(896, 2).bfloat16().t()  # not contiguous: oneDNN's call takes it
+    torch.testing.assert_close(layer(strided).float(), F.linear(
+        strided.float(), weight.float(), bias.float()), atol=0.05, rtol=0.02)
+    assert calls == [1, 16, packed_bf16.MAX_ROWS]
+
+
+def test_the_switch_leaves_oneDNN_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(packed_bf16.ENV, "0")
+    layer = Linear(64, 128).to(torch.bfloat16)
+    layer.prepack()
+    assert layer.packed_weight is not None and layer.packed_address is None
