@@ -166,8 +166,11 @@ def _prepack(module: CausalLM) -> None:
     with stage("prepacking weights for oneDNN") as progress:
         packed = module.prepack_weights()
     if packed:
-        logger.info("%d matmul weights prepacked for oneDNN in %.2f s", packed,
-                    progress.seconds)
+        in_place = sum(1 for layer in module.modules()
+                       if isinstance(layer, Linear) and layer.packed_address is not None)
+        logger.info("%d matmul weights prepacked for oneDNN in %.2f s; decode reads %d of them "
+                    "in place (engine/kernels/packed_bf16.py)", packed, progress.seconds,
+                    in_place)
 
 
 def _auto_dtype_reason(hf_config: transformers.PretrainedConfig, chosen: torch.dtype) -> str:
