@@ -377,7 +377,11 @@ def bench_offline(args: argparse.Namespace, tokenizer) -> ServerRun:  # noqa: AN
         params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens,
                                  min_tokens=r.max_tokens if r.is_forced else 0,
                                  ignore_eos=r.is_forced) for r in requests]
-        llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
+        # warm-up on a prompt of its own: one of the timed prompts would be a prefix-cache hit
+        warm_up = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Warm-up: say hello."}], add_generation_prompt=True,
+            tokenize=True, return_dict=False)
+        llm.generate([warm_up], SamplingParams(temperature=0.0, max_tokens=8))
         cpu_start, start = time.process_time(), time.perf_counter()
         outputs = llm.generate(prompts, params)
         duration = time.perf_counter() - start
