@@ -1,13 +1,17 @@
-"""Decode-sized bf16 matmuls over oneDNN's prepacked weights, read where they lie
-(cpu_kernels.c: bf16_packed_linear). At one row oneDNN streams a prepacked weight well below
-the read bandwidth (the default model's decode matmuls at ~0.75 of it, the small qkv and o
-projections at ~0.45); this kernel reads the same bytes at about the bandwidth, with the same
-float32 sums and rounding, so its outputs are oneDNN's to the last bit or within one bf16
-rounding. Prefill keeps oneDNN's GEMM on the same copy: no second copy of any weight.
+"""bf16 matmuls over oneDNN's prepacked weights, read where they lie (cpu_kernels.c:
+bf16_packed_linear). At one row oneDNN streams a prepacked weight well below the read
+bandwidth (the default model's decode matmuls at ~0.78 of it, the small qkv and o projections
+at ~0.48); this kernel reads the same bytes at about the bandwidth. Over more rows (batched
+decode) it runs six at a time over each 64-column block while the block stays in L2:
+1.1-1.5x oneDNN's GEMM at 16-32 rows on the default model's shapes. The sums are float32 and
+rounded once, as oneDNN's: its values, or one bf16 rounding apart. Prefill stays on oneDNN's
+GEMM over the same bytes (MAX_ROWS): the weight has no second copy.
 
 The layout is oneDNN's choice, not ours: `address` checks a weight's size and one product
 against oneDNN's call before anything reads it here, and says None (oneDNN's call stays) where
-they differ: another oneDNN version, a CPU it lays out otherwise, or one without AVX512-BF16."""
+they differ: another oneDNN version, a CPU it lays out otherwise, or one without AVX512-BF16.
+A block too large to stay in L2 (wide inputs: 7B-class down projections) would be read from
+memory once per six rows, so `takes` leaves such weights to oneDNN past six rows."""
 
 from __future__ import annotations
 
@@ -19,15 +23,29 @@ from engine.kernels.native import has_bf16_dot_products, native_library
 
 COLS = 64  # output columns per block of the prepacked weight (cpu_kernels.c's PACKED_COLS)
 K_ALIGN = 32  # the inputs of a block's rows, zero-padded to a multiple (PACKED_K_ALIGN)
-# the most rows `linear` is given: measured at least as fast as oneDNN up to here (the
-# default model's 97 decode matmuls in order: 1.2x at 1 row, 1.04-1.08x at 16 and 32)
+ROWS_PER_PASS = 6  # activation rows per pass over a block (PACKED_XROWS)
+# the most rows `takes`: decode batches. Prefill-sized calls stay on oneDNN's GEMM: the kernel
+# is 1.02-1.05x there per matmul but made prefill no faster in the engine (0.996-1.02x at 230
+# to 4096 tokens), and bf16 prefill sums in another order move the greedy choice at ~1% of
+# positions of a long teacher-forced answer (the default model's fidelity tests' bf16 baseline)
 MAX_ROWS = 32
+# the largest block read by more than one pass: it must stay in L2 (1 MB on Zen 4 and 5)
+# between the passes; the default model's widest, down_proj's, is 608 KiB
+MAX_BLOCK_BYTES = 768 << 10
 # "0" leaves every bf16 matmul on oneDNN's call (A/B benchmarks, debugging)
 ENV = "PAGEDSERVE_PACKED_BF16"
 
 
 def padded_in_features(in_features: int) -> int:
     return -(-in_features // K_ALIGN) * K_ALIGN
+
+
+def takes(num_rows: int, in_features: int) -> bool:
+    """Whether `linear` takes a call of this many rows: one pass over the weight, or up to
+    MAX_ROWS with blocks that stay in L2 between passes."""
+    return (num_rows <= ROWS_PER_PASS
+            or (num_rows <= MAX_ROWS
+                and COLS * padded_in_features(in_features) * 2 <= MAX_BLOCK_BYTES))
 
 
 def address(packed: torch.Tensor, out_features: int, in_features: int,
@@ -59,9 +77,9 @@ def _has_raw_access() -> bool:
 
 def linear(x: torch.Tensor, weight_address: int, in_features: int, bias: torch.Tensor | None,
            out_features: int) -> torch.Tensor:
-    """y [M, out] = x [M, in] @ W^T + bias, x contiguous bf16 with at most MAX_ROWS rows (any
-    count is computed; past MAX_ROWS oneDNN is faster), W the prepacked weight at
-    `weight_address` (from `address`)."""
+    """y [M, out] = x [M, in] @ W^T + bias, x contiguous bf16 (any row count is computed;
+    `takes` says where it is the faster call), W the prepacked weight at `weight_address`
+    (from `address`)."""
     lib = native_library()
     assert lib is not None
     num_rows = x.shape[0]

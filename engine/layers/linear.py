@@ -38,7 +38,7 @@ class Linear(nn.Linear):
     an int4 checkpoint loads into the int4_* parameters)."""
 
     packed_weight: torch.Tensor | None = None
-    # where packed_bf16.linear reads packed_weight (decode-sized calls); None: oneDNN's call
+    # where packed_bf16.linear reads packed_weight; None: oneDNN's call only
     packed_address: int | None = None
     int8_weight: w8a8.QuantizedWeight | None = None
     int8_bias: torch.Tensor | None = None  # float32, as the int8 kernel adds it
@@ -126,11 +126,11 @@ class Linear(nn.Linear):
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T + bias through the prepacked weight (`prepack` first): packed_bf16's kernel
-        for decode-sized calls where it reads the weight, else oneDNN's call. `forward`'s path
-        for such a layer, without its checks (the native decode stack calls it directly)."""
+        where it reads the weight and takes the call, else oneDNN's. `forward`'s path for such
+        a layer, without its checks (the native decode stack calls it directly)."""
         if (self.packed_address is not None and x.dim() == 2
-                and x.shape[0] <= packed_bf16.MAX_ROWS and x.dtype == torch.bfloat16
-                and x.is_contiguous()):
+                and packed_bf16.takes(x.shape[0], self.in_features)
+                and x.dtype == torch.bfloat16 and x.is_contiguous()):
             return packed_bf16.linear(x, self.packed_address, self.in_features, self.bias,
                                       self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],

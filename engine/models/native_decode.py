@@ -8,9 +8,9 @@ order, with the same roundings, so its hidden states are bit-identical to the mo
 (tests/unit/test_native_decode.py). With int4 or int8 matmuls (the AVX-512 VNNI kernels over
 their column copies: `--quantization int4`, GPTQ/AWQ checkpoints without act-order, `int8`,
 `w8a8`) the whole stack is one native call, and so it is with bf16 matmuls that
-engine/kernels/packed_bf16.py reads in place (oneDNN's prepacked weights, up to its MAX_ROWS
-rows). Otherwise, bf16 matmuls through oneDNN, torch runs the four matmuls of a layer and four
-native calls do the rest: RMSNorm, RoPE + cache write + attention, residual add + RMSNorm,
+engine/kernels/packed_bf16.py reads in place (oneDNN's prepacked weights, at the row counts
+it takes). Otherwise, bf16 matmuls through oneDNN, torch runs the four matmuls of a layer and
+four native calls do the rest: RMSNorm, RoPE + cache write + attention, residual add + RMSNorm,
 SwiGLU. The embedding, the final norm, the LM head and sampling stay in Python: a handful of
 calls a step.
 
@@ -81,11 +81,17 @@ class NativeDecodeStack:
                              if linear.int8_weight is not None
                              and not linear.int8_weight.int8_prefill), default=sys.maxsize)
         # quantized, or bf16 weights packed_bf16 reads in place: the whole stack is one native
-        # call over these structs (bf16: up to packed_bf16.MAX_ROWS rows); otherwise torch
-        # calls the bf16 matmuls between the native steps
+        # call over these structs (bf16: at the row counts packed_bf16 takes, so that the
+        # modules' matmuls are the same calls); otherwise torch calls the bf16 matmuls between
+        # the native steps
         self.bf16 = bf16
+        linears = [linear for layer in layers for linear in _linears(layer)]
         self.bf16_in_place = bf16 and all(linear.packed_address is not None
-                                          for layer in layers for linear in _linears(layer))
+                                          for linear in linears)
+        widest = max(linear.in_features for linear in linears)
+        self.bf16_max_rows = (packed_bf16.MAX_ROWS if packed_bf16.takes(packed_bf16.MAX_ROWS,
+                                                                        widest)
+                              else packed_bf16.ROWS_PER_PASS)
         self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
@@ -146,7 +152,7 @@ class NativeDecodeStack:
                 k_cache.shape[0] * k_cache.shape[1])
         plan_args = (plan.block_tables.data_ptr(), plan.lens.data_ptr(), k_cache.shape[1],
                      plan.block_tables.shape[1], self.scale, torch.get_num_threads())
-        if self.bf16 and not (self.bf16_in_place and num_rows <= packed_bf16.MAX_ROWS):
+        if self.bf16 and not (self.bf16_in_place and num_rows <= self.bf16_max_rows):
             return self._run_bf16(lib, hidden_states, step, plan_args)
         _check("llama_decode_layers", lib.llama_decode_layers(
             ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),

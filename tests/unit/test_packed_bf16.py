@@ -1,7 +1,7 @@
-"""packed_bf16: decode-sized bf16 matmuls read oneDNN's prepacked weights in place. Against
-oneDNN's own call on the same weight (within one bf16 rounding, nearly always equal) and the
-float32 product; weights whose bytes are not the layout the kernel reads are refused; Linear
-sends decode-sized calls to the kernel and larger ones to oneDNN."""
+"""packed_bf16: bf16 matmuls read oneDNN's prepacked weights in place. Against oneDNN's own
+call on the same weight (within one bf16 rounding, nearly always equal) and the float32
+product; weights whose bytes are not the layout the kernel reads are refused; Linear sends the
+kernel the calls it takes and oneDNN the rest."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_kernel_gives_onednns_products(out_features: int, in_features: int, bias
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
     address = packed_bf16.address(packed, out_features, in_features, bias_value)
     assert address is not None
-    for num_rows in (1, 2, 3, 4, 5, 8, 17, packed_bf16.MAX_ROWS, packed_bf16.MAX_ROWS + 3):
+    for num_rows in (1, 2, 3, 4, 5, 6, 7, 13, 17, 32, 300):
         x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
         got = packed_bf16.linear(x, address, in_features, bias_value, out_features)
         expected = _onednn(x, packed, bias_value)
@@ -74,8 +74,13 @@ def test_a_weight_in_another_layout_is_refused() -> None:
     assert packed_bf16.address(packed, 128, 64, torch.randn(128).bfloat16()) is not None
 
 
-def test_linear_sends_decode_rows_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    layer = Linear(896, 1152, bias=True).to(torch.bfloat16)
+@pytest.mark.parametrize("in_features", [896, 8192])
+def test_linear_sends_the_rows_the_kernel_takes(in_features: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode batches up to MAX_ROWS where a block stays in L2 between passes (896 inputs:
+    112 KiB), one pass's worth where it would not (8192: 1 MiB a block); prefill-sized calls
+    and the rest to oneDNN."""
+    layer = Linear(in_features, 192, bias=True).to(torch.bfloat16)
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
     layer.prepack()
     assert layer.packed_address is not None
@@ -87,16 +92,21 @@ def test_linear_sends_decode_rows_to_the_kernel(monkeypatch: pytest.MonkeyPatch)
         return real(x, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(packed_bf16, "linear", counting)
-    for num_rows in (1, 16, packed_bf16.MAX_ROWS, packed_bf16.MAX_ROWS + 1, 300):
-        x = torch.randn(num_rows, 896).bfloat16()
-        out = layer(x)
-        torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float(),
-                                                         bias.float()), atol=0.05, rtol=0.02)
-    assert calls == [1, 16, packed_bf16.MAX_ROWS]
-    strided = torch.randn(896, 2).bfloat16().t()  # not contiguous: oneDNN's call takes it
+    rows = (1, packed_bf16.ROWS_PER_PASS, packed_bf16.ROWS_PER_PASS + 1, packed_bf16.MAX_ROWS,
+            packed_bf16.MAX_ROWS + 1, 300)
+    for num_rows in rows:
+        x = torch.randn(num_rows, in_features).bfloat16()
+        torch.testing.assert_close(layer(x).float(), F.linear(x.float(), weight.float(),
+                                                              bias.float()),
+                                   atol=0.05 * in_features ** 0.5 / 30, rtol=0.02)
+    one_pass = [1, packed_bf16.ROWS_PER_PASS]
+    assert calls == (list(rows[:4]) if in_features == 896 else one_pass)
+    assert not packed_bf16.takes(packed_bf16.MAX_ROWS + 1, 896)
+    assert not packed_bf16.takes(packed_bf16.ROWS_PER_PASS + 1, 8192)
+    strided = torch.randn(in_features, 2).bfloat16().t()  # not contiguous: oneDNN's call
     torch.testing.assert_close(layer(strided).float(), F.linear(
-        strided.float(), weight.float(), bias.float()), atol=0.05, rtol=0.02)
-    assert calls == [1, 16, packed_bf16.MAX_ROWS]
+        strided.float(), weight.float(), bias.float()), atol=0.1, rtol=0.02)
+    assert len(calls) == (4 if in_features == 896 else 2)
 
 
 def test_the_switch_leaves_oneDNN_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
