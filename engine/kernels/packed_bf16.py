@@ -62,6 +62,8 @@ def address(packed: torch.Tensor, out_features: int, in_features: int,
     if torch.ops.mkldnn._nbytes(packed) != blocks * COLS * padded_in_features(in_features) * 2:
         return None
     where = torch.ops.mkldnn.data_ptr(packed)
+    if where % 64:  # the kernel's aligned 64-byte loads
+        return None
     probe = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
     expected = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "").float()
     got = linear(probe, where, in_features, bias, out_features).float()
