@@ -15,7 +15,8 @@ of one-row calls times the layers that make one. The read bandwidth (bench/roofl
 over a 2 GiB buffer) is taken before and after each round, as this machine's swings by 2x
 within minutes. Figures are medians over the rounds. Bytes are each weight's stored bytes (the
 packed copy, or the int8/int4 values with their scales and zero points): what a one-row matmul
-streams.
+streams. `PAGEDSERVE_PACKED_BF16=0` in the environment gives bf16's matmuls to oneDNN's call
+(engine/kernels/packed_bf16.py), the table from before that kernel.
 """
 
 from __future__ import annotations
