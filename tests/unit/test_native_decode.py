@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
-from engine.kernels import w8a8
+from engine.kernels import packed_bf16, w8a8
 from engine.kernels.native import has_bf16_dot_products
 from engine.kernels.w4a16 import quantize_weight, with_columns
 from engine.layers.linear import Linear
@@ -146,9 +146,56 @@ def test_a_stack_of_bf16_and_quantized_layers_runs_the_modules(
                    decoder.layers[1].mlp.gate_up_proj, decoder.layers[1].mlp.down_proj):
         dense = linear.packed_weight.to_dense()  # the packed copy, back to [out, in]
         assert dense.shape == (linear.out_features, linear.in_features)
-        linear.packed_weight = None
+        linear.packed_weight, linear.packed_address = None, None
         linear.weight = torch.nn.Parameter(dense, requires_grad=False)
         assert linear.quantize_int4()
     assert NativeDecodeStack.build(list(decoder.layers), single_rank=True) is None
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     assert len(llm.generate(PROMPTS[:1], params)[0].outputs[0].token_ids) == 4
+
+
+def test_bf16_rows_past_one_pass_over_wide_blocks_run_through_torch(tmp_path: Path) -> None:
+    """A down projection over 8192 inputs has 1 MiB blocks, which would not stay in L2 between
+    passes: packed_bf16 takes one pass's worth of rows (6), so the one native call does too and
+    steps with more rows call the matmuls from Python (oneDNN's), still bit-identical."""
+    if not _has_column_kernel() or not has_bf16_dot_products():
+        pytest.skip("needs the AVX-512 VNNI kernels and AVX512-BF16")
+    wide_mlp = dict(WIDE, intermediate_size=8192)
+    llm = LLM(str(save_tiny_model("llama", tmp_path / "llama", **wide_mlp)), device="cpu",
+              dtype="bfloat16", num_blocks=128, block_size=4, enable_prefix_caching=False)
+    decoder = _decoder(llm)
+    prompts = [[11 + i, 200, 37, 401 - i, 9] for i in range(8)]
+    # 8 decode rows for 3 steps, then 4 rows
+    params = [SamplingParams(temperature=0.0, max_tokens=4 if i < 4 else 8, ignore_eos=True,
+                             logprobs=2) for i in range(8)]
+    runs, rows_by_path = {}, []
+    real_run_bf16, real_run = NativeDecodeStack._run_bf16, NativeDecodeStack.run
+
+    def recording_run(self: NativeDecodeStack, hidden: torch.Tensor,
+                      *args: object) -> torch.Tensor | None:
+        result = real_run(self, hidden, *args)  # type: ignore[arg-type]
+        rows_by_path.append(("stack" if result is not None else "modules", hidden.shape[0]))
+        return result
+
+    def recording_run_bf16(self: NativeDecodeStack, lib: object, hidden: torch.Tensor,
+                           *args: object) -> torch.Tensor:
+        rows_by_path.append(("torch", hidden.shape[0]))
+        return real_run_bf16(self, lib, hidden, *args)  # type: ignore[arg-type]
+
+    for enabled in (True, False):
+        decoder.native_decode_enabled = enabled
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(NativeDecodeStack, "_run_bf16", recording_run_bf16)
+            patch.setattr(NativeDecodeStack, "run", recording_run)
+            outputs = llm.generate(prompts, params)
+        runs[enabled] = [(out.outputs[0].token_ids, out.outputs[0].logprobs) for out in outputs]
+    stack = decoder._native_decode
+    assert stack is not None and stack.bf16_in_place
+    assert stack.bf16_max_rows == packed_bf16.ROWS_PER_PASS
+    assert runs[True] == runs[False]
+    assert [len(tokens) for tokens, _ in runs[True]] == [4] * 4 + [8] * 4
+    # every decode step took the stack: the 8-row ones calling the matmuls from Python, the
+    # 4-row ones as the one native call
+    assert ("modules", 8) not in rows_by_path and ("modules", 4) not in rows_by_path
+    torch_rows = {rows for path, rows in rows_by_path if path == "torch"}
+    assert torch_rows == {8} and ("stack", 4) in rows_by_path
