@@ -11,7 +11,7 @@ The layout is oneDNN's choice, not ours: `address` checks a weight's size and on
 against oneDNN's call before anything reads it here, and says None (oneDNN's call stays) where
 they differ: another oneDNN version, a CPU it lays out otherwise, or one without AVX512-BF16.
 A block too large to stay in L2 (wide inputs: 7B-class down projections) would be read from
-memory once per six rows, so `takes` leaves such weights to oneDNN past six rows."""
+memory once per six rows, so `max_rows` leaves such weights to oneDNN past six rows."""
 
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ from engine.kernels.native import has_bf16_dot_products, native_library
 COLS = 64  # output columns per block of the prepacked weight (cpu_kernels.c's PACKED_COLS)
 K_ALIGN = 32  # the inputs of a block's rows, zero-padded to a multiple (PACKED_K_ALIGN)
 ROWS_PER_PASS = 6  # activation rows per pass over a block (PACKED_XROWS)
-# the most rows `takes`: decode batches. Prefill-sized calls stay on oneDNN's GEMM: the kernel
-# is 1.02-1.05x there per matmul but made prefill no faster in the engine (0.996-1.02x at 230
-# to 4096 tokens), and bf16 prefill sums in another order move the greedy choice at ~1% of
-# positions of a long teacher-forced answer (the default model's fidelity tests' bf16 baseline)
+# the most rows `linear` is given: decode batches. Prefill-sized calls stay on oneDNN's GEMM:
+# the kernel is 1.02-1.05x there per matmul but made prefill no faster in the engine
+# (0.996-1.02x at 230 to 4096 tokens), and bf16 prefill sums in another order move the greedy
+# choice at ~1% of positions of a long teacher-forced answer (the default model's fidelity
+# tests' bf16 baseline)
 MAX_ROWS = 32
 # the largest block read by more than one pass: it must stay in L2 (1 MB on Zen 4 and 5)
 # between the passes; the default model's widest, down_proj's, is 608 KiB
@@ -40,12 +41,11 @@ def padded_in_features(in_features: int) -> int:
     return -(-in_features // K_ALIGN) * K_ALIGN
 
 
-def takes(num_rows: int, in_features: int) -> bool:
-    """Whether `linear` takes a call of this many rows: one pass over the weight, or up to
-    MAX_ROWS with blocks that stay in L2 between passes."""
-    return (num_rows <= ROWS_PER_PASS
-            or (num_rows <= MAX_ROWS
-                and COLS * padded_in_features(in_features) * 2 <= MAX_BLOCK_BYTES))
+def max_rows(in_features: int) -> int:
+    """The most rows a call to `linear` should have: MAX_ROWS where a block stays in L2
+    between passes, else one pass's worth."""
+    fits = COLS * padded_in_features(in_features) * 2 <= MAX_BLOCK_BYTES
+    return MAX_ROWS if fits else ROWS_PER_PASS
 
 
 def address(packed: torch.Tensor, out_features: int, in_features: int,
@@ -80,7 +80,7 @@ def _has_raw_access() -> bool:
 def linear(x: torch.Tensor, weight_address: int, in_features: int, bias: torch.Tensor | None,
            out_features: int) -> torch.Tensor:
     """y [M, out] = x [M, in] @ W^T + bias, x contiguous bf16 (any row count is computed;
-    `takes` says where it is the faster call), W the prepacked weight at `weight_address`
+    `max_rows` says where it is the faster call), W the prepacked weight at `weight_address`
     (from `address`)."""
     lib = native_library()
     assert lib is not None

@@ -129,7 +129,7 @@ class Linear(nn.Linear):
         where it reads the weight and takes the call, else oneDNN's. `forward`'s path for such
         a layer, without its checks (the native decode stack calls it directly)."""
         if (self.packed_address is not None and x.dim() == 2
-                and packed_bf16.takes(x.shape[0], self.in_features)
+                and x.shape[0] <= packed_bf16.max_rows(self.in_features)
                 and x.dtype == torch.bfloat16 and x.is_contiguous()):
             return packed_bf16.linear(x, self.packed_address, self.in_features, self.bias,
                                       self.out_features)

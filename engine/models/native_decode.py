@@ -81,17 +81,15 @@ class NativeDecodeStack:
                              if linear.int8_weight is not None
                              and not linear.int8_weight.int8_prefill), default=sys.maxsize)
         # quantized, or bf16 weights packed_bf16 reads in place: the whole stack is one native
-        # call over these structs (bf16: at the row counts packed_bf16 takes, so that the
-        # modules' matmuls are the same calls); otherwise torch calls the bf16 matmuls between
-        # the native steps
+        # call over these structs (bf16: up to the rows packed_bf16 takes for every layer, so
+        # that the modules' matmuls are the same calls); otherwise torch calls the bf16 matmuls
+        # between the native steps
         self.bf16 = bf16
         linears = [linear for layer in layers for linear in _linears(layer)]
         self.bf16_in_place = bf16 and all(linear.packed_address is not None
                                           for linear in linears)
-        widest = max(linear.in_features for linear in linears)
-        self.bf16_max_rows = (packed_bf16.MAX_ROWS if packed_bf16.takes(packed_bf16.MAX_ROWS,
-                                                                        widest)
-                              else packed_bf16.ROWS_PER_PASS)
+        self.bf16_max_rows = min(packed_bf16.max_rows(linear.in_features)
+                                 for linear in linears)
         self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):

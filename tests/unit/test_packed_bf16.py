@@ -75,8 +75,8 @@ def test_a_weight_in_another_layout_is_refused() -> None:
 
 
 @pytest.mark.parametrize("in_features", [896, 8192])
-def test_linear_sends_the_rows_the_kernel_takes(in_features: int,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_sends_the_kernel_the_rows_it_takes(in_features: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode batches up to MAX_ROWS where a block stays in L2 between passes (896 inputs:
     112 KiB), one pass's worth where it would not (8192: 1 MiB a block); prefill-sized calls
     and the rest to oneDNN."""
@@ -101,8 +101,8 @@ def test_linear_sends_the_rows_the_kernel_takes(in_features: int,
                                    atol=0.05 * in_features ** 0.5 / 30, rtol=0.02)
     one_pass = [1, packed_bf16.ROWS_PER_PASS]
     assert calls == (list(rows[:4]) if in_features == 896 else one_pass)
-    assert not packed_bf16.takes(packed_bf16.MAX_ROWS + 1, 896)
-    assert not packed_bf16.takes(packed_bf16.ROWS_PER_PASS + 1, 8192)
+    assert packed_bf16.max_rows(896) == packed_bf16.MAX_ROWS
+    assert packed_bf16.max_rows(8192) == packed_bf16.ROWS_PER_PASS
     strided = torch.randn(in_features, 2).bfloat16().t()  # not contiguous: oneDNN's call
     torch.testing.assert_close(layer(strided).float(), F.linear(
         strided.float(), weight.float(), bias.float()), atol=0.1, rtol=0.02)
