@@ -48,7 +48,10 @@ Machines shared with other work are noisy: compare ratios from one run, not acro
 --interleave goes further: every server is up at once (each started after the last is ready;
 pagedserve's variants on --port + 1, + 2, ...) and each scenario runs on every server in turn
 before the next scenario, so the two figures a ratio compares are minutes apart at most, not a
-whole run apart.
+whole run apart. --rounds N narrows that to seconds: each scenario's requests go in up to N
+rounds (each of at least its concurrency), every server taking each round in turn, A B B A ...,
+and a server's passes pool into its figures (percentiles over all its requests). At 1 stream,
+`--rounds` equal to the requests alternates single requests.
 """
 
 from __future__ import annotations
@@ -76,12 +79,15 @@ from bench.roofline import ModelShape, decode_weight_bytes, read_bandwidth  # no
 from bench.serve import (  # noqa: E402
     WORKLOADS,
     LoadConfig,
+    LoadPass,
+    Prompt,
     RssSampler,
     build_prompts,
     default_output_tokens,
     format_spec_decode,
     load_tokenizer,
-    run_load,
+    measure_load,
+    summarize_passes,
     warm_up,
 )
 
@@ -230,31 +236,74 @@ def load_config(scenario: Scenario, position: int, url: str, pid: int | None,
                       seed=args.seed + position, pid=pid, endpoint=args.endpoint)
 
 
-def run_scenario(run: ServerRun, url: str, pid: int | None, position: int, scenario: Scenario,
-                 args: argparse.Namespace, tokenizer) -> None:  # noqa: ANN001
-    """The scenario at `position` in --scenarios against one server, into `run`."""
-    config = load_config(scenario, position, url, pid, args)
-    prompts = build_prompts(tokenizer, config)
-    asyncio.run(warm_up(config, tokenizer, args.warmup))
+@dataclass(slots=True)
+class _Target:
+    """One server's side of a scenario under way: its load, prompts and passes so far."""
+
+    run: ServerRun
+    config: LoadConfig
+    prompts: list[Prompt]
+    passes: list[LoadPass] = field(default_factory=list)
+    bandwidths: list[float] = field(default_factory=list)  # around each of its passes
+
+
+def rounds_of(scenario: Scenario, rounds: int) -> int:
+    """How many rounds the scenario's requests split into: up to `rounds`, as many as leave
+    every round at least `concurrency` requests (a smaller round never fills its streams)."""
+    return max(1, min(rounds, scenario.num_requests // scenario.concurrency))
+
+
+def pass_schedule(num_servers: int, scenario: Scenario, rounds: int) -> list[tuple[int, slice]]:
+    """The passes of a scenario in order, each (server index, its requests): the requests in
+    `rounds_of` contiguous rounds (sizes one apart at most), every server taking each round
+    in turn, the order reversed every other round (A B B A ...) so neither goes first more."""
+    count = rounds_of(scenario, rounds)
+    bounds = [scenario.num_requests * i // count for i in range(count + 1)]
+    passes = []
+    for index in range(count):
+        order = range(num_servers) if index % 2 == 0 else reversed(range(num_servers))
+        passes += [(server, slice(bounds[index], bounds[index + 1])) for server in order]
+    return passes
+
+
+def run_scenario(servers: list[tuple[ServerRun, str, int | None]], position: int,
+                 scenario: Scenario, rounds: int, args: argparse.Namespace,
+                 tokenizer) -> None:  # noqa: ANN001
+    """The scenario at `position` in --scenarios against each (run, url, pid), into its run, in
+    the passes of `pass_schedule`: with rounds, the figures a ratio compares are seconds
+    apart, not a scenario apart. Each server gets the same prompts, and its warm-up just
+    before its first pass; at 1 stream the read bandwidth is taken around every pass."""
+    targets = []
+    for run, url, pid in servers:
+        config = load_config(scenario, position, url, pid, args)
+        targets.append(_Target(run, config, build_prompts(tokenizer, config)))
     paired = scenario.concurrency == 1 and args.bandwidth_gib > 0
-    before = scenario_bandwidth(args) if paired else None
-    summary = asyncio.run(run_load(config, prompts))
-    if before is not None:
-        summary["read_gb_s"] = (before + scenario_bandwidth(args)) / 2
-    run.scenarios[scenario.key] = summary
-    logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
-                   "prefill %s tok/s, TPOT mean %.1f ms, %s, %d failed", run.name, scenario.key,
-                   summary["output_tok_s"], summary["mean_output_tokens"],
-                   summary["ttft_s"]["p50"], _fmt(summary["prefill_tok_s"], ".0f"),  # type: ignore[index]
-                   summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
-                   format_spec_decode(summary["spec_decode"]), summary["num_failed"])
+    for server, requests in pass_schedule(len(targets), scenario, rounds):
+        target = targets[server]
+        if not target.passes:
+            asyncio.run(warm_up(target.config, tokenizer, args.warmup))
+        before = scenario_bandwidth(args) if paired else None
+        target.passes.append(asyncio.run(measure_load(target.config, target.prompts[requests])))
+        if before is not None:
+            target.bandwidths.append((before + scenario_bandwidth(args)) / 2)
+    for target in targets:
+        summary = summarize_passes(target.config, target.passes)
+        if target.bandwidths:
+            summary["read_gb_s"] = sum(target.bandwidths) / len(target.bandwidths)
+        target.run.scenarios[scenario.key] = summary
+        logger.warning("%s, %s: %.1f output tok/s, %.0f tok per request, TTFT p50 %.2f s, "
+                       "prefill %s tok/s, TPOT mean %.1f ms, %s, %d failed", target.run.name,
+                       scenario.key, summary["output_tok_s"], summary["mean_output_tokens"],
+                       summary["ttft_s"]["p50"], _fmt(summary["prefill_tok_s"], ".0f"),  # type: ignore[index]
+                       summary["tpot_s"]["mean"] * 1e3,  # type: ignore[index]
+                       format_spec_decode(summary["spec_decode"]), summary["num_failed"])
 
 
 def run_scenarios(name: str, url: str, pid: int | None, args: argparse.Namespace,
                   tokenizer) -> ServerRun:  # noqa: ANN001
     run = ServerRun(name)
     for position, scenario in enumerate(parse_scenarios(args.scenarios, args.workload)):
-        run_scenario(run, url, pid, position, scenario, args, tokenizer)
+        run_scenario([(run, url, pid)], position, scenario, 1, args, tokenizer)
     return run
 
 
@@ -318,10 +367,10 @@ def bench_interleaved(args: argparse.Namespace, tokenizer) -> list[ServerRun]:  
             targets.append((ServerRun(name, ready_s=ready_s), url, server))
         if args.peer_url:
             targets.append((ServerRun(args.peer_name), args.peer_url, None))
+        servers = [(run, url, server.process.pid if server else args.peer_pid)
+                   for run, url, server in targets]
         for position, scenario in enumerate(parse_scenarios(args.scenarios, args.workload)):
-            for run, url, server in targets:
-                pid = server.process.pid if server else args.peer_pid
-                run_scenario(run, url, pid, position, scenario, args, tokenizer)
+            run_scenario(servers, position, scenario, args.rounds, args, tokenizer)
     finally:
         for run, _, server in targets:
             if server is not None:
@@ -549,6 +598,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interleave", action="store_true",
                         help="all servers up at once; each scenario runs on every server in "
                         "turn before the next scenario (fair ratios on a drifting machine)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --interleave: each scenario's requests in up to this many "
+                        "rounds, every server taking its share of each in turn (A B B A ...), "
+                        "so a ratio's two figures are seconds apart; a round keeps at least "
+                        "CONCURRENCY requests")
     parser.add_argument("--offline", action="store_true",
                         help="also run the prompts through LLM.generate (server overhead)")
     parser.add_argument("--log-dir", default="/tmp", help="where the servers' logs go")
@@ -560,6 +614,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parse_variant(variant)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.rounds > 1 and not args.interleave:
+        parser.error("--rounds takes turns between servers that are up at once: add --interleave")
     return args
 
 

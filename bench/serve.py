@@ -367,8 +367,12 @@ def spec_decode_delta(before: dict[str, float] | None,
     the mean tokens a verification step yields = 1 + accepted / drafts (None: no drafts)."""
     if before is None or after is None:
         return None
-    delta: dict[str, float | None] = {key: after[key] - before[key] for key in _SPEC_COUNTERS}
-    drafts, proposed, accepted = (after[key] - before[key] for key in _SPEC_COUNTERS)
+    return _with_spec_rates({key: after[key] - before[key] for key in _SPEC_COUNTERS})
+
+
+def _with_spec_rates(counts: dict[str, float]) -> dict[str, float | None]:
+    drafts, proposed, accepted = (counts[key] for key in _SPEC_COUNTERS)
+    delta: dict[str, float | None] = dict(counts)
     delta["acceptance_rate"] = accepted / proposed if proposed else None
     delta["mean_accepted_length"] = 1 + accepted / drafts if drafts else None
     return delta
@@ -381,8 +385,25 @@ async def resolve_model(client: httpx.AsyncClient) -> str:
     return str(response.json()["data"][0]["id"])
 
 
+@dataclass(slots=True)
+class LoadPass:
+    """What one pass of load measured, before it is summarised: bench/compare.py's --rounds
+    pool several passes of a scenario, each server's taken in turn, into one summary."""
+
+    results: list[RequestResult]
+    duration: float
+    peak_rss_bytes: int = 0
+    cpu_seconds: float | None = None  # the --pid tree's CPU time over the pass
+    spec_decode: dict[str, float | None] | None = None  # spec_decode_delta over the pass
+
+
 async def run_load(config: LoadConfig, prompts: Sequence[Prompt]) -> dict[str, object]:
     """Send every prompt with the configured concurrency or arrival rate; summarise."""
+    return summarize_passes(config, [await measure_load(config, prompts)])
+
+
+async def measure_load(config: LoadConfig, prompts: Sequence[Prompt]) -> LoadPass:
+    """One pass: every prompt sent with the configured concurrency or arrival rate."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=config.url, headers=headers, limits=limits,
@@ -398,14 +419,35 @@ async def run_load(config: LoadConfig, prompts: Sequence[Prompt]) -> dict[str, o
         cpu_seconds = tree_cpu_seconds(config.pid) - cpu_start
         await sampler.stop()
         spec_after = await scrape_spec_counters(client)
-    summary = summarize(config, results, duration, sampler.peak_bytes)
-    summary["spec_decode"] = spec_decode_delta(spec_before, spec_after)
+    return LoadPass(results, duration, sampler.peak_bytes,
+                    cpu_seconds if config.pid is not None else None,
+                    spec_decode_delta(spec_before, spec_after))
+
+
+def summarize_passes(config: LoadConfig, passes: Sequence[LoadPass]) -> dict[str, object]:
+    """One summary of passes of the same load: their requests pooled (percentiles over all of
+    them), their durations, CPU times and spec-decode counts added, the highest RSS."""
+    results = [result for one in passes for result in one.results]
+    duration = sum(one.duration for one in passes)
+    summary = summarize(config, results, duration, max(one.peak_rss_bytes for one in passes))
+    summary["spec_decode"] = _pooled_spec_decode([one.spec_decode for one in passes])
     if config.pid is not None:
+        cpu_seconds = sum(one.cpu_seconds or 0.0 for one in passes)
         tokens = summary["mean_output_tokens"] * summary["num_ok"]  # type: ignore[operator]
         summary["server_cpu_s"] = cpu_seconds
         summary["server_cores_busy"] = cpu_seconds / duration
         summary["server_cpu_ms_per_output_token"] = 1e3 * cpu_seconds / max(tokens, 1)
+    if len(passes) > 1:
+        summary["num_passes"] = len(passes)
     return summary
+
+
+def _pooled_spec_decode(
+        deltas: Sequence[dict[str, float | None] | None]) -> dict[str, float | None] | None:
+    if not deltas or any(delta is None for delta in deltas):
+        return None
+    return _with_spec_rates({key: sum(float(delta[key] or 0.0)  # type: ignore[index]
+                                      for delta in deltas) for key in _SPEC_COUNTERS})
 
 
 async def _dispatch(client: httpx.AsyncClient, config: LoadConfig,

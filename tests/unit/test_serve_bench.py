@@ -24,6 +24,7 @@ from bench.compare import (
     parse_args,
     parse_scenarios,
     parse_variant,
+    pass_schedule,
     ratios,
     servers_to_start,
     table,
@@ -31,6 +32,7 @@ from bench.compare import (
 from bench.edit_workload import edit_tasks
 from bench.serve import (
     LoadConfig,
+    LoadPass,
     Prompt,
     RequestResult,
     RssSampler,
@@ -41,6 +43,7 @@ from bench.serve import (
     request_body,
     spec_decode_delta,
     summarize,
+    summarize_passes,
     warm_up_config,
 )
 from tests.tiny_models import build_tokenizer
@@ -278,6 +281,54 @@ def test_interleave_starts_every_server_on_its_own_port() -> None:
                           "--ours-variant", "b=--seed 1", "--interleave"])
     with pytest.raises(ValueError, match="needs --port 8011"):
         servers_to_start(no_port)
+
+
+def test_rounds_take_turns_and_keep_every_round_full() -> None:
+    one_stream = Scenario("chat", 1, 4, 4096)
+    assert pass_schedule(2, one_stream, 4) == [(0, slice(0, 1)), (1, slice(0, 1)),
+                                               (1, slice(1, 2)), (0, slice(1, 2)),
+                                               (0, slice(2, 3)), (1, slice(2, 3)),
+                                               (1, slice(3, 4)), (0, slice(3, 4))]
+    assert pass_schedule(2, one_stream, 1) == [(0, slice(0, 4)), (1, slice(0, 4))]
+    # a round never holds fewer requests than streams: 32 requests at 16 streams, 2 rounds
+    assert pass_schedule(3, Scenario("chat", 16, 32), 4) == [
+        (0, slice(0, 16)), (1, slice(0, 16)), (2, slice(0, 16)),
+        (2, slice(16, 32)), (1, slice(16, 32)), (0, slice(16, 32))]
+    uneven = pass_schedule(1, Scenario("chat", 1, 7), 3)
+    assert [r.stop - r.start for _, r in uneven] == [2, 2, 3]
+    assert [i for _, r in uneven for i in range(r.start, r.stop)] == list(range(7))
+    assert pass_schedule(2, Scenario("chat", 4, 2), 3) == [(0, slice(0, 2)), (1, slice(0, 2))]
+    for bad in (["--rounds", "2"], ["--rounds", "0", "--interleave"]):
+        with pytest.raises(SystemExit):  # rounds take turns between servers up at once
+            parse_args(bad)
+    assert parse_args(["--rounds", "4", "--interleave"]).rounds == 4
+
+
+def test_passes_pool_into_one_summary() -> None:
+    config = LoadConfig(url="http://x", num_requests=3, concurrency=1, pid=1)
+    first = [RequestResult(True, ttft=1.0, e2e=2.0, chunk_gaps=[0.1], prompt_tokens=100,
+                           output_tokens=2, num_chunks=2, finish_reason="length")]
+    second = [RequestResult(True, ttft=3.0, e2e=5.0, chunk_gaps=[0.2, 0.3], prompt_tokens=300,
+                            output_tokens=3, num_chunks=3, finish_reason="length"),
+              RequestResult(False, error="boom")]
+    spec = {"num_drafts": 2.0, "num_draft_tokens": 8.0, "num_accepted_tokens": 4.0}
+    passes = [LoadPass(first, 2.0, 10 << 20, 1.0, {**spec}),
+              LoadPass(second, 8.0, 30 << 20, 3.0, {**spec, "num_accepted_tokens": 2.0})]
+    pooled = summarize_passes(config, passes)
+    assert pooled["num_ok"] == 2 and pooled["num_failed"] == 1 and pooled["num_passes"] == 2
+    assert pooled["duration_s"] == 10.0 and pooled["output_tok_s"] == 0.5  # 5 tokens in 10 s
+    assert pooled["ttft_s"]["mean"] == 2.0 and pooled["ttft_s"]["p50"] in (1.0, 3.0)
+    assert sorted(pooled["itl_s"].values())[-1] == pytest.approx(0.3)
+    assert pooled["prefill_tok_s"] == 100.0  # median of 100 / 1 and 300 / 3
+    assert pooled["peak_rss_gb"] == pytest.approx((30 << 20) / 1e9)
+    assert pooled["server_cpu_s"] == 4.0 and pooled["server_cpu_ms_per_output_token"] == 800.0
+    assert pooled["spec_decode"]["num_drafts"] == 4.0
+    assert pooled["spec_decode"]["acceptance_rate"] == pytest.approx(6 / 16)
+    assert pooled["spec_decode"]["mean_accepted_length"] == pytest.approx(1 + 6 / 4)
+    # one pass summarises as before; a server without the counters has no acceptance
+    alone = summarize_passes(config, passes[:1])
+    assert "num_passes" not in alone and alone["output_tok_s"] == 1.0
+    assert summarize_passes(config, [passes[0], LoadPass(second, 1.0)])["spec_decode"] is None
 
 
 def test_variant_flags_keep_a_quoted_json_value_whole() -> None:
