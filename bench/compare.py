@@ -250,8 +250,9 @@ class _Target:
 def rounds_of(scenario: Scenario, rounds: int) -> int:
     """How many rounds the scenario's requests split into: up to `rounds` at one stream; a
     scenario of more streams runs whole, as each round would begin and end with a burst of
-    arrivals that its closed loop otherwise spreads out (16 streams of 230-token prompts in two
-    rounds of 16 gave pagedserve a median TTFT of 2.90 s, an earlier loop of 32 1.48 s)."""
+    arrivals that its closed loop otherwise spreads out (16 streams of 230-token prompts, two
+    runs: in two rounds of 16, pagedserve's median TTFT 2.90 s and vLLM's 2.25; in one loop of
+    32, 1.64 and 2.50)."""
     return max(1, min(rounds, scenario.num_requests)) if scenario.concurrency == 1 else 1
 
 
