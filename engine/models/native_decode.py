@@ -74,10 +74,11 @@ class NativeDecodeStack:
         self.hidden_size = layers[0].input_layernorm.weight.shape[0]
         self.intermediate_size = _mlp(layers[0]).gate_up_proj.out_features // 2
         self._biases: list[torch.Tensor] = []  # bf16 copies the structs point at: kept alive
+        per_layer = [_linears(layer) for layer in layers]
+        linears = [linear for group in per_layer for linear in group]
         # the most rows a step may have: int8 weights send 128 rows and more to a dequantizing
         # matmul (w8a8.DEQUANTIZE_MIN_ROWS) unless they take int8 prefill
-        self.max_rows = min((w8a8.DEQUANTIZE_MIN_ROWS - 1 for layer in layers
-                             for linear in _linears(layer)
+        self.max_rows = min((w8a8.DEQUANTIZE_MIN_ROWS - 1 for linear in linears
                              if linear.int8_weight is not None
                              and not linear.int8_weight.int8_prefill), default=sys.maxsize)
         # quantized, or bf16 weights packed_bf16 reads in place: the whole stack is one native
@@ -85,12 +86,11 @@ class NativeDecodeStack:
         # that the modules' matmuls are the same calls); otherwise torch calls the bf16 matmuls
         # between the native steps
         self.bf16 = bf16
-        linears = [linear for layer in layers for linear in _linears(layer)]
         self.bf16_in_place = bf16 and all(linear.packed_address is not None
                                           for linear in linears)
         self.bf16_max_rows = min(packed_bf16.max_rows(linear.in_features)
                                  for linear in linears)
-        self._bf16_linears = [_linears(layer) for layer in layers] if self.bf16 else []
+        self._bf16_linears = per_layer if self.bf16 else []
         self._layers = (_QLayer * len(layers))()
         for slot, layer in zip(self._layers, layers, strict=True):
             slot.input_norm = layer.input_layernorm.weight.data_ptr()
