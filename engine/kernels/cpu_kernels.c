@@ -335,7 +335,10 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
 #define Q4_COLS 2
 #define Q4_ROW_STRETCH 128 /* activation rows per pass over the weights (int4_gemm_q8) */
 /* one-row decode prefetches the next tile into L1 during the first pass over this one: 7%
- * faster than the int8 kernel's two tiles ahead into L2, over the default model's matmuls */
+ * faster than the int8 kernel's two tiles ahead into L2, over the default model's matmuls.
+ * Where every tile is read by one pass (at most Q4_ROWS rows) the prefetch is non-temporal,
+ * kept out of L2 and L3: the default model's one-row matmuls in model order 2-3% faster
+ * (paired, two runs of 8 rounds). More passes need the tile in L2 for the next ones. */
 #define Q4_PREFETCH_TILES 1
 
 void int4_pack_columns(const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
@@ -395,7 +398,7 @@ static void int4_q8_quantize_row(const void *x, int bf16, int64_t K, int64_t gro
 static inline __attribute__((always_inline)) void int4_tile(
     const int8_t *xq, const float *xs, const float *xgs, int64_t m0, const int rows,
     const uint32_t *w, const uint16_t *s, const uint16_t *z, int64_t j0, int cols, void *out,
-    int bf16, int64_t N, int64_t K, int64_t G, const char *prefetch) {
+    int bf16, int64_t N, int64_t K, int64_t G, const char *prefetch, const int one_pass) {
     const int64_t octets = K / 8, blocks = K / Q4_BLOCK, per_group = blocks / G;
     const __m512i low = _mm512_set1_epi8(15);
     __m512 total[Q4_ROWS][Q4_COLS];
@@ -411,7 +414,10 @@ static inline __attribute__((always_inline)) void int4_tile(
             __m512i dot[Q4_ROWS][Q4_COLS];
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < Q4_COLS; c++) dot[r][c] = _mm512_setzero_si512();
-            if (prefetch) /* a later tile's block, in step (see rows_block) */
+            if (prefetch && one_pass) /* a later tile's block, in step (see rows_block) */
+                for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
+                    _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_NTA);
+            else if (prefetch)
                 for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
                     _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_T0);
             _Pragma("GCC unroll 4") for (int o = 0; o < Q4_BLOCK / 8; o++) {
@@ -497,6 +503,7 @@ int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const u
     /* rows in stretches whose int8 activations stay in L2 while every weight tile passes */
     for (int64_t m_start = 0; m_start < M; m_start += Q4_ROW_STRETCH) {
         const int64_t m_end = M - m_start < Q4_ROW_STRETCH ? M : m_start + Q4_ROW_STRETCH;
+        const int one_pass = m_end - m_start == 1 || m_end - m_start == Q4_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t j0 = t * Q4_COLS;
@@ -509,10 +516,10 @@ int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const u
             int64_t m0 = m_start;
             for (; m0 + Q4_ROWS <= m_end; m0 += Q4_ROWS)
                 int4_tile(xq, xs, xgs, m0, Q4_ROWS, w, s, z, j0, cols, out, bf16, N, K, G,
-                          m0 == m_start ? ahead : NULL);
+                          m0 == m_start ? ahead : NULL, one_pass);
             for (; m0 < m_end; m0++)
                 int4_tile(xq, xs, xgs, m0, 1, w, s, z, j0, cols, out, bf16, N, K, G,
-                          m0 == m_start ? ahead : NULL);
+                          m0 == m_start ? ahead : NULL, one_pass);
         }
     }
     free(xq);
