@@ -336,10 +336,18 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
 #define Q4_ROW_STRETCH 128 /* activation rows per pass over the weights (int4_gemm_q8) */
 /* one-row decode prefetches the next tile into L1 during the first pass over this one: 7%
  * faster than the int8 kernel's two tiles ahead into L2, over the default model's matmuls.
- * Where every tile is read by one pass (at most Q4_ROWS rows) the prefetch is non-temporal,
+ * Where every tile is read by one pass (a stretch of 1 or Q4_ROWS rows) it is non-temporal,
  * kept out of L2 and L3: the default model's one-row matmuls in model order 2-3% faster
  * (paired, two runs of 8 rounds). More passes need the tile in L2 for the next ones. */
 #define Q4_PREFETCH_TILES 1
+
+/* one line into L1; `once`: non-temporal, kept out of L2 and L3 (a line read a single time) */
+static inline __attribute__((always_inline)) void prefetch_line(const char *p, const int once) {
+    if (once)
+        _mm_prefetch(p, _MM_HINT_NTA);
+    else
+        _mm_prefetch(p, _MM_HINT_T0);
+}
 
 void int4_pack_columns(const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
                        int64_t N, int64_t K, int64_t G, uint32_t *w, uint16_t *s, uint16_t *z,
@@ -414,12 +422,9 @@ static inline __attribute__((always_inline)) void int4_tile(
             __m512i dot[Q4_ROWS][Q4_COLS];
             for (int r = 0; r < rows; r++)
                 for (int c = 0; c < Q4_COLS; c++) dot[r][c] = _mm512_setzero_si512();
-            if (prefetch && one_pass) /* a later tile's block, in step (see rows_block) */
+            if (prefetch) /* a later tile's block, in step (see rows_block) */
                 for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
-                    _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_NTA);
-            else if (prefetch)
-                for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
-                    _mm_prefetch(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, _MM_HINT_T0);
+                    prefetch_line(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, one_pass);
             _Pragma("GCC unroll 4") for (int o = 0; o < Q4_BLOCK / 8; o++) {
                 __m512i lo[Q4_COLS], hi[Q4_COLS];
                 for (int c = 0; c < Q4_COLS; c++) {
