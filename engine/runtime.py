@@ -74,6 +74,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_family() -> tuple[str, int] | None:
+    """The CPU's vendor and family from /proc/cpuinfo ("AuthenticAMD", 26), or None."""
+    vendor, family = None, None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    vendor = value.strip()
+                elif key.strip() == "cpu family":
+                    family = int(value.strip())
+                if vendor is not None and family is not None:
+                    return vendor, family
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _config_dtype(hf_config: transformers.PretrainedConfig) -> torch.dtype | None:
     # transformers 5 calls it `dtype`, 4 `torch_dtype`; either a string or a torch.dtype.
     for attr in ("dtype", "torch_dtype"):

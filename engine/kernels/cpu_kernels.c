@@ -334,17 +334,27 @@ int w8a8_gemm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *w, const f
 #define Q4_ROWS 4
 #define Q4_COLS 2
 #define Q4_ROW_STRETCH 128 /* activation rows per pass over the weights (int4_gemm_q8) */
-/* one-row decode prefetches the next tile into L1 during the first pass over this one: 7%
- * faster than the int8 kernel's two tiles ahead into L2, over the default model's matmuls.
- * Where every tile is read by one pass (a stretch of 1 or Q4_ROWS rows) it is non-temporal,
- * kept out of L2 and L3: the default model's one-row matmuls in model order 2-3% faster
- * (paired, two runs of 8 rounds). More passes need the tile in L2 for the next ones. */
+/* one-row decode prefetches the next tile during the first pass over this one: into L1, 7%
+ * faster on Zen 5 than the int8 kernel's two tiles ahead into L2, over the default model's
+ * matmuls. Where every tile is read by one pass (a stretch of 1 or Q4_ROWS rows) the caller's
+ * `stream` kind applies (below): on Zen 5 non-temporal, 2-3% faster (paired, two runs of 8
+ * rounds); on Zen 4 into L2, 1.24x faster than non-temporal (0.80x the time, 6 rounds). More
+ * passes need the tile in L1 and L2 for the next ones. */
 #define Q4_PREFETCH_TILES 1
 
-/* one line into L1; `once`: non-temporal, kept out of L2 and L3 (a line read a single time) */
-static inline __attribute__((always_inline)) void prefetch_line(const char *p, const int once) {
-    if (once)
+/* Where a prefetch puts a weight line. A stream of lines that one pass reads once (one-row
+ * decode) goes where this CPU streams fastest, which differs by microarchitecture: Zen 5
+ * gains from non-temporal prefetches to L1 (kept out of L2 and L3), Zen 4 loses a fifth of
+ * its speed with them (or with T0) and is fastest prefetching into L2, whose miss queue is
+ * deeper than L1's. Callers pass PREFETCH_NTA or PREFETCH_L2 as `stream`
+ * (engine/kernels/native.py: stream_prefetch); lines read by several passes go to L1. */
+enum prefetch_kind { PREFETCH_L1 = 0, PREFETCH_L2 = 1, PREFETCH_NTA = 2 };
+
+static inline __attribute__((always_inline)) void prefetch_line(const char *p, const int kind) {
+    if (kind == PREFETCH_NTA)
         _mm_prefetch(p, _MM_HINT_NTA);
+    else if (kind == PREFETCH_L2)
+        _mm_prefetch(p, _MM_HINT_T1);
     else
         _mm_prefetch(p, _MM_HINT_T0);
 }
@@ -406,7 +416,7 @@ static void int4_q8_quantize_row(const void *x, int bf16, int64_t K, int64_t gro
 static inline __attribute__((always_inline)) void int4_tile(
     const int8_t *xq, const float *xs, const float *xgs, int64_t m0, const int rows,
     const uint32_t *w, const uint16_t *s, const uint16_t *z, int64_t j0, int cols, void *out,
-    int bf16, int64_t N, int64_t K, int64_t G, const char *prefetch, const int one_pass) {
+    int bf16, int64_t N, int64_t K, int64_t G, const char *prefetch, const int kind) {
     const int64_t octets = K / 8, blocks = K / Q4_BLOCK, per_group = blocks / G;
     const __m512i low = _mm512_set1_epi8(15);
     __m512 total[Q4_ROWS][Q4_COLS];
@@ -424,7 +434,7 @@ static inline __attribute__((always_inline)) void int4_tile(
                 for (int c = 0; c < Q4_COLS; c++) dot[r][c] = _mm512_setzero_si512();
             if (prefetch) /* a later tile's block, in step (see rows_block) */
                 for (int l = 0; l < Q4_COLS * Q4_BLOCK / 8; l++)
-                    prefetch_line(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, one_pass);
+                    prefetch_line(prefetch + (b * Q4_COLS * Q4_BLOCK / 8 + l) * 64, kind);
             _Pragma("GCC unroll 4") for (int o = 0; o < Q4_BLOCK / 8; o++) {
                 __m512i lo[Q4_COLS], hi[Q4_COLS];
                 for (int c = 0; c < Q4_COLS; c++) {
@@ -484,10 +494,11 @@ static inline __attribute__((always_inline)) void int4_tile(
 /* x [M, K] and out [M, N], float32, or bf16 where `bf16` is set (prefill's activations,
  * neither copied nor widened: at 4096 rows a float32 copy of x costs more than the matmul's
  * saving); w, s, z from int4_pack_columns. group_size must be a multiple of 32 dividing K.
- * Returns 0, -1 for a shape it does not take, -2 when scratch memory ran out. */
+ * stream: PREFETCH_NTA or PREFETCH_L2, for tiles read by one pass. Returns 0, -1 for a shape
+ * it does not take, -2 when scratch memory ran out. */
 int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const uint16_t *s,
                  const uint16_t *z, int64_t N, int64_t group_size, void *out, int bf16,
-                 int nthreads) {
+                 int stream, int nthreads) {
     if (M < 1 || group_size % Q4_BLOCK || K % group_size) return -1;
     const int64_t G = K / group_size, blocks = K / Q4_BLOCK, octets = K / 8;
     int8_t *xq = malloc((size_t)(M * K));
@@ -509,6 +520,7 @@ int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const u
     for (int64_t m_start = 0; m_start < M; m_start += Q4_ROW_STRETCH) {
         const int64_t m_end = M - m_start < Q4_ROW_STRETCH ? M : m_start + Q4_ROW_STRETCH;
         const int one_pass = m_end - m_start == 1 || m_end - m_start == Q4_ROWS;
+        const int kind = one_pass ? stream : PREFETCH_L1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t j0 = t * Q4_COLS;
@@ -521,10 +533,10 @@ int int4_gemm_q8(const void *x, int64_t M, int64_t K, const uint32_t *w, const u
             int64_t m0 = m_start;
             for (; m0 + Q4_ROWS <= m_end; m0 += Q4_ROWS)
                 int4_tile(xq, xs, xgs, m0, Q4_ROWS, w, s, z, j0, cols, out, bf16, N, K, G,
-                          m0 == m_start ? ahead : NULL, one_pass);
+                          m0 == m_start ? ahead : NULL, kind);
             for (; m0 < m_end; m0++)
                 int4_tile(xq, xs, xgs, m0, 1, w, s, z, j0, cols, out, bf16, N, K, G,
-                          m0 == m_start ? ahead : NULL, one_pass);
+                          m0 == m_start ? ahead : NULL, kind);
         }
     }
     free(xq);
@@ -610,18 +622,23 @@ void w8_dequantize_columns(const uint8_t *w, const float *wscale, int64_t N, int
 #define PACKED_K_ALIGN 32
 #define PACKED_XROWS 6          /* activation rows per pass over a block: 24 sums in registers */
 /* How far ahead of the loads the weight is prefetched, and where to. One row reads each
- * block once: prefetchnta 1 KB ahead (two steps of its loop) keeps that stream out of L2 and
- * L3, where it would only evict other lines, and the default model's one-row matmuls in model
- * order go from 0.93-0.95 of the read bandwidth to 1.03-1.05 (1.08-1.13x paired; T0 at 1 KB:
- * 1.06x, NTA at 2 KB: 1.08x). More rows prefetch into L1 and L2 2 KB ahead: a block read by
- * several passes stays in L2 between them, and at 4 rows NTA measured 0.98x. */
-#define PACKED_PREFETCH_ONE_ROW 1024
+ * block once, a stream (`stream`, see prefetch_line). On Zen 5, prefetchnta 1 KB ahead (two
+ * steps of its loop) keeps it out of L2 and L3, where it would only evict other lines: the
+ * default model's one-row matmuls in model order go from 0.93-0.95 of the read bandwidth to
+ * 1.03-1.05 (1.08-1.13x paired; T0 at 1 KB: 1.06x, NTA at 2 KB: 1.08x). On Zen 4 the same
+ * loop reaches 0.66 of it, and prefetcht1 4 KB ahead 0.79 (1.26x paired, 10 rounds; T1 at
+ * 2 KB 1.20x, at 8 KB slower; no prefetch 1.18x). More rows prefetch into L1 and L2 2 KB
+ * ahead: a block read by several passes stays in L2 between them (at 4 rows NTA measured
+ * 0.98x on Zen 5; T1 on Zen 4 1.03-1.05x slower at 6 and 16 rows). */
+#define PACKED_PREFETCH_NTA 1024
+#define PACKED_PREFETCH_L2 4096
 #define PACKED_PREFETCH 2048
 
 /* R activation rows (1..PACKED_XROWS) against one block: out [R][64] float32. One row keeps
  * even and odd input pairs in separate sums (8 chains), more rows have 4R already. */
 static inline __attribute__((always_inline, target("avx512bf16"))) void packed_block(
-    const __m512i *w, const uint16_t *x, int64_t K, int64_t K2, const int R, float *out) {
+    const __m512i *w, const uint16_t *x, int64_t K, int64_t K2, const int R, const int stream,
+    float *out) {
     __m512 acc[PACKED_XROWS][4], odd[4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
@@ -631,8 +648,12 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void packed_b
         const uint32_t *xp = (const uint32_t *)x;
         for (; k + 1 < K2; k += 2, w += 8) {
             for (int line = 0; line < 8; line++)
-                _mm_prefetch((const char *)w + PACKED_PREFETCH_ONE_ROW + 64 * line,
-                             _MM_HINT_NTA);
+                if (stream == PREFETCH_NTA)
+                    _mm_prefetch((const char *)w + PACKED_PREFETCH_NTA + 64 * line,
+                                 _MM_HINT_NTA);
+                else
+                    _mm_prefetch((const char *)w + PACKED_PREFETCH_L2 + 64 * line,
+                                 _MM_HINT_T1);
             const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[k]);
             const __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)xp[k + 1]);
             for (int j = 0; j < 4; j++) {
@@ -658,10 +679,11 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void packed_b
 }
 
 /* y [M, N] = x [M, K] @ W^T (+ bias [N]), bf16 in and out, W the prepacked weight above (K
- * even). Returns 0, or -1 for a K it cannot take. */
+ * even); stream: PREFETCH_NTA or PREFETCH_L2, for one row. Returns 0, or -1 for a K it cannot
+ * take. */
 __attribute__((target("avx512bf16"))) int bf16_packed_linear(
     const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t Kp,
-    const uint16_t *bias, int64_t N, uint16_t *y, int nthreads) {
+    const uint16_t *bias, int64_t N, uint16_t *y, int stream, int nthreads) {
     if (K % 2 || Kp < K || Kp % PACKED_K_ALIGN) return -1;
     const int64_t blocks = (N + PACKED_COLS - 1) / PACKED_COLS, K2 = K / 2;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (blocks > 1)
@@ -674,12 +696,17 @@ __attribute__((target("avx512bf16"))) int bf16_packed_linear(
             const uint16_t *xm = x + m * K;
             const int64_t rows = M - m < PACKED_XROWS ? M - m : PACKED_XROWS;
             switch (rows) { /* constant row counts: the sums stay in registers */
-            case 1: packed_block(block, xm, K, K2, 1, out); break;
-            case 2: packed_block(block, xm, K, K2, 2, out); break;
-            case 3: packed_block(block, xm, K, K2, 3, out); break;
-            case 4: packed_block(block, xm, K, K2, 4, out); break;
-            case 5: packed_block(block, xm, K, K2, 5, out); break;
-            default: packed_block(block, xm, K, K2, 6, out); break;
+            case 1: /* the hint a constant too: one loop per kind */
+                if (stream == PREFETCH_NTA)
+                    packed_block(block, xm, K, K2, 1, PREFETCH_NTA, out);
+                else
+                    packed_block(block, xm, K, K2, 1, PREFETCH_L2, out);
+                break;
+            case 2: packed_block(block, xm, K, K2, 2, PREFETCH_L1, out); break;
+            case 3: packed_block(block, xm, K, K2, 3, PREFETCH_L1, out); break;
+            case 4: packed_block(block, xm, K, K2, 4, PREFETCH_L1, out); break;
+            case 5: packed_block(block, xm, K, K2, 5, PREFETCH_L1, out); break;
+            default: packed_block(block, xm, K, K2, 6, PREFETCH_L1, out); break;
             }
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t c = 0; c < cols; c += 16) {
@@ -1290,16 +1317,17 @@ typedef struct {
 
 /* y [M, N] = x [M, K] @ W^T (+ bias), bf16 in and out, with the roundings of the module's
  * call (w4a16.linear or w8a8.linear). Returns the kernel's status. */
-static int q_linear(const qlinear_t *l, const uint16_t *x, int64_t M, uint16_t *y,
+static int q_linear(const qlinear_t *l, const uint16_t *x, int64_t M, uint16_t *y, int stream,
                     int nthreads) {
     if (l->bits == 16)
         return bf16_packed_linear(x, M, l->K, (const uint16_t *)l->w, l->group_size,
-                                  (const uint16_t *)l->bias, l->N, y, nthreads);
+                                  (const uint16_t *)l->bias, l->N, y, stream, nthreads);
     if (l->bits == 8)
         return w8a8_gemm(x, M, l->K, (const uint8_t *)l->w, (const float *)l->s,
                          (const float *)l->bias, l->N, y, nthreads);
     const int status = int4_gemm_q8(x, M, l->K, (const uint32_t *)l->w, (const uint16_t *)l->s,
-                                    (const uint16_t *)l->z, l->N, l->group_size, y, 1, nthreads);
+                                    (const uint16_t *)l->z, l->N, l->group_size, y, 1, stream,
+                                    nthreads);
     if (status != 0 || !l->bias) return status;
     const uint16_t *bias = (const uint16_t *)l->bias; /* torch's bf16 `out += bias` */
     for (int64_t m = 0; m < M; m++)
@@ -1350,16 +1378,17 @@ static int decode_attention_step(const uint16_t *qkv, int64_t M, int64_t H, int6
 /* hidden [M, E] bf16, in and out: the embedded tokens in, the last layer's output out.
  * H query heads and KVH KV heads of size D (a multiple of 32, for rope_bf16); I: the MLP's
  * intermediate size; cos, sin [M, D] (apply_rotary's factors); slots [M] (< num_slots); the
- * decode plan's block tables [M, W] and context lengths [M]. Returns 0, Q_DECODE_BAD_SLOT
- * when a slot is outside the cache (before anything is written), Q_DECODE_NO_MEMORY when its
- * scratch could not be allocated, or a kernel's own negative status. */
+ * decode plan's block tables [M, W] and context lengths [M]; stream: the matmuls' prefetch
+ * kind for weights read once (prefetch_line). Returns 0, Q_DECODE_BAD_SLOT when a slot is
+ * outside the cache (before anything is written), Q_DECODE_NO_MEMORY when its scratch could
+ * not be allocated, or a kernel's own negative status. */
 #define Q_DECODE_BAD_SLOT (-100)
 #define Q_DECODE_NO_MEMORY (-101)
 int llama_decode_layers(const q_decoder_layer_t *layers, int64_t L, uint16_t *hidden,
                            int64_t M, int64_t E, int64_t H, int64_t KVH, int64_t D, int64_t I,
                            const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
                            int64_t num_slots, const int32_t *block_tables, const int32_t *lens,
-                           int64_t BS, int64_t W, float scale, int nthreads) {
+                           int64_t BS, int64_t W, float scale, int stream, int nthreads) {
     for (int64_t m = 0; m < M; m++)
         if (slots[m] < 0 || slots[m] >= num_slots) return Q_DECODE_BAD_SLOT;
     const int64_t qkv_n = (H + 2 * KVH) * D, qk_n = (H + KVH) * D;
@@ -1374,16 +1403,17 @@ int llama_decode_layers(const q_decoder_layer_t *layers, int64_t L, uint16_t *hi
     for (int64_t l = 0; l < L && status == 0; l++) {
         const q_decoder_layer_t *layer = &layers[l];
         rms_norm_bf16(hidden, layer->input_norm, M, E, layer->input_eps, x, nthreads);
-        if ((status = q_linear(&layer->qkv, x, M, wide, nthreads)) != 0) break;
+        if ((status = q_linear(&layer->qkv, x, M, wide, stream, nthreads)) != 0) break;
         status = decode_attention_step(wide, M, H, KVH, D, cos, sin, slots, layer->k_cache,
                                        layer->v_cache, block_tables, lens, BS, W, scale, qk, q,
                                        attn, nthreads);
-        if (status != 0 || (status = q_linear(&layer->o, attn, M, out, nthreads)) != 0) break;
+        if (status != 0 || (status = q_linear(&layer->o, attn, M, out, stream, nthreads)) != 0)
+            break;
         add_bf16(hidden, out, M * E);
         rms_norm_bf16(hidden, layer->post_norm, M, E, layer->post_eps, x, nthreads);
-        if ((status = q_linear(&layer->gate_up, x, M, wide, nthreads)) != 0) break;
+        if ((status = q_linear(&layer->gate_up, x, M, wide, stream, nthreads)) != 0) break;
         silu_and_mul_bf16(wide, M, I, attn, nthreads);
-        if ((status = q_linear(&layer->down, attn, M, out, nthreads)) != 0) break;
+        if ((status = q_linear(&layer->down, attn, M, out, stream, nthreads)) != 0) break;
         add_bf16(hidden, out, M * E);
     }
     free(x);

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from engine.kernels.native import has_bf16_dot_products, native_library
+from engine.kernels.native import has_bf16_dot_products, native_library, stream_prefetch
 
 COLS = 64  # output columns per block of the prepacked weight (cpu_kernels.c's PACKED_COLS)
 K_ALIGN = 32  # the inputs of a block's rows, zero-padded to a multiple (PACKED_K_ALIGN)
@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, weight_address: int, in_features: int, bias: torch.T
     status = lib.bf16_packed_linear(
         x.data_ptr(), num_rows, in_features, weight_address, padded_in_features(in_features),
         None if bias is None else bias.data_ptr(), out_features, out.data_ptr(),
-        torch.get_num_threads())
+        stream_prefetch(), torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"bf16_packed_linear: status {status}")
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.kernels.dequantized import linear_in_row_slices
-from engine.kernels.native import native_library
+from engine.kernels.native import native_library, stream_prefetch
 from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 GROUP_SIZE = 128  # input columns per scale and zero point of `--quantization int4`
@@ -320,7 +320,7 @@ def columns_linear_q8(x: torch.Tensor, weight: Int4Weight,
         lambda rows, out: lib.int4_gemm_q8(
             rows.data_ptr(), rows.shape[0], rows.shape[1], nibbles, scales, zeros, out.shape[1],
             weight.group_size, out.data_ptr(), rows.dtype == torch.bfloat16,
-            torch.get_num_threads()),
+            stream_prefetch(), torch.get_num_threads()),
         keep_bf16=True)
 
 

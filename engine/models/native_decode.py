@@ -33,7 +33,7 @@ from torch import nn
 from engine.attention.base import AttentionMetadata
 from engine.attention.torch_ref import TorchAttentionBackend
 from engine.kernels import packed_bf16, w8a8
-from engine.kernels.native import native_library
+from engine.kernels.native import native_library, stream_prefetch
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
@@ -149,23 +149,23 @@ class NativeDecodeStack:
         step = (cos.data_ptr(), sin.data_ptr(), metadata.slot_mapping.data_ptr(),
                 k_cache.shape[0] * k_cache.shape[1])
         plan_args = (plan.block_tables.data_ptr(), plan.lens.data_ptr(), k_cache.shape[1],
-                     plan.block_tables.shape[1], self.scale, torch.get_num_threads())
+                     plan.block_tables.shape[1], self.scale)
+        threads = torch.get_num_threads()
         if self.bf16 and not (self.bf16_in_place and num_rows <= self.bf16_max_rows):
-            return self._run_bf16(lib, hidden_states, step, plan_args)
+            return self._run_bf16(lib, hidden_states, step, plan_args, threads)
         _check("llama_decode_layers", lib.llama_decode_layers(
             ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),
             num_rows, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-            self.intermediate_size, *step, *plan_args))
+            self.intermediate_size, *step, *plan_args, stream_prefetch(), threads))
         return hidden_states
 
     def _run_bf16(self, lib: ctypes.CDLL, hidden: torch.Tensor, step: tuple[int, ...],
-                  plan_args: tuple[int | float, ...]) -> torch.Tensor:
+                  plan_args: tuple[int | float, ...], threads: int) -> torch.Tensor:
         """The layers with their bf16 matmuls called from here (`packed_forward`, the modules'
         path) and everything between them native: per layer 4 matmuls and 4 native calls,
         where the modules make ~20 calls and as many checks. The same ops on the same values:
         bit-identical to the modules."""
         num_rows, width = hidden.shape
-        threads = plan_args[-1]
         normed = torch.empty_like(hidden)
         attn = hidden.new_empty(num_rows, self.num_heads * self.head_dim)
         act = hidden.new_empty(num_rows, self.intermediate_size)
@@ -178,7 +178,7 @@ class NativeDecodeStack:
             qkv = qkv_proj.packed_forward(normed)
             _check("llama_decode_attention", lib.llama_decode_attention(
                 qkv.data_ptr(), num_rows, self.num_heads, self.num_kv_heads, self.head_dim,
-                *step, slot.k_cache, slot.v_cache, *plan_args[:-1], attn.data_ptr(), threads))
+                *step, slot.k_cache, slot.v_cache, *plan_args, attn.data_ptr(), threads))
             # each matmul's output is held by a name until the call that reads it returns
             out = o_proj.packed_forward(attn)
             lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), slot.post_norm, num_rows,

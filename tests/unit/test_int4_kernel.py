@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.kernels import dequantized, w4a16
-from engine.kernels.native import native_library
+from engine.kernels.native import PREFETCH_L2, PREFETCH_NTA, native_library
 from engine.kernels.portable import INT4_MAX_ROWS, portable_library
 
 pytestmark = pytest.mark.skipif(portable_library() is None,
@@ -269,3 +269,21 @@ def test_bf16_activations_go_through_the_kernel_unwidened(num_x_rows: int) -> No
     assert torch.equal(got, w4a16.linear(x.float(), weight, None).bfloat16())
     bias = torch.randn(40).bfloat16()
     assert torch.equal(w4a16.linear(x, weight, bias), got + bias)
+
+
+@needs_native
+@pytest.mark.parametrize("num_x_rows", [1, 4, 7])
+def test_the_prefetch_kind_leaves_the_values_alone(num_x_rows: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the tiles (1 or 4 rows) prefetches them as native.stream_prefetch says,
+    more passes into L1: either kind gives the same bits."""
+    weight = w4a16.with_columns(quantized(96, 512, 128, seed=11))
+    x = torch.randn(num_x_rows, 512).bfloat16()
+    outputs = []
+    for kind in (PREFETCH_L2, PREFETCH_NTA):
+        monkeypatch.setattr(w4a16, "stream_prefetch", lambda kind=kind: kind)
+        outputs.append(w4a16.linear(x, weight, None))
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.allclose(outputs[0].float(),
+                          w4a16.reference_linear_q8(x.float(), weight, None), atol=2e-2,
+                          rtol=1e-2)

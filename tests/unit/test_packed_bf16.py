@@ -1,7 +1,8 @@
 """packed_bf16: bf16 matmuls read oneDNN's prepacked weights in place. Against oneDNN's own
 call on the same weight (within one bf16 rounding, nearly always equal) and the float32
 product; weights whose bytes are not the layout the kernel reads are refused; Linear sends the
-kernel the calls it takes and oneDNN the rest."""
+kernel the calls it takes and oneDNN the rest; the prefetch kind, chosen by CPU, changes no
+value."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import packed_bf16
-from engine.kernels.native import has_bf16_dot_products, native_library
+from engine.kernels import native, packed_bf16
+from engine.kernels.native import PREFETCH_L2, PREFETCH_NTA, has_bf16_dot_products, native_library
 from engine.layers.linear import Linear, can_prepack
 from tests.devices import cpu_only
 
@@ -114,3 +115,46 @@ def test_the_switch_leaves_oneDNN_its_calls(monkeypatch: pytest.MonkeyPatch) -> 
     layer = Linear(64, 128).to(torch.bfloat16)
     layer.prepack()
     assert layer.packed_weight is not None and layer.packed_address is None
+
+
+@pytest.mark.parametrize("num_rows", [1, 4, 7])
+def test_the_prefetch_kind_leaves_the_values_alone(num_rows: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where one-row matmuls prefetch their weight (native.stream_prefetch, chosen by CPU)
+    changes nothing but speed: both kinds give the same bits, more rows too."""
+    generator = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(1152, 896, generator=generator).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    address = packed_bf16.address(packed, 1152, 896, None)
+    assert address is not None
+    x = torch.randn(num_rows, 896, generator=generator).bfloat16()
+    outputs = []
+    for kind in (PREFETCH_L2, PREFETCH_NTA):
+        monkeypatch.setattr(packed_bf16, "stream_prefetch", lambda kind=kind: kind)
+        outputs.append(packed_bf16.linear(x, address, 896, None, 1152))
+    assert torch.equal(outputs[0], outputs[1])
+    assert float((outputs[0] != _onednn(x, packed, None)).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize(("cpu", "setting", "expected"), [
+    (("AuthenticAMD", 26), None, PREFETCH_NTA),  # Zen 5
+    (("AuthenticAMD", 25), None, PREFETCH_L2),  # Zen 4
+    (("GenuineIntel", 6), None, PREFETCH_L2),
+    (None, None, PREFETCH_L2),
+    (("AuthenticAMD", 25), "nta", PREFETCH_NTA),
+    (("AuthenticAMD", 26), " L2 ", PREFETCH_L2),
+    (("AuthenticAMD", 26), "t0", PREFETCH_NTA),  # not a kind: the CPU's choice, with a warning
+])
+def test_the_stream_prefetch_follows_the_cpu_unless_set(
+        cpu: tuple[str, int] | None, setting: str | None, expected: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "cpu_family", lambda: cpu)
+    if setting is None:
+        monkeypatch.delenv(native.STREAM_PREFETCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(native.STREAM_PREFETCH_ENV, setting)
+    native.stream_prefetch.cache_clear()
+    try:
+        assert native.stream_prefetch() == expected
+    finally:
+        native.stream_prefetch.cache_clear()
