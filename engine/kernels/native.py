@@ -69,7 +69,10 @@ SIGNATURES = {
 def native_library() -> ctypes.CDLL | None:
     """The compiled kernels, built on first use; None (with the reason logged once) where
     this machine cannot run or build them."""
-    return load_library("native CPU kernels", unsupported_reason(), build, SIGNATURES)
+    lib = load_library("native CPU kernels", unsupported_reason(), build, SIGNATURES)
+    if lib is not None:
+        stream_prefetch()  # chosen, and logged, with the library's load
+    return lib
 
 
 Signatures = Mapping[str, tuple[object, Sequence[object]]]
