@@ -64,30 +64,24 @@ def resolve_dtype(dtype: str, hf_config: transformers.PretrainedConfig,
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo_field("flags") or "").split())
 
 
 def cpu_family() -> tuple[str, int] | None:
     """The CPU's vendor and family from /proc/cpuinfo ("AuthenticAMD", 26), or None."""
-    vendor, family = None, None
+    vendor, family = _cpuinfo_field("vendor_id"), _cpuinfo_field("cpu family")
+    return (vendor, int(family)) if vendor and family and family.isdigit() else None
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first processor's value of `name` in /proc/cpuinfo; None where there is none."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
-                    vendor = value.strip()
-                elif key.strip() == "cpu family":
-                    family = int(value.strip())
-                if vendor is not None and family is not None:
-                    return vendor, family
-    except (OSError, ValueError):
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
         pass
     return None
 

@@ -645,15 +645,11 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void packed_b
     for (int j = 0; j < 4; j++) odd[j] = _mm512_setzero_ps();
     int64_t k = 0;
     if (R == 1) {
+        const int ahead = stream == PREFETCH_NTA ? PACKED_PREFETCH_NTA : PACKED_PREFETCH_L2;
         const uint32_t *xp = (const uint32_t *)x;
         for (; k + 1 < K2; k += 2, w += 8) {
             for (int line = 0; line < 8; line++)
-                if (stream == PREFETCH_NTA)
-                    _mm_prefetch((const char *)w + PACKED_PREFETCH_NTA + 64 * line,
-                                 _MM_HINT_NTA);
-                else
-                    _mm_prefetch((const char *)w + PACKED_PREFETCH_L2 + 64 * line,
-                                 _MM_HINT_T1);
+                prefetch_line((const char *)w + ahead + 64 * line, stream);
             const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[k]);
             const __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)xp[k + 1]);
             for (int j = 0; j < 4; j++) {
@@ -664,7 +660,7 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void packed_b
     }
     for (; k < K2; k++, w += 4) {
         for (int line = 0; line < 4; line++)
-            _mm_prefetch((const char *)w + PACKED_PREFETCH + 64 * line, _MM_HINT_T0);
+            prefetch_line((const char *)w + PACKED_PREFETCH + 64 * line, PREFETCH_L1);
         __m512bh wv[4];
         for (int j = 0; j < 4; j++) wv[j] = (__m512bh)_mm512_load_si512(w + j);
         for (int r = 0; r < R; r++) {
