@@ -77,14 +77,17 @@ class Int4Weight:
         assert self.size is not None
         return self.size
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held: the row-major nibbles (empty once the column copy holds them), the
+    def tensors(self) -> list[torch.Tensor]:
+        """What it holds: the row-major nibbles (empty once the column copy holds them), the
         scales and zero points, and the column copy's."""
         tensors = [self.packed, self.scales, self.zeros]
         if self.columns is not None:
             tensors += [self.columns.nibbles, self.columns.scales, self.columns.zeros]
-        return sum(t.nbytes for t in tensors)
+        return tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
 
     @property
     def has_rows(self) -> bool:

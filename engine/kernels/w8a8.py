@@ -61,11 +61,14 @@ class QuantizedWeight:
         assert self.size is not None
         return self.size
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What it holds: the row-major values (empty once the column copy holds them), the
+        scales and the column copy."""
+        return [t for t in (self.data, self.scales, self.columns) if t is not None]
+
     @property
     def nbytes(self) -> int:
-        """Bytes held: the row-major values (empty once the column copy holds them), the
-        scales and the column copy."""
-        return sum(t.nbytes for t in (self.data, self.scales, self.columns) if t is not None)
+        return sum(t.nbytes for t in self.tensors())
 
     @property
     def has_rows(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -166,11 +167,35 @@ class Linear(nn.Linear):
         layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
         return layer
 
+    def weight_regions(self) -> list[tuple[int, int]]:
+        """(address, bytes) of the memory a call reads for its weight and bias: the prepacked
+        copy, the int8 or int4 tensors, or the dense weight."""
+        regions: list[tuple[int, int]] = []
+        tensors: list[torch.Tensor | None]
+        if self.packed_weight is not None:
+            regions = [(torch.ops.mkldnn.data_ptr(self.packed_weight),
+                        torch.ops.mkldnn._nbytes(self.packed_weight))]
+            tensors = [self.bias]
+        elif self.int8_weight is not None:
+            tensors = [*self.int8_weight.tensors(), self.int8_bias]
+        elif self.int4_weight is not None:
+            tensors = [*self.int4_weight.tensors(), self.bias]
+        else:
+            tensors = [self.weight, self.bias]
+        return regions + tensor_regions(tensors)
+
     def extra_repr(self) -> str:
         form = (", int8" if self.int8_weight is not None
                 else ", int4" if self.int4_weight is not None
                 else ", prepacked" if self.packed_weight is not None else "")
         return super().extra_repr() + form
+
+
+def tensor_regions(tensors: Iterable[torch.Tensor | None]) -> list[tuple[int, int]]:
+    """(address, bytes) of each tensor's storage; None and empty tensors left out."""
+    storages = (tensor.untyped_storage() for tensor in tensors
+                if tensor is not None and tensor.numel())
+    return [(storage.data_ptr(), storage.nbytes()) for storage in storages]
 
 
 def prepack_linears(model: nn.Module) -> int:

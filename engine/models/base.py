@@ -15,7 +15,7 @@ from torch import nn
 from engine.attention.base import AttentionBackend, AttentionMetadata
 from engine.distributed.parallel import SINGLE, Parallel
 from engine.errors import UnsupportedModelError
-from engine.layers.linear import Linear, prepack_linears, quantize_linears
+from engine.layers.linear import Linear, prepack_linears, quantize_linears, tensor_regions
 from engine.layers.parallel import VocabParallelEmbedding
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -102,6 +102,16 @@ class CausalLM(nn.Module):
             gathered = self.parallel.all_gather(logits)
             logits = gathered[:, :self.hf_config.vocab_size].contiguous()
         return logits.float()
+
+    def matmul_weight_regions(self) -> list[tuple[int, int]]:
+        """(address, bytes) of what the matmuls read: every Linear's weight and bias (the LM
+        head's packed or quantized copy included), and the embedding table where the LM head
+        multiplies by the table itself (tied, with no copy)."""
+        regions = [region for module in self.modules() if isinstance(module, Linear)
+                   for region in module.weight_regions()]
+        if self.needs_tied_head_copy():
+            regions += tensor_regions([self.output_embedding()])
+        return regions
 
     def prepack_weights(self) -> int:
         """Move every matmul weight not already int8 into oneDNN's prepacked layout (CPU bf16
