@@ -627,11 +627,17 @@ void w8_dequantize_columns(const uint8_t *w, const float *wscale, int64_t N, int
  * default model's one-row matmuls in model order go from 0.93-0.95 of the read bandwidth to
  * 1.03-1.05 (1.08-1.13x paired; T0 at 1 KB: 1.06x, NTA at 2 KB: 1.08x). On Zen 4 the same
  * loop reaches 0.66 of it, and prefetcht1 4 KB ahead 0.79 (1.26x paired, 10 rounds; T1 at
- * 2 KB 1.20x, at 8 KB slower; no prefetch 1.18x). More rows prefetch into L1 and L2 2 KB
- * ahead: a block read by several passes stays in L2 between them (at 4 rows NTA measured
- * 0.98x on Zen 5; T1 on Zen 4 1.03-1.05x slower at 6 and 16 rows). */
+ * 2 KB 1.20x, at 8 KB slower; no prefetch 1.18x). Streaming into L2, the loop reads with
+ * 256-bit loads (packed_row_l2): on that Zen 4 the 97 one-row matmuls took 0.976x the time
+ * of the 512-bit loop's best (T1 4 KB) over 150 alternating rounds, at either of its read
+ * bandwidth's levels, and the engine's decode step 0.960x (12 rounds, library swapped in
+ * one process); a plain read of 1 GiB with 256-bit loads matched torch's sum where 512-bit
+ * ones reached 0.88 of it. It wants the line 2 KB ahead (4 KB: 1.17x the time). More rows
+ * prefetch into L1 and L2 2 KB ahead: a block read by several passes stays in L2 between
+ * them (at 4 rows NTA measured 0.98x on Zen 5; T1 on Zen 4 1.03-1.05x slower at 6 and 16
+ * rows). */
 #define PACKED_PREFETCH_NTA 1024
-#define PACKED_PREFETCH_L2 4096
+#define PACKED_PREFETCH_L2 2048
 #define PACKED_PREFETCH 2048
 
 /* R activation rows (1..PACKED_XROWS) against one block: out [R][64] float32. One row keeps
@@ -644,12 +650,11 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void packed_b
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (int j = 0; j < 4; j++) odd[j] = _mm512_setzero_ps();
     int64_t k = 0;
-    if (R == 1) {
-        const int ahead = stream == PREFETCH_NTA ? PACKED_PREFETCH_NTA : PACKED_PREFETCH_L2;
+    if (R == 1) { /* non-temporal (Zen 5); into L2 it is packed_row_l2 */
         const uint32_t *xp = (const uint32_t *)x;
         for (; k + 1 < K2; k += 2, w += 8) {
             for (int line = 0; line < 8; line++)
-                prefetch_line((const char *)w + ahead + 64 * line, stream);
+                prefetch_line((const char *)w + PACKED_PREFETCH_NTA + 64 * line, stream);
             const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[k]);
             const __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)xp[k + 1]);
             for (int j = 0; j < 4; j++) {
@@ -674,6 +679,33 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void packed_b
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(out + r * 64 + j * 16, acc[r][j]);
 }
 
+/* One row against one block streamed into L2, in 256-bit loads (see PACKED_PREFETCH_L2): the
+ * same sums as packed_block's one-row loop, column by column (8 columns a register where
+ * that has 16), so the same bits. out [64] float32. */
+static inline __attribute__((always_inline, target("avx512bf16,avx512vl"))) void packed_row_l2(
+    const __m256i *w, const uint16_t *x, int64_t K2, float *out) {
+    __m256 even[8], odd[8];
+    for (int j = 0; j < 8; j++) even[j] = odd[j] = _mm256_setzero_ps();
+    const uint32_t *xp = (const uint32_t *)x;
+    int64_t k = 0;
+    for (; k + 1 < K2; k += 2, w += 16) {
+        for (int line = 0; line < 8; line++)
+            prefetch_line((const char *)w + PACKED_PREFETCH_L2 + 64 * line, PREFETCH_L2);
+        const __m256bh x0 = (__m256bh)_mm256_set1_epi32((int)xp[k]);
+        const __m256bh x1 = (__m256bh)_mm256_set1_epi32((int)xp[k + 1]);
+        for (int j = 0; j < 8; j++) {
+            even[j] = _mm256_dpbf16_ps(even[j], (__m256bh)_mm256_load_si256(w + j), x0);
+            odd[j] = _mm256_dpbf16_ps(odd[j], (__m256bh)_mm256_load_si256(w + 8 + j), x1);
+        }
+    }
+    if (k < K2) { /* an odd last pair goes to the even sums, as in packed_block */
+        const __m256bh xk = (__m256bh)_mm256_set1_epi32((int)xp[k]);
+        for (int j = 0; j < 8; j++)
+            even[j] = _mm256_dpbf16_ps(even[j], (__m256bh)_mm256_load_si256(w + j), xk);
+    }
+    for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(even[j], odd[j]));
+}
+
 /* y [M, N] = x [M, K] @ W^T (+ bias [N]), bf16 in and out, W the prepacked weight above (K
  * even); stream: PREFETCH_NTA or PREFETCH_L2, for one row. Returns 0, or -1 for a K it cannot
  * take. */
@@ -692,11 +724,11 @@ __attribute__((target("avx512bf16"))) int bf16_packed_linear(
             const uint16_t *xm = x + m * K;
             const int64_t rows = M - m < PACKED_XROWS ? M - m : PACKED_XROWS;
             switch (rows) { /* constant row counts: the sums stay in registers */
-            case 1: /* the hint a constant too: one loop per kind */
+            case 1: /* one loop per kind */
                 if (stream == PREFETCH_NTA)
                     packed_block(block, xm, K, K2, 1, PREFETCH_NTA, out);
                 else
-                    packed_block(block, xm, K, K2, 1, PREFETCH_L2, out);
+                    packed_row_l2((const __m256i *)block, xm, K2, out);
                 break;
             case 2: packed_block(block, xm, K, K2, 2, PREFETCH_L1, out); break;
             case 3: packed_block(block, xm, K, K2, 3, PREFETCH_L1, out); break;

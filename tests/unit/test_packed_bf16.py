@@ -118,22 +118,28 @@ def test_the_switch_leaves_oneDNN_its_calls(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("num_rows", [1, 4, 7])
-def test_the_prefetch_kind_leaves_the_values_alone(num_rows: int,
+@pytest.mark.parametrize(("out_features", "in_features"), [
+    (1152, 896), (100, 64), (96, 30), (64, 66)])  # an odd number of input pairs: 30, 66
+def test_the_prefetch_kind_leaves_the_values_alone(num_rows: int, out_features: int,
+                                                   in_features: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Where one-row matmuls prefetch their weight (native.stream_prefetch, chosen by CPU)
-    changes nothing but speed: both kinds give the same bits, more rows too."""
-    generator = torch.Generator().manual_seed(num_rows)
-    weight = torch.randn(1152, 896, generator=generator).bfloat16()
+    changes nothing but speed: both kinds give the same bits (one row streamed into L2 reads
+    in 256-bit loads, non-temporally in 512-bit ones: the same sums per column), more rows
+    too."""
+    generator = torch.Generator().manual_seed(num_rows * in_features)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-    address = packed_bf16.address(packed, 1152, 896, None)
+    address = packed_bf16.address(packed, out_features, in_features, bias)
     assert address is not None
-    x = torch.randn(num_rows, 896, generator=generator).bfloat16()
+    x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
     outputs = []
     for kind in (PREFETCH_L2, PREFETCH_NTA):
         monkeypatch.setattr(packed_bf16, "stream_prefetch", lambda kind=kind: kind)
-        outputs.append(packed_bf16.linear(x, address, 896, None, 1152))
+        outputs.append(packed_bf16.linear(x, address, in_features, bias, out_features))
     assert torch.equal(outputs[0], outputs[1])
-    assert float((outputs[0] != _onednn(x, packed, None)).float().mean()) < 0.01
+    assert float((outputs[0] != _onednn(x, packed, bias)).float().mean()) < 0.01
 
 
 @pytest.mark.parametrize(("cpu", "setting", "expected"), [
