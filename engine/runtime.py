@@ -172,11 +172,12 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int | None:
     slower from there: with the default model's bf16 weights collapsed, a decode step took
     0.955x the time of an uncollapsed copy's (two engines in one process, 8 paired rounds,
     Zen 4; 0.999x before), and the one-row matmuls alone 0.91x when the machine's read
-    bandwidth was high (README, "Weights on 2 MB pages"). Each region is widened to whole huge pages
-    within its mapping, so neighbours sharing a page with it (mostly other weights) come
-    along, and the few of their pages not yet in memory are filled (13 MB over the default
-    model's 1.2 GB). Only what is mapped now changes: nothing asks huge pages of later
-    allocations, whose faults would then wait on memory compaction (a step's buffers).
+    bandwidth was high (README, "Weights on 2 MB pages"). Each region is widened to whole
+    huge pages within its mapping, so neighbours sharing a page with it (mostly other
+    weights) come along, and the few of their pages not yet in memory are filled (13 MB
+    over the default model's 1.2 GB). Only what is mapped now changes: nothing asks huge
+    pages of later allocations, whose faults would then wait on memory compaction (a step's
+    buffers).
     Returns the bytes the process gained on huge pages, or None where it was not tried: not
     Linux, PAGEDSERVE_HUGE_PAGES=0, or a kernel without MADV_COLLAPSE (before 6.1)."""
     if sys.platform != "linux" or os.environ.get(HUGE_PAGES_ENV, "1") == "0":
@@ -186,8 +187,11 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int | None:
     except (OSError, AttributeError):
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    before = _anonymous_huge_bytes()
-    for start, end in huge_page_spans(regions, _anonymous_mappings()):
+    try:
+        before, mappings = _anonymous_huge_bytes(), _anonymous_mappings()
+    except OSError:  # no /proc (a sandbox): nothing to go by
+        return None
+    for start, end in huge_page_spans(regions, mappings):
         if madvise(start, end - start, _MADV_COLLAPSE) != 0 and ctypes.get_errno() in (
                 errno.EINVAL, errno.EPERM):  # no MADV_COLLAPSE here, or THP turned off
             if _anonymous_huge_bytes() == before:
@@ -223,15 +227,16 @@ def huge_page_spans(regions: Iterable[tuple[int, int]],
 
 
 def _anonymous_mappings() -> list[tuple[int, int]]:
-    """[start, end) of this process's private anonymous mappings (the heap included), from
-    /proc/self/maps: where weights live, and the only memory collapsed."""
+    """[start, end) of this process's private anonymous read-write mappings (the heap
+    included), from /proc/self/maps: where weights live, and the only memory collapsed."""
     mappings = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
             span, perms, inode = fields[0], fields[1], fields[4]
             name = fields[5] if len(fields) > 5 else ""
-            if inode == "0" and perms.endswith("p") and name in ("", "[heap]"):
+            if (inode == "0" and perms.startswith("rw") and perms.endswith("p")
+                    and name in ("", "[heap]")):
                 low, high = span.split("-")
                 mappings.append((int(low, 16), int(high, 16)))
     return mappings
