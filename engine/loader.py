@@ -6,7 +6,6 @@ weights straight into int4 layers (engine/quantized_checkpoint.py converts the p
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from engine.quantized_checkpoint import (
 from engine.runtime import (
     HUGE_PAGES_ENV,
     collapse_into_huge_pages,
+    huge_pages_allowed,
     keep_step_buffers_resident,
     release_free_heap,
     resolve_device,
@@ -101,8 +101,8 @@ def _weights_onto_huge_pages(model: CausalLM) -> None:
     gained = collapse_into_huge_pages(regions)
     if gained is None:
         logger.info("matmul weights (%.2f GB) left on 4 KB pages: %s", weights_gb,
-                    "PAGEDSERVE_HUGE_PAGES=0" if os.environ.get(HUGE_PAGES_ENV) == "0"
-                    else "this kernel cannot collapse memory into huge pages (Linux 6.1+)")
+                    "this kernel cannot collapse memory into huge pages (Linux 6.1+)"
+                    if huge_pages_allowed() else f"{HUGE_PAGES_ENV}=0, or not Linux")
     else:
         logger.info("matmul weights (%.2f GB) onto 2 MB pages: %.2f GB collapsed in %.2f s",
                     weights_gb, gained / 1e9, time.perf_counter() - started)

@@ -164,6 +164,12 @@ HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 _MADV_COLLAPSE = 25  # <linux/mman.h>, Linux 6.1 and later
 
 
+def huge_pages_allowed() -> bool:
+    """Whether the weights may be moved onto huge pages: Linux, and not turned off by
+    PAGEDSERVE_HUGE_PAGES=0."""
+    return sys.platform == "linux" and os.environ.get(HUGE_PAGES_ENV, "1") != "0"
+
+
 def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int | None:
     """Move the memory under `regions` ((address, bytes): the weights a decode step streams)
     onto 2 MB transparent huge pages, in place: madvise(MADV_COLLAPSE) has the kernel copy
@@ -180,7 +186,7 @@ def collapse_into_huge_pages(regions: Iterable[tuple[int, int]]) -> int | None:
     buffers).
     Returns the bytes the process gained on huge pages, or None where it was not tried: not
     Linux, PAGEDSERVE_HUGE_PAGES=0, or a kernel without MADV_COLLAPSE (before 6.1)."""
-    if sys.platform != "linux" or os.environ.get(HUGE_PAGES_ENV, "1") == "0":
+    if not huge_pages_allowed():
         return None
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise

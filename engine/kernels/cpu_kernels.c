@@ -641,20 +641,20 @@ void w8_dequantize_columns(const uint8_t *w, const float *wscale, int64_t N, int
 #define PACKED_PREFETCH 2048
 
 /* R activation rows (1..PACKED_XROWS) against one block: out [R][64] float32. One row keeps
- * even and odd input pairs in separate sums (8 chains), more rows have 4R already. */
+ * even and odd input pairs in separate sums (8 chains), more rows have 4R already; one row
+ * here is the non-temporal stream (Zen 5), into L2 it is packed_row_l2. */
 static inline __attribute__((always_inline, target("avx512bf16"))) void packed_block(
-    const __m512i *w, const uint16_t *x, int64_t K, int64_t K2, const int R, const int stream,
-    float *out) {
+    const __m512i *w, const uint16_t *x, int64_t K, int64_t K2, const int R, float *out) {
     __m512 acc[PACKED_XROWS][4], odd[4];
     for (int r = 0; r < R; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (int j = 0; j < 4; j++) odd[j] = _mm512_setzero_ps();
     int64_t k = 0;
-    if (R == 1) { /* non-temporal (Zen 5); into L2 it is packed_row_l2 */
+    if (R == 1) {
         const uint32_t *xp = (const uint32_t *)x;
         for (; k + 1 < K2; k += 2, w += 8) {
             for (int line = 0; line < 8; line++)
-                prefetch_line((const char *)w + PACKED_PREFETCH_NTA + 64 * line, stream);
+                prefetch_line((const char *)w + PACKED_PREFETCH_NTA + 64 * line, PREFETCH_NTA);
             const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[k]);
             const __m512bh x1 = (__m512bh)_mm512_set1_epi32((int)xp[k + 1]);
             for (int j = 0; j < 4; j++) {
@@ -726,15 +726,15 @@ __attribute__((target("avx512bf16"))) int bf16_packed_linear(
             switch (rows) { /* constant row counts: the sums stay in registers */
             case 1: /* one loop per kind */
                 if (stream == PREFETCH_NTA)
-                    packed_block(block, xm, K, K2, 1, PREFETCH_NTA, out);
+                    packed_block(block, xm, K, K2, 1, out);
                 else
                     packed_row_l2((const __m256i *)block, xm, K2, out);
                 break;
-            case 2: packed_block(block, xm, K, K2, 2, PREFETCH_L1, out); break;
-            case 3: packed_block(block, xm, K, K2, 3, PREFETCH_L1, out); break;
-            case 4: packed_block(block, xm, K, K2, 4, PREFETCH_L1, out); break;
-            case 5: packed_block(block, xm, K, K2, 5, PREFETCH_L1, out); break;
-            default: packed_block(block, xm, K, K2, 6, PREFETCH_L1, out); break;
+            case 2: packed_block(block, xm, K, K2, 2, out); break;
+            case 3: packed_block(block, xm, K, K2, 3, out); break;
+            case 4: packed_block(block, xm, K, K2, 4, out); break;
+            case 5: packed_block(block, xm, K, K2, 5, out); break;
+            default: packed_block(block, xm, K, K2, 6, out); break;
             }
             for (int64_t r = 0; r < rows; r++)
                 for (int64_t c = 0; c < cols; c += 16) {
