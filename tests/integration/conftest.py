@@ -155,6 +155,10 @@ def serve_process(model_dir: Path, log: Path, *args: str) -> Iterator[ServerProc
     """Start the CLI on a free port with the test API key, wait for /health, and make sure the
     process is gone afterwards (SIGKILL if a test left it running)."""
     port = _free_port()
+    if not {"--num-blocks", "--kv-cache-memory-gb"} & set(args):
+        # a small pool: zeroing the default 2 GiB takes 2-5 s of each start here, and no
+        # test of a tiny model comes near 0.25 GiB (a million tokens of the tiny Llama)
+        args = ("--kv-cache-memory-gb", "0.25", *args)
     command = [sys.executable, "-m", "server", "serve", str(model_dir), "--dtype", "float32",
                "--device", "cpu", "--port", str(port), "--api-key", API_KEY,
                "--served-model-name", MODEL_NAME, *args]
