@@ -17,6 +17,13 @@ within minutes. Figures are medians over the rounds. Bytes are each weight's sto
 packed copy, or the int8/int4 values with their scales and zero points): what a one-row matmul
 streams. `PAGEDSERVE_PACKED_BF16=0` in the environment gives bf16's matmuls to oneDNN's call
 (engine/kernels/packed_bf16.py), the table from before that kernel.
+
+Last, each round generates once more step by step, the read bandwidth probed (two sums over 512
+MB, ~20-35 ms) between every two decode steps, and each step is set against the
+roofline of its own bandwidth: the median over the steps whose two probes agree, overall and for
+the steps below and above their median bandwidth. Where the bandwidth swings within seconds
+(between two levels on the Zen 4 these figures come from), a bound read around a whole round
+often belongs to the other level, and only this pairing says how near the step comes.
 """
 
 from __future__ import annotations
@@ -122,10 +129,76 @@ def decode_step_seconds(llm: LLM, prompt: list[int], output_tokens: int) -> floa
     return (seconds[1] - seconds[0]) / (output_tokens - 2)
 
 
+class BandwidthProbe:
+    """The read bandwidth (GB/s) in milliseconds, so that it can sit between two decode steps:
+    the best of two sums over a buffer far past the caches, kept for the probe's life."""
+
+    def __init__(self, num_bytes: int = 512 << 20) -> None:
+        self.buffer = torch.ones(num_bytes // 4, dtype=torch.float32)
+        self.buffer.sum()  # page faults and the thread team
+
+    def __call__(self) -> float:
+        best = float("inf")
+        for _ in range(2):
+            started = time.perf_counter()
+            self.buffer.sum()
+            best = min(best, time.perf_counter() - started)
+        return self.buffer.numel() * 4 / best / 1e9
+
+
+def paired_steps(llm: LLM, prompt: list[int], output_tokens: int,
+                 probe: BandwidthProbe) -> list[tuple[float, float, float]]:
+    """(seconds, GB/s before, GB/s after) of each decode step of a greedy generation, the
+    bandwidth probed just before and just after the step. This machine's read bandwidth moves
+    between two levels ~1.6x apart within seconds, so a bound read around a whole generation
+    (`profile`'s rounds, bench/compare.py's passes) often belongs to another level than the
+    steps it is set against; around one step it is tens of milliseconds away."""
+    engine = llm.llm_engine
+    request_id = f"paired-{time.monotonic_ns()}"
+    engine.add_request(request_id, prompt, SamplingParams(
+        max_tokens=output_tokens, temperature=0.0, ignore_eos=True))
+    steps, generated, before = [], 0, probe()
+    while engine.has_unfinished_requests():
+        started = time.perf_counter()
+        outputs = engine.step()
+        seconds = time.perf_counter() - started
+        after = probe()  # also the next step's "before"
+        if generated:  # a decode step: the prompt's prefill gave the first token
+            steps.append((seconds, before, after))
+        generated = max([generated] + [output.outputs[0].num_tokens for output in outputs
+                                       if output.request_id == request_id])
+        before = after
+    return steps
+
+
+def paired_fractions(steps: list[tuple[float, float, float]], weight_bytes: int,
+                     steady: float = 0.05) -> dict[str, object]:
+    """Each step's decode rate over the roofline of its own bandwidth (the mean of its two
+    probes): weight bytes / (GB/s x step seconds), over the steps whose probes agree within
+    `steady` (the level held through the step). The median of those, and (bandwidth, median
+    fraction) of the steadies below and at or above their median bandwidth: the two levels."""
+    kept = [(weight_bytes / ((before + after) / 2 * 1e9 * seconds), (before + after) / 2)
+            for seconds, before, after in steps
+            if abs(before - after) <= steady * max(before, after)]
+    result: dict[str, object] = {"steps": len(steps), "steady": len(kept)}
+    if not kept:
+        return result
+    middle = statistics.median(gb_s for _, gb_s in kept)
+    result["fraction"] = statistics.median(fraction for fraction, _ in kept)
+    for name, part in (("low", [k for k in kept if k[1] < middle]),
+                       ("high", [k for k in kept if k[1] >= middle])):
+        if part:
+            result[name] = (statistics.median(gb_s for _, gb_s in part),
+                            statistics.median(fraction for fraction, _ in part))
+    return result
+
+
 def profile(llm: LLM, prompt_tokens: int, output_tokens: int, rounds: int,
-            bandwidth_bytes: int = 2 << 30) -> dict[str, object]:
+            bandwidth_bytes: int = 2 << 30,
+            probe_bytes: int = 512 << 20) -> dict[str, object]:
     """The medians over `rounds` of: the read bandwidth (GB/s), the engine's decode step (s),
-    the modules path's step (s, hooks included), and per kind (seconds, bytes) per step."""
+    the modules path's step (s, hooks included), and per kind (seconds, bytes) per step; and
+    the engine's steps against the bandwidth probed around each (`paired_fractions`)."""
     model = llm.llm_engine.core.runner.model
     rng = random.Random(0)
     vocab_size = int(model.hf_config.vocab_size)
@@ -147,11 +220,17 @@ def profile(llm: LLM, prompt_tokens: int, output_tokens: int, rounds: int,
             if timers.bytes_per_call[kind]:
                 kinds[kind].append(timers.per_step(kind))
         bandwidth.append((before + read_bandwidth(bandwidth_bytes, repeats=3)) / 2)
+    probe = BandwidthProbe(probe_bytes)
+    steps = [step for _ in range(rounds)
+             for step in paired_steps(llm, prompt, output_tokens, probe)]
+    del probe
+    step_bytes = sum(values[0][1] for values in kinds.values())
     return {"read_gb_s": statistics.median(bandwidth),
             "engine_step_s": statistics.median(engine_step),
             "modules_step_s": statistics.median(modules_step),
             "kinds": {kind: (statistics.median(s for s, _ in values), values[0][1])
-                      for kind, values in kinds.items()}}
+                      for kind, values in kinds.items()},
+            "paired": paired_fractions(steps, step_bytes)}
 
 
 def table(result: dict[str, object]) -> str:
@@ -178,6 +257,13 @@ def table(result: dict[str, object]) -> str:
               f"decode step as the engine runs it {engine * 1e3:.2f} ms "
               f"({1 / engine:.1f} tok/s, {bound / engine:.2f} of the roofline); through the "
               f"modules with the timers {step * 1e3:.2f} ms"]
+    paired: dict[str, object] = result.get("paired") or {}  # type: ignore[assignment]
+    if "fraction" in paired:
+        levels = "; ".join(f"{name} {level[0]:.1f} GB/s: {level[1]:.2f}"  # type: ignore[index]
+                           for name in ("low", "high") if (level := paired.get(name)))
+        lines.append(f"each step against the bandwidth probed just before and after it: "
+                     f"{paired['fraction']:.2f} of the roofline (median of {paired['steady']} "
+                     f"of {paired['steps']} steps, the level held; {levels})")
     return "\n".join(lines)
 
 
