@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.roofline import read_bandwidth  # noqa: E402
+from bench.roofline import BandwidthProbe, read_bandwidth  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.layers.linear import Linear  # noqa: E402
 
@@ -129,23 +129,6 @@ def decode_step_seconds(llm: LLM, prompt: list[int], output_tokens: int) -> floa
     return (seconds[1] - seconds[0]) / (output_tokens - 2)
 
 
-class BandwidthProbe:
-    """The read bandwidth (GB/s) in milliseconds, so that it can sit between two decode steps:
-    the best of two sums over a buffer far past the caches, kept for the probe's life."""
-
-    def __init__(self, num_bytes: int = 512 << 20) -> None:
-        self.buffer = torch.ones(num_bytes // 4, dtype=torch.float32)
-        self.buffer.sum()  # page faults and the thread team
-
-    def __call__(self) -> float:
-        best = float("inf")
-        for _ in range(2):
-            started = time.perf_counter()
-            self.buffer.sum()
-            best = min(best, time.perf_counter() - started)
-        return self.buffer.numel() * 4 / best / 1e9
-
-
 def paired_steps(llm: LLM, prompt: list[int], output_tokens: int,
                  probe: BandwidthProbe) -> list[tuple[float, float, float]]:
     """(seconds, GB/s before, GB/s after) of each decode step of a greedy generation, the
@@ -157,16 +140,16 @@ def paired_steps(llm: LLM, prompt: list[int], output_tokens: int,
     request_id = f"paired-{time.monotonic_ns()}"
     engine.add_request(request_id, prompt, SamplingParams(
         max_tokens=output_tokens, temperature=0.0, ignore_eos=True))
-    steps, generated, before = [], 0, probe()
+    steps, decoding, before = [], False, probe()
     while engine.has_unfinished_requests():
         started = time.perf_counter()
         outputs = engine.step()
         seconds = time.perf_counter() - started
         after = probe()  # also the next step's "before"
-        if generated:  # a decode step: the prompt's prefill gave the first token
+        if decoding:  # the prompt's prefill gave the first token: this step decoded
             steps.append((seconds, before, after))
-        generated = max([generated] + [output.outputs[0].num_tokens for output in outputs
-                                       if output.request_id == request_id])
+        decoding = decoding or any(output.request_id == request_id
+                                   and output.outputs[0].num_tokens for output in outputs)
         before = after
     return steps
 

@@ -118,6 +118,25 @@ def copy_bandwidth(num_bytes: int = 512 << 20) -> float:
     return 2 * num_bytes / seconds / 1e9
 
 
+class BandwidthProbe:
+    """Read bandwidth over a buffer far larger than the caches, kept for the probe's life, so
+    that a measure costs only its sums: small enough a buffer (bench/decode_profile.py's 512
+    MB) and one fits between two decode steps."""
+
+    def __init__(self, num_bytes: int) -> None:
+        self.buffer = torch.ones(num_bytes // 4, dtype=torch.float32)
+        self.buffer.sum()  # warm-up: page faults and the thread team
+
+    def __call__(self, repeats: int = 2) -> float:
+        """GB/s of summing the buffer, best of `repeats`."""
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.buffer.sum()
+            best = min(best, time.perf_counter() - start)
+        return self.buffer.numel() * 4 / best / 1e9
+
+
 def read_bandwidth(num_bytes: int = 2 << 30, threads: int | None = None,
                    repeats: int = 5) -> float:
     """GB/s of summing an fp32 buffer far larger than the caches, best of `repeats`, on
@@ -125,17 +144,9 @@ def read_bandwidth(num_bytes: int = 2 << 30, threads: int | None = None,
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        buffer = torch.ones(num_bytes // 4, dtype=torch.float32)
-        buffer.sum()  # warm-up: page faults and the thread team
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            buffer.sum()
-            best = min(best, time.perf_counter() - start)
-        del buffer
+        return BandwidthProbe(num_bytes)(repeats)
     finally:
         torch.set_num_threads(previous)
-    return num_bytes / best / 1e9
 
 
 def decode_weight_bytes(shape: ModelShape, dtype: torch.dtype) -> int:
