@@ -15,6 +15,7 @@ import torch
 from engine.kernels import native, packed_bf16, w4a16, w8a8
 from engine.layers.linear import can_prepack
 from tests.devices import cpu_only
+from tests.unit.test_packed_bf16 import packed_case
 
 pytestmark = [
     cpu_only,
@@ -54,13 +55,8 @@ SHAPES = [(64, 128), (200, 256), (1152, 896), (5000, 128)]
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 @pytest.mark.parametrize("num_rows", [1, 7])
 def test_bf16_packed_matmul(out_features: int, in_features: int, num_rows: int) -> None:
-    generator = torch.Generator().manual_seed(out_features + num_rows)
-    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
-    bias = torch.randn(out_features, generator=generator).bfloat16()
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-    address = packed_bf16.address(packed, out_features, in_features, bias)
-    assert address is not None
-    x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
+    x, _packed, address, bias = packed_case(out_features, in_features, num_rows,
+                                            seed=out_features + num_rows)
     _same_bits_at_every_thread_count(
         lambda: packed_bf16.linear(x, address, in_features, bias, out_features))
 

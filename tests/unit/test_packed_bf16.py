@@ -57,6 +57,21 @@ def test_kernel_gives_onednns_products(out_features: int, in_features: int, bias
         assert float((got != expected).float().mean()) < 0.01
 
 
+def packed_case(out_features: int, in_features: int, num_rows: int,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """A random bf16 weight prepacked by oneDNN, for the kernel: (x [num_rows, in_features],
+    the packed weight (keep it while its address is used), its address, bias
+    [out_features])."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias = torch.randn(out_features, generator=generator).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    address = packed_bf16.address(packed, out_features, in_features, bias)
+    assert address is not None
+    x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
+    return x, packed, address, bias
+
+
 def test_a_weight_in_another_layout_is_refused() -> None:
     """The kernel reads bytes, not a descriptor: a buffer of the right size holding the weight
     in another order is refused, and so are odd inputs and biases it cannot take."""
@@ -127,13 +142,8 @@ def test_the_prefetch_kind_leaves_the_values_alone(num_rows: int, out_features: 
     changes nothing but speed: both kinds give the same bits (one row streamed into L2 reads
     in 256-bit loads, non-temporally in 512-bit ones: the same sums per column), more rows
     too."""
-    generator = torch.Generator().manual_seed(num_rows * in_features)
-    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
-    bias = torch.randn(out_features, generator=generator).bfloat16()
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-    address = packed_bf16.address(packed, out_features, in_features, bias)
-    assert address is not None
-    x = torch.randn(num_rows, in_features, generator=generator).bfloat16()
+    x, packed, address, bias = packed_case(out_features, in_features, num_rows,
+                                           seed=num_rows * in_features)
     outputs = []
     for kind in (PREFETCH_L2, PREFETCH_NTA):
         monkeypatch.setattr(packed_bf16, "stream_prefetch", lambda kind=kind: kind)
