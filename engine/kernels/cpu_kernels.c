@@ -1070,6 +1070,59 @@ void rope_bf16(const uint16_t *x, int64_t T, int64_t heads, int64_t D, int64_t r
     }
 }
 
+/* out[m] = argmax of row m of x [M, N] float32, as torch.argmax: the first index of the
+ * largest value, or of the first NaN where a row has one. Greedy sampling's pick: one call
+ * where chunked_argmax (engine/sampler.py) makes six torch ops, each ~20-40 us at one stream
+ * because the weights streamed through the caches just before evicted what they touch. */
+void argmax_rows_f32(const float *x, int64_t M, int64_t N, int64_t *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * N;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i best_at = _mm512_set1_epi32(0), at = _mm512_setr_epi32(
+            0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 nan = 0;
+        int64_t n = 0;
+        for (; n + 16 <= N && n + 16 <= INT32_MAX; n += 16) {
+            const __m512 v = _mm512_loadu_ps(row + n);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            const __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, greater, v);
+            best_at = _mm512_mask_mov_epi32(best_at, greater, at);
+            at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
+        }
+        int64_t index = 0;
+        float top = -INFINITY;
+        if (nan) {
+            index = -1;
+            n = 0; /* the first NaN: scan again */
+        } else if (n) { /* each lane keeps its first largest: the smallest index among ties */
+            float lanes[16];
+            int32_t lane_at[16];
+            _mm512_storeu_ps(lanes, best);
+            _mm512_storeu_si512(lane_at, best_at);
+            top = lanes[0];
+            index = lane_at[0];
+            for (int l = 1; l < 16; l++)
+                if (lanes[l] > top || (lanes[l] == top && lane_at[l] < index)) {
+                    top = lanes[l];
+                    index = lane_at[l];
+                }
+        }
+        for (; n < N; n++) {
+            const float v = row[n];
+            if (v != v) {
+                index = n;
+                break;
+            }
+            if (v > top) { /* a row of -inf keeps index 0 */
+                top = v;
+                index = n;
+            }
+        }
+        out[m] = index; /* >= 0: where a NaN was seen, the scan found it */
+    }
+}
+
 /* SwiGLU on a fused [M, 2I] gate|up row of bf16: out = bf16(bf16(silu(gate)) * up), the
  * rounding of torch's bf16 `F.silu(gate) * up`, in one pass instead of two ops and their
  * intermediate tensors. */

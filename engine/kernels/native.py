@@ -62,6 +62,8 @@ SIGNATURES = {
     "llama_decode_attention": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P,
                                               _P, _P, _P, _I64, _I64, _F32, _P, _I32]),
     "add_rms_norm_bf16": (None, [_P, _P, _P, _I64, _I64, _F32, _P, _I32]),
+    # x, M, N, out
+    "argmax_rows_f32": (None, [_P, _I64, _I64, _P]),
 }
 
 

@@ -15,6 +15,7 @@ import transformers
 
 from engine.attention import TorchAttentionBackend
 from engine.attention.base import AttentionMetadata
+from engine.kernels.native import native_library
 from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
 from engine.loader import load_model
 from engine.models.llama import MLP_CHUNK_TOKENS, DecoderOptions, LlamaMLP
@@ -44,6 +45,31 @@ def test_chunked_argmax_equals_argmax(vocab_size: int, num_seqs: int) -> None:
     # bf16-rounded values: many exact ties across chunks
     rounded = logits.bfloat16().float()
     assert torch.equal(greedy_sample(rounded), rounded.argmax(dim=-1))
+
+
+@pytest.mark.skipif(native_library() is None, reason="native kernels unavailable here")
+@pytest.mark.parametrize("vocab_size", [1, 5, 16, 17, 97, 1000, 151936])
+def test_native_argmax_equals_argmax(vocab_size: int) -> None:
+    """argmax_rows_f32, greedy_sample's pick where the kernels run: ties to the first index
+    (within one 16-lane step, across lanes, in the scalar tail), rows of -inf, NaN anywhere
+    (torch's argmax takes the first NaN), signed zeros."""
+    gen = torch.Generator().manual_seed(vocab_size)
+    logits = torch.randn(10, vocab_size, generator=gen).bfloat16().float()  # many ties
+    last = vocab_size - 1
+    logits[1] = float("-inf")
+    logits[2, last] = logits[2, 0] = 1e4
+    logits[3, last] = float("nan")
+    logits[4, vocab_size // 2] = float("nan")
+    logits[4, last] = float("nan")
+    logits[5] = 0.0
+    logits[5, vocab_size // 3] = -0.0
+    logits[6] = float("inf")
+    logits[7, vocab_size // 2] = float("inf")
+    logits[8, :] = 3.0  # every index ties
+    logits[9, last] = 1e4  # the maximum in the tail
+    assert torch.equal(greedy_sample(logits), logits.argmax(dim=-1))
+    tall = torch.randn(64, vocab_size, generator=gen).bfloat16().float()
+    assert torch.equal(greedy_sample(tall), tall.argmax(dim=-1))
 
 
 def test_greedy_sample_falls_back_for_awkward_shapes() -> None:
