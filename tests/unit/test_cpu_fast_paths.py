@@ -17,6 +17,7 @@ from engine.attention import TorchAttentionBackend
 from engine.attention.base import AttentionMetadata
 from engine.kernels.native import native_library
 from engine.layers.linear import PREPACK_ENV, Linear, can_prepack
+from engine.layers.rotary import RopeSettings, RotaryEmbedding
 from engine.loader import load_model
 from engine.models.llama import MLP_CHUNK_TOKENS, DecoderOptions, LlamaMLP
 from engine.sampler import _argmax_chunk, chunked_argmax, greedy_sample
@@ -70,6 +71,32 @@ def test_native_argmax_equals_argmax(vocab_size: int) -> None:
     assert torch.equal(greedy_sample(logits), logits.argmax(dim=-1))
     tall = torch.randn(64, vocab_size, generator=gen).bfloat16().float()
     assert torch.equal(greedy_sample(tall), tall.argmax(dim=-1))
+
+
+# ---- RoPE factors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("settings", [RopeSettings(theta=10000.0),
+                                      RopeSettings(theta=1e6, rope_type="yarn", factor=4.0,
+                                                   original_max_position_embeddings=256,
+                                                   attention_factor=1.2,
+                                                   scaled_max_position=1024)])
+def test_rope_factors_from_the_host_tables_are_the_per_call_ones(
+        dtype: torch.dtype, settings: RopeSettings) -> None:
+    """On the host the factors come from tables made once per dtype: the same values and
+    shapes as building them from the float32 cos/sin rows per call, and contiguous (the
+    native decode stack takes nothing else)."""
+    rotary = RotaryEmbedding(64, 512, settings)
+    positions = torch.tensor([0, 1, 7, 300, rotary.max_position - 1])
+    cos_full, sin_signed = rotary(positions, dtype)
+    cos, sin = rotary.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    assert cos_full.shape == sin_signed.shape == (len(positions), 1, 64)
+    assert cos_full.dtype == sin_signed.dtype == dtype
+    assert torch.equal(cos_full, torch.cat((cos, cos), dim=-1).to(dtype).unsqueeze(1))
+    assert torch.equal(sin_signed, torch.cat((-sin, sin), dim=-1).to(dtype).unsqueeze(1))
+    assert cos_full.is_contiguous() and sin_signed.is_contiguous()
+    again = rotary(positions[1:2], dtype)  # the table made on the first call
+    assert torch.equal(again[0], cos_full[1:2]) and torch.equal(again[1], sin_signed[1:2])
 
 
 def test_greedy_sample_falls_back_for_awkward_shapes() -> None:
