@@ -95,7 +95,8 @@ class StepInputs:
     metadata: AttentionMetadata
     # rows of the model's output that sample: one per sampling row, 1 + k for a row verifying
     # k proposals (the target's distributions after each accepted-so-far prefix)
-    sample_indices: torch.Tensor  # [num_samples] int64
+    # [num_samples] int64: the hidden rows that sample; None: every row, in order (decode)
+    sample_indices: torch.Tensor | None
     sampling_rows: list[ScheduledRow]
     prompt_rows: PromptLogprobRows
 
@@ -257,7 +258,9 @@ class ModelRunner:
         if not inputs.sampling_rows:
             return ModelRunnerOutput({}, {}, prompt_logprobs)
         # logits only for the positions that sample: the lm_head is the largest matmul
-        logits = self.model.compute_logits(hidden_states[inputs.sample_indices])
+        sampled = (hidden_states if inputs.sample_indices is None
+                   else hidden_states[inputs.sample_indices])
+        logits = self.model.compute_logits(sampled)
         sampler_output = sample(logits, self._sampling_metadata(inputs.sampling_rows))
         output = _to_runner_output(inputs.sampling_rows, sampler_output)
         output.prompt_logprobs = prompt_logprobs
@@ -314,15 +317,17 @@ class ModelRunner:
                 sampling_rows.append(row)
         block_tables = pad_block_tables([block_ids[row.sequence.sequence_id] for row in rows])
         metadata, positions = self.build_metadata(query_lens, seq_lens, block_tables)
-        sample_indices = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        sample_indices: torch.Tensor | None = None  # every row samples, in order
+        if prompt_rows.spans or len(sample_rows) < len(input_ids):
+            sample_indices = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         if not prompt_rows.spans and len(sample_rows) < len(input_ids):
             # only the sampling rows are read: the last layer computes nothing more for the
             # rest (a prefill chunk's other rows, or all of them for a chunk that samples
             # nothing), and the model returns the sampling rows alone, in order
             metadata.output_rows = sample_indices
-            sample_indices = torch.arange(len(sample_rows), device=self.device)
+            sample_indices = None
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
+            input_ids=self._on_device(torch.tensor(input_ids, dtype=torch.long)),
             positions=positions, metadata=metadata, sample_indices=sample_indices,
             sampling_rows=sampling_rows, prompt_rows=prompt_rows)
 
@@ -330,29 +335,34 @@ class ModelRunner:
                        block_tables: torch.Tensor) -> tuple[AttentionMetadata, torch.Tensor]:
         """Attention metadata and positions [num_tokens] of a batch whose sequence i computes
         its last query_lens[i] of seq_lens[i] tokens, in the blocks of block_tables[i]."""
-        # each new token's absolute position and the sequence it belongs to, built as lists:
-        # a decode step's dozen tiny torch ops took ~150 us here, a tenth of an int4 step
+        # each new token's absolute position and cache slot, built as lists: at one stream the
+        # step's torch ops run with cold caches (the weights streamed through them), 20-40 us
+        # each, and these took a dozen
+        block_size = self.block_size
+        tables = block_tables.tolist()
         cu_seqlens: list[int] = [0]
-        seq_index: list[int] = []
         position_list: list[int] = []
-        for i, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        slots: list[int] = []
+        for table, query_len, seq_len in zip(tables, query_lens, seq_lens, strict=True):
             cu_seqlens.append(cu_seqlens[-1] + query_len)
-            seq_index += [i] * query_len
-            position_list += range(seq_len - query_len, seq_len)
-        positions = torch.tensor(position_list, dtype=torch.long)  # [num_tokens]
-        block_numbers = block_tables[torch.tensor(seq_index),
-                                     positions // self.block_size].long()
-        slot_mapping = block_numbers * self.block_size + positions % self.block_size
+            new_positions = range(seq_len - query_len, seq_len)
+            position_list += new_positions
+            slots += [table[p // block_size] * block_size + p % block_size
+                      for p in new_positions]
         metadata = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device, non_blocking=True),
-            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32).to(self.device,
-                                                                        non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device, non_blocking=True),
-            block_tables=block_tables.to(self.device, non_blocking=True),
+            slot_mapping=self._on_device(torch.tensor(slots, dtype=torch.long)),
+            cu_seqlens_q=self._on_device(torch.tensor(cu_seqlens, dtype=torch.int32)),
+            seq_lens=self._on_device(torch.tensor(seq_lens, dtype=torch.int32)),
+            block_tables=self._on_device(block_tables),
             max_seqlen_q=max(query_lens), max_seqlen_k=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         metadata.decode_plan = self.plan_decode(metadata, self.kv_caches)
-        return metadata, positions.to(self.device, non_blocking=True)
+        return metadata, self._on_device(torch.tensor(position_list, dtype=torch.long))
+
+    def _on_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor of step inputs on this runner's device (asynchronously): itself on
+        the CPU, without the call."""
+        return host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
 
     def plan_decode(self, metadata: AttentionMetadata,
                     kv_caches: KVCaches) -> DecodePlan | None:
