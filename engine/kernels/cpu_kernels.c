@@ -1515,20 +1515,23 @@ static int decode_attention_step(const uint16_t *qkv, int64_t M, int64_t H, int6
                                        BS, W, scale, attn, nthreads);
 }
 
-/* hidden [M, E] bf16, in and out: the embedded tokens in, the last layer's output out.
+/* hidden [M, E] bf16, in and out: the embedded tokens in, the last layer's output out (with
+ * the final norm applied, where one is given).
  * H query heads and KVH KV heads of size D (a multiple of 32, for rope_bf16); I: the MLP's
  * intermediate size; cos, sin [M, D] (apply_rotary's factors); slots [M] (< num_slots); the
- * decode plan's block tables [M, W] and context lengths [M]; stream: the matmuls' prefetch
- * kind for weights read once (prefetch_line). Returns 0, Q_DECODE_BAD_SLOT when a slot is
- * outside the cache (before anything is written), Q_DECODE_NO_MEMORY when its scratch could
- * not be allocated, or a kernel's own negative status. */
+ * decode plan's block tables [M, W] and context lengths [M]; final_norm [E] (or NULL): the
+ * model's final RMSNorm, applied to `hidden` in place after the last layer; stream: the
+ * matmuls' prefetch kind for weights read once (prefetch_line). Returns 0, Q_DECODE_BAD_SLOT
+ * when a slot is outside the cache (before anything is written), Q_DECODE_NO_MEMORY when its
+ * scratch could not be allocated, or a kernel's own negative status. */
 #define Q_DECODE_BAD_SLOT (-100)
 #define Q_DECODE_NO_MEMORY (-101)
 int llama_decode_layers(const q_decoder_layer_t *layers, int64_t L, uint16_t *hidden,
                            int64_t M, int64_t E, int64_t H, int64_t KVH, int64_t D, int64_t I,
                            const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
                            int64_t num_slots, const int32_t *block_tables, const int32_t *lens,
-                           int64_t BS, int64_t W, float scale, int stream, int nthreads) {
+                           int64_t BS, int64_t W, float scale, const uint16_t *final_norm,
+                           float final_eps, int stream, int nthreads) {
     for (int64_t m = 0; m < M; m++)
         if (slots[m] < 0 || slots[m] >= num_slots) return Q_DECODE_BAD_SLOT;
     const int64_t qkv_n = (H + 2 * KVH) * D, qk_n = (H + KVH) * D;
@@ -1556,6 +1559,8 @@ int llama_decode_layers(const q_decoder_layer_t *layers, int64_t L, uint16_t *hi
         if ((status = q_linear(&layer->down, attn, M, out, stream, nthreads)) != 0) break;
         add_bf16(hidden, out, M * E);
     }
+    if (status == 0 && final_norm) /* in place: each row's sum is taken before it is written */
+        rms_norm_bf16(hidden, final_norm, M, E, final_eps, hidden, nthreads);
     free(x);
     free(wide);
     free(qk);

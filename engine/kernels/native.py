@@ -52,11 +52,11 @@ SIGNATURES = {
     "paged_prefill_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                                     _I64, _I64, _F32, _P, _I32]),
     # layers (an array of q_decoder_layer_t: engine/models/native_decode.py), L, hidden, M,
-    # E, H, KVH, D, I, cos, sin, slots, num_slots, block tables, lens, BS, W, scale, stream,
-    # threads
+    # E, H, KVH, D, I, cos, sin, slots, num_slots, block tables, lens, BS, W, scale, final
+    # norm (or None), its eps, stream, threads
     "llama_decode_layers": (ctypes.c_int, [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64,
                                               _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64,
-                                              _F32, _I32, _I32]),
+                                              _F32, _P, _F32, _I32, _I32]),
     # qkv, M, H, KVH, D, cos, sin, slots, num_slots, k cache, v cache, block tables, lens, BS,
     # W, scale, attn, threads
     "llama_decode_attention": (ctypes.c_int, [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P,

@@ -238,6 +238,8 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb(positions, hidden_states.dtype)  # computed once for all layers
         native = self.native_stack() if metadata.is_decode_only else None
         decoded = native.run(hidden_states, rope, kv_caches, metadata) if native else None
+        if decoded is not None and native is not None and native.applies_final_norm:
+            return decoded  # one rank holds the stack: normed, the model's output
         hidden_states = (decoded if decoded is not None
                          else self._run_layers(hidden_states, rope, kv_caches, metadata))
         final = self.parallel.finish_stage(hidden_states, metadata.num_output_rows)
@@ -260,7 +262,8 @@ class LlamaModel(nn.Module):
             return None
         if not self._native_decode_built:
             single = self.parallel.world_size == 1
-            self._native_decode = NativeDecodeStack.build(list(self.layers), single)
+            self._native_decode = NativeDecodeStack.build(list(self.layers), single,
+                                                          self.norm)
             self._native_decode_built = True
         return self._native_decode
 

@@ -11,8 +11,8 @@ their column copies: `--quantization int4`, GPTQ/AWQ checkpoints without act-ord
 engine/kernels/packed_bf16.py reads in place (oneDNN's prepacked weights, at the row counts
 it takes). Otherwise, bf16 matmuls through oneDNN, torch runs the four matmuls of a layer and
 four native calls do the rest: RMSNorm, RoPE + cache write + attention, residual add + RMSNorm,
-SwiGLU. The embedding, the final norm, the LM head and sampling stay in Python: a handful of
-calls a step.
+SwiGLU; the last of them applies the model's final norm. The embedding, the LM head and
+sampling stay in Python: a handful of calls a step.
 
 It takes a model only where every decoder layer is plain Llama (no per-head q/k norms, no
 sliding window, a dense SwiGLU MLP), all its matmuls are of one of those kinds, one rank holds
@@ -67,8 +67,16 @@ class NativeDecodeStack:
     """The decoder layers of one LlamaModel as the native calls' arguments, built once; `run`
     takes a step where it can and says None where the modules must run it."""
 
-    def __init__(self, layers: Sequence[LlamaDecoderLayer], bf16: bool) -> None:
+    def __init__(self, layers: Sequence[LlamaDecoderLayer], bf16: bool,
+                 final_norm: nn.Module | None = None) -> None:
         attn = layers[0].self_attn
+        # the model's final norm, applied by the last native call (one Python module call
+        # less a step, ~100 us with the caches cold from the weights' stream), where it is a
+        # bf16 RMSNorm the kernel computes; `run`'s output is then the normed hidden states
+        self.applies_final_norm = final_norm is not None and _native_norm(final_norm)
+        norm = cast(RMSNorm, final_norm)
+        self._final_norm = norm.weight.data_ptr() if self.applies_final_norm else None
+        self._final_eps = norm.eps if self.applies_final_norm else 0.0
         self.num_heads, self.num_kv_heads = attn.num_heads, attn.num_kv_heads
         self.head_dim, self.scale = attn.head_dim, attn.scale
         self.hidden_size = layers[0].input_layernorm.weight.shape[0]
@@ -105,9 +113,11 @@ class NativeDecodeStack:
         self._caches: KVCaches | None = None  # the caches the structs point at
 
     @classmethod
-    def build(cls, layers: Sequence[nn.Module], single_rank: bool) -> NativeDecodeStack | None:
-        """The stack for these layers, or None where one of them is not what the kernel
-        computes (see the module docstring)."""
+    def build(cls, layers: Sequence[nn.Module], single_rank: bool,
+              final_norm: nn.Module | None = None) -> NativeDecodeStack | None:
+        """The stack for these layers (and the final norm after them, where the kernel
+        computes it: `applies_final_norm`), or None where one of the layers is not what the
+        kernel computes (see the module docstring)."""
         if not single_rank or not layers or native_library() is None:
             return None
         if not all(_plain_layer(layer) for layer in layers):
@@ -122,13 +132,14 @@ class NativeDecodeStack:
                   for layer in plain}
         if len(shapes) != 1 or plain[0].self_attn.head_dim % 32:  # rope_bf16: whole halves
             return None
-        return cls(plain, bf16=packed.pop())
+        return cls(plain, bf16=packed.pop(), final_norm=final_norm)
 
     def run(self, hidden_states: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
             kv_caches: KVCaches,
             metadata: AttentionMetadata) -> torch.Tensor | None:
         """The last layer's output for the embedded tokens `hidden_states` [M, hidden] (written
-        in place), or None where this step is not one the kernel takes. `rope`: the step's
+        in place; the final norm's output where `applies_final_norm`), or None where this step
+        is not one the kernel takes. `rope`: the step's
         cos and signed sin, [M, 1, head_dim] each (apply_rotary's factors)."""
         plan = metadata.decode_plan
         cos, sin = rope
@@ -156,7 +167,8 @@ class NativeDecodeStack:
         _check("llama_decode_layers", lib.llama_decode_layers(
             ctypes.addressof(self._layers), len(self._layers), hidden_states.data_ptr(),
             num_rows, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-            self.intermediate_size, *step, *plan_args, stream_prefetch(), threads))
+            self.intermediate_size, *step, *plan_args, self._final_norm, self._final_eps,
+            stream_prefetch(), threads))
         return hidden_states
 
     def _run_bf16(self, lib: ctypes.CDLL, hidden: torch.Tensor, step: tuple[int, ...],
@@ -187,11 +199,15 @@ class NativeDecodeStack:
             lib.silu_and_mul_bf16(gate_up.data_ptr(), num_rows, self.intermediate_size,
                                   act.data_ptr(), threads)
             out = down_proj.packed_forward(act)
-            following = self._layers[index + 1] if index < last else None  # None: no norm
-            lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(),
-                                  following.input_norm if following else None, num_rows,
-                                  width, following.input_eps if following else 0.0,
-                                  normed.data_ptr(), threads)
+            if index < last:
+                following = self._layers[index + 1]
+                lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), following.input_norm,
+                                      num_rows, width, following.input_eps, normed.data_ptr(),
+                                      threads)
+            else:  # the final norm in place, or none (rms_norm_bf16 may write its input)
+                lib.add_rms_norm_bf16(hidden.data_ptr(), out.data_ptr(), self._final_norm,
+                                      num_rows, width, self._final_eps, hidden.data_ptr(),
+                                      threads)
         return hidden
 
     def _point_at(self, kv_caches: KVCaches) -> bool:
@@ -272,14 +288,20 @@ def _plain_layer(layer: nn.Module) -> bool:
             or not isinstance(attn.attn_backend, TorchAttentionBackend)
             or type(mlp) is not LlamaMLP or type(mlp.act) is not SiluAndMul):
         return False
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if not all(type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
-               and norm.weight.is_cpu and norm.weight.is_contiguous() for norm in norms):
+    if not all(_native_norm(norm) for norm in (layer.input_layernorm,
+                                                layer.post_attention_layernorm)):
         return False
     linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     return (all(_column_kernel(linear) for linear in linears)
             or all(linear.packed_weight is not None
                    and linear.packed_weight.dtype == torch.bfloat16 for linear in linears))
+
+
+def _native_norm(norm: nn.Module) -> bool:
+    """Whether rms_norm_bf16 computes this norm: an RMSNorm with a contiguous bf16 weight on
+    the CPU."""
+    return (type(norm) is RMSNorm and norm.weight.dtype == torch.bfloat16
+            and norm.weight.is_cpu and norm.weight.is_contiguous())
 
 
 def _column_kernel(layer: Linear) -> bool:

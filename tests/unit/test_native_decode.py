@@ -109,6 +109,7 @@ def test_native_decode_is_bitwise_the_modules(arch: str, quantization: str | Non
                               else sys.maxsize)
     assert stack.bf16 == (quantization is None)
     assert stack.bf16_in_place == (quantization is None and in_place)
+    assert stack.applies_final_norm  # the model's norm in the last native call: same bits
     assert len(calls) >= 23 and all(calls)
     assert runs[True] == runs[False]
     assert all(len(tokens) == 24 for tokens, _ in runs[True])
