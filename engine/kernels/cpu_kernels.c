@@ -891,18 +891,34 @@ static inline __m512 reduce16_ps(const __m512 v[16]) {
                          _mm512_shuffle_f32x4(z01, z23, 0xDD));
 }
 
+/* partial[j] = the 16-lane partial sums of q . keys[j] for a tile of KEY_TILE keys ([KEY_TILE,
+ * D] float32), each over d in order. Always inlined, with D = 64 a constant where it is, so
+ * the 16 sums stay in registers and interleave: with a runtime D the compiler kept one sum at
+ * a time, a chain of dependent FMAs through memory (~4x the time of this at 64). */
+static inline __attribute__((always_inline)) void key_tile_dots(const float *q,
+                                                                const float *keys,
+                                                                const int64_t D,
+                                                                __m512 partial[KEY_TILE]) {
+    for (int j = 0; j < KEY_TILE; j++) partial[j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        const __m512 qd = _mm512_loadu_ps(q + d);
+        for (int j = 0; j < KEY_TILE; j++)
+            partial[j] = _mm512_fmadd_ps(qd, _mm512_loadu_ps(keys + j * D + d), partial[j]);
+    }
+}
+
 /* acc[g, 0:64] = sum_t probs[g * stride + t] * v_t for `heads` (1 to 4) heads g of one KV
- * head, head size 64: the sums live in registers and each value row is converted once. Always
- * inlined with a constant `heads`, so its loops unroll. The sums are axpy_bf16's, term for term
- * in the same order: the same bits */
+ * head, head size 64, v_t at v_cache + rows[t]: the sums live in registers and each value row
+ * is converted once. Always inlined with a constant `heads`, so its loops unroll. The sums are
+ * axpy_bf16's, term for term in the same order: the same bits */
 static inline __attribute__((always_inline)) void
-pv_64(const float *probs, int64_t stride, const uint16_t *v_cache, const int32_t *table,
-      int64_t len, int64_t BS, int64_t KVH, int64_t kvh, float *acc, const int heads) {
+pv_64(const float *probs, int64_t stride, const uint16_t *v_cache, const int64_t *rows,
+      int64_t len, float *acc, const int heads) {
     __m512 sum[4][4];
     for (int g = 0; g < heads; g++)
         for (int c = 0; c < 4; c++) sum[g][c] = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; t++) {
-        const uint16_t *v = v_cache + (((int64_t)table[t / BS] * BS + t % BS) * KVH + kvh) * 64;
+        const uint16_t *v = v_cache + rows[t];
         __m512 row[4];
         for (int c = 0; c < 4; c++) row[c] = load16_bf16(v + 16 * c);
         for (int g = 0; g < heads; g++) {
@@ -928,15 +944,19 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
     const int64_t group = H / KVH;
     int64_t max_len = 0;
     for (int64_t s = 0; s < S; s++) max_len = seq_lens[s] > max_len ? seq_lens[s] : max_len;
-    /* scratch per (sequence, kv head): group rows of scores, and the query/accumulator rows */
-    const size_t scratch_floats = (size_t)(group * (max_len + 2 * D) + KEY_TILE * D);
+    /* scratch per (sequence, kv head): each context position's offset into the caches (int64,
+     * taken from the block table once: no division by the block size per key), group rows
+     * of scores, and the query/accumulator rows; an even count keeps the offsets aligned */
+    const size_t scratch_floats =
+        (size_t)((2 * max_len + group * (max_len + 2 * D) + KEY_TILE * D + 1) / 2 * 2);
     float *scratch = malloc(sizeof(float) * scratch_floats * (size_t)(S * KVH));
     if (!scratch) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic) collapse(2)
     for (int64_t s = 0; s < S; s++) {
         for (int64_t kvh = 0; kvh < KVH; kvh++) {
             const int64_t len = seq_lens[s];
-            float *scores = scratch + (size_t)(s * KVH + kvh) * scratch_floats;
+            int64_t *rows = (int64_t *)(scratch + (size_t)(s * KVH + kvh) * scratch_floats);
+            float *scores = (float *)(rows + max_len);
             float *qf = scores + group * max_len; /* [group, D] */
             float *acc = qf + group * D;          /* [group, D] */
             float *keys = acc + group * D;        /* [KEY_TILE, D]: a tile of keys as float32 */
@@ -945,6 +965,11 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
                     qf[g * D + d] = bf16_to_f32(q[(s * H + kvh * group + g) * D + d]);
                     acc[g * D + d] = 0.0f;
                 }
+            const int32_t *table = block_tables + s * W;
+            for (int64_t t = 0, block = 0, offset = 0; t < len; t++) { /* rows[t]: key t's */
+                rows[t] = (((int64_t)table[block] * BS + offset) * KVH + kvh) * D;
+                if (++offset == BS) offset = 0, block++;
+            }
             int64_t t = 0;
             if (D % 16 == 0) /* 16 keys at a time: converted once, summed by one reduce16 */
                 for (; t + KEY_TILE <= len; t += KEY_TILE) {
@@ -956,40 +981,32 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
                     for (int j = 0; j < KEY_TILE; j++) {
                         const int64_t next = t + KEY_TILE + j;
                         if (next < len) {
-                            const char *nk = (const char *)(k_cache +
-                                ((block_tables[s * W + next / BS] * BS + next % BS) * KVH + kvh) * D);
+                            const char *nk = (const char *)(k_cache + rows[next]);
                             for (int64_t line = 0; line < D * 2; line += 64)
                                 _mm_prefetch(nk + line, _MM_HINT_T0);
                         }
-                        const char *cv = (const char *)(v_cache +
-                            ((block_tables[s * W + (t + j) / BS] * BS + (t + j) % BS) * KVH + kvh) * D);
+                        const char *cv = (const char *)(v_cache + rows[t + j]);
                         for (int64_t line = 0; line < D * 2; line += 64)
                             _mm_prefetch(cv + line, _MM_HINT_T1);
                     }
                     for (int j = 0; j < KEY_TILE; j++) {
-                        const int64_t block = block_tables[s * W + (t + j) / BS];
-                        const uint16_t *k =
-                            k_cache + ((block * BS + (t + j) % BS) * KVH + kvh) * D;
+                        const uint16_t *k = k_cache + rows[t + j];
                         for (int64_t d = 0; d < D; d += 16)
                             _mm512_storeu_ps(keys + j * D + d, load16_bf16(k + d));
                     }
                     for (int64_t g = 0; g < group; g++) {
                         __m512 partial[KEY_TILE];
-                        for (int j = 0; j < KEY_TILE; j++) {
-                            __m512 a = _mm512_setzero_ps();
-                            for (int64_t d = 0; d < D; d += 16)
-                                a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + d),
-                                                    _mm512_loadu_ps(keys + j * D + d), a);
-                            partial[j] = a;
-                        }
+                        if (D == 64) /* a constant head size: the 16 sums in registers */
+                            key_tile_dots(qf + g * D, keys, 64, partial);
+                        else
+                            key_tile_dots(qf + g * D, keys, D, partial);
                         _mm512_storeu_ps(scores + g * max_len + t,
                                          _mm512_mul_ps(round_bf16_ps(reduce16_ps(partial)),
                                                        _mm512_set1_ps(scale)));
                     }
                 }
             for (; t < len; t++) {
-                const int64_t block = block_tables[s * W + t / BS];
-                const uint16_t *k = k_cache + ((block * BS + t % BS) * KVH + kvh) * D;
+                const uint16_t *k = k_cache + rows[t];
                 for (int64_t g = 0; g < group; g++) {
                     const float dot = dot_bf16(qf + g * D, k, D);
                     scores[g * max_len + t] = bf16_to_f32(f32_to_bf16(dot)) * scale;
@@ -1023,18 +1040,16 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache,
                           * query heads a KV head in Qwen2.5-0.5B: 4, then 3) */
                 for (int64_t g0 = 0; g0 < group; g0 += 4) {
                     const float *p = scores + g0 * max_len;
-                    const int32_t *table = block_tables + s * W;
                     switch (group - g0) { /* a constant count each, for pv_64's unrolling */
-                    case 1: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 1); break;
-                    case 2: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 2); break;
-                    case 3: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 3); break;
-                    default: pv_64(p, max_len, v_cache, table, len, BS, KVH, kvh, acc + g0 * D, 4);
+                    case 1: pv_64(p, max_len, v_cache, rows, len, acc + g0 * D, 1); break;
+                    case 2: pv_64(p, max_len, v_cache, rows, len, acc + g0 * D, 2); break;
+                    case 3: pv_64(p, max_len, v_cache, rows, len, acc + g0 * D, 3); break;
+                    default: pv_64(p, max_len, v_cache, rows, len, acc + g0 * D, 4);
                     }
                 }
             else
                 for (t = 0; t < len; t++) {
-                    const int64_t block = block_tables[s * W + t / BS];
-                    const uint16_t *v = v_cache + ((block * BS + t % BS) * KVH + kvh) * D;
+                    const uint16_t *v = v_cache + rows[t];
                     for (int64_t g = 0; g < group; g++)
                         axpy_bf16(scores[g * max_len + t], v, acc + g * D, D);
                 }
