@@ -382,6 +382,9 @@ class ModelRunner:
         """One sampler row per sample: a row verifying k proposals has 1 + k, the j-th seeing
         the output as if the first j proposals were accepted (penalties, bans, min_tokens
         and seeds apply to the target's distribution exactly as without speculation)."""
+        if all(row.sequence.sampling_params.is_plain_greedy and not row.spec_token_ids
+               and row.sequence.grammar is None for row in rows):
+            return SamplingMetadata.greedy(len(rows), self.device)
         params: list[SamplingParams] = []
         prompts: list[list[int]] = []
         outputs: list[list[int]] = []

@@ -68,6 +68,35 @@ def test_build_leaves_unused_features_none() -> None:
     assert metadata.temperature.tolist() == [0.0, 1.0]
 
 
+def test_greedy_metadata_samples_as_build_does_for_plain_greedy_rows() -> None:
+    """The runner's shortcut for all-plain-greedy steps: what sample reads of it is what build
+    gives for those params, seeds and sampling knobs that greedy ignores included."""
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, seed=7, top_k=3,
+                                                              top_p=0.5, min_p=0.2)]
+    assert all(p.is_plain_greedy for p in params)
+    built = build(params, vocab_size=50, outputs=[[1, 2, 3], [4]],
+                  generators=[None, seeded(7)])
+    shortcut = SamplingMetadata.greedy(2, CPU)
+    for name in ("repetition_penalties", "presence_penalties", "frequency_penalties",
+                 "logit_bias", "allowed_token_ids", "banned_token_ids", "grammar_bitmask",
+                 "max_num_logprobs", "all_greedy", "all_random", "generators"):
+        assert getattr(shortcut, name) == getattr(built, name), name
+    assert torch.equal(shortcut.temperature, built.temperature)
+    logits = random_logits(2, 50)
+    assert torch.equal(sample(logits, shortcut).sampled_token_ids,
+                       sample(logits, built).sampled_token_ids)
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0.5}, {"repetition_penalty": 1.1}, {"presence_penalty": 0.5},
+    {"frequency_penalty": -0.5}, {"logit_bias": {3: 5.0}}, {"allowed_token_ids": [1, 2]},
+    {"bad_words_token_ids": ((5, 6),)}, {"min_tokens": 2}, {"logprobs": 0}])
+def test_anything_that_touches_the_logits_is_not_plain_greedy(settings: dict[str, object]
+                                                               ) -> None:
+    params = SamplingParams(**{"temperature": 0.0, **settings})  # type: ignore[arg-type]
+    assert not params.is_plain_greedy
+
+
 def test_build_fills_used_features() -> None:
     params = [SamplingParams(top_k=3, repetition_penalty=1.5, logprobs=2, seed=1),
               SamplingParams(top_k=-1, top_p=0.5, logprobs=5, temperature=0.0),
