@@ -113,7 +113,11 @@ async def _start_engine(state: ServerState, engine: AsyncEngine | None,
         if on_engine_death is not None:
             loop = asyncio.get_running_loop()
             death_handler = on_engine_death
-            engine.on_dead = lambda error: loop.call_soon_threadsafe(death_handler, error)
+
+            def report_death(error: BaseException) -> None:  # from the engine's thread
+                loop.call_soon_threadsafe(death_handler, error)
+
+            engine.on_dead = report_death
         await engine.start()
     except asyncio.CancelledError:
         raise
