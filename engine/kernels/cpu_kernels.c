@@ -762,12 +762,11 @@ static inline __attribute__((always_inline, target("avx512bf16,avx512vl"))) void
     for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(even[j], odd[j]));
 }
 
-/* y [M, N] = x [M, K] @ W^T (+ bias [N]), bf16 in and out, W the prepacked weight above (K
- * even); stream: PREFETCH_NTA or PREFETCH_L2, for one row. Returns 0, or -1 for a K it cannot
- * take. */
-__attribute__((target("avx512bf16"))) int bf16_packed_linear(
+/* bf16_packed_linear, and bf16_packed_linear_f32 (f32_out: y is float32, each value the bf16
+ * one widened). */
+static inline __attribute__((always_inline, target("avx512bf16"))) int packed_linear(
     const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t Kp,
-    const uint16_t *bias, int64_t N, uint16_t *y, int stream, int nthreads) {
+    const uint16_t *bias, int64_t N, void *y, const int f32_out, int stream, int nthreads) {
     if (K % 2 || Kp < K || Kp % PACKED_K_ALIGN) return -1;
     const int64_t blocks = (N + PACKED_COLS - 1) / PACKED_COLS, K2 = K / 2;
     const int teams = share_count(nthreads);
@@ -802,12 +801,35 @@ __attribute__((target("avx512bf16"))) int bf16_packed_linear(
                     __m512 v = _mm512_load_ps(out + r * PACKED_COLS + c);
                     if (bias) v = _mm512_add_ps(v, _mm512_cvtpbh_ps((__m256bh)
                                       _mm256_maskz_loadu_epi16(mask, bias + n0 + c)));
-                    _mm256_mask_storeu_epi16(y + (m + r) * N + n0 + c, mask,
-                                             (__m256i)_mm512_cvtneps_pbh(v));
+                    const __m256bh rounded = _mm512_cvtneps_pbh(v);
+                    const int64_t at = (m + r) * N + n0 + c;
+                    if (f32_out)
+                        _mm512_mask_storeu_ps((float *)y + at, mask, _mm512_cvtpbh_ps(rounded));
+                    else
+                        _mm256_mask_storeu_epi16((uint16_t *)y + at, mask, (__m256i)rounded);
                 }
         }
     }
     return 0;
+}
+
+/* y [M, N] = x [M, K] @ W^T (+ bias [N]), bf16 in and out, W the prepacked weight above (K
+ * even); stream: PREFETCH_NTA or PREFETCH_L2, for one row. Returns 0, or -1 for a K it cannot
+ * take. */
+__attribute__((target("avx512bf16"))) int bf16_packed_linear(
+    const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t Kp,
+    const uint16_t *bias, int64_t N, uint16_t *y, int stream, int nthreads) {
+    return packed_linear(x, M, K, w, Kp, bias, N, y, 0, stream, nthreads);
+}
+
+/* bf16_packed_linear's values widened to float32 as it writes them, y [M, N] float32: the
+ * LM head's logits, which the sampler reads in float32, without a second pass (at one row
+ * over a 150k vocabulary, that pass took ~0.13 ms of the step, the caches cold after the
+ * weights' stream). */
+__attribute__((target("avx512bf16"))) int bf16_packed_linear_f32(
+    const uint16_t *x, int64_t M, int64_t K, const uint16_t *w, int64_t Kp,
+    const uint16_t *bias, int64_t N, float *y, int stream, int nthreads) {
+    return packed_linear(x, M, K, w, Kp, bias, N, y, 1, stream, nthreads);
 }
 
 /* RMSNorm over rows of bf16, with transformers' Llama rounding: normalize in float32, round to

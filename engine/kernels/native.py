@@ -45,6 +45,8 @@ SIGNATURES = {
     # x, M, K, w, Kp, bias, N, y, stream (prefetch kind), threads
     "bf16_packed_linear": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I32,
                                           _I32]),
+    "bf16_packed_linear_f32": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I32,
+                                              _I32]),  # the same, y float32
     "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
     "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,

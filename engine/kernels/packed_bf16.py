@@ -78,15 +78,19 @@ def _has_raw_access() -> bool:
 
 
 def linear(x: torch.Tensor, weight_address: int, in_features: int, bias: torch.Tensor | None,
-           out_features: int) -> torch.Tensor:
+           out_features: int, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """y [M, out] = x [M, in] @ W^T + bias, x contiguous bf16 (any row count is computed;
     `max_rows` says where it is the faster call), W the prepacked weight at `weight_address`
-    (from `address`)."""
+    (from `address`). out_dtype float32: the same bf16 values, written widened (the LM head's
+    logits without a second pass over them)."""
     lib = native_library()
     assert lib is not None
+    assert out_dtype in (torch.bfloat16, torch.float32)
     num_rows = x.shape[0]
-    out = x.new_empty(num_rows, out_features)
-    status = lib.bf16_packed_linear(
+    out = x.new_empty(num_rows, out_features, dtype=out_dtype)
+    kernel = (lib.bf16_packed_linear if out_dtype == torch.bfloat16
+              else lib.bf16_packed_linear_f32)
+    status = kernel(
         x.data_ptr(), num_rows, in_features, weight_address, padded_in_features(in_features),
         None if bias is None else bias.data_ptr(), out_features, out.data_ptr(),
         stream_prefetch(), torch.get_num_threads())

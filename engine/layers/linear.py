@@ -125,13 +125,27 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return self.packed_forward(x)
 
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward(x).float(): the LM head's logits. Where packed_bf16's kernel takes the call
+        it writes the same values as float32 itself, saving a pass over [rows, vocab]."""
+        if (self.int8_weight is None and self.int4_weight is None
+                and self.packed_weight is not None and self._packed_kernel_takes(x)):
+            assert self.packed_address is not None
+            return packed_bf16.linear(x, self.packed_address, self.in_features, self.bias,
+                                      self.out_features, out_dtype=torch.float32)
+        return self(x).float()
+
+    def _packed_kernel_takes(self, x: torch.Tensor) -> bool:
+        return (self.packed_address is not None and x.dim() == 2
+                and x.shape[0] <= packed_bf16.max_rows(self.in_features)
+                and x.dtype == torch.bfloat16 and x.is_contiguous())
+
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T + bias through the prepacked weight (`prepack` first): packed_bf16's kernel
         where it reads the weight and takes the call, else oneDNN's. `forward`'s path for such
         a layer, without its checks (the native decode stack calls it directly)."""
-        if (self.packed_address is not None and x.dim() == 2
-                and x.shape[0] <= packed_bf16.max_rows(self.in_features)
-                and x.dtype == torch.bfloat16 and x.is_contiguous()):
+        if self._packed_kernel_takes(x):
+            assert self.packed_address is not None
             return packed_bf16.linear(x, self.packed_address, self.in_features, self.bias,
                                       self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [],

@@ -94,6 +94,8 @@ class CausalLM(nn.Module):
         """[n, hidden_size] -> [n, vocab_size] float32; the matmul runs in the model dtype.
         Under TP each rank computes its vocabulary rows and they are gathered (first stage)."""
         head = self.output_head() or self.tied_output_head
+        if head is not None and self.parallel.tp_size == 1:
+            return head.float_forward(hidden_states)
         if head is not None:
             logits = head(hidden_states)
         else:

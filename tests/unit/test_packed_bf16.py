@@ -125,6 +125,32 @@ def test_linear_sends_the_kernel_the_rows_it_takes(in_features: int,
     assert len(calls) == (4 if in_features == 896 else 2)
 
 
+@pytest.mark.parametrize("num_rows", [1, 7, 300])
+def test_float_forward_is_forward_widened(num_rows: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The LM head's logits: where the kernel takes the rows (1, 7) it writes them as float32
+    itself, oneDNN's (300) are widened after; forward(x).float() bit for bit either way, with
+    either prefetch kind."""
+    layer = Linear(896, 200, bias=True).to(torch.bfloat16)  # a last block of 8 columns
+    layer.prepack()
+    assert layer.packed_address is not None
+    x = torch.randn(num_rows, 896).bfloat16()
+    written: list[torch.dtype] = []
+    real = packed_bf16.linear
+
+    def recording(*args: object, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        written.append(out_dtype)
+        return real(*args, out_dtype=out_dtype)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packed_bf16, "linear", recording)
+    for kind in (PREFETCH_L2, PREFETCH_NTA):
+        monkeypatch.setattr(packed_bf16, "stream_prefetch", lambda kind=kind: kind)
+        logits = layer.float_forward(x)
+        assert logits.dtype == torch.float32 and torch.equal(logits, layer(x).float())
+    taken = num_rows <= packed_bf16.max_rows(896)
+    assert written == ([torch.float32, torch.bfloat16] * 2 if taken else [])
+
+
 def test_the_switch_leaves_oneDNN_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(packed_bf16.ENV, "0")
     layer = Linear(64, 128).to(torch.bfloat16)
