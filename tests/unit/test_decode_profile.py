@@ -14,8 +14,10 @@ from bench.roofline import ModelShape, decode_weight_bytes
 from engine import LLM, SamplingParams
 
 
-def test_profile_times_every_weight_a_step_reads(tiny_llama_dir: Path) -> None:
-    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory_gb=0.05)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: packed weights where
+def test_profile_times_every_weight_a_step_reads(tiny_llama_dir: Path, dtype: str) -> None:
+    """(the LM head's one-row calls are float_forward's, not forward's, where it is packed)"""
+    llm = LLM(str(tiny_llama_dir), dtype=dtype, kv_cache_memory_gb=0.05)
     model = llm.llm_engine.core.runner.model
     hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     result = profile(llm, prompt_tokens=20, output_tokens=24, rounds=1,
@@ -25,7 +27,7 @@ def test_profile_times_every_weight_a_step_reads(tiny_llama_dir: Path) -> None:
     assert all(seconds > 0 for seconds, _ in kinds.values())
     step_bytes = sum(num_bytes for _, num_bytes in kinds.values())
     assert step_bytes == decode_weight_bytes(ModelShape.from_config(tiny_llama_dir),
-                                             torch.float32)
+                                             getattr(torch, dtype))
     matmul_seconds = sum(seconds for seconds, _ in kinds.values())
     assert 0 < matmul_seconds < result["modules_step_s"]
     assert result["engine_step_s"] > 0 and result["read_gb_s"] > 0
@@ -39,6 +41,7 @@ def test_profile_times_every_weight_a_step_reads(tiny_llama_dir: Path) -> None:
     # hooks removed and the native stack's switch back where it was
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
                for m in model.modules()) == hooks_before
+    assert not any("float_forward" in vars(m) for m in model.modules())
     assert all(m.native_decode_enabled for m in model.modules()
                if hasattr(m, "native_decode_enabled"))
     answer = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0))[0]
