@@ -48,6 +48,8 @@ SIGNATURES = {
     "bf16_packed_linear_f32": (ctypes.c_int, [_P, _I64, _I64, _P, _I64, _P, _I64, _P, _I32,
                                               _I32]),  # the same, y float32
     "rms_norm_bf16": (None, [_P, _P, _I64, _I64, _F32, _P, _I32]),
+    # ids, M, table, scales, num_rows, E, out
+    "embed_int8_rows": (ctypes.c_int, [_P, _I64, _P, _P, _I64, _I64, _P]),
     "silu_and_mul_bf16": (None, [_P, _I64, _I64, _P, _I32]),
     "paged_decode_attention_bf16": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
                                                    _I64, _I64, _F32, _P, _I32]),

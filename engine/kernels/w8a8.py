@@ -182,6 +182,26 @@ def portable_linear(x: torch.Tensor, weight: QuantizedWeight,
     return out.to(x.dtype).reshape(*shape[:-1], weight.shape[0])
 
 
+def embedding_rows(ids: torch.Tensor, weight: QuantizedWeight,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The rows `ids` [n] (int64, each < the table's rows) of an embedding table held as int8
+    rows, dequantized: [n, K] `dtype`, (q - 128) * scale in float32 rounded once. bf16 on CPU
+    in one native call (cpu_kernels.c: embed_int8_rows), the same values as the torch ops
+    otherwise."""
+    lib = native_library()
+    if (lib is not None and dtype == torch.bfloat16 and weight.has_rows and ids.is_cpu
+            and ids.dtype == torch.int64 and ids.is_contiguous()):
+        num_rows, width = weight.shape
+        out = torch.empty(ids.shape[0], width, dtype=torch.bfloat16)
+        if lib.embed_int8_rows(ids.data_ptr(), ids.shape[0], weight.data.data_ptr(),
+                               weight.scales.data_ptr(), num_rows, width, out.data_ptr()) == 0:
+            return out
+        raise IndexError(f"token ids outside the embedding's {num_rows} rows")
+    rows = weight.data.index_select(0, ids).float().sub_(128)
+    rows.mul_(weight.scales.index_select(0, ids)[:, None])
+    return rows.to(dtype)
+
+
 def _gemm_takes(weight: QuantizedWeight, num_rows: int) -> bool:
     """Whether w8a8_gemm runs `num_rows` rows of `weight` (where its column copy exists)."""
     return weight.columns is not None and (num_rows < DEQUANTIZE_MIN_ROWS or weight.int8_prefill)

@@ -115,10 +115,8 @@ class VocabParallelEmbedding(nn.Embedding):
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.int8_rows is None:
             return F.embedding(ids, self.weight)
-        flat = ids.reshape(-1)
-        rows = self.int8_rows.data.index_select(0, flat).float().sub_(128)
-        rows.mul_(self.int8_rows.scales.index_select(0, flat)[:, None])
-        return rows.to(self.weight.dtype).reshape(*ids.shape, self.embedding_dim)
+        rows = w8a8.embedding_rows(ids.reshape(-1), self.int8_rows, self.weight.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
 
     def local_part(self, param_leaf: str, shard_id: str | None,
                    tensor: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,25 @@ def test_in_features_must_fill_whole_blocks() -> None:
     assert not layer.quantize_int8() and layer.weight.numel() == 96 * 8  # left as it was
 
 
+@needs_native
+@pytest.mark.parametrize("num_ids", [1, 7])
+def test_int8_embedding_rows_are_the_torch_lookups(num_ids: int) -> None:
+    """The native lookup of an int8 table's rows (one call for the five torch ops a decode
+    step's embedding took): the same bf16 values bit for bit, a repeated id and an all-zero row
+    (scale 0) included; an id past the table is refused before anything is read."""
+    gen = torch.Generator().manual_seed(num_ids)
+    table = torch.randn(500, 128, generator=gen) * 0.02
+    table[3] = 0.0
+    table[4, 7] = 5.0  # an outlier: the row's scale
+    weight = w8a8.quantize_weight(table)
+    ids = torch.tensor([3, 4, 499, 4, 0, 17, 250][:num_ids], dtype=torch.long)
+    rows = w8a8.embedding_rows(ids, weight, torch.bfloat16)
+    expected = ((weight.data[ids].float() - 128) * weight.scales[ids][:, None]).bfloat16()
+    assert rows.dtype == torch.bfloat16 and torch.equal(rows, expected)
+    with pytest.raises(IndexError, match="500 rows"):
+        w8a8.embedding_rows(torch.tensor([1, 500]), weight, torch.bfloat16)
+
+
 @pytest.mark.parametrize("num_rows", [1, 7, 64])
 def test_reference_is_close_to_the_float_matmul(num_rows: int) -> None:
     gen = torch.Generator().manual_seed(num_rows)
