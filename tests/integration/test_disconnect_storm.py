@@ -23,6 +23,7 @@ NUM_CLIENTS = 100
 LONG_PROMPT_TOKENS = 2000  # 8 steps of prefill at a 256-token budget
 MAX_TOKENS = 2000  # no request can finish on its own while the storm lasts
 LONG_PROMPT_DELAY_S = 0.5
+DRAFT_WAIT_S = 10.0  # with speculation, the long prompts wait (at most this) for a first draft
 PREFILL_WAIT_S = 8.0  # a long-prompt client still queued after this gives up anyway (at 2 s,
 # fewer than 3 of the 33 were sometimes scheduled in time on 2 busy cores: a flaky phase check)
 
@@ -117,8 +118,18 @@ async def _drop_mid_stream(client: httpx.AsyncClient, body: dict[str, object],
     return seen
 
 
-def _storm(server: RunningServer, seed: int) -> None:
+def _storm(server: RunningServer, seed: int, drafted_before: float | None = None) -> None:
+    """drafted_before (speculation): the long prompts also wait until a step has verified
+    proposals, so that some do before long prefills take every step's token budget (after a
+    fixed delay alone, a storm on a busy CI machine once verified none)."""
     rng = random.Random(seed)
+
+    async def long_prompts_may_start() -> None:
+        await asyncio.sleep(LONG_PROMPT_DELAY_S)
+        deadline = time.monotonic() + DRAFT_WAIT_S
+        while (drafted_before is not None and time.monotonic() < deadline and
+               _counter("pagedserve_spec_decode_num_draft_tokens_total") <= drafted_before):
+            await asyncio.sleep(0.02)
 
     async def client_plan(client: httpx.AsyncClient, i: int) -> None:
         kind = i % 3
@@ -132,7 +143,7 @@ def _storm(server: RunningServer, seed: int) -> None:
             # short requests' first decode steps run before long prefills take every step's
             # whole token budget (proposals get only what is left of it: with them at once,
             # a speculative storm sometimes verified none)
-            await asyncio.sleep(LONG_PROMPT_DELAY_S)
+            await long_prompts_may_start()
             await _drop_during_prefill(client, _body(rng, True, rng.random() < 0.5),
                                        server.engine, rng.uniform(0, 0.05))
 
@@ -159,7 +170,8 @@ def test_disconnect_storm_frees_everything_and_counts_aborts(storm_server: Runni
     hooks.on_request_output = lambda request_id, prompt, num_tokens: produced.add(request_id)
     drafted_before = _counter("pagedserve_spec_decode_num_draft_tokens_total")
     try:
-        _storm(storm_server, seed=1234)
+        speculative = engine.llm_engine.config.speculative is not None
+        _storm(storm_server, seed=1234, drafted_before=drafted_before if speculative else None)
         all_gone_at = time.monotonic()
         storm_server.wait_idle(timeout_s=2.0)
         assert time.monotonic() - all_gone_at < 2.0
