@@ -98,7 +98,7 @@ class SamplingParams:
         """Greedy, with nothing that changes the logits before the argmax or reads them after
         it (penalties, logit bias, allowed or banned tokens, min_tokens, a grammar, logprobs):
         the sampler's one argmax, whatever the output so far."""
-        return (self.temperature < GREEDY_TEMPERATURE and not self.needs_penalties
+        return (self.is_greedy and not self.needs_penalties
                 and not self.logit_bias and self.allowed_token_ids is None
                 and not self.bad_words_token_ids and self.min_tokens == 0
                 and self.structured_outputs is None and self.logprobs is None)
